@@ -1,0 +1,5 @@
+//! The `lora` command-line program.
+
+fn main() -> std::process::ExitCode {
+    lora_diffusion::cli::main()
+}

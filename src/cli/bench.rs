@@ -1,0 +1,144 @@
+//! `lora bench`: speed and memory, side by side with the PyTorch reference when available.
+
+use super::common::parse_device;
+use crate::models::presets::SD15_UNET_CONFIG;
+use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::models::weights::ModelWeights;
+use crate::rng::Rng;
+use anyhow::Context;
+use candle_core::{DType, Tensor};
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Arguments of `lora bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    what: BenchWhat,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchWhat {
+    /// Seconds per UNet step (batch 2, classifier-free guidance) for the SD 1.5 config with
+    /// random weights, fp32.
+    Unet(UnetBench),
+}
+
+#[derive(Args, Debug)]
+struct UnetBench {
+    /// Image size in pixels (latent = size / 8).
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    /// Timed runs (median reported), after 2 warm-ups.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Device: cpu, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// A Python with torch + diffusers: also runs scripts/bench_unet.py and prints the ratio.
+    #[arg(long)]
+    torch_python: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `lora bench`.
+pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    match a.what {
+        BenchWhat::Unet(b) => unet(b),
+    }
+}
+
+/// Peak resident memory of this process in MB (Linux; 0 elsewhere).
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn unet(b: UnetBench) -> anyhow::Result<()> {
+    let device = parse_device(&b.device)?;
+    let cfg: UNet2DConditionConfig = serde_json::from_str(SD15_UNET_CONFIG)?;
+    let weights = ModelWeights::random("unet", 0);
+    let t0 = Instant::now();
+    let unet = UNet2DConditionModel::new(weights.var_builder(DType::F32, &device), &cfg)?;
+    let init_s = t0.elapsed().as_secs_f64();
+    let l = b.size / 8;
+    let mut rng = Rng::new(0);
+    let x = rng.randn((2, 4, l, l), &device)?;
+    let ctx = rng.randn((2, 77, 768), &device)?;
+    let ts = Tensor::full(500f32, 2, &device)?;
+    let mut times = vec![];
+    for i in 0..b.runs.max(1) + 2 {
+        let t = Instant::now();
+        let y = unet.forward(&x, &ts, &ctx)?;
+        y.sum_all()?.to_scalar::<f32>()?; // wait for the device
+        if i >= 2 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let ours = median(times);
+    let torch = match &b.torch_python {
+        Some(py) => Some(torch_unet_step(py, b.size, b.runs)?),
+        None => None,
+    };
+    if b.json {
+        let mut obj = serde_json::json!({
+            "unet_step_s": ours, "size": b.size, "batch": 2, "dtype": "f32",
+            "peak_rss_mb": peak_rss_mb(), "init_s": init_s,
+        });
+        if let Some(t) = torch {
+            obj["torch_unet_step_s"] = t.into();
+            obj["ratio"] = (ours / t).into();
+        }
+        println!("{obj}");
+    } else {
+        println!(
+            "SD 1.5 UNet, {0}x{0} (latent {l}x{l}), batch 2, fp32, random weights",
+            b.size
+        );
+        println!("  lora-diffusion: {ours:.3} s/step (median of {}), peak RSS {:.0} MB", b.runs, peak_rss_mb());
+        if let Some(t) = torch {
+            println!("  diffusers:      {t:.3} s/step");
+            println!("  ratio (ours / diffusers): {:.2}x", ours / t);
+        }
+    }
+    Ok(())
+}
+
+fn torch_unet_step(py: &PathBuf, size: usize, runs: usize) -> anyhow::Result<f64> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_unet.py");
+    let out = std::process::Command::new(py)
+        .arg(&script)
+        .args(["--size", &size.to_string(), "--runs", &runs.to_string()])
+        .output()
+        .with_context(|| format!("cannot run {} {}", py.display(), script.display()))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or("");
+    let v: serde_json::Value = serde_json::from_str(line)
+        .with_context(|| format!("unexpected output of {}: {text}", script.display()))?;
+    v["unet_step_s"]
+        .as_f64()
+        .with_context(|| format!("no unet_step_s in {line}"))
+}

@@ -1,0 +1,15 @@
+//! lora-diffusion: Stable Diffusion inference and LoRA fine-tuning on candle.
+//!
+//! Module paths of the models equal diffusers' state-dict keys, so a checkpoint key
+//! tells where its code lives.
+
+pub mod cli;
+pub mod hub;
+pub mod models;
+pub mod ops;
+pub mod pipeline;
+pub mod rng;
+pub mod schedulers;
+pub mod tokenizer;
+
+pub use anyhow::{Error, Result};

@@ -1,0 +1,216 @@
+//! diffusers' `Attention` module (multi-head scaled dot-product attention with `to_q`, `to_k`,
+//! `to_v`, `to_out.0`, optional `group_norm` and residual connection).
+
+use candle_core::{DType, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::models::layers::{matmul, GroupNorm, Linear};
+
+/// Construction parameters of an [`Attention`] (diffusers' `Attention.__init__` arguments).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionConfig {
+    /// Channels of the query input (and of the output).
+    pub query_dim: usize,
+    /// Channels of the key/value context; `None` for self-attention.
+    pub cross_attention_dim: Option<usize>,
+    /// Number of heads.
+    pub heads: usize,
+    /// Channels per head.
+    pub dim_head: usize,
+    /// Whether `to_q`, `to_k`, `to_v` have a bias (UNet: false, VAE: true).
+    pub bias: bool,
+    /// Whether `to_out.0` has a bias (true in SD).
+    pub out_bias: bool,
+    /// Compute `q·kᵀ` and the softmax in f32 (diffusers `upcast_attention`).
+    pub upcast_attention: bool,
+    /// Groups of an input `group_norm` (VAE mid block); `None` for no norm.
+    pub norm_num_groups: Option<usize>,
+    /// Epsilon of `group_norm`.
+    pub norm_eps: f64,
+    /// Add the input to the output (VAE mid block).
+    pub residual_connection: bool,
+    /// The output is divided by this factor (diffusers `rescale_output_factor`).
+    pub rescale_output_factor: f64,
+}
+
+impl AttentionConfig {
+    /// Plain attention as the UNet transformer blocks use it (no q/k/v bias, output bias).
+    pub fn new(query_dim: usize, heads: usize, dim_head: usize) -> Self {
+        Self {
+            query_dim,
+            cross_attention_dim: None,
+            heads,
+            dim_head,
+            bias: false,
+            out_bias: true,
+            upcast_attention: false,
+            norm_num_groups: None,
+            norm_eps: 1e-5,
+            residual_connection: false,
+            rescale_output_factor: 1.0,
+        }
+    }
+}
+
+/// Elements of one score chunk above which attention is computed in slices of heads.
+const MAX_SCORE_ELEMS: usize = 1 << 26;
+
+/// diffusers' `Attention` with the default processor: scores `softmax(q kᵀ / sqrt(dim_head))`.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    group_norm: Option<GroupNorm>,
+    heads: usize,
+    dim_head: usize,
+    scale: f64,
+    upcast_attention: bool,
+    residual_connection: bool,
+    rescale_output_factor: f64,
+}
+
+impl Attention {
+    /// Loads `to_q`, `to_k`, `to_v`, `to_out.0` (and `group_norm`) from `vb` (e.g. `...attn1`).
+    pub fn new(vb: VarBuilder, cfg: &AttentionConfig) -> Result<Self> {
+        let inner = cfg.heads * cfg.dim_head;
+        let kv_dim = cfg.cross_attention_dim.unwrap_or(cfg.query_dim);
+        let group_norm = match cfg.norm_num_groups {
+            Some(g) => Some(GroupNorm::new(
+                vb.pp("group_norm"),
+                g,
+                cfg.query_dim,
+                cfg.norm_eps,
+            )?),
+            None => None,
+        };
+        Ok(Self {
+            to_q: Linear::new(vb.pp("to_q"), cfg.query_dim, inner, cfg.bias)?,
+            to_k: Linear::new(vb.pp("to_k"), kv_dim, inner, cfg.bias)?,
+            to_v: Linear::new(vb.pp("to_v"), kv_dim, inner, cfg.bias)?,
+            to_out: Linear::new(vb.pp("to_out").pp(0), inner, cfg.query_dim, cfg.out_bias)?,
+            group_norm,
+            heads: cfg.heads,
+            dim_head: cfg.dim_head,
+            scale: 1.0 / (cfg.dim_head as f64).sqrt(),
+            upcast_attention: cfg.upcast_attention,
+            residual_connection: cfg.residual_connection,
+            rescale_output_factor: cfg.rescale_output_factor,
+        })
+    }
+
+    /// The query projection `to_q`.
+    pub fn to_q(&self) -> &Linear {
+        &self.to_q
+    }
+
+    /// The key projection `to_k`.
+    pub fn to_k(&self) -> &Linear {
+        &self.to_k
+    }
+
+    /// The value projection `to_v`.
+    pub fn to_v(&self) -> &Linear {
+        &self.to_v
+    }
+
+    /// The output projection `to_out.0`.
+    pub fn to_out(&self) -> &Linear {
+        &self.to_out
+    }
+
+    /// Number of heads.
+    pub fn heads(&self) -> usize {
+        self.heads
+    }
+
+    /// Attends `hidden_states` (`[B, N, C]`, or `[B, C, H, W]` which is flattened to tokens and
+    /// restored) to `context` `[B, M, cross_dim]` (self-attention when `None`).
+    pub fn forward(&self, hidden_states: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let residual = hidden_states;
+        let spatial = hidden_states.rank() == 4;
+        let mut x = if spatial {
+            let (b, c, h, w) = hidden_states.dims4()?;
+            hidden_states.reshape((b, c, h * w))?
+        } else {
+            hidden_states.clone()
+        };
+        if let Some(gn) = &self.group_norm {
+            if !spatial {
+                x = x.transpose(1, 2)?;
+            }
+            x = gn.forward(&x)?;
+            if !spatial {
+                x = x.transpose(1, 2)?;
+            }
+        }
+        if spatial {
+            x = x.transpose(1, 2)?;
+        }
+        let ctx = context.unwrap_or(&x);
+        let q = self.split_heads(&self.to_q.forward(&x)?)?;
+        let k = self.split_heads(&self.to_k.forward(ctx)?)?;
+        let v = self.split_heads(&self.to_v.forward(ctx)?)?;
+        let out = self.attend(&q, &k, &v)?;
+        let (bh, n, d) = out.dims3()?;
+        let b = bh / self.heads;
+        let out = out
+            .reshape((b, self.heads, n, d))?
+            .transpose(1, 2)?
+            .reshape((b, n, self.heads * d))?;
+        let mut out = self.to_out.forward(&out)?;
+        if spatial {
+            out = out.transpose(1, 2)?.reshape(hidden_states.dims())?;
+        }
+        if self.residual_connection {
+            out = (out + residual)?;
+        }
+        if self.rescale_output_factor != 1.0 {
+            out = out.affine(1.0 / self.rescale_output_factor, 0.0)?;
+        }
+        Ok(out)
+    }
+
+    /// `[B, N, heads*d]` -> `[B*heads, N, d]`, contiguous.
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        x.reshape((b, n, self.heads, self.dim_head))?
+            .transpose(1, 2)?
+            .reshape((b * self.heads, n, self.dim_head))
+    }
+
+    /// Softmax attention over `[BH, N, d]` inputs, sliced over BH to bound the score memory.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (bh, n, _) = q.dims3()?;
+        let m = k.dim(1)?;
+        let per = (MAX_SCORE_ELEMS / (n * m).max(1)).max(1);
+        if per >= bh {
+            return self.attend_chunk(q, k, v);
+        }
+        let mut outs = Vec::with_capacity(bh.div_ceil(per));
+        let mut start = 0;
+        while start < bh {
+            let len = per.min(bh - start);
+            outs.push(self.attend_chunk(
+                &q.narrow(0, start, len)?,
+                &k.narrow(0, start, len)?,
+                &v.narrow(0, start, len)?,
+            )?);
+            start += len;
+        }
+        Tensor::cat(&outs, 0)
+    }
+
+    fn attend_chunk(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let dtype = v.dtype();
+        let (q, k) = if self.upcast_attention {
+            (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
+        } else {
+            (q.clone(), k.clone())
+        };
+        let scores = (matmul(&q, &k.transpose(D::Minus2, D::Minus1)?)? * self.scale)?;
+        let probs = crate::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        matmul(&probs, v)
+    }
+}

@@ -1,0 +1,451 @@
+//! The CLIP text encoder (transformers' `CLIPTextModel`) used by Stable Diffusion 1.x / 2.x.
+//!
+//! Parameter paths equal the transformers state-dict keys (`text_model.embeddings...`,
+//! `text_model.encoder.layers.{i}.self_attn.q_proj`, ..., `text_model.final_layer_norm`), so
+//! every [`Linear`] carries the module path a LoRA file names. The checkpoint buffer
+//! `text_model.embeddings.position_ids` is never requested: positions are `0..L`.
+
+use anyhow::Context;
+use candle_core::{DType, Device, Result, Tensor, D};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+use std::path::Path;
+
+use crate::models::layers::{LayerNorm, Linear};
+
+/// The activation of the CLIP MLP (`hidden_act` in `config.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum ClipActivation {
+    /// `x * sigmoid(1.702 x)` (SD 1.x).
+    #[serde(rename = "quick_gelu")]
+    QuickGelu,
+    /// Exact erf GELU (SD 2.x).
+    #[serde(rename = "gelu")]
+    Gelu,
+    /// The tanh approximation of GELU.
+    #[serde(rename = "gelu_new", alias = "gelu_pytorch_tanh")]
+    GeluNew,
+}
+
+impl ClipActivation {
+    /// Applies the activation elementwise.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::QuickGelu => x.mul(&candle_nn::ops::sigmoid(&(x * 1.702)?)?),
+            Self::Gelu => x.gelu_erf(),
+            Self::GeluNew => x.gelu(),
+        }
+    }
+}
+
+fn default_vocab_size() -> usize {
+    49408
+}
+fn default_hidden_size() -> usize {
+    512
+}
+fn default_intermediate_size() -> usize {
+    2048
+}
+fn default_projection_dim() -> usize {
+    512
+}
+fn default_num_hidden_layers() -> usize {
+    12
+}
+fn default_num_attention_heads() -> usize {
+    8
+}
+fn default_max_position_embeddings() -> usize {
+    77
+}
+fn default_hidden_act() -> ClipActivation {
+    ClipActivation::QuickGelu
+}
+fn default_layer_norm_eps() -> f64 {
+    1e-5
+}
+fn default_pad_token_id() -> u32 {
+    1
+}
+fn default_bos_token_id() -> u32 {
+    49406
+}
+fn default_eos_token_id() -> u32 {
+    49407
+}
+
+/// `text_encoder/config.json` (transformers `CLIPTextConfig`; absent fields take its defaults).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ClipTextConfig {
+    /// Number of token embeddings.
+    #[serde(default = "default_vocab_size")]
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    #[serde(default = "default_hidden_size")]
+    pub hidden_size: usize,
+    /// Width of the MLP.
+    #[serde(default = "default_intermediate_size")]
+    pub intermediate_size: usize,
+    /// Output size of the (unused here) text projection.
+    #[serde(default = "default_projection_dim")]
+    pub projection_dim: usize,
+    /// Number of encoder layers.
+    #[serde(default = "default_num_hidden_layers")]
+    pub num_hidden_layers: usize,
+    /// Number of attention heads.
+    #[serde(default = "default_num_attention_heads")]
+    pub num_attention_heads: usize,
+    /// Number of position embeddings (longest input).
+    #[serde(default = "default_max_position_embeddings")]
+    pub max_position_embeddings: usize,
+    /// MLP activation.
+    #[serde(default = "default_hidden_act")]
+    pub hidden_act: ClipActivation,
+    /// Epsilon of every layer norm.
+    #[serde(default = "default_layer_norm_eps")]
+    pub layer_norm_eps: f64,
+    /// Padding token id.
+    #[serde(default = "default_pad_token_id")]
+    pub pad_token_id: u32,
+    /// Start-of-text token id.
+    #[serde(default = "default_bos_token_id")]
+    pub bos_token_id: u32,
+    /// End-of-text token id.
+    #[serde(default = "default_eos_token_id")]
+    pub eos_token_id: u32,
+}
+
+impl Default for ClipTextConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: default_vocab_size(),
+            hidden_size: default_hidden_size(),
+            intermediate_size: default_intermediate_size(),
+            projection_dim: default_projection_dim(),
+            num_hidden_layers: default_num_hidden_layers(),
+            num_attention_heads: default_num_attention_heads(),
+            max_position_embeddings: default_max_position_embeddings(),
+            hidden_act: default_hidden_act(),
+            layer_norm_eps: default_layer_norm_eps(),
+            pad_token_id: default_pad_token_id(),
+            bos_token_id: default_bos_token_id(),
+            eos_token_id: default_eos_token_id(),
+        }
+    }
+}
+
+impl ClipTextConfig {
+    /// Parses a config from JSON text; `origin` names the source in errors.
+    pub fn from_json_str(text: &str, origin: &str) -> anyhow::Result<Self> {
+        let mut value: serde_json::Value =
+            serde_json::from_str(text).with_context(|| format!("{origin} is not valid JSON"))?;
+        // An explicit `null` means "not set": let the default apply.
+        if let Some(obj) = value.as_object_mut() {
+            obj.retain(|_, v| !v.is_null());
+        }
+        let cfg: Self = serde_json::from_value(value)
+            .with_context(|| format!("{origin} is not a valid CLIP text config"))?;
+        cfg.validate()
+            .with_context(|| format!("invalid CLIP text config in {origin}"))?;
+        Ok(cfg)
+    }
+
+    /// Reads `text_encoder/config.json`.
+    pub fn from_file(path: impl AsRef<Path>) -> anyhow::Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read CLIP text config {}", path.display()))?;
+        Self::from_json_str(&text, &path.display().to_string())
+    }
+
+    /// Checks the sizes the model relies on.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            anyhow::bail!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size,
+                self.num_attention_heads
+            );
+        }
+        if self.vocab_size == 0 || self.max_position_embeddings == 0 || self.hidden_size == 0 {
+            anyhow::bail!(
+                "vocab_size ({}), max_position_embeddings ({}) and hidden_size ({}) must be > 0",
+                self.vocab_size,
+                self.max_position_embeddings,
+                self.hidden_size
+            );
+        }
+        Ok(())
+    }
+
+    /// Channels per attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads.max(1)
+    }
+}
+
+/// Multi-head self-attention with a causal mask (`self_attn`: `q_proj`, `k_proj`, `v_proj`,
+/// `out_proj`, all with bias).
+#[derive(Debug, Clone)]
+pub struct ClipAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl ClipAttention {
+    /// Loads the four projections from `vb` (`...layers.{i}.self_attn`).
+    pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(Self {
+            q_proj: Linear::new(vb.pp("q_proj"), d, d, true)?,
+            k_proj: Linear::new(vb.pp("k_proj"), d, d, true)?,
+            v_proj: Linear::new(vb.pp("v_proj"), d, d, true)?,
+            out_proj: Linear::new(vb.pp("out_proj"), d, d, true)?,
+            heads: cfg.num_attention_heads,
+            head_dim: cfg.head_dim(),
+        })
+    }
+
+    /// The projections in the order `q_proj`, `k_proj`, `v_proj`, `out_proj`.
+    pub fn linears(&self) -> [&Linear; 4] {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.out_proj]
+    }
+
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        x.reshape((b, l, self.heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// Attends `x` `[B, L, D]` to itself; `mask` is an additive f32 `[L, L]` mask.
+    pub fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, l, d) = x.dims3()?;
+        let dtype = x.dtype();
+        let q = self.split_heads(&self.q_proj.forward(x)?)?;
+        let k = self.split_heads(&self.k_proj.forward(x)?)?;
+        let v = self.split_heads(&self.v_proj.forward(x)?)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.transpose(D::Minus2, D::Minus1)?.contiguous()?)? * scale)?;
+        let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
+        let probs = crate::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, d))?;
+        self.out_proj.forward(&out)
+    }
+}
+
+/// The feed-forward block `fc2(act(fc1(x)))` (`mlp.fc1`, `mlp.fc2`).
+#[derive(Debug, Clone)]
+pub struct ClipMlp {
+    fc1: Linear,
+    fc2: Linear,
+    act: ClipActivation,
+}
+
+impl ClipMlp {
+    /// Loads `fc1` and `fc2` from `vb` (`...layers.{i}.mlp`).
+    pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        Ok(Self {
+            fc1: Linear::new(vb.pp("fc1"), cfg.hidden_size, cfg.intermediate_size, true)?,
+            fc2: Linear::new(vb.pp("fc2"), cfg.intermediate_size, cfg.hidden_size, true)?,
+            act: cfg.hidden_act,
+        })
+    }
+
+    /// The two layers, `fc1` then `fc2`.
+    pub fn linears(&self) -> [&Linear; 2] {
+        [&self.fc1, &self.fc2]
+    }
+
+    /// Applies the MLP to `x` `[..., D]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&self.act.forward(&self.fc1.forward(x)?)?)
+    }
+}
+
+/// One pre-norm encoder layer: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
+#[derive(Debug, Clone)]
+pub struct ClipEncoderLayer {
+    self_attn: ClipAttention,
+    layer_norm1: LayerNorm,
+    mlp: ClipMlp,
+    layer_norm2: LayerNorm,
+}
+
+impl ClipEncoderLayer {
+    /// Loads the layer from `vb` (`text_model.encoder.layers.{i}`).
+    pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        Ok(Self {
+            self_attn: ClipAttention::new(vb.pp("self_attn"), cfg)?,
+            layer_norm1: LayerNorm::new(vb.pp("layer_norm1"), cfg.hidden_size, cfg.layer_norm_eps)?,
+            mlp: ClipMlp::new(vb.pp("mlp"), cfg)?,
+            layer_norm2: LayerNorm::new(vb.pp("layer_norm2"), cfg.hidden_size, cfg.layer_norm_eps)?,
+        })
+    }
+
+    /// The self-attention.
+    pub fn self_attn(&self) -> &ClipAttention {
+        &self.self_attn
+    }
+
+    /// The feed-forward block.
+    pub fn mlp(&self) -> &ClipMlp {
+        &self.mlp
+    }
+
+    /// Applies the layer to `x` `[B, L, D]` with the additive f32 `[L, L]` `mask`.
+    pub fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let h = self
+            .self_attn
+            .forward(&self.layer_norm1.forward(x)?, mask)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&self.layer_norm2.forward(&x)?)?;
+        x + h
+    }
+}
+
+/// An additive causal mask `[L, L]` in f32: 0 on and below the diagonal, `f32::MIN` above
+/// (transformers fills with the dtype's minimum).
+pub fn causal_mask(len: usize, device: &Device) -> Result<Tensor> {
+    let data: Vec<f32> = (0..len)
+        .flat_map(|i| (0..len).map(move |j| if j > i { f32::MIN } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(data, (len, len), device)
+}
+
+/// transformers' `CLIPTextModel`: token + position embeddings, causal pre-norm transformer,
+/// final layer norm.
+#[derive(Debug, Clone)]
+pub struct ClipTextModel {
+    token_embedding: Tensor,
+    position_embedding: Tensor,
+    layers: Vec<ClipEncoderLayer>,
+    final_layer_norm: LayerNorm,
+    config: ClipTextConfig,
+}
+
+impl ClipTextModel {
+    /// Loads the model from the root of a text-encoder checkpoint (keys `text_model.*`).
+    pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        let vb = vb.pp("text_model");
+        let emb = vb.pp("embeddings");
+        let token_embedding = emb
+            .pp("token_embedding")
+            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let position_embedding = emb
+            .pp("position_embedding")
+            .get((cfg.max_position_embeddings, cfg.hidden_size), "weight")?;
+        let vb_layers = vb.pp("encoder").pp("layers");
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| ClipEncoderLayer::new(vb_layers.pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let final_layer_norm = LayerNorm::new(
+            vb.pp("final_layer_norm"),
+            cfg.hidden_size,
+            cfg.layer_norm_eps,
+        )?;
+        Ok(Self {
+            token_embedding,
+            position_embedding,
+            layers,
+            final_layer_norm,
+            config: cfg.clone(),
+        })
+    }
+
+    /// The config the model was built from.
+    pub fn config(&self) -> &ClipTextConfig {
+        &self.config
+    }
+
+    /// The encoder layers, in order.
+    pub fn layers(&self) -> &[ClipEncoderLayer] {
+        &self.layers
+    }
+
+    /// Every `Linear` of the model (q, k, v, out, fc1, fc2 of each layer, in layer order).
+    pub fn linears(&self) -> Vec<&Linear> {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                let mut v: Vec<&Linear> = l.self_attn.linears().to_vec();
+                v.extend(l.mlp.linears());
+                v
+            })
+            .collect()
+    }
+
+    /// Checks `input_ids` `[B, L]` (any integer dtype) and returns them as u32.
+    fn check_ids(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (_, len) = input_ids.dims2()?;
+        if len == 0 || len > self.config.max_position_embeddings {
+            candle_core::bail!(
+                "CLIP input length {len} must be between 1 and max_position_embeddings {}",
+                self.config.max_position_embeddings
+            );
+        }
+        if input_ids.dtype().is_float() {
+            candle_core::bail!(
+                "CLIP input_ids must be integers, got {:?}",
+                input_ids.dtype()
+            );
+        }
+        let ids = input_ids.to_dtype(DType::I64)?;
+        let flat: Vec<i64> = ids.flatten_all()?.to_vec1()?;
+        let vocab = self.config.vocab_size as i64;
+        if let Some(bad) = flat.iter().find(|&&t| t < 0 || t >= vocab) {
+            candle_core::bail!("CLIP token id {bad} is outside the vocabulary 0..{vocab}");
+        }
+        ids.to_dtype(DType::U32)
+    }
+
+    /// Token plus position embeddings, `[B, L, D]` (the first of `hidden_states`).
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let ids = self.check_ids(input_ids)?;
+        let (b, len) = ids.dims2()?;
+        let d = self.config.hidden_size;
+        let tok = self
+            .token_embedding
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, len, d))?;
+        let pos = self.position_embedding.narrow(0, 0, len)?;
+        tok.broadcast_add(&pos)
+    }
+
+    /// Runs the first `num_layers` encoder layers, without the final layer norm.
+    pub fn hidden_state_after(&self, input_ids: &Tensor, num_layers: usize) -> Result<Tensor> {
+        if num_layers > self.layers.len() {
+            candle_core::bail!(
+                "CLIP has {} layers, {num_layers} requested",
+                self.layers.len()
+            );
+        }
+        let mut x = self.embed(input_ids)?;
+        let mask = causal_mask(x.dim(1)?, x.device())?;
+        for layer in &self.layers[..num_layers] {
+            x = layer.forward(&x, &mask)?;
+        }
+        Ok(x)
+    }
+
+    /// `last_hidden_state` `[B, L, D]` of `input_ids` `[B, L]` (final layer norm applied).
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.forward_with_clip_skip(input_ids, 0)
+    }
+
+    /// diffusers' `clip_skip`: `final_layer_norm(hidden_states[-(clip_skip + 1)])`; 0 is
+    /// [`forward`](Self::forward). Fails when `clip_skip` exceeds the number of layers.
+    pub fn forward_with_clip_skip(&self, input_ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
+        let n = self.layers.len();
+        if clip_skip > n {
+            candle_core::bail!("clip_skip {clip_skip} exceeds the {n} layers of the text encoder");
+        }
+        let h = self.hidden_state_after(input_ids, n - clip_skip)?;
+        self.final_layer_norm.forward(&h)
+    }
+}

@@ -1,0 +1,336 @@
+//! Basic layers (`Linear`, `Conv2d`, `GroupNorm`, `LayerNorm`) shared by every model.
+//!
+//! These are our own types rather than candle_nn's because LoRA adapters attach to `Linear`
+//! and `Conv2d`: every such layer remembers its module path (the `VarBuilder` prefix it was
+//! built from, equal to the diffusers / transformers state-dict prefix, e.g.
+//! `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`), so adapters can find layers
+//! by name. Fields are private; use the accessors.
+//!
+//! All constructors request every parameter with its full shape through `vb.get(shape, name)`,
+//! so `ModelWeights` can check shapes and list the requested keys. Norms go through
+//! `crate::ops` (computed in f32, cast back), so layers work for f32, f16 and bf16 weights.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// A fully connected layer `y = x Wᵀ + b` with weight `[out, in]`, applied over the last dim.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    path: String,
+}
+
+impl Linear {
+    /// Loads `weight` `[out_dim, in_dim]` and, when `bias`, `bias` `[out_dim]` from `vb`.
+    pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            path: vb.prefix(),
+        })
+    }
+
+    /// Builds a layer from existing tensors (weight `[out, in]`, bias `[out]`) and a module path.
+    pub fn from_tensors(weight: Tensor, bias: Option<Tensor>, path: impl Into<String>) -> Self {
+        Self {
+            weight,
+            bias,
+            path: path.into(),
+        }
+    }
+
+    /// The weight, shape `[out_features, in_features]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias, shape `[out_features]`, if the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// The module path (state-dict prefix without `.weight`), e.g. `...attn1.to_q`.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Number of input features.
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    /// Number of output features.
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// Applies the layer to `x` `[..., in]`, returning `[..., out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let in_dim = self.in_features();
+        if dims.last().copied() != Some(in_dim) {
+            candle_core::bail!(
+                "Linear {}: expected last dim {in_dim}, got input shape {:?}",
+                self.path,
+                dims
+            );
+        }
+        let y = if dims.len() == 2 {
+            matmul(x, &self.weight.t()?)?
+        } else {
+            let rows = x.elem_count() / in_dim;
+            let mut out_dims = dims.to_vec();
+            *out_dims.last_mut().expect("non-empty dims") = self.out_features();
+            matmul(&x.reshape((rows, in_dim))?, &self.weight.t()?)?.reshape(out_dims)?
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Linear::forward(self, x)
+    }
+}
+
+/// A 2D convolution (dilation 1, groups 1) with weight `[out, in, k, k]` and optional bias.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+    path: String,
+}
+
+impl Conv2d {
+    /// Loads `weight` `[out_c, in_c, kernel, kernel]` and, when `bias`, `bias` `[out_c]`;
+    /// the convolution uses `stride` and symmetric zero `padding`.
+    pub fn new(
+        vb: VarBuilder,
+        in_c: usize,
+        out_c: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let weight = vb.get((out_c, in_c, kernel, kernel), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_c, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            padding,
+            path: vb.prefix(),
+        })
+    }
+
+    /// Builds a convolution from existing tensors and a module path.
+    pub fn from_tensors(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        stride: usize,
+        padding: usize,
+        path: impl Into<String>,
+    ) -> Self {
+        Self {
+            weight,
+            bias,
+            stride,
+            padding,
+            path: path.into(),
+        }
+    }
+
+    /// The kernel, shape `[out_channels, in_channels, k, k]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias, shape `[out_channels]`, if the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// The module path (state-dict prefix without `.weight`), e.g. `conv_in`.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The stride of the convolution.
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// The symmetric zero padding of the convolution.
+    pub fn padding(&self) -> usize {
+        self.padding
+    }
+
+    /// Number of input channels.
+    pub fn in_channels(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    /// Number of output channels.
+    pub fn out_channels(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// Applies the convolution to `x` `[B, in, H, W]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = if cpu_bf16(x) {
+            let w = self.weight.to_dtype(DType::F32)?;
+            x.to_dtype(DType::F32)?
+                .conv2d(&w, self.padding, self.stride, 1, 1)?
+                .to_dtype(DType::BF16)?
+        } else {
+            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Conv2d::forward(self, x)
+    }
+}
+
+/// Group normalisation over `[N, C, ...]` with per-channel affine `weight` and `bias`.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    num_groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// Loads `weight` and `bias` (both `[channels]`) for `num_groups` groups.
+    pub fn new(vb: VarBuilder, num_groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        if num_groups == 0 || !channels.is_multiple_of(num_groups) {
+            candle_core::bail!(
+                "GroupNorm {}: {channels} channels are not divisible into {num_groups} groups",
+                vb.prefix()
+            );
+        }
+        let weight = vb.get(channels, "weight")?;
+        let bias = vb.get(channels, "bias")?;
+        Ok(Self {
+            weight,
+            bias,
+            num_groups,
+            eps,
+        })
+    }
+
+    /// The per-channel scale.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The per-channel shift.
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    /// Number of groups.
+    pub fn num_groups(&self) -> usize {
+        self.num_groups
+    }
+
+    /// Applies the norm (computed in f32) to `x` `[N, C, ...]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        crate::ops::group_norm(x, self.num_groups, &self.weight, &self.bias, self.eps)
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        GroupNorm::forward(self, x)
+    }
+}
+
+/// Layer normalisation over the last dimension with affine `weight` and `bias`.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Loads `weight` and `bias` (both `[dim]`).
+    pub fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get(dim, "weight")?;
+        let bias = vb.get(dim, "bias")?;
+        Ok(Self { weight, bias, eps })
+    }
+
+    /// The scale.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The shift.
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    /// Applies the norm (computed in f32) over the last dimension of `x`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        crate::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        LayerNorm::forward(self, x)
+    }
+}
+
+/// Whether `x` is bf16 on the CPU, where candle 0.11 has no bf16 matmul / conv kernels.
+fn cpu_bf16(x: &Tensor) -> bool {
+    x.dtype() == DType::BF16 && x.device().is_cpu()
+}
+
+/// Batched matrix product; bf16 on the CPU is computed in f32 (candle has no CPU bf16 gemm)
+/// and cast back.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if cpu_bf16(a) {
+        a.to_dtype(DType::F32)?
+            .matmul(&b.to_dtype(DType::F32)?)?
+            .to_dtype(DType::BF16)
+    } else {
+        a.matmul(b)
+    }
+}
+
+/// SiLU activation `x · sigmoid(x)`.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    x.silu()
+}
+
+/// Exact (erf) GELU as PyTorch's `F.gelu` with `approximate="none"`.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    x.gelu_erf()
+}

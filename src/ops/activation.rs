@@ -1,0 +1,201 @@
+//! SiLU and exact (erf) GELU with hand-written backward passes.
+//!
+//! candle has backward formulas for both, but composes them from 6–10 full-size tensor ops
+//! (and uses a 6-digit constant for GELU); these ops compute the derivative in one pass
+//! on the CPU:
+//! `silu'(x) = s · (1 + x · (1 - s))` with `s = sigmoid(x)`, `gelu'(x) = Φ(x) + x · φ(x)`.
+
+use super::bridge::{bridge1, bridge2, Backend};
+use super::par::{contiguous_slice, par_chunks, Real};
+use super::Kernel;
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, MetalStorage, Result, Shape,
+    Tensor,
+};
+
+const CHUNK: usize = 4096;
+
+/// The activation functions of this module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Act {
+    Silu,
+    GeluErf,
+}
+
+impl Act {
+    fn name(self) -> &'static str {
+        match self {
+            Act::Silu => "lora-silu",
+            Act::GeluErf => "lora-gelu-erf",
+        }
+    }
+
+    /// Forward with candle's kernels.
+    pub(crate) fn generic_fwd(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Act::Silu => x.silu(),
+            Act::GeluErf => x.gelu_erf(),
+        }
+    }
+
+    /// Backward with tensor ops.
+    pub(crate) fn generic_bwd(self, x: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let d = match self {
+            Act::Silu => {
+                let s = candle_nn::ops::sigmoid(x)?;
+                ((x * s.affine(-1.0, 1.0)?)?.affine(1.0, 1.0)? * s)?
+            }
+            Act::GeluErf => {
+                let cdf = (x / std::f64::consts::SQRT_2)?.erf()?.affine(0.5, 0.5)?;
+                let inv_sqrt_2pi = 1.0 / (2.0 * std::f64::consts::PI).sqrt();
+                let pdf = x
+                    .sqr()?
+                    .affine(-0.5, 0.0)?
+                    .exp()?
+                    .affine(inv_sqrt_2pi, 0.0)?;
+                (cdf + (x * pdf)?)?
+            }
+        };
+        g * d
+    }
+
+    fn f<T: Real>(self, x: T) -> T {
+        match self {
+            Act::Silu => x / (T::ONE + (-x).exp()),
+            Act::GeluErf => {
+                let half = T::from_f64(0.5);
+                half * x * (T::ONE + (x * T::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf())
+            }
+        }
+    }
+
+    fn df<T: Real>(self, x: T) -> T {
+        match self {
+            Act::Silu => {
+                let s = T::ONE / (T::ONE + (-x).exp());
+                s * (T::ONE + x * (T::ONE - s))
+            }
+            Act::GeluErf => {
+                let half = T::from_f64(0.5);
+                let cdf =
+                    half * (T::ONE + (x * T::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf());
+                let c = T::from_f64(1.0 / (2.0 * std::f64::consts::PI).sqrt());
+                cdf + x * c * (-half * x * x).exp()
+            }
+        }
+    }
+}
+
+fn fwd_kernel<T: Real>(act: Act, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    let x = contiguous_slice::<T>(s, l, act.name())?;
+    let mut dst = vec![T::ZERO; x.len()];
+    par_chunks(&mut dst, CHUNK, |o, d| {
+        for (d, &v) in d.iter_mut().zip(&x[o..]) {
+            *d = act.f(v);
+        }
+    });
+    Ok((T::to_cpu_storage_owned(dst), l.shape().clone()))
+}
+
+fn bwd_kernel<T: Real>(
+    act: Act,
+    (xs, xl): (&CpuStorage, &Layout),
+    (gs, gl): (&CpuStorage, &Layout),
+) -> Result<(CpuStorage, Shape)> {
+    let x = contiguous_slice::<T>(xs, xl, act.name())?;
+    let g = contiguous_slice::<T>(gs, gl, act.name())?;
+    let mut dst = vec![T::ZERO; x.len()];
+    par_chunks(&mut dst, CHUNK, |o, d| {
+        for ((d, &v), &g) in d.iter_mut().zip(&x[o..]).zip(&g[o..]) {
+            *d = g * act.df(v);
+        }
+    });
+    Ok((T::to_cpu_storage_owned(dst), xl.shape().clone()))
+}
+
+/// The differentiable activation op.
+pub(crate) struct Activation {
+    pub(crate) act: Act,
+    pub(crate) kernel: Kernel,
+}
+
+impl CustomOp1 for Activation {
+    fn name(&self) -> &'static str {
+        self.act.name()
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        match (self.kernel, s.dtype()) {
+            (Kernel::Auto, DType::F32) if l.is_contiguous() => fwd_kernel::<f32>(self.act, s, l),
+            (Kernel::Auto, DType::F64) if l.is_contiguous() => fwd_kernel::<f64>(self.act, s, l),
+            _ => bridge1(s, l, |x| self.act.generic_fwd(x)),
+        }
+    }
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        bridge1(s, l, |x| self.act.generic_fwd(x))
+    }
+    fn metal_fwd(&self, s: &MetalStorage, l: &Layout) -> Result<(MetalStorage, Shape)> {
+        bridge1(s, l, |x| self.act.generic_fwd(x))
+    }
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let g = g.to_dtype(x.dtype())?;
+        let fused = self.kernel == Kernel::Auto
+            && x.device().is_cpu()
+            && matches!(x.dtype(), DType::F32 | DType::F64);
+        let dx = if fused {
+            let op = ActivationBwd { act: self.act };
+            x.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &op)?
+        } else {
+            self.act.generic_bwd(x, &g)?
+        };
+        Ok(Some(dx))
+    }
+}
+
+/// The fused backward as a graph-free op on `(x, grad)`.
+struct ActivationBwd {
+    act: Act,
+}
+
+impl ActivationBwd {
+    fn any<S: Backend>(&self, x: (&S, &Layout), g: (&S, &Layout)) -> Result<(S, Shape)> {
+        bridge2(x, g, |x, g| self.act.generic_bwd(x, g))
+    }
+}
+
+impl CustomOp2 for ActivationBwd {
+    fn name(&self) -> &'static str {
+        "lora-activation-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match s1.dtype() {
+            DType::F32 => bwd_kernel::<f32>(self.act, (s1, l1), (s2, l2)),
+            DType::F64 => bwd_kernel::<f64>(self.act, (s1, l1), (s2, l2)),
+            _ => self.any((s1, l1), (s2, l2)),
+        }
+    }
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.any((s1, l1), (s2, l2))
+    }
+    fn metal_fwd(
+        &self,
+        s1: &MetalStorage,
+        l1: &Layout,
+        s2: &MetalStorage,
+        l2: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        self.any((s1, l1), (s2, l2))
+    }
+}

@@ -1,0 +1,178 @@
+//! Device-agnostic plumbing for the custom ops, on candle's public storage API only.
+//!
+//! * [`Backend`] unifies `CpuStorage`, `CudaStorage` and `MetalStorage`, so one generic
+//!   function serves `cpu_fwd`, `cuda_fwd` and `metal_fwd`.
+//! * [`bridge1`] / [`bridge2`] / [`bridge3`] run a forward written with ordinary tensor ops
+//!   inside a custom op: the input storages are copied into graph-free tensors, the function
+//!   runs (candle's own kernels on that device), and the result is copied back out.
+//! * [`attach`] is the straight-through pattern: a value computed with fast kernels on
+//!   detached inputs is returned through a custom op whose forward copies it and whose
+//!   backward is a hand-written closure.
+
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::op::BackpropOp;
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, DType, Layout, MetalStorage, Result, Shape, Storage, Tensor,
+};
+
+/// A storage type of one candle backend.
+pub(crate) trait Backend: BackendStorage {
+    /// Wraps the storage into candle's `Storage` enum.
+    fn into_storage(self) -> Storage;
+    /// This backend's storage inside a `Storage`, if it is that backend.
+    fn view(s: &Storage) -> Option<&Self>;
+    /// Fresh, uninitialised storage on the same device.
+    fn alloc_like(&self, shape: &Shape, dtype: DType) -> Result<Self>;
+}
+
+impl Backend for CpuStorage {
+    fn into_storage(self) -> Storage {
+        Storage::Cpu(self)
+    }
+    fn view(s: &Storage) -> Option<&Self> {
+        match s {
+            Storage::Cpu(s) => Some(s),
+            _ => None,
+        }
+    }
+    fn alloc_like(&self, shape: &Shape, dtype: DType) -> Result<Self> {
+        // SAFETY: every caller overwrites the whole buffer with copy_strided_src.
+        unsafe { self.device().alloc_uninit(shape, dtype) }
+    }
+}
+
+impl Backend for CudaStorage {
+    fn into_storage(self) -> Storage {
+        Storage::Cuda(self)
+    }
+    fn view(s: &Storage) -> Option<&Self> {
+        match s {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        }
+    }
+    fn alloc_like(&self, shape: &Shape, dtype: DType) -> Result<Self> {
+        // SAFETY: every caller overwrites the whole buffer with copy_strided_src.
+        unsafe { self.device().alloc_uninit(shape, dtype) }
+    }
+}
+
+impl Backend for MetalStorage {
+    fn into_storage(self) -> Storage {
+        Storage::Metal(self)
+    }
+    fn view(s: &Storage) -> Option<&Self> {
+        match s {
+            Storage::Metal(s) => Some(s),
+            _ => None,
+        }
+    }
+    fn alloc_like(&self, shape: &Shape, dtype: DType) -> Result<Self> {
+        // SAFETY: every caller overwrites the whole buffer with copy_strided_src.
+        unsafe { self.device().alloc_uninit(shape, dtype) }
+    }
+}
+
+/// Copies the view `(s, l)` into a new contiguous, graph-free tensor.
+pub(crate) fn to_tensor<S: Backend>(s: &S, l: &Layout) -> Result<Tensor> {
+    let mut dst = s.alloc_like(l.shape(), s.dtype())?;
+    s.copy_strided_src(&mut dst, 0, l)?;
+    Ok(Tensor::from_storage(
+        dst.into_storage(),
+        l.shape().clone(),
+        BackpropOp::none(),
+        false,
+    ))
+}
+
+/// Copies a tensor's values into fresh contiguous storage of backend `S`.
+pub(crate) fn to_storage<S: Backend>(t: &Tensor) -> Result<(S, Shape)> {
+    let (guard, l) = t.storage_and_layout();
+    let s = match S::view(&guard) {
+        Some(s) => s,
+        None => candle_core::bail!(
+            "custom op: result on {:?}, expected the input's device",
+            t.device().location()
+        ),
+    };
+    let mut dst = s.alloc_like(l.shape(), s.dtype())?;
+    s.copy_strided_src(&mut dst, 0, l)?;
+    Ok((dst, l.shape().clone()))
+}
+
+/// Runs a tensor-level forward on one storage (see the module docs).
+pub(crate) fn bridge1<S: Backend>(
+    s: &S,
+    l: &Layout,
+    f: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<(S, Shape)> {
+    to_storage(&f(&to_tensor(s, l)?)?)
+}
+
+/// Runs a tensor-level forward on two storages.
+pub(crate) fn bridge2<S: Backend>(
+    (s1, l1): (&S, &Layout),
+    (s2, l2): (&S, &Layout),
+    f: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<(S, Shape)> {
+    to_storage(&f(&to_tensor(s1, l1)?, &to_tensor(s2, l2)?)?)
+}
+
+/// Runs a tensor-level forward on three storages.
+pub(crate) fn bridge3<S: Backend>(
+    (s1, l1): (&S, &Layout),
+    (s2, l2): (&S, &Layout),
+    (s3, l3): (&S, &Layout),
+    f: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<(S, Shape)> {
+    let (t1, t2, t3) = (to_tensor(s1, l1)?, to_tensor(s2, l2)?, to_tensor(s3, l3)?);
+    to_storage(&f(&t1, &t2, &t3)?)
+}
+
+/// The gradient closure of [`attach`]: `(arg, grad_of_output) -> grad_of_arg`.
+pub(crate) type AttachBwd = Box<dyn Fn(&Tensor, &Tensor) -> Result<Option<Tensor>> + Send + Sync>;
+
+/// Custom op whose forward copies a precomputed value and whose backward is a closure.
+struct Attach {
+    name: &'static str,
+    value: Tensor,
+    bwd: AttachBwd,
+}
+
+impl Attach {
+    fn fwd<S: Backend>(&self) -> Result<(S, Shape)> {
+        to_storage(&self.value)
+    }
+}
+
+impl CustomOp1 for Attach {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.fwd()
+    }
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.fwd()
+    }
+    fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
+        self.fwd()
+    }
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        (self.bwd)(arg, grad)
+    }
+}
+
+/// Returns `value` (computed from `arg.detach()`), made differentiable w.r.t. `arg` with
+/// the gradient `bwd(arg, grad)`. When `arg` is outside any graph, `value` itself.
+pub(crate) fn attach(
+    arg: &Tensor,
+    value: Tensor,
+    name: &'static str,
+    bwd: AttachBwd,
+) -> Result<Tensor> {
+    if !arg.track_op() {
+        return Ok(value);
+    }
+    arg.apply_op1(Attach { name, value, bwd })
+}

@@ -1,0 +1,284 @@
+//! Linear and Conv2d with frozen weights: the forward is candle's matmul / conv2d on
+//! detached inputs, the backward returns the input gradient only (no weight or bias
+//! gradient is ever computed, even when the weight is a `Var`).
+//!
+//! The conv input gradient is a plain conv2d of the output gradient with the kernel
+//! transposed (in ↔ out) and flipped spatially; for stride > 1 the gradient is first
+//! dilated with zeros. On the CPU this beats `conv_transpose2d`, which candle implements
+//! as a direct loop (see `examples/ops_bench.rs`).
+
+use super::bridge::attach;
+use candle_core::{DType, Result, Tensor};
+use std::sync::{Arc, OnceLock};
+
+/// Geometry of a 2D convolution (PyTorch's `Conv2d` arguments, same value for H and W).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dParams {
+    /// Stride.
+    pub stride: usize,
+    /// Symmetric zero padding.
+    pub padding: usize,
+    /// Kernel dilation.
+    pub dilation: usize,
+    /// Number of channel groups.
+    pub groups: usize,
+}
+
+impl Default for Conv2dParams {
+    fn default() -> Self {
+        Self {
+            stride: 1,
+            padding: 0,
+            dilation: 1,
+            groups: 1,
+        }
+    }
+}
+
+/// bf16 on the CPU is computed in f32 (candle has no CPU bf16 gemm / conv).
+fn cpu_bf16(x: &Tensor) -> bool {
+    x.dtype() == DType::BF16 && x.device().is_cpu()
+}
+
+fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if cpu_bf16(a) {
+        a.to_dtype(DType::F32)?
+            .matmul(&b.to_dtype(DType::F32)?)?
+            .to_dtype(DType::BF16)
+    } else {
+        a.matmul(b)
+    }
+}
+
+fn conv2d(
+    x: &Tensor,
+    k: &Tensor,
+    padding: usize,
+    stride: usize,
+    p: &Conv2dParams,
+) -> Result<Tensor> {
+    if cpu_bf16(x) {
+        x.to_dtype(DType::F32)?
+            .conv2d(
+                &k.to_dtype(DType::F32)?,
+                padding,
+                stride,
+                p.dilation,
+                p.groups,
+            )?
+            .to_dtype(DType::BF16)
+    } else {
+        x.conv2d(k, padding, stride, p.dilation, p.groups)
+    }
+}
+
+/// `x @ wᵀ + b` over the last dimension of `x` (`w` is `[out, in]`), differentiable w.r.t.
+/// `x` only: the backward is `g @ w`, and `w` / `b` never receive a gradient.
+pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (out_f, in_f) = w.dims2()?;
+    let dims = x.dims().to_vec();
+    if dims.last().copied() != Some(in_f) {
+        candle_core::bail!(
+            "frozen_linear: weight {:?} needs input [..., {in_f}], got {dims:?}",
+            w.shape()
+        );
+    }
+    if let Some(b) = b {
+        if b.dims() != [out_f] {
+            candle_core::bail!("frozen_linear: bias {:?}, expected [{out_f}]", b.shape());
+        }
+    }
+    let w = w.detach();
+    let rows = x.elem_count() / in_f.max(1);
+    let mut out_dims = dims.clone();
+    *out_dims.last_mut().expect("checked non-empty") = out_f;
+    let y = matmul(&x.detach().reshape((rows, in_f))?, &w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(&b.detach())?,
+        None => y,
+    };
+    let y = y.reshape(out_dims)?;
+    let bwd = move |x: &Tensor, g: &Tensor| {
+        let gx = matmul(&g.reshape((rows, out_f))?, &w)?;
+        Ok(Some(gx.reshape(x.shape())?))
+    };
+    attach(x, y, "lora-frozen-linear", Box::new(bwd))
+}
+
+/// A 2D convolution with a frozen weight `[out, in/groups, kh, kw]` and optional bias; it
+/// keeps the kernel rearranged for the input gradient once it is first needed, so build
+/// it once per layer and reuse it across steps.
+#[derive(Clone, Debug)]
+pub struct FrozenConv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    params: Conv2dParams,
+    grad_kernel: Arc<OnceLock<Tensor>>,
+}
+
+impl FrozenConv2d {
+    /// Wraps `weight` and `bias` (detached) with the convolution geometry `params`.
+    pub fn new(weight: &Tensor, bias: Option<&Tensor>, params: Conv2dParams) -> Result<Self> {
+        let (out_c, _, _, _) = weight.dims4()?;
+        let p = params;
+        if p.stride == 0 || p.dilation == 0 || p.groups == 0 || out_c % p.groups != 0 {
+            candle_core::bail!(
+                "FrozenConv2d: invalid params {p:?} for weight {:?}",
+                weight.shape()
+            );
+        }
+        if let Some(b) = bias {
+            if b.dims() != [out_c] {
+                candle_core::bail!("FrozenConv2d: bias {:?}, expected [{out_c}]", b.shape());
+            }
+        }
+        Ok(Self {
+            weight: weight.detach(),
+            bias: bias.map(|b| b.detach()),
+            params,
+            grad_kernel: Arc::new(OnceLock::new()),
+        })
+    }
+
+    /// Convolves `x` `[N, in, H, W]`; differentiable w.r.t. `x` only.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let p = self.params;
+        let (_, c_in, h, w) = x.dims4()?;
+        let (_, c_k, _, _) = self.weight.dims4()?;
+        if c_in != c_k * p.groups {
+            candle_core::bail!(
+                "FrozenConv2d: input {:?} does not match weight {:?} with {} groups",
+                x.shape(),
+                self.weight.shape(),
+                p.groups
+            );
+        }
+        let y = conv2d(&x.detach(), &self.weight, p.padding, p.stride, &p)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?,
+            None => y,
+        };
+        let (weight, cache) = (self.weight.clone(), self.grad_kernel.clone());
+        let bwd = move |_: &Tensor, g: &Tensor| {
+            let k = match cache.get() {
+                Some(k) => k.clone(),
+                None => {
+                    let k = grad_kernel(&weight, p.groups)?;
+                    let _ = cache.set(k.clone());
+                    k
+                }
+            };
+            Ok(Some(input_grad_with_kernel(g, &k, &weight, (h, w), &p)?))
+        };
+        attach(x, y, "lora-frozen-conv2d", Box::new(bwd))
+    }
+}
+
+/// `conv2d(x, w) + b` with a frozen weight: differentiable w.r.t. `x` only (see
+/// [`FrozenConv2d`], which also caches the rearranged kernel across calls).
+pub fn frozen_conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    let params = Conv2dParams {
+        stride,
+        padding,
+        dilation,
+        groups,
+    };
+    FrozenConv2d::new(w, b, params)?.forward(x)
+}
+
+/// The kernel of the input-gradient convolution: `[in, out/groups, kh, kw]`, in ↔ out
+/// transposed within each group and flipped in both spatial dimensions.
+fn grad_kernel(w: &Tensor, groups: usize) -> Result<Tensor> {
+    let (o, ci, kh, kw) = w.dims4()?;
+    let w = w.contiguous()?.reshape((groups, o / groups, ci, kh * kw))?;
+    let w = if kh * kw > 1 {
+        let rev: Vec<u32> = (0..(kh * kw) as u32).rev().collect();
+        let rev = Tensor::from_vec(rev, kh * kw, w.device())?;
+        w.index_select(&rev, 3)?
+    } else {
+        w
+    };
+    w.transpose(1, 2)?
+        .contiguous()?
+        .reshape((groups * ci, o / groups, kh, kw))
+}
+
+/// Inserts `s - 1` zeros between the elements of `g` along `dim` and keeps `len` elements.
+fn dilate(g: &Tensor, dim: usize, s: usize, len: usize) -> Result<Tensor> {
+    if s == 1 {
+        return g.narrow(dim, 0, len);
+    }
+    let g1 = g.unsqueeze(dim + 1)?;
+    let mut zdims = g1.dims().to_vec();
+    zdims[dim + 1] = s - 1;
+    let z = Tensor::zeros(zdims, g.dtype(), g.device())?;
+    let mut dims = g.dims().to_vec();
+    dims[dim] *= s;
+    Tensor::cat(&[&g1, &z], dim + 1)?
+        .reshape(dims)?
+        .narrow(dim, 0, len)
+}
+
+/// The gradient of `conv2d(x, w)` w.r.t. `x` (spatial size `input_hw`) for the output
+/// gradient `g`, as a conv2d with the transposed, flipped kernel.
+pub fn conv2d_input_grad(
+    g: &Tensor,
+    w: &Tensor,
+    input_hw: (usize, usize),
+    params: &Conv2dParams,
+) -> Result<Tensor> {
+    let k = grad_kernel(w, params.groups)?;
+    input_grad_with_kernel(g, &k, w, input_hw, params)
+}
+
+fn input_grad_with_kernel(
+    g: &Tensor,
+    k: &Tensor,
+    w: &Tensor,
+    (h, wd): (usize, usize),
+    p: &Conv2dParams,
+) -> Result<Tensor> {
+    let (_, _, kh, kw) = w.dims4()?;
+    let (_, _, ho, wo) = g.dims4()?;
+    let (s, d) = (p.stride, p.dilation);
+    // Per spatial dim: dilated length and the padding of the stride-1 convolution.
+    let geom = |inp: usize, out: usize, kk: usize| -> (usize, isize) {
+        let span = inp + 2 * p.padding - d * (kk - 1) - 1;
+        (
+            (out - 1) * s + 1 + span % s,
+            (d * (kk - 1)) as isize - p.padding as isize,
+        )
+    };
+    let (lh, ph) = geom(h, ho, kh);
+    let (lw, pw) = geom(wd, wo, kw);
+    let mut g = g.contiguous()?;
+    if s > 1 {
+        g = dilate(&dilate(&g, 2, s, lh)?, 3, s, lw)?;
+    }
+    let cp = Conv2dParams {
+        groups: p.groups,
+        dilation: d,
+        ..Default::default()
+    };
+    if ph == pw && ph >= 0 {
+        return conv2d(&g, k, ph as usize, 1, &cp);
+    }
+    for (dim, pad) in [(2, ph), (3, pw)] {
+        g = if pad >= 0 {
+            g.pad_with_zeros(dim, pad as usize, pad as usize)?
+        } else {
+            let cut = (-pad) as usize;
+            let len = g.dim(dim)? - 2 * cut;
+            g.narrow(dim, cut, len)?
+        };
+    }
+    conv2d(&g, k, 0, 1, &cp)
+}

@@ -1,0 +1,163 @@
+//! Numerical building blocks shared by every model.
+//!
+//! Every model calls softmax / layer norm / group norm through this module only, so that
+//! the training ops (with hand-written backward passes) can replace the forward-only
+//! versions in one place.
+
+mod activation;
+mod bridge;
+mod frozen;
+mod group_norm;
+mod layer_norm;
+mod par;
+mod softmax;
+mod upsample;
+
+pub use frozen::{conv2d_input_grad, frozen_conv2d, frozen_linear, Conv2dParams, FrozenConv2d};
+pub use upsample::upsample_nearest2d;
+
+use candle_core::{DType, Result, Tensor, D};
+
+/// Which implementation a training op uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Kernel {
+    /// Fused CPU kernels for f32 / f64 on the CPU; [`Kernel::Generic`] everywhere else.
+    #[default]
+    Auto,
+    /// Forward with candle's own kernels, backward with candle tensor ops: the path every
+    /// non-CPU device takes (selectable on the CPU so tests cover it).
+    Generic,
+}
+
+/// The dtype an op computes in: f64 stays f64, everything else runs in f32.
+fn compute_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// Softmax over the last dimension, computed in f32 (f64 stays f64) and cast back to the
+/// input dtype; differentiable, with a hand-written backward.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    softmax_last_dim_with(x, Kernel::Auto)
+}
+
+/// [`softmax_last_dim`] with an explicit [`Kernel`] choice.
+pub fn softmax_last_dim_with(x: &Tensor, kernel: Kernel) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xc = x.to_dtype(compute_dtype(dtype))?.contiguous()?;
+    xc.apply_op1(softmax::Softmax { kernel })?.to_dtype(dtype)
+}
+
+/// Layer norm over the last dimension with an affine weight and bias (PyTorch semantics),
+/// computed in f32 (f64 stays f64) and cast back; differentiable w.r.t. all three inputs.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    layer_norm_with(x, weight, bias, eps, Kernel::Auto)
+}
+
+/// [`layer_norm`] with an explicit [`Kernel`] choice.
+pub fn layer_norm_with(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    kernel: Kernel,
+) -> Result<Tensor> {
+    let c = x.dim(D::Minus1)?;
+    if weight.dims() != [c] || bias.dims() != [c] {
+        candle_core::bail!(
+            "layer_norm: input {:?} needs weight and bias of shape [{c}], got {:?} and {:?}",
+            x.shape(),
+            weight.shape(),
+            bias.shape()
+        );
+    }
+    let dtype = x.dtype();
+    let cd = compute_dtype(dtype);
+    let x32 = x.to_dtype(cd)?.contiguous()?;
+    let w = weight.to_dtype(cd)?.contiguous()?;
+    let b = bias.to_dtype(cd)?.contiguous()?;
+    let op = layer_norm::LayerNorm { eps, kernel };
+    x32.apply_op3(&w, &b, op)?.to_dtype(dtype)
+}
+
+/// Group norm over [N, C, ...] with per-channel affine weight and bias (PyTorch semantics),
+/// computed in f32 (f64 stays f64) and cast back; differentiable w.r.t. all three inputs.
+pub fn group_norm(
+    x: &Tensor,
+    num_groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    group_norm_with(x, num_groups, weight, bias, eps, Kernel::Auto)
+}
+
+/// [`group_norm`] with an explicit [`Kernel`] choice.
+pub fn group_norm_with(
+    x: &Tensor,
+    num_groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    kernel: Kernel,
+) -> Result<Tensor> {
+    let dims = x.dims();
+    if dims.len() < 2 || dims.iter().any(|&d| d == 0) {
+        candle_core::bail!("group_norm: input must be [N, C, ...] and non-empty, got {dims:?}");
+    }
+    let c = dims[1];
+    if num_groups == 0 || c % num_groups != 0 {
+        candle_core::bail!("group_norm: {c} channels are not divisible by {num_groups} groups");
+    }
+    if weight.dims() != [c] || bias.dims() != [c] {
+        candle_core::bail!(
+            "group_norm: input {:?} needs weight and bias of shape [{c}], got {:?} and {:?}",
+            x.shape(),
+            weight.shape(),
+            bias.shape()
+        );
+    }
+    let dtype = x.dtype();
+    let cd = compute_dtype(dtype);
+    let xc = x.to_dtype(cd)?.contiguous()?;
+    let w = weight.to_dtype(cd)?.contiguous()?;
+    let b = bias.to_dtype(cd)?.contiguous()?;
+    let op = group_norm::GroupNorm {
+        groups: num_groups,
+        eps,
+        kernel,
+    };
+    xc.apply_op3(&w, &b, op)?.to_dtype(dtype)
+}
+
+/// SiLU `x · sigmoid(x)`, differentiable with a one-pass backward on the CPU.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    silu_with(x, Kernel::Auto)
+}
+
+/// [`silu`] with an explicit [`Kernel`] choice.
+pub fn silu_with(x: &Tensor, kernel: Kernel) -> Result<Tensor> {
+    let op = activation::Activation {
+        act: activation::Act::Silu,
+        kernel,
+    };
+    x.contiguous()?.apply_op1(op)
+}
+
+/// Exact GELU `x · Φ(x)` (PyTorch's default `approximate="none"`), differentiable with a
+/// one-pass backward on the CPU.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    gelu_erf_with(x, Kernel::Auto)
+}
+
+/// [`gelu_erf`] with an explicit [`Kernel`] choice.
+pub fn gelu_erf_with(x: &Tensor, kernel: Kernel) -> Result<Tensor> {
+    let op = activation::Activation {
+        act: activation::Act::GeluErf,
+        kernel,
+    };
+    x.contiguous()?.apply_op1(op)
+}

@@ -1,0 +1,104 @@
+//! Turning image tensors into files: PNG with the same rounding as diffusers' PIL output,
+//! written to a temporary file and renamed so that no half-written file is ever left.
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Tensor};
+use image::RgbImage;
+use std::path::{Path, PathBuf};
+
+/// Converts images [N, 3, H, W] in [0, 1] to 8-bit RGB, rounding like `(x * 255).round()`.
+pub fn to_rgb8(images: &Tensor) -> anyhow::Result<Vec<RgbImage>> {
+    let (n, c, h, w) = images.dims4()?;
+    if c != 3 {
+        bail!("expected 3-channel images, got {c} channels");
+    }
+    let data = images
+        .to_dtype(DType::F32)?
+        .permute((0, 2, 3, 1))?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let per = h * w * 3;
+    (0..n)
+        .map(|i| {
+            let px: Vec<u8> = data[i * per..(i + 1) * per]
+                .iter()
+                .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+                .collect();
+            RgbImage::from_raw(w as u32, h as u32, px).context("image buffer has the wrong size")
+        })
+        .collect()
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder, then renames it.
+/// Refuses to replace an existing file unless `force`.
+pub fn write_atomic(path: &Path, force: bool, write: impl FnOnce(&Path) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    if path.exists() && !force {
+        bail!("{} already exists; pass --force to overwrite it", path.display());
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        bail!("cannot write {}: folder {} does not exist", path.display(), dir.display());
+    }
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} is not a file path", path.display()))?
+        .to_string_lossy()
+        .to_string();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = write(&tmp).and_then(|_| {
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Checks early (before any long work) that `path` can be created: its folder exists and is
+/// writable, and it does not exist unless `force`.
+pub fn check_writable(path: &Path, force: bool) -> anyhow::Result<()> {
+    let probe = |tmp: &Path| {
+        std::fs::write(tmp, b"").with_context(|| format!("cannot write output {}", path.display()))
+    };
+    write_atomic(path, force, |tmp| {
+        probe(tmp)?;
+        // Leave nothing behind: the probe file is removed and the rename is skipped.
+        std::fs::remove_file(tmp).ok();
+        Err(anyhow::anyhow!(ProbeDone))
+    })
+    .or_else(|e| if e.is::<ProbeDone>() { Ok(()) } else { Err(e) })
+}
+
+/// Marks the end of a successful writability probe.
+#[derive(Debug)]
+struct ProbeDone;
+
+impl std::fmt::Display for ProbeDone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("probe done")
+    }
+}
+
+impl std::error::Error for ProbeDone {}
+
+/// Saves one RGB image as PNG (atomically).
+pub fn save_png(img: &RgbImage, path: &Path, force: bool) -> anyhow::Result<()> {
+    write_atomic(path, force, |tmp| {
+        img.save_with_format(tmp, image::ImageFormat::Png)
+            .with_context(|| format!("cannot write {}", path.display()))
+    })
+}
+
+/// The output paths for `n` images: `out.png` for one, `out-0.png`, `out-1.png`, … for several.
+pub fn numbered_paths(out: &Path, n: usize) -> Vec<PathBuf> {
+    if n == 1 {
+        return vec![out.to_path_buf()];
+    }
+    let stem = out.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let ext = out.extension().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "png".into());
+    (0..n).map(|i| out.with_file_name(format!("{stem}-{i}.{ext}"))).collect()
+}

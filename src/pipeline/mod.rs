@@ -1,0 +1,274 @@
+//! Text-to-image: the Stable Diffusion pipeline as diffusers' `StableDiffusionPipeline` runs it.
+
+mod load;
+pub mod image_io;
+
+pub use load::{load_component_config, ModelIndex};
+
+use crate::hub::ModelSource;
+use crate::models::clip::ClipTextModel;
+use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::models::vae::AutoencoderKL;
+use crate::rng::Rng;
+use crate::schedulers::{try_build_scheduler, SchedulerConfig, SchedulerKind};
+use crate::tokenizer::ClipTokenizer;
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+
+/// A loaded Stable Diffusion model: tokenizer, text encoder, UNet, VAE and scheduler config.
+pub struct StableDiffusion {
+    /// The CLIP tokenizer.
+    pub tokenizer: ClipTokenizer,
+    /// The CLIP text encoder.
+    pub text_encoder: ClipTextModel,
+    /// The denoising UNet.
+    pub unet: UNet2DConditionModel,
+    /// The UNet's config (unet/config.json).
+    pub unet_config: UNet2DConditionConfig,
+    /// The autoencoder.
+    pub vae: AutoencoderKL,
+    /// The scheduler configuration (scheduler/scheduler_config.json).
+    pub scheduler_config: SchedulerConfig,
+    /// The dtype the weights were loaded in.
+    pub dtype: DType,
+    /// The device the model runs on.
+    pub device: Device,
+    /// Where the model came from.
+    pub source: ModelSource,
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    /// The prompt.
+    pub prompt: String,
+    /// The negative prompt (the unconditional branch of classifier-free guidance).
+    pub negative_prompt: String,
+    /// Number of denoising steps.
+    pub steps: usize,
+    /// Classifier-free guidance scale; guidance is off at 1.0 or below.
+    pub guidance: f64,
+    /// The sampler.
+    pub scheduler: SchedulerKind,
+    /// Seed of the initial latents and of stochastic samplers.
+    pub seed: u64,
+    /// Image height in pixels (None: the UNet's sample_size times the VAE factor).
+    pub height: Option<usize>,
+    /// Image width in pixels.
+    pub width: Option<usize>,
+    /// How many images.
+    pub num_images: usize,
+    /// Initial latents [num_images, C, H/f, W/f] used like diffusers' `latents=` argument.
+    pub init_latents: Option<Tensor>,
+    /// Use the output of the layer `clip_skip` before the last (0: the last layer).
+    pub clip_skip: usize,
+    /// DDIM's eta (0: deterministic).
+    pub eta: f64,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            steps: 30,
+            guidance: 7.5,
+            scheduler: SchedulerKind::Ddim,
+            seed: 0,
+            height: None,
+            width: None,
+            num_images: 1,
+            init_latents: None,
+            clip_skip: 0,
+            eta: 0.0,
+        }
+    }
+}
+
+impl StableDiffusion {
+    /// Loads every component of a diffusers model in `dtype` on `device`.
+    pub fn load(source: &ModelSource, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+        let index = ModelIndex::read(source)?;
+        index.check_supported(source)?;
+        let tokenizer_dir = load::tokenizer_dir(source)?;
+        let tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
+        let text_encoder = load::text_encoder(source, dtype, device)?;
+        let (unet, unet_config) = load::unet(source, dtype, device)?;
+        let vae = load::vae(source, dtype, device)?;
+        let path = source.require("scheduler/scheduler_config.json")?;
+        let scheduler_config = SchedulerConfig::from_file(&path)?;
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            unet_config,
+            vae,
+            scheduler_config,
+            dtype,
+            device: device.clone(),
+            source: source.clone(),
+        })
+    }
+
+    /// The VAE's spatial downsampling factor, 2^(len(block_out_channels) - 1).
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config().downsample_factor()
+    }
+
+    /// Default image (height, width): the UNet's sample_size times the VAE factor (64 when the
+    /// config has none, as diffusers assumes).
+    pub fn default_size(&self) -> (usize, usize) {
+        let f = self.vae_scale_factor();
+        let as_usize = |v: &serde_json::Value| v.as_u64().map(|x| x as usize);
+        match &self.unet_config.sample_size {
+            Some(serde_json::Value::Array(a)) if a.len() == 2 => (
+                as_usize(&a[0]).unwrap_or(64) * f,
+                as_usize(&a[1]).unwrap_or(64) * f,
+            ),
+            Some(v) => {
+                let s = as_usize(v).unwrap_or(64) * f;
+                (s, s)
+            }
+            None => (64 * f, 64 * f),
+        }
+    }
+
+    /// Text embeddings [n, 77, D] of `text`, repeated `n` times.
+    pub fn encode_prompt(&self, text: &str, n: usize, clip_skip: usize) -> anyhow::Result<Tensor> {
+        let ids = self.tokenizer.encode(text)?;
+        let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        let emb = self.text_encoder.forward_with_clip_skip(&ids, clip_skip)?;
+        Ok(emb.repeat((n, 1, 1))?)
+    }
+
+    /// Checks an image size against the VAE factor and returns the latent size.
+    pub fn latent_size(&self, height: usize, width: usize) -> anyhow::Result<(usize, usize)> {
+        let f = self.vae_scale_factor();
+        if height == 0 || width == 0 || height % f != 0 || width % f != 0 {
+            bail!(
+                "height and width must be positive multiples of the VAE factor {f} for this model; \
+                 got {height}x{width}"
+            );
+        }
+        Ok((height / f, width / f))
+    }
+
+    /// Runs the denoising loop and decodes: images [num_images, 3, H, W] in [0, 1] (f32).
+    /// `progress` is called after each step with (step, total).
+    pub fn generate(
+        &self,
+        p: &GenerateParams,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> anyhow::Result<Tensor> {
+        if p.steps == 0 {
+            bail!("--steps must be at least 1");
+        }
+        if p.num_images == 0 {
+            bail!("--num-images must be at least 1");
+        }
+        let (dh, dw) = self.default_size();
+        let (h, w) = (p.height.unwrap_or(dh), p.width.unwrap_or(dw));
+        let (lh, lw) = self.latent_size(h, w)?;
+        let n = p.num_images;
+        let c = self.unet_config.in_channels;
+        let mut rng = Rng::new(p.seed);
+
+        let mut scheduler = try_build_scheduler(p.scheduler, &self.scheduler_config, p.eta)?;
+        scheduler.set_timesteps(p.steps)?;
+        let latents = match &p.init_latents {
+            Some(l) => {
+                let want = [n, c, lh, lw];
+                if l.dims() != want {
+                    bail!(
+                        "--init-latents: tensor `latents` has shape {:?}, expected {want:?} \
+                         (num_images, latent channels, height/{f}, width/{f})",
+                        l.dims(),
+                        f = self.vae_scale_factor()
+                    );
+                }
+                l.to_dtype(DType::F32)?.to_device(&self.device)?
+            }
+            None => rng.randn((n, c, lh, lw), &self.device)?,
+        };
+        let mut latents = (latents * scheduler.init_noise_sigma())?;
+
+        let cfg = p.guidance > 1.0;
+        let cond = self.encode_prompt(&p.prompt, n, p.clip_skip)?;
+        let context = if cfg {
+            let uncond = self.encode_prompt(&p.negative_prompt, n, p.clip_skip)?;
+            Tensor::cat(&[uncond, cond], 0)?
+        } else {
+            cond
+        };
+        let timesteps = scheduler.timesteps().to_vec();
+        let total = timesteps.len();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let input = if cfg {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
+            let input = scheduler.scale_model_input(&input, t)?;
+            let batch = input.dim(0)?;
+            let ts = Tensor::full(t as f32, batch, &self.device)?;
+            let out = self
+                .unet
+                .forward(&input.to_dtype(self.dtype)?, &ts, &context)?
+                .to_dtype(DType::F32)?;
+            let noise_pred = if cfg {
+                let uncond = out.narrow(0, 0, n)?;
+                let text = out.narrow(0, n, n)?;
+                (&uncond + ((text - &uncond)? * p.guidance)?)?
+            } else {
+                out
+            };
+            let noise = if scheduler.needs_noise() {
+                Some(rng.randn(latents.dims(), &self.device)?)
+            } else {
+                None
+            };
+            latents = scheduler.step(&noise_pred, t, &latents, noise.as_ref())?;
+            progress(i + 1, total);
+        }
+        self.decode(&latents)
+    }
+
+    /// Decodes latents to images in [0, 1]: vae.decode(latents / scaling_factor + shift).
+    pub fn decode(&self, latents: &Tensor) -> anyhow::Result<Tensor> {
+        let cfg = self.vae.config();
+        let mut z = (latents / cfg.scaling_factor)?;
+        if let Some(shift) = cfg.shift_factor {
+            z = (z + shift)?;
+        }
+        let img = self.vae.decode(&z.to_dtype(self.dtype)?)?.to_dtype(DType::F32)?;
+        Ok(((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+    }
+
+    /// Encodes images in [-1, 1] to scaled latents (the latent distribution's mean).
+    pub fn encode_mean(&self, images: &Tensor) -> anyhow::Result<Tensor> {
+        let cfg = self.vae.config();
+        let dist = self.vae.encode(&images.to_dtype(self.dtype)?)?;
+        let mut z = dist.mean.to_dtype(DType::F32)?;
+        if let Some(shift) = cfg.shift_factor {
+            z = (z - shift)?;
+        }
+        Ok((z * cfg.scaling_factor)?)
+    }
+}
+
+/// Reads the tensor `latents` from a safetensors file (for `--init-latents`).
+pub fn read_init_latents(path: &std::path::Path) -> anyhow::Result<Tensor> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("cannot read --init-latents file {}", path.display()))?;
+    match tensors.get("latents") {
+        Some(t) => Ok(t.clone()),
+        None => {
+            let mut names: Vec<&String> = tensors.keys().collect();
+            names.sort();
+            bail!(
+                "--init-latents file {} has no tensor named `latents` (it has: {names:?})",
+                path.display()
+            )
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! `lora generate` as a user runs it: success, and a clear error with exit code 1 for bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn lora(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lora")).args(args).output().unwrap()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+/// A writable copy of the tiny SD1 model.
+fn model_copy(dir: &Path) -> PathBuf {
+    let m = dir.join("model");
+    copy_dir(&fixtures().join("sd1-tiny"), &m);
+    m
+}
+
+/// Runs generate on `model` and expects failure whose message contains every `needles`.
+fn expect_error(model: &Path, extra: &[&str], needles: &[&str]) -> String {
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("x.png");
+    let m = model.to_str().unwrap();
+    let mut args = vec!["generate", "--model", m, "--prompt", "a cat", "--steps", "2"];
+    args.extend_from_slice(extra);
+    let o = out.to_str().unwrap().to_string();
+    if !extra.contains(&"--out") {
+        args.extend_from_slice(&["--out", &o]);
+    }
+    let r = lora(&args);
+    let err = String::from_utf8_lossy(&r.stderr).to_string();
+    eprintln!("{err}");
+    assert_eq!(r.status.code(), Some(1), "expected exit 1: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    for n in needles {
+        assert!(err.contains(n), "error lacks {n:?}: {err}");
+    }
+    assert!(!out.exists(), "output written despite the error");
+    err
+}
+
+#[test]
+fn generate_writes_a_png_and_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("img.png");
+    let m = fixtures().join("sd1-tiny");
+    let args = [
+        "generate", "--model", m.to_str().unwrap(), "--prompt", "a red apple", "--steps", "3",
+        "--seed", "3", "--num-images", "2", "--scheduler", "euler-a", "--out", out.to_str().unwrap(),
+    ];
+    let r = lora(&args);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    for i in 0..2 {
+        let p = dir.path().join(format!("img-{i}.png"));
+        let img = image::open(&p).unwrap().to_rgb8();
+        assert_eq!((img.width(), img.height()), (16, 16));
+    }
+    let before = std::fs::read(dir.path().join("img-0.png")).unwrap();
+    let r = lora(&args);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--force"));
+    let mut forced = args.to_vec();
+    forced.push("--force");
+    assert!(lora(&forced).status.success());
+    // Same seed, same bytes.
+    assert_eq!(before, std::fs::read(dir.path().join("img-0.png")).unwrap());
+    // No temporary files left behind.
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+}
+
+#[test]
+fn missing_model_folder() {
+    expect_error(Path::new("/nonexistent/sd-model"), &[], &["/nonexistent/sd-model"]);
+}
+
+#[test]
+fn missing_component() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model_copy(dir.path());
+    std::fs::remove_dir_all(m.join("vae")).unwrap();
+    expect_error(&m, &[], &["vae"]);
+}
+
+#[test]
+fn corrupt_and_truncated_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model_copy(dir.path());
+    let f = m.join("unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+    expect_error(&m, &[], &["unet/diffusion_pytorch_model.safetensors"]);
+    std::fs::write(&f, b"garbage").unwrap();
+    expect_error(&m, &[], &["unet/diffusion_pytorch_model.safetensors"]);
+}
+
+#[test]
+fn missing_extra_and_misshaped_keys_are_listed_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model_copy(dir.path());
+    let f = m.join("unet/diffusion_pytorch_model.safetensors");
+    let mut t = candle_core::safetensors::load(&f, &candle_core::Device::Cpu).unwrap();
+    let w = t.remove("conv_in.weight").unwrap();
+    t.insert("conv_in.weight_renamed".into(), w);
+    let b = t.remove("conv_out.bias").unwrap();
+    t.insert("conv_out.bias".into(), candle_core::Tensor::cat(&[&b, &b], 0).unwrap());
+    candle_core::safetensors::save(&t, &f).unwrap();
+    expect_error(
+        &m,
+        &[],
+        &[
+            "missing keys",
+            "conv_in.weight [32, 4, 3, 3]",
+            "unexpected keys",
+            "conv_in.weight_renamed",
+            "conv_out.bias: model expects [4], file has [8]",
+        ],
+    );
+}
+
+#[test]
+fn config_that_does_not_fit_the_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model_copy(dir.path());
+    let cfg_path = m.join("unet/config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["cross_attention_dim"] = 24.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    expect_error(&m, &[], &["shape mismatches", "attn2.to_k.weight: model expects [32, 24], file has [32, 32]"]);
+}
+
+#[test]
+fn bad_options() {
+    let m = fixtures().join("sd1-tiny");
+    expect_error(&m, &["--scheduler", "pndm"], &["pndm", "ddim", "euler-a", "dpm++2m"]);
+    expect_error(&m, &["--height", "15"], &["multiple", "15"]);
+    expect_error(&m, &["--dtype", "f8"], &["f8"]);
+    expect_error(&m, &["--device", "tpu"], &["tpu"]);
+    let bad_latents = tempfile::tempdir().unwrap();
+    let f = bad_latents.path().join("l.safetensors");
+    let t = candle_core::Tensor::zeros((1, 4, 5, 5), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    candle_core::safetensors::save(&[("latents", t)].into_iter().collect(), &f).unwrap();
+    expect_error(&m, &["--init-latents", f.to_str().unwrap()], &["latents", "[1, 4, 5, 5]", "[1, 4, 8, 8]"]);
+    expect_error(&m, &["--init-latents", "/nonexistent/l.safetensors"], &["/nonexistent/l.safetensors"]);
+}
+
+#[test]
+fn unwritable_output() {
+    let m = fixtures().join("sd1-tiny");
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, b"x").unwrap();
+    let out = blocker.join("img.png"); // parent is a file
+    expect_error(&m, &["--out", out.to_str().unwrap()], &["img.png"]);
+    expect_error(&m, &["--out", "/nonexistent-dir/img.png"], &["/nonexistent-dir"]);
+}
