@@ -1,9 +1,13 @@
 //! Timing of the training ops against candle's stock differentiable ops (fp32, CPU).
 //!
-//!     cargo run --release --example ops_bench
+//!     cargo run --release --example ops_bench [softmax|attention|conv|linear|norms|elementwise]
 //!
 //! Each figure is the median of 7 runs after 2 warm-ups; "fwd+bwd" is the forward plus
 //! `backward()` of `sum(y * g)` with the input as a `Var`. Nothing here is asserted.
+//!
+//! glibc serves allocations of 32 MB and more with a fresh `mmap` each time, so every such
+//! tensor pays its page faults again; much of the allocation-heavy figures is that cost.
+//! Compare with `GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295`.
 
 use candle_core::{Device, Result, Tensor, Var, D};
 use lora_diffusion::ops::{self, Conv2dParams, FrozenConv2d, Kernel};
@@ -68,6 +72,38 @@ fn softmax() -> Result<()> {
     Ok(())
 }
 
+fn attention() -> Result<()> {
+    println!("-- self-attention q, k, v [1, 8, 1024, 40] (all three Vars), fwd+bwd");
+    let (q, k, v) = (
+        Var::from_tensor(&randn(&[1, 8, 1024, 40], 1.0)?)?,
+        Var::from_tensor(&randn(&[1, 8, 1024, 40], 1.0)?)?,
+        Var::from_tensor(&randn(&[1, 8, 1024, 40], 1.0)?)?,
+    );
+    let g = randn(&[1, 8, 1024, 40], 1.0)?;
+    let scale = 40f64.powf(-0.5);
+    let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>| {
+        median_ms(|| {
+            let y = f(q.as_tensor(), k.as_tensor(), v.as_tensor())?;
+            (y * &g)?.sum_all()?.backward().map(|_| ())
+        })
+    };
+    row(
+        "stock: matmul, scale, candle_nn::ops::softmax, matmul",
+        run(&|q, k, v| {
+            candle_nn::ops::softmax(&(q.matmul(&k.t()?)? * scale)?, D::Minus1)?.matmul(v)
+        })?,
+    );
+    row(
+        "matmul, scale, ops::softmax_last_dim, matmul",
+        run(&|q, k, v| ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?.matmul(v))?,
+    );
+    row(
+        "ops::attention (scale folded into the softmax)",
+        run(&|q, k, v| ops::attention(q, k, v, scale, None))?,
+    );
+    Ok(())
+}
+
 fn conv() -> Result<()> {
     println!("-- conv 3x3, 320 -> 320 channels, 32x32, frozen weight");
     let x = randn(&[1, 320, 32, 32], 1.0)?;
@@ -103,7 +139,7 @@ fn conv() -> Result<()> {
         median_ms(|| g.conv_transpose2d(&w, 1, 0, 1, 1).map(|_| ()))?,
     );
     row(
-        "  input grad: ops::conv2d_input_grad (flipped conv2d)",
+        "  input grad: conv2d_input_grad (flipped conv2d, incl. kernel prep)",
         median_ms(|| ops::conv2d_input_grad(&g, &w, (32, 32), &p).map(|_| ()))?,
     );
 
@@ -111,15 +147,28 @@ fn conv() -> Result<()> {
     let g2 = randn(&[1, 320, 16, 16], 1.0)?;
     let p2 = Conv2dParams { stride: 2, ..p };
     row(
-        "  input grad: conv_transpose2d (out_padding 1)",
+        "  input grad: conv_transpose2d, out_padding 1 (what ops uses)",
         median_ms(|| g2.conv_transpose2d(&w, 1, 1, 2, 1).map(|_| ()))?,
     );
     row(
-        "  input grad: zero-dilated gradient + conv2d",
-        median_ms(|| ops::conv2d_input_grad(&g2, &w, (32, 32), &p2).map(|_| ()))?,
+        "  input grad: zero-dilated gradient + flipped conv2d",
+        median_ms(|| ops::conv2d_input_grad_flipped(&g2, &w, (32, 32), &p2).map(|_| ()))?,
+    );
+    let x2 = Var::from_tensor(&x)?;
+    row(
+        "stock stride-2 conv fwd+bwd (x Var)",
+        median_ms(|| {
+            let y = x2.as_tensor().conv2d(&w, 1, 2, 1, 1)?.broadcast_add(&b4)?;
+            (y * &g2)?.sum_all()?.backward().map(|_| ())
+        })?,
+    );
+    let layer2 = FrozenConv2d::new(&w, Some(&b), p2)?;
+    row(
+        "FrozenConv2d stride-2 fwd+bwd",
+        fwd_bwd(&x, &g2, |x| layer2.forward(x))?,
     );
     let a = g2.conv_transpose2d(&w, 1, 1, 2, 1)?;
-    let c = ops::conv2d_input_grad(&g2, &w, (32, 32), &p2)?;
+    let c = ops::conv2d_input_grad_flipped(&g2, &w, (32, 32), &p2)?;
     println!(
         "  (max abs diff between the two: {:.2e})",
         (a - c)?.abs()?.max_all()?.to_scalar::<f32>()?
@@ -228,8 +277,14 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let on = |name: &str| args.is_empty() || args.iter().any(|a| a == name);
     println!("threads: {}", candle_core::utils::get_num_threads());
-    let sections: [(&str, fn() -> Result<()>); 5] = [
+    // Warm-up: the first few hundred ms of large allocations run measurably slower.
+    let w = randn(&[320, 320, 3, 3], 0.02)?;
+    let x = randn(&[1, 320, 32, 32], 1.0)?;
+    fwd_bwd(&x, &x, |x| x.conv2d(&w, 1, 1, 1, 1))?;
+    type Section = (&'static str, fn() -> Result<()>);
+    let sections: [Section; 6] = [
         ("softmax", softmax),
+        ("attention", attention),
         ("conv", conv),
         ("linear", linear),
         ("norms", norms),

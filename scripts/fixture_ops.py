@@ -91,6 +91,7 @@ def main():
         ("c_nonsq_s2", (1, 3, 7, 9), (4, 3, 3, 5), 2, 1, 1, 1),
         ("c_pad_gt_k", (1, 3, 4, 4), (2, 3, 1, 1), 1, 1, 1, 1),
         ("c_s3", (1, 2, 10, 11), (3, 2, 4, 4), 3, 1, 1, 1),
+        ("c_grp_s2_nonsq", (1, 4, 9, 8), (6, 2, 3, 5), 2, 1, 1, 2),
     ]
     for name, xs, ws, s, p, d, g in conv_cases:
         inputs = {"x": randn(gen, *xs), "w": randn(gen, *ws, scale=0.3), "b": randn(gen, ws[0])}
@@ -110,6 +111,19 @@ def main():
     run_case(t, cases, "gelu_erf", "gelu_erf", {}, {"x": randn(gen, 3, 50, scale=4.0)},
              lambda x: F.gelu(x, approximate="none"), ["x"])
     save_tensors(t, os.path.join(OUT, "activation.safetensors"))
+
+    t = {}
+    inputs = {"q": randn(gen, 2, 3, 5, 4), "k": randn(gen, 2, 3, 7, 4), "v": randn(gen, 2, 3, 7, 6)}
+    run_case(t, cases, "att_4d", "attention", {"scale": 0.5}, inputs,
+             lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2) * 0.5, dim=-1) @ v, ["q", "k", "v"])
+    n = 6
+    causal = torch.triu(torch.full((n, n), -1e9), diagonal=1)
+    inputs = {"q": randn(gen, 2, n, 8), "k": randn(gen, 2, n, 8), "v": randn(gen, 2, n, 8), "mask": causal}
+    scale = 8 ** -0.5
+    run_case(t, cases, "att_3d_causal", "attention", {"scale": scale}, inputs,
+             lambda q, k, v, mask: torch.softmax(q @ k.transpose(-1, -2) * scale + mask, dim=-1) @ v,
+             ["q", "k", "v"])
+    save_tensors(t, os.path.join(OUT, "attention.safetensors"))
 
     write_json(cases, os.path.join(OUT, "cases.json"))
     print(f"wrote {len(cases)} cases to {os.path.normpath(OUT)}")

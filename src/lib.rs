@@ -4,12 +4,15 @@
 //! tells where its code lives.
 
 pub mod cli;
+pub mod formats;
 pub mod hub;
+pub mod lora;
 pub mod models;
 pub mod ops;
 pub mod pipeline;
 pub mod rng;
 pub mod schedulers;
 pub mod tokenizer;
+pub mod train;
 
 pub use anyhow::{Error, Result};

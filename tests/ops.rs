@@ -9,7 +9,8 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-const FILES: [&str; 7] = [
+const FILES: [&str; 8] = [
+    "attention",
     "softmax",
     "layer_norm",
     "group_norm",
@@ -48,7 +49,10 @@ fn load_cases() -> Vec<Case> {
                 .iter()
                 .filter_map(|(k, v)| k.strip_prefix(&prefix).map(|s| (s.to_string(), v.clone())))
                 .collect::<HashMap<_, _>>();
-            assert!(t.contains_key("x"), "{name}: no x in the fixtures");
+            assert!(
+                t.contains_key("grad_out"),
+                "{name}: no grad_out in the fixtures"
+            );
             let op = params["op"].as_str().expect("op").to_string();
             Case {
                 name,
@@ -61,7 +65,7 @@ fn load_cases() -> Vec<Case> {
     cases.sort_by(|a, b| a.name.cmp(&b.name));
     assert_eq!(
         cases.len(),
-        22,
+        25,
         "expected every case of scripts/fixture_ops.py"
     );
     cases
@@ -73,8 +77,13 @@ fn p_usize(p: &Value, k: &str) -> usize {
 
 /// Runs the case's op on `ins` (which may be Vars) with the given kernel.
 fn apply(c: &Case, ins: &HashMap<String, Tensor>, kernel: Kernel) -> Result<Tensor> {
-    let x = &ins["x"];
     let p = &c.params;
+    if c.op == "attention" {
+        let (q, k, v) = (&ins["q"], &ins["k"], &ins["v"]);
+        let scale = p["scale"].as_f64().unwrap();
+        return ops::attention_with(q, k, v, scale, ins.get("mask"), kernel);
+    }
+    let x = &ins["x"];
     match c.op.as_str() {
         "softmax" => ops::softmax_last_dim_with(x, kernel),
         "layer_norm" => {
@@ -113,6 +122,15 @@ fn frozen(c: &Case) -> bool {
     matches!(c.op.as_str(), "linear" | "conv2d")
 }
 
+/// Whether the op must produce a gradient for input `name`.
+fn differentiable(c: &Case, name: &str) -> bool {
+    if frozen(c) {
+        name == "x"
+    } else {
+        name != "mask"
+    }
+}
+
 /// Kernels worth running for the case (frozen ops and upsampling have a single path).
 fn kernels(c: &Case) -> Vec<Kernel> {
     if frozen(c) || c.op == "upsample_nearest2d" {
@@ -125,7 +143,7 @@ fn kernels(c: &Case) -> Vec<Kernel> {
 /// The case's input tensors (everything except the outputs and gradients), in `dtype`.
 fn inputs(c: &Case, dtype: DType) -> HashMap<String, Tensor> {
     c.t.iter()
-        .filter(|(k, _)| matches!(k.as_str(), "x" | "w" | "b"))
+        .filter(|(k, _)| matches!(k.as_str(), "x" | "w" | "b" | "q" | "k" | "v" | "mask"))
         .map(|(k, v)| (k.clone(), v.to_dtype(dtype).unwrap()))
         .collect()
 }
@@ -238,7 +256,7 @@ fn finite_difference_gradients_f64() {
                     Some(a) => a.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
                     None => {
                         assert!(
-                            frozen(&c) && name != "x",
+                            !differentiable(&c, &name),
                             "{}: no gradient for {name}",
                             c.name
                         );
@@ -246,8 +264,8 @@ fn finite_difference_gradients_f64() {
                     }
                 };
                 assert!(
-                    !(frozen(&c) && name != "x"),
-                    "{}: frozen {name} got a gradient",
+                    differentiable(&c, &name),
+                    "{}: {name} got a gradient",
                     c.name
                 );
                 let t = &base[&name];
@@ -288,7 +306,7 @@ fn finite_difference_gradients_f64() {
 #[test]
 fn frozen_ops_match_candle_stock_backward() {
     for c in load_cases().iter().filter(|c| frozen(c)) {
-        if c.name == "c_nonsq_s2" || c.name == "c3s2_odd" || c.name == "c_s3" {
+        if ["c_nonsq_s2", "c3s2_odd", "c_s3", "c_grp_s2_nonsq"].contains(&c.name.as_str()) {
             // candle's stock Conv2D backward derives output_padding from the height only
             // and fails on these geometries (PyTorch parity above covers them).
             continue;
@@ -355,192 +373,30 @@ fn frozen_ops_match_candle_stock_backward() {
     }
 }
 
-/// Deterministic pseudo-normal values (xorshift + Box-Muller), so the test needs no seed API.
-fn randn(shape: &[usize], seed: u64, scale: f32, shift: f32) -> Tensor {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            let (u1, u2) = (next(), next());
-            let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-            z as f32 * scale + shift
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-/// Output and input gradients of `f` for `sum(f(inputs) * g)`.
-fn grads_of(
-    inputs: &[Tensor],
-    g: &Tensor,
-    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
-) -> (Tensor, Vec<Tensor>) {
-    let vars: Vec<Var> = inputs
-        .iter()
-        .map(|t| Var::from_tensor(t).unwrap())
-        .collect();
-    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let y = f(&ts).unwrap();
-    let gs = (&y * g).unwrap().sum_all().unwrap().backward().unwrap();
-    let grads = vars
-        .iter()
-        .map(|v| gs.get(v.as_tensor()).expect("gradient").clone())
-        .collect();
-    (y, grads)
-}
-
 #[test]
-fn fused_kernels_match_generic_on_large_inputs() {
-    type Op = Box<dyn Fn(&[Tensor], Kernel) -> Result<Tensor>>;
-    let c = 320;
-    let cases: Vec<(&str, Vec<Tensor>, Op)> = vec![
-        (
-            "softmax [4,64,257]",
-            vec![randn(&[4, 64, 257], 1, 3.0, 0.0)],
-            Box::new(|t, k| ops::softmax_last_dim_with(&t[0], k)),
-        ),
-        (
-            "layer_norm [2,300,320]",
-            vec![
-                randn(&[2, 300, c], 2, 2.0, 1.0),
-                randn(&[c], 3, 0.3, 1.0),
-                randn(&[c], 4, 0.3, 0.0),
-            ],
-            Box::new(|t, k| ops::layer_norm_with(&t[0], &t[1], &t[2], 1e-5, k)),
-        ),
-        (
-            "group_norm [2,64,33,31] g32",
-            vec![
-                randn(&[2, 64, 33, 31], 5, 2.0, 1.0),
-                randn(&[64], 6, 0.3, 1.0),
-                randn(&[64], 7, 0.3, 0.0),
-            ],
-            Box::new(|t, k| ops::group_norm_with(&t[0], 32, &t[1], &t[2], 1e-6, k)),
-        ),
-        (
-            "silu [100003]",
-            vec![randn(&[100_003], 8, 4.0, 0.0)],
-            Box::new(|t, k| ops::silu_with(&t[0], k)),
-        ),
-        (
-            "gelu_erf [100003]",
-            vec![randn(&[100_003], 9, 4.0, 0.0)],
-            Box::new(|t, k| ops::gelu_erf_with(&t[0], k)),
-        ),
-    ];
-    for (name, ins, op) in cases {
-        let y0 = op(&ins, Kernel::Generic).unwrap();
-        let g = randn(y0.dims(), 10, 1.0, 0.0);
-        let (ya, ga) = grads_of(&ins, &g, &|t| op(t, Kernel::Auto));
-        let (yg, gg) = grads_of(&ins, &g, &|t| op(t, Kernel::Generic));
-        let mut diffs = vec![max_abs_diff(&ya, &yg) / max_abs(&yg).max(1.0)];
-        diffs.extend(
-            ga.iter()
-                .zip(&gg)
-                .map(|(a, b)| max_abs_diff(a, b) / max_abs(b).max(1.0)),
+fn conv_input_grad_both_algorithms_match_pytorch() {
+    // conv2d_input_grad picks conv_transpose2d for stride > 1 (one group) and the flipped
+    // conv2d otherwise; the flipped path must hold for every geometry too.
+    for c in load_cases().iter().filter(|c| c.op == "conv2d") {
+        let p = &c.params;
+        let params = ops::Conv2dParams {
+            stride: p_usize(p, "stride"),
+            padding: p_usize(p, "padding"),
+            dilation: p_usize(p, "dilation"),
+            groups: p_usize(p, "groups"),
+        };
+        let (_, _, h, w) = c.t["x"].dims4().unwrap();
+        let (g, k, reference) = (&c.t["grad_out"], &c.t["w"], &c.t["grad_x"]);
+        let auto = ops::conv2d_input_grad(g, k, (h, w), &params).unwrap();
+        let flipped = ops::conv2d_input_grad_flipped(g, k, (h, w), &params).unwrap();
+        let (da, df) = (
+            max_abs_diff(&auto, reference),
+            max_abs_diff(&flipped, reference),
         );
-        let shown: Vec<String> = diffs.iter().map(|d| format!("{d:.1e}")).collect();
-        eprintln!("fused vs generic {name:28} relative max diffs (y, grads...) {shown:?}");
-        assert!(diffs.iter().all(|&d| d < 2e-5), "{name}: {diffs:?}");
-    }
-}
-
-#[test]
-fn upsample_gradient_accumulates_with_other_uses() {
-    // x feeds both the upsampling and a direct product; candle's stock backward would
-    // overwrite the direct-product gradient.
-    let x = Var::from_tensor(&randn(&[1, 3, 4, 4], 11, 1.0, 0.0)).unwrap();
-    let g_up = randn(&[1, 3, 8, 8], 12, 1.0, 0.0);
-    let g_id = randn(&[1, 3, 4, 4], 13, 1.0, 0.0);
-    let up = ops::upsample_nearest2d(x.as_tensor(), 8, 8).unwrap();
-    let loss = ((&up * &g_up).unwrap().sum_all().unwrap()
-        + (x.as_tensor() * &g_id).unwrap().sum_all().unwrap())
-    .unwrap();
-    let grads = loss.backward().unwrap();
-    let expected = (g_up
-        .reshape((1, 3, 4, 2, 4, 2))
-        .unwrap()
-        .sum(5)
-        .unwrap()
-        .sum(3)
-        .unwrap()
-        + &g_id)
-        .unwrap();
-    let d = max_abs_diff(grads.get(x.as_tensor()).unwrap(), &expected);
-    eprintln!("upsample accumulate: max abs diff {d:.2e}");
-    assert!(d < 1e-5);
-}
-
-#[test]
-fn norm_weight_gradients_without_input_gradient() {
-    // Only the affine parameters train (x is data): dw / db still flow, x gets none.
-    let x = randn(&[2, 8, 5, 5], 14, 1.0, 0.0);
-    let (w, b) = (
-        Var::from_tensor(&randn(&[8], 15, 0.3, 1.0)).unwrap(),
-        Var::from_tensor(&randn(&[8], 16, 0.3, 0.0)).unwrap(),
-    );
-    let g = randn(&[2, 8, 5, 5], 17, 1.0, 0.0);
-    for kernel in [Kernel::Auto, Kernel::Generic] {
-        let y = ops::group_norm_with(&x, 4, w.as_tensor(), b.as_tensor(), 1e-5, kernel).unwrap();
-        let gs = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
-        let db = gs.get(b.as_tensor()).expect("db");
-        let expect_db = g.sum((0, 2, 3)).unwrap();
-        assert!(gs.get(w.as_tensor()).is_some() && gs.get(&x).is_none());
-        let d = max_abs_diff(db, &expect_db);
-        eprintln!("group_norm {kernel:?} weight-only: db max abs diff {d:.2e}");
-        assert!(d < 1e-5);
-    }
-}
-
-#[test]
-fn half_precision_inputs_keep_their_dtype() {
-    let x = randn(&[2, 8, 6, 6], 18, 1.0, 0.5);
-    let w = randn(&[8], 19, 0.3, 1.0);
-    let b = randn(&[8], 20, 0.3, 0.0);
-    let lw = randn(&[6], 21, 0.3, 1.0);
-    let lb = randn(&[6], 22, 0.3, 0.0);
-    for dtype in [DType::F16, DType::BF16] {
-        let xh = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
-        let (wh, bh) = (w.to_dtype(dtype).unwrap(), b.to_dtype(dtype).unwrap());
-        let (lwh, lbh) = (lw.to_dtype(dtype).unwrap(), lb.to_dtype(dtype).unwrap());
-        let xr = xh.as_tensor().to_dtype(DType::F32).unwrap();
-        let pairs = [
-            (
-                ops::softmax_last_dim(xh.as_tensor()),
-                ops::softmax_last_dim(&xr),
-            ),
-            (
-                ops::layer_norm(xh.as_tensor(), &lwh, &lbh, 1e-5),
-                ops::layer_norm(&xr, &lw, &lb, 1e-5),
-            ),
-            (
-                ops::group_norm(xh.as_tensor(), 4, &wh, &bh, 1e-5),
-                ops::group_norm(&xr, 4, &w, &b, 1e-5),
-            ),
-            (ops::silu(xh.as_tensor()), ops::silu(&xr)),
-            (ops::gelu_erf(xh.as_tensor()), ops::gelu_erf(&xr)),
-            (
-                ops::upsample_nearest2d(xh.as_tensor(), 12, 12),
-                ops::upsample_nearest2d(&xr, 12, 12),
-            ),
-        ];
-        for (i, (half, full)) in pairs.into_iter().enumerate() {
-            let (half, full) = (half.unwrap(), full.unwrap());
-            assert_eq!(half.dtype(), dtype);
-            let d = max_abs_diff(&half, &full);
-            let grads = half.sum_all().unwrap().backward().unwrap();
-            let gx = grads
-                .get(xh.as_tensor())
-                .expect("gradient reaches the half input");
-            assert_eq!(gx.dtype(), dtype);
-            eprintln!("{dtype:?} op {i}: max abs diff to f32 {d:.2e}");
-            assert!(d < 0.05, "{dtype:?} op {i}: {d}");
-        }
+        eprintln!(
+            "conv input grad {:16} auto {da:.2e}, flipped {df:.2e}",
+            c.name
+        );
+        assert!(da < 1e-5 && df < 1e-5, "{}: {da:e} {df:e}", c.name);
     }
 }

@@ -23,6 +23,8 @@ enum BenchWhat {
     /// Seconds per UNet step (batch 2, classifier-free guidance) for the SD 1.5 config with
     /// random weights, fp32.
     Unet(UnetBench),
+    /// Training speed: forward, LoRA step and full step (ms) and peak RSS, fp32 CPU.
+    Train(super::bench_train::TrainBench),
 }
 
 #[derive(Args, Debug)]
@@ -48,6 +50,7 @@ struct UnetBench {
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     match a.what {
         BenchWhat::Unet(b) => unet(b),
+        BenchWhat::Train(b) => super::bench_train::run(b),
     }
 }
 
@@ -124,7 +127,7 @@ fn torch_unet_step(py: &PathBuf, size: usize, runs: usize) -> anyhow::Result<f64
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_unet.py");
     let out = std::process::Command::new(py)
         .arg(&script)
-        .args(["--size", &size.to_string(), "--runs", &runs.to_string()])
+        .args(["--latent", &(size / 8).to_string(), "--runs", &runs.to_string()])
         .output()
         .with_context(|| format!("cannot run {} {}", py.display(), script.display()))?;
     if !out.status.success() {

@@ -3,6 +3,7 @@
 use super::common::{parse_device, parse_dtype, progress_bar};
 use crate::hub::{bundled_model_dir, ModelSource};
 use crate::pipeline::image_io::{check_writable, numbered_paths, save_png, to_rgb8};
+use crate::pipeline::lora::{read_loras, LoraSpec};
 use crate::pipeline::{read_init_latents, GenerateParams, StableDiffusion};
 use crate::schedulers::SchedulerKind;
 use anyhow::Context;
@@ -10,54 +11,104 @@ use clap::Args;
 use std::path::PathBuf;
 use std::time::Instant;
 
+/// Options shared by every command that samples images.
+#[derive(Args, Debug, Clone)]
+pub struct SampleArgs {
+    /// A diffusers folder or Hugging Face id (default: the bundled tiny model).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// The prompt.
+    #[arg(long)]
+    pub prompt: String,
+    /// The negative prompt (empty when absent).
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Classifier-free guidance scale (1 turns guidance off).
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    /// Sampler: ddim, euler, euler-a, dpm++2m or ddpm.
+    #[arg(long, default_value = "ddim")]
+    pub scheduler: String,
+    /// DDIM eta (0: deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Image height (default: the model's native size).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Image width (default: the model's native size).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Use the text encoder layer this many before the last.
+    #[arg(long, default_value_t = 0)]
+    pub clip_skip: usize,
+    /// Weight dtype: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Device: cpu, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+impl SampleArgs {
+    /// The model source (`--model`, or the bundled model).
+    pub fn source(&self) -> anyhow::Result<ModelSource> {
+        model_source(self.model.as_deref())
+    }
+
+    /// Generation parameters for `num_images` images.
+    pub fn params(&self, num_images: usize) -> anyhow::Result<GenerateParams> {
+        Ok(GenerateParams {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            steps: self.steps,
+            guidance: self.guidance,
+            scheduler: self.scheduler.parse::<SchedulerKind>()?,
+            seed: self.seed,
+            height: self.height,
+            width: self.width,
+            num_images,
+            init_latents: None,
+            clip_skip: self.clip_skip,
+            eta: self.eta,
+        })
+    }
+
+    /// Loads the model in the requested dtype on the requested device, with LoRAs fused in.
+    pub fn load(&self, fuse: &[(crate::lora::LoraSet, f64)]) -> anyhow::Result<StableDiffusion> {
+        let dtype = parse_dtype(&self.dtype)?;
+        let device = parse_device(&self.device)?;
+        let source = self.source()?;
+        let t0 = Instant::now();
+        let sd = StableDiffusion::load_fused(&source, dtype, &device, fuse)
+            .with_context(|| format!("cannot load model {}", source.describe()))?;
+        eprintln!("loaded {} in {:.1}s", source.describe(), t0.elapsed().as_secs_f64());
+        Ok(sd)
+    }
+}
+
 /// Arguments of `lora generate`.
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// A diffusers folder or Hugging Face id (default: the bundled tiny model).
-    #[arg(long)]
-    model: Option<String>,
-    /// The prompt.
-    #[arg(long)]
-    prompt: String,
-    /// The negative prompt (empty when absent).
-    #[arg(long, default_value = "")]
-    negative_prompt: String,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 30)]
-    steps: usize,
-    /// Classifier-free guidance scale (1 turns guidance off).
-    #[arg(long, default_value_t = 7.5)]
-    guidance: f64,
-    /// Sampler: ddim, euler, euler-a, dpm++2m or ddpm.
-    #[arg(long, default_value = "ddim")]
-    scheduler: String,
-    /// DDIM eta (0: deterministic).
-    #[arg(long, default_value_t = 0.0)]
-    eta: f64,
-    /// Random seed.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Image height (default: the model's native size).
-    #[arg(long)]
-    height: Option<usize>,
-    /// Image width (default: the model's native size).
-    #[arg(long)]
-    width: Option<usize>,
+    #[command(flatten)]
+    sample: SampleArgs,
     /// Number of images (written as OUT-0.png, OUT-1.png, … when more than one).
     #[arg(long, default_value_t = 1)]
     num_images: usize,
     /// A safetensors file with a tensor `latents` [num_images, C, H/f, W/f] to start from.
     #[arg(long)]
     init_latents: Option<PathBuf>,
-    /// Use the text encoder layer this many before the last.
-    #[arg(long, default_value_t = 0)]
-    clip_skip: usize,
-    /// Weight dtype: f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
-    /// Device: cpu, cuda:N or metal.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// A LoRA file (any format) with an optional scale, FILE[:SCALE]; repeatable.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]")]
+    loras: Vec<String>,
+    /// Fuse the LoRAs into the weights instead of running them as adapters.
+    #[arg(long)]
+    fuse: bool,
     /// Output PNG path.
     #[arg(long)]
     out: PathBuf,
@@ -92,42 +143,57 @@ fn model_source(model: Option<&str>) -> anyhow::Result<ModelSource> {
 
 /// Runs `lora generate`.
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
-    let scheduler: SchedulerKind = a.scheduler.parse()?;
-    let dtype = parse_dtype(&a.dtype)?;
-    let device = parse_device(&a.device)?;
+    let mut params = a.sample.params(a.num_images)?;
+    parse_dtype(&a.sample.dtype)?;
+    parse_device(&a.sample.device)?;
+    let specs: Vec<LoraSpec> = a.loras.iter().map(|s| s.parse()).collect::<anyhow::Result<_>>()?;
     let paths = numbered_paths(&a.out, a.num_images.max(1));
     for p in &paths {
         check_writable(p, a.force)?;
     }
-    let init_latents = a.init_latents.as_deref().map(read_init_latents).transpose()?;
-    let source = model_source(a.model.as_deref())?;
-    let t0 = Instant::now();
-    let sd = StableDiffusion::load(&source, dtype, &device)
-        .with_context(|| format!("cannot load model {}", source.describe()))?;
-    eprintln!("loaded {} in {:.1}s", source.describe(), t0.elapsed().as_secs_f64());
-    let params = GenerateParams {
-        prompt: a.prompt,
-        negative_prompt: a.negative_prompt,
-        steps: a.steps,
-        guidance: a.guidance,
-        scheduler,
-        seed: a.seed,
-        height: a.height,
-        width: a.width,
-        num_images: a.num_images,
-        init_latents,
-        clip_skip: a.clip_skip,
-        eta: a.eta,
+    params.init_latents = a.init_latents.as_deref().map(read_init_latents).transpose()?;
+    let loras = read_loras(&a.sample.source()?, &specs)?;
+    let sd = if a.fuse {
+        a.sample.load(&loras)?
+    } else {
+        let sd = a.sample.load(&[])?;
+        for ((set, scale), spec) in loras.iter().zip(&specs) {
+            sd.add_lora(set, *scale)
+                .with_context(|| format!("cannot apply LoRA {}", spec.path.display()))?;
+        }
+        sd
     };
+    for s in &specs {
+        eprintln!(
+            "LoRA {} at scale {} ({})",
+            s.path.display(),
+            s.scale,
+            if a.fuse { "fused" } else { "adapter" }
+        );
+    }
     generate_to(&sd, &params, &paths, a.force)
 }
 
-fn generate_to(
+/// Generates with a progress bar and writes the images to `paths`.
+pub fn generate_to(
     sd: &StableDiffusion,
     params: &GenerateParams,
     paths: &[PathBuf],
     force: bool,
 ) -> anyhow::Result<()> {
+    let images = generate_images(sd, params)?;
+    for (img, path) in images.iter().zip(paths) {
+        save_png(img, path, force)?;
+        eprintln!("wrote {} ({}x{})", path.display(), img.width(), img.height());
+    }
+    Ok(())
+}
+
+/// Generates with a progress bar, returning 8-bit images.
+pub fn generate_images(
+    sd: &StableDiffusion,
+    params: &GenerateParams,
+) -> anyhow::Result<Vec<image::RgbImage>> {
     let pb = progress_bar(params.steps as u64, "denoising");
     let t0 = Instant::now();
     let images = sd.generate(params, &mut |i, n| {
@@ -136,16 +202,12 @@ fn generate_to(
     })?;
     pb.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
-    for (img, path) in to_rgb8(&images)?.iter().zip(paths) {
-        save_png(img, path, force)?;
-        eprintln!("wrote {} ({}x{})", path.display(), img.width(), img.height());
-    }
     eprintln!(
         "{} step(s) in {secs:.2}s ({:.2} it/s)",
         params.steps,
         params.steps as f64 / secs.max(1e-9)
     );
-    Ok(())
+    to_rgb8(&images)
 }
 
 /// Runs `lora demo`: generates a few images with the bundled model.
@@ -167,6 +229,5 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let paths = numbered_paths(&a.out_dir.join("demo.png"), params.num_images);
-    generate_to(&sd, &params, &paths, true)?;
-    Ok(())
+    generate_to(&sd, &params, &paths, true)
 }

@@ -1,8 +1,15 @@
 //! The `lora` command line: thin wrappers over the library.
 
+pub mod add;
 mod bench;
+mod bench_train;
 mod common;
+mod convert;
+mod extract;
 mod generate;
+mod inspect;
+mod sweep;
+mod train;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -23,6 +30,18 @@ enum Command {
     Demo(generate::DemoArgs),
     /// Benchmarks (speed, memory).
     Bench(bench::BenchArgs),
+    /// Fine-tune a LoRA (DreamBooth, optional prior preservation) or the full UNet.
+    Train(train::TrainArgs),
+    /// Fuse a LoRA into a model (upl) or join two LoRAs (lpl, ljl, svd); same as `lora_add`.
+    Add(add::AddArgs),
+    /// Extract a LoRA from the difference of two full models (SVD per layer).
+    Extract(extract::ExtractArgs),
+    /// Convert a LoRA file to another format (ours, kohya, diffusers, peft, cloneofsimo).
+    Convert(convert::ConvertArgs),
+    /// Generate the same seed at a series of LoRA scales: labelled grid PNG + animated GIF.
+    Sweep(sweep::SweepArgs),
+    /// Describe a LoRA file: format, base model, targets, rank, alpha, dtype, size, metadata.
+    Inspect(inspect::InspectArgs),
 }
 
 /// Runs the command line; errors are printed with their causes and give exit code 1.
@@ -32,6 +51,12 @@ pub fn main() -> ExitCode {
         Command::Generate(a) => generate::run(a),
         Command::Demo(a) => generate::demo(a),
         Command::Bench(a) => bench::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Add(a) => add::run(a),
+        Command::Extract(a) => extract::run(a),
+        Command::Convert(a) => convert::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Sweep(a) => sweep::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,12 +6,23 @@
 //! `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`), so adapters can find layers
 //! by name. Fields are private; use the accessors.
 //!
+//! Both carry an [`AdapterSlot`]: LoRA adapters attached there add their residual to the
+//! layer's output (`base + Σ scale_i · up_i(down_i(x))`). The slot is shared between clones
+//! of a layer. The base product uses the frozen ops of [`crate::ops`] (input gradient only)
+//! unless the weight is a candle `Var` (full fine-tuning), where candle's matmul / conv2d
+//! provide the weight gradient too.
+//!
 //! All constructors request every parameter with its full shape through `vb.get(shape, name)`,
 //! so `ModelWeights` can check shapes and list the requested keys. Norms go through
 //! `crate::ops` (computed in f32, cast back), so layers work for f32, f16 and bf16 weights.
 
+use std::sync::{Arc, OnceLock};
+
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+
+use crate::lora::adapter::AdapterSlot;
+use crate::ops::{frozen_linear, Conv2dParams, FrozenConv2d};
 
 /// A fully connected layer `y = x Wᵀ + b` with weight `[out, in]`, applied over the last dim.
 #[derive(Debug, Clone)]
@@ -19,6 +30,7 @@ pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
     path: String,
+    adapters: AdapterSlot,
 }
 
 impl Linear {
@@ -34,6 +46,7 @@ impl Linear {
             weight,
             bias,
             path: vb.prefix(),
+            adapters: AdapterSlot::new(),
         })
     }
 
@@ -43,6 +56,7 @@ impl Linear {
             weight,
             bias,
             path: path.into(),
+            adapters: AdapterSlot::new(),
         }
     }
 
@@ -59,6 +73,16 @@ impl Linear {
     /// The module path (state-dict prefix without `.weight`), e.g. `...attn1.to_q`.
     pub fn path(&self) -> &str {
         &self.path
+    }
+
+    /// The LoRA adapters attached to this layer.
+    pub fn adapters(&self) -> &AdapterSlot {
+        &self.adapters
+    }
+
+    /// Whether the weight or bias is a trainable `Var` (full fine-tuning).
+    pub fn is_trainable(&self) -> bool {
+        self.weight.is_variable() || self.bias.as_ref().is_some_and(|b| b.is_variable())
     }
 
     /// Number of input features.
@@ -82,6 +106,10 @@ impl Linear {
                 dims
             );
         }
+        if !self.is_trainable() {
+            let base = frozen_linear(x, &self.weight, self.bias.as_ref())?;
+            return self.adapters.apply(x, base);
+        }
         let y = if dims.len() == 2 {
             matmul(x, &self.weight.t()?)?
         } else {
@@ -90,10 +118,11 @@ impl Linear {
             *out_dims.last_mut().expect("non-empty dims") = self.out_features();
             matmul(&x.reshape((rows, in_dim))?, &self.weight.t()?)?.reshape(out_dims)?
         };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        let base = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        self.adapters.apply(x, base)
     }
 }
 
@@ -111,6 +140,8 @@ pub struct Conv2d {
     stride: usize,
     padding: usize,
     path: String,
+    adapters: AdapterSlot,
+    frozen: Arc<OnceLock<FrozenConv2d>>,
 }
 
 impl Conv2d {
@@ -137,6 +168,8 @@ impl Conv2d {
             stride,
             padding,
             path: vb.prefix(),
+            adapters: AdapterSlot::new(),
+            frozen: Arc::new(OnceLock::new()),
         })
     }
 
@@ -154,6 +187,8 @@ impl Conv2d {
             stride,
             padding,
             path: path.into(),
+            adapters: AdapterSlot::new(),
+            frozen: Arc::new(OnceLock::new()),
         }
     }
 
@@ -182,6 +217,21 @@ impl Conv2d {
         self.padding
     }
 
+    /// The kernel size k (square kernels).
+    pub fn kernel_size(&self) -> usize {
+        self.weight.dims()[2]
+    }
+
+    /// The LoRA adapters attached to this layer.
+    pub fn adapters(&self) -> &AdapterSlot {
+        &self.adapters
+    }
+
+    /// Whether the weight or bias is a trainable `Var` (full fine-tuning).
+    pub fn is_trainable(&self) -> bool {
+        self.weight.is_variable() || self.bias.as_ref().is_some_and(|b| b.is_variable())
+    }
+
     /// Number of input channels.
     pub fn in_channels(&self) -> usize {
         self.weight.dims()[1]
@@ -194,6 +244,10 @@ impl Conv2d {
 
     /// Applies the convolution to `x` `[B, in, H, W]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.is_trainable() {
+            let base = self.frozen_op()?.forward(x)?;
+            return self.adapters.apply(x, base);
+        }
         let y = if cpu_bf16(x) {
             let w = self.weight.to_dtype(DType::F32)?;
             x.to_dtype(DType::F32)?
@@ -202,10 +256,26 @@ impl Conv2d {
         } else {
             x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
         };
-        match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
-            None => Ok(y),
+        let base = match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?,
+            None => y,
+        };
+        self.adapters.apply(x, base)
+    }
+
+    /// The frozen-weight convolution op, built on first use and kept across calls.
+    fn frozen_op(&self) -> Result<&FrozenConv2d> {
+        if let Some(op) = self.frozen.get() {
+            return Ok(op);
         }
+        let params = Conv2dParams {
+            stride: self.stride,
+            padding: self.padding,
+            ..Default::default()
+        };
+        let op = FrozenConv2d::new(&self.weight, self.bias.as_ref(), params)?;
+        let _ = self.frozen.set(op);
+        Ok(self.frozen.get().expect("just set"))
     }
 }
 
@@ -327,10 +397,10 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// SiLU activation `x · sigmoid(x)`.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    x.silu()
+    crate::ops::silu(x)
 }
 
 /// Exact (erf) GELU as PyTorch's `F.gelu` with `approximate="none"`.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    x.gelu_erf()
+    crate::ops::gelu_erf(x)
 }

@@ -177,6 +177,52 @@ impl ModelWeights {
         Self::new(component, vec![], Source::Loaded(tensors), shapes)
     }
 
+    /// Every tensor of the files, loaded on the CPU in its stored dtype.
+    pub fn load_all(&self) -> anyhow::Result<HashMap<String, Tensor>> {
+        self.inner
+            .shapes
+            .keys()
+            .map(|k| {
+                let t = match &self.inner.source {
+                    Source::Safetensors(st) => st.load(k, &Device::Cpu)?,
+                    Source::Loaded(map) => map[k].clone(),
+                    Source::Nothing | Source::Random(_) => unreachable!("no shapes without files"),
+                };
+                Ok((k.clone(), t))
+            })
+            .collect::<candle_core::Result<_>>()
+            .with_context(|| format!("cannot read the weights of {}", self.describe_files()))
+    }
+
+    /// One tensor of the files, loaded on the CPU in its stored dtype.
+    pub fn load_one(&self, name: &str) -> anyhow::Result<Tensor> {
+        if !self.inner.shapes.contains_key(name) {
+            bail!("{} has no tensor {name}", self.describe_files());
+        }
+        let t = match &self.inner.source {
+            Source::Safetensors(st) => st.load(name, &Device::Cpu)?,
+            Source::Loaded(map) => map[name].clone(),
+            Source::Nothing | Source::Random(_) => unreachable!("no shapes without files"),
+        };
+        Ok(t)
+    }
+
+    /// The same files' tensors with some replaced (e.g. LoRA-fused weights); error reports
+    /// still name the original files.
+    pub fn with_replacements(&self, replacements: HashMap<String, Tensor>) -> anyhow::Result<Self> {
+        let mut all = self.load_all()?;
+        for (k, t) in replacements {
+            all.insert(k, t);
+        }
+        let shapes = all.iter().map(|(k, t)| (k.clone(), t.dims().to_vec())).collect();
+        Ok(Self::new(
+            &self.inner.component,
+            self.inner.files.clone(),
+            Source::Loaded(all),
+            shapes,
+        ))
+    }
+
     /// No weights: every parameter is seeded uniform noise in ±sqrt(3/fan_in) (unit-variance
     /// activations), for benchmarks and smoke runs; norm weights get 1 and biases 0.
     pub fn random(component: &str, seed: u64) -> Self {

@@ -12,8 +12,10 @@
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::op::BackpropOp;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, DType, Layout, MetalStorage, Result, Shape, Storage, Tensor,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, MetalStorage, Result, Shape,
+    Storage, Tensor,
 };
+use std::sync::Mutex;
 
 /// A storage type of one candle backend.
 pub(crate) trait Backend: BackendStorage {
@@ -133,15 +135,36 @@ pub(crate) fn bridge3<S: Backend>(
 pub(crate) type AttachBwd = Box<dyn Fn(&Tensor, &Tensor) -> Result<Option<Tensor>> + Send + Sync>;
 
 /// Custom op whose forward copies a precomputed value and whose backward is a closure.
+/// The value is released once copied, so the graph does not hold it twice.
 struct Attach {
     name: &'static str,
-    value: Tensor,
+    value: Taken,
     bwd: AttachBwd,
 }
 
 impl Attach {
     fn fwd<S: Backend>(&self) -> Result<(S, Shape)> {
-        to_storage(&self.value)
+        self.value.copy_out()
+    }
+}
+
+/// A value that the forward of [`Attach`] / [`Attach3`] copies out exactly once.
+struct Taken(Mutex<Option<Tensor>>);
+
+impl Taken {
+    fn new(t: Tensor) -> Self {
+        Self(Mutex::new(Some(t)))
+    }
+
+    fn copy_out<S: Backend>(&self) -> Result<(S, Shape)> {
+        let value = match self.0.lock() {
+            Ok(mut guard) => guard.take(),
+            Err(_) => None,
+        };
+        match value {
+            Some(v) => to_storage(&v),
+            None => candle_core::bail!("attach: the forward of this op ran twice"),
+        }
     }
 }
 
@@ -174,5 +197,84 @@ pub(crate) fn attach(
     if !arg.track_op() {
         return Ok(value);
     }
+    let value = Taken::new(value);
     arg.apply_op1(Attach { name, value, bwd })
+}
+
+/// The gradient closure of [`attach3`]: `(args, grad_of_output) -> grads of the args`.
+pub(crate) type Attach3Bwd = Box<
+    dyn Fn([&Tensor; 3], &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>
+        + Send
+        + Sync,
+>;
+
+/// [`Attach`] with three arguments.
+struct Attach3 {
+    name: &'static str,
+    value: Taken,
+    bwd: Attach3Bwd,
+}
+
+impl CustomOp3 for Attach3 {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.value.copy_out()
+    }
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.value.copy_out()
+    }
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        self.value.copy_out()
+    }
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        a1: &Tensor,
+        a2: &Tensor,
+        a3: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        (self.bwd)([a1, a2, a3], grad)
+    }
+}
+
+/// [`attach`] for a value computed from three (detached) arguments.
+pub(crate) fn attach3(
+    args: [&Tensor; 3],
+    value: Tensor,
+    name: &'static str,
+    bwd: Attach3Bwd,
+) -> Result<Tensor> {
+    if !args.iter().any(|a| a.track_op()) {
+        return Ok(value);
+    }
+    let value = Taken::new(value);
+    args[0].apply_op3(args[1], args[2], Attach3 { name, value, bwd })
 }

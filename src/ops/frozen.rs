@@ -2,10 +2,12 @@
 //! detached inputs, the backward returns the input gradient only (no weight or bias
 //! gradient is ever computed, even when the weight is a `Var`).
 //!
-//! The conv input gradient is a plain conv2d of the output gradient with the kernel
-//! transposed (in ↔ out) and flipped spatially; for stride > 1 the gradient is first
-//! dilated with zeros. On the CPU this beats `conv_transpose2d`, which candle implements
-//! as a direct loop (see `examples/ops_bench.rs`).
+//! The conv input gradient, measured on the CPU (`examples/ops_bench.rs`): for stride 1 a
+//! plain conv2d of the output gradient with the kernel transposed (in ↔ out) and flipped
+//! spatially beats `conv_transpose2d`, which candle implements as a direct loop; for
+//! stride > 1 `conv_transpose2d` wins, since the conv2d would run over the zero-dilated
+//! gradient (s² times larger). Grouped strided convolutions use the dilated conv2d
+//! (candle's `conv_transpose2d` has no groups).
 
 use super::bridge::attach;
 use candle_core::{DType, Result, Tensor};
@@ -160,15 +162,15 @@ impl FrozenConv2d {
         };
         let (weight, cache) = (self.weight.clone(), self.grad_kernel.clone());
         let bwd = move |_: &Tensor, g: &Tensor| {
-            let k = match cache.get() {
-                Some(k) => k.clone(),
+            let kernel = || match cache.get() {
+                Some(k) => Ok(k.clone()),
                 None => {
                     let k = grad_kernel(&weight, p.groups)?;
                     let _ = cache.set(k.clone());
-                    k
+                    Ok(k)
                 }
             };
-            Ok(Some(input_grad_with_kernel(g, &k, &weight, (h, w), &p)?))
+            Ok(Some(input_grad(g, &weight, kernel, (h, w), &p)?))
         };
         attach(x, y, "lora-frozen-conv2d", Box::new(bwd))
     }
@@ -198,15 +200,21 @@ pub fn frozen_conv2d(
 /// transposed within each group and flipped in both spatial dimensions.
 fn grad_kernel(w: &Tensor, groups: usize) -> Result<Tensor> {
     let (o, ci, kh, kw) = w.dims4()?;
-    let w = w.contiguous()?.reshape((groups, o / groups, ci, kh * kw))?;
-    let w = if kh * kw > 1 {
-        let rev: Vec<u32> = (0..(kh * kw) as u32).rev().collect();
-        let rev = Tensor::from_vec(rev, kh * kw, w.device())?;
-        w.index_select(&rev, 3)?
+    let kk = kh * kw;
+    // [groups, out/g, in/g, kh*kw] -> [kh*kw, groups, in/g, out/g]: the spatial flip is
+    // then a reversal of whole contiguous blocks along dim 0.
+    let t = w
+        .contiguous()?
+        .reshape((groups, o / groups, ci, kk))?
+        .permute((3, 0, 2, 1))?
+        .contiguous()?;
+    let t = if kk > 1 {
+        let rev: Vec<u32> = (0..kk as u32).rev().collect();
+        t.index_select(&Tensor::from_vec(rev, kk, w.device())?, 0)?
     } else {
-        w
+        t
     };
-    w.transpose(1, 2)?
+    t.permute((1, 2, 3, 0))?
         .contiguous()?
         .reshape((groups * ci, o / groups, kh, kw))
 }
@@ -228,41 +236,80 @@ fn dilate(g: &Tensor, dim: usize, s: usize, len: usize) -> Result<Tensor> {
 }
 
 /// The gradient of `conv2d(x, w)` w.r.t. `x` (spatial size `input_hw`) for the output
-/// gradient `g`, as a conv2d with the transposed, flipped kernel.
+/// gradient `g`: for stride 1 (or groups > 1) a conv2d with the transposed, flipped kernel
+/// of the zero-dilated gradient; for stride > 1 and one group `conv_transpose2d`, which
+/// skips the zeros (both measured in `examples/ops_bench.rs`).
 pub fn conv2d_input_grad(
     g: &Tensor,
     w: &Tensor,
     input_hw: (usize, usize),
     params: &Conv2dParams,
 ) -> Result<Tensor> {
-    let k = grad_kernel(w, params.groups)?;
-    input_grad_with_kernel(g, &k, w, input_hw, params)
+    input_grad(g, w, || grad_kernel(w, params.groups), input_hw, params)
 }
 
-fn input_grad_with_kernel(
+/// [`conv2d_input_grad`] always as a conv2d with the transposed, flipped kernel (for
+/// stride > 1 on the zero-dilated gradient), whatever the geometry; for comparisons.
+pub fn conv2d_input_grad_flipped(
     g: &Tensor,
-    k: &Tensor,
     w: &Tensor,
+    input_hw: (usize, usize),
+    params: &Conv2dParams,
+) -> Result<Tensor> {
+    let k = grad_kernel(w, params.groups)?;
+    flipped_input_grad(g, w, &k, input_hw, params)
+}
+
+fn input_grad(
+    g: &Tensor,
+    w: &Tensor,
+    kernel: impl FnOnce() -> Result<Tensor>,
+    (h, wd): (usize, usize),
+    p: &Conv2dParams,
+) -> Result<Tensor> {
+    let (_, _, kh, kw) = w.dims4()?;
+    let s = p.stride;
+    if s > 1 && p.groups == 1 {
+        // The rows the forward's stride skipped at the end of each spatial dim.
+        let r = |inp: usize, kk: usize| (inp + 2 * p.padding - p.dilation * (kk - 1) - 1) % s;
+        let g = g.contiguous()?;
+        let (g32, w32) = if cpu_bf16(&g) {
+            (g.to_dtype(DType::F32)?, w.to_dtype(DType::F32)?)
+        } else {
+            (g.clone(), w.clone())
+        };
+        let out_pad = r(h, kh).max(r(wd, kw));
+        let gx = g32.conv_transpose2d(&w32, p.padding, out_pad, s, p.dilation)?;
+        return gx.narrow(2, 0, h)?.narrow(3, 0, wd)?.to_dtype(g.dtype());
+    }
+    flipped_input_grad(g, w, &kernel()?, (h, wd), p)
+}
+
+fn flipped_input_grad(
+    g: &Tensor,
+    w: &Tensor,
+    k: &Tensor,
     (h, wd): (usize, usize),
     p: &Conv2dParams,
 ) -> Result<Tensor> {
     let (_, _, kh, kw) = w.dims4()?;
     let (_, _, ho, wo) = g.dims4()?;
     let (s, d) = (p.stride, p.dilation);
-    // Per spatial dim: dilated length and the padding of the stride-1 convolution.
+    // Per spatial dim: the length of the zero-dilated gradient (with the `r` rows the
+    // forward's stride skipped at the end) and the padding of the stride-1 convolution.
     let geom = |inp: usize, out: usize, kk: usize| -> (usize, isize) {
-        let span = inp + 2 * p.padding - d * (kk - 1) - 1;
-        (
-            (out - 1) * s + 1 + span % s,
-            (d * (kk - 1)) as isize - p.padding as isize,
-        )
+        let r = (inp + 2 * p.padding - d * (kk - 1) - 1) % s;
+        let pad = (d * (kk - 1)) as isize - p.padding as isize;
+        ((out - 1) * s + 1 + r, pad)
     };
     let (lh, ph) = geom(h, ho, kh);
     let (lw, pw) = geom(wd, wo, kw);
-    let mut g = g.contiguous()?;
-    if s > 1 {
-        g = dilate(&dilate(&g, 2, s, lh)?, 3, s, lw)?;
-    }
+    let g = g.contiguous()?;
+    let mut g = if s > 1 {
+        dilate(&dilate(&g, 2, s, lh)?, 3, s, lw)?
+    } else {
+        g
+    };
     let cp = Conv2dParams {
         groups: p.groups,
         dilation: d,

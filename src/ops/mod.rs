@@ -1,10 +1,24 @@
-//! Numerical building blocks shared by every model.
+//! Numerical building blocks shared by every model, differentiable for training.
 //!
-//! Every model calls softmax / layer norm / group norm through this module only, so that
-//! the training ops (with hand-written backward passes) can replace the forward-only
-//! versions in one place.
+//! Every model calls softmax / layer norm / group norm through this module only. Each op
+//! has a fast forward and a hand-written backward (candle 0.11's `softmax_last_dim` and
+//! `layer_norm` have none, and its composed versions are 5–100× slower to differentiate):
+//!
+//! | op | forward | backward |
+//! |---|---|---|
+//! | [`softmax_last_dim`] | fused | `y · (g − Σ g·y)` |
+//! | [`layer_norm`], [`group_norm`] | fused, two-pass statistics | dx, dweight, dbias |
+//! | [`silu`], [`gelu_erf`] | fused | one-pass derivative |
+//! | [`upsample_nearest2d`] | fused copy | sum-pool of the gradient |
+//! | [`frozen_linear`], [`frozen_conv2d`], [`FrozenConv2d`] | candle matmul / conv2d | input gradient only |
+//!
+//! "Fused" kernels run on the CPU for f32 / f64 ([`Kernel::Auto`]); on CUDA / Metal (and
+//! with [`Kernel::Generic`]) the forward is candle's own kernel and the backward is written
+//! with candle tensor ops, so every op works on every device. A backward only computes the
+//! gradients of inputs that are part of the graph (frozen norm weights cost nothing).
 
 mod activation;
+mod attention;
 mod bridge;
 mod frozen;
 mod group_norm;
@@ -13,7 +27,11 @@ mod par;
 mod softmax;
 mod upsample;
 
-pub use frozen::{conv2d_input_grad, frozen_conv2d, frozen_linear, Conv2dParams, FrozenConv2d};
+pub use attention::{attention, attention_with};
+pub use frozen::{
+    conv2d_input_grad, conv2d_input_grad_flipped, frozen_conv2d, frozen_linear, Conv2dParams,
+    FrozenConv2d,
+};
 pub use upsample::upsample_nearest2d;
 
 use candle_core::{DType, Result, Tensor, D};
@@ -48,7 +66,8 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 pub fn softmax_last_dim_with(x: &Tensor, kernel: Kernel) -> Result<Tensor> {
     let dtype = x.dtype();
     let xc = x.to_dtype(compute_dtype(dtype))?.contiguous()?;
-    xc.apply_op1(softmax::Softmax { kernel })?.to_dtype(dtype)
+    xc.apply_op1(softmax::Softmax { kernel, scale: 1.0 })?
+        .to_dtype(dtype)
 }
 
 /// Layer norm over the last dimension with an affine weight and bias (PyTorch semantics),
@@ -105,11 +124,11 @@ pub fn group_norm_with(
     kernel: Kernel,
 ) -> Result<Tensor> {
     let dims = x.dims();
-    if dims.len() < 2 || dims.iter().any(|&d| d == 0) {
+    if dims.len() < 2 || dims.contains(&0) {
         candle_core::bail!("group_norm: input must be [N, C, ...] and non-empty, got {dims:?}");
     }
     let c = dims[1];
-    if num_groups == 0 || c % num_groups != 0 {
+    if num_groups == 0 || !c.is_multiple_of(num_groups) {
         candle_core::bail!("group_norm: {c} channels are not divisible by {num_groups} groups");
     }
     if weight.dims() != [c] || bias.dims() != [c] {
@@ -133,13 +152,17 @@ pub fn group_norm_with(
     xc.apply_op3(&w, &b, op)?.to_dtype(dtype)
 }
 
-/// SiLU `x · sigmoid(x)`, differentiable with a one-pass backward on the CPU.
+/// SiLU `x · sigmoid(x)`, differentiable with a one-pass backward on the CPU (outside a
+/// graph it is candle's own `silu`).
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     silu_with(x, Kernel::Auto)
 }
 
 /// [`silu`] with an explicit [`Kernel`] choice.
 pub fn silu_with(x: &Tensor, kernel: Kernel) -> Result<Tensor> {
+    if !x.track_op() {
+        return x.silu();
+    }
     let op = activation::Activation {
         act: activation::Act::Silu,
         kernel,
@@ -148,13 +171,16 @@ pub fn silu_with(x: &Tensor, kernel: Kernel) -> Result<Tensor> {
 }
 
 /// Exact GELU `x · Φ(x)` (PyTorch's default `approximate="none"`), differentiable with a
-/// one-pass backward on the CPU.
+/// one-pass backward on the CPU (outside a graph it is candle's own `gelu_erf`).
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     gelu_erf_with(x, Kernel::Auto)
 }
 
 /// [`gelu_erf`] with an explicit [`Kernel`] choice.
 pub fn gelu_erf_with(x: &Tensor, kernel: Kernel) -> Result<Tensor> {
+    if !x.track_op() {
+        return x.gelu_erf();
+    }
     let op = activation::Activation {
         act: activation::Act::GeluErf,
         kernel,

@@ -2,7 +2,7 @@
 //! on candle's own persistent worker pool (`candle_core::utils::barrier_pool`).
 
 use candle_core::{CpuStorage, Layout, Result, WithDType};
-use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
+use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub};
 
 /// The element types the fused CPU kernels are written for (f32 and f64).
 pub(crate) trait Real:
@@ -17,6 +17,8 @@ pub(crate) trait Real:
     + Div<Output = Self>
     + Neg<Output = Self>
     + AddAssign
+    + MulAssign
+    + Default
 {
     const ZERO: Self;
     const ONE: Self;
@@ -147,4 +149,60 @@ pub(crate) fn par_chunks<T: Send>(dst: &mut [T], chunk: usize, f: impl Fn(usize,
         // SAFETY: chunk i covers [start, start + l), disjoint for distinct i, inside dst.
         f(start, unsafe { ptr.slice(start, l) })
     });
+}
+
+/// Lanes of the reductions below: independent partial sums let the compiler vectorise
+/// (a single float accumulator is a serial dependency chain it may not reorder).
+const LANES: usize = 8;
+
+/// `Σ f(a_i, b_i)` over two equally long slices, accumulated in `Acc` with [`LANES`] lanes.
+#[inline(always)]
+pub(crate) fn reduce2<T: Copy, Acc: Copy + AddAssign + Default>(
+    a: &[T],
+    b: &[T],
+    f: impl Fn(T, T) -> Acc,
+) -> Acc {
+    let mut acc = [Acc::default(); LANES];
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for l in 0..LANES {
+            acc[l] += f(x[l], y[l]);
+        }
+    }
+    let mut total = Acc::default();
+    for (&x, &y) in ar.iter().zip(br) {
+        total += f(x, y);
+    }
+    for v in acc {
+        total += v;
+    }
+    total
+}
+
+/// `Σ f(a_i)`, accumulated in `Acc` with [`LANES`] lanes.
+#[inline(always)]
+pub(crate) fn reduce1<T: Copy, Acc: Copy + AddAssign + Default>(
+    a: &[T],
+    f: impl Fn(T) -> Acc,
+) -> Acc {
+    reduce2(a, a, |x, _| f(x))
+}
+
+/// The largest element of a non-empty slice, with [`LANES`] lanes.
+#[inline(always)]
+pub(crate) fn max_of<T: Real>(a: &[T]) -> T {
+    let mut m = [a[0]; LANES];
+    let chunks = a.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            m[l] = m[l].max(c[l]);
+        }
+    }
+    let mut out = rest.iter().fold(m[0], |x, &v| x.max(v));
+    for v in m {
+        out = out.max(v);
+    }
+    out
 }

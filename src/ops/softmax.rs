@@ -1,8 +1,8 @@
-//! Softmax over the last dimension with a hand-written backward
-//! `grad_in = y * (g - sum(g * y, -1))`.
+//! Softmax over the last dimension of `scale · x` with a hand-written backward
+//! `grad_in = scale · y * (g - sum(g * y, -1))` (the scale saves attention a full pass).
 
 use super::bridge::{bridge1, bridge2, Backend};
-use super::par::{contiguous_slice, par_rows, Real};
+use super::par::{contiguous_slice, max_of, par_rows, reduce1, reduce2, Real};
 use super::Kernel;
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -11,64 +11,80 @@ use candle_core::{
 };
 
 /// Forward with candle's kernels (any device, any float dtype).
-pub(crate) fn generic_fwd(x: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::softmax_last_dim(x)
+pub(crate) fn generic_fwd(x: &Tensor, scale: f64) -> Result<Tensor> {
+    if scale == 1.0 {
+        candle_nn::ops::softmax_last_dim(x)
+    } else {
+        candle_nn::ops::softmax_last_dim(&x.affine(scale, 0.0)?)
+    }
 }
 
-/// Backward with tensor ops (any device): `y * (g - sum(g * y, -1))`.
-pub(crate) fn generic_bwd(y: &Tensor, g: &Tensor) -> Result<Tensor> {
+/// Backward with tensor ops (any device): `scale · y * (g - sum(g * y, -1))`.
+pub(crate) fn generic_bwd(y: &Tensor, g: &Tensor, scale: f64) -> Result<Tensor> {
     let s = (g * y)?.sum_keepdim(D::Minus1)?;
-    g.broadcast_sub(&s)?.mul(y)
+    let d = g.broadcast_sub(&s)?.mul(y)?;
+    if scale == 1.0 {
+        Ok(d)
+    } else {
+        d.affine(scale, 0.0)
+    }
 }
 
-fn fwd_kernel<T: Real>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+fn fwd_kernel<T: Real>(s: &CpuStorage, l: &Layout, scale: f64) -> Result<(CpuStorage, Shape)> {
     let src = contiguous_slice::<T>(s, l, "softmax")?;
     let n = l.dims().last().copied().unwrap_or(1);
     let mut dst = vec![T::ZERO; src.len()];
+    let sc = T::from_f64(scale);
     par_rows(&mut dst, n, |i, d| {
         let x = &src[i * n..(i + 1) * n];
-        let max = x[1..].iter().fold(x[0], |m, &v| Real::max(m, v));
+        // max(sc · x) = sc · max(x) for sc ≥ 0; sc · x is exact for sc = 1.
+        let max = if scale >= 0.0 {
+            max_of(x) * sc
+        } else {
+            x[1..].iter().fold(x[0] * sc, |m, &v| m.max(v * sc))
+        };
         for (d, &v) in d.iter_mut().zip(x) {
-            *d = (v - max).exp();
+            *d = (v * sc - max).exp();
         }
-        let mut sum = T::ZERO;
-        for &e in d.iter() {
-            sum += e;
-        }
+        let sum = reduce1(d, |e| e);
         let inv = T::ONE / sum;
         for d in d.iter_mut() {
-            *d = *d * inv;
+            *d *= inv;
         }
     });
     Ok((T::to_cpu_storage_owned(dst), l.shape().clone()))
 }
 
 fn bwd_kernel<T: Real>(
-    ys: &CpuStorage,
-    yl: &Layout,
-    gs: &CpuStorage,
-    gl: &Layout,
+    (ys, yl): (&CpuStorage, &Layout),
+    (gs, gl): (&CpuStorage, &Layout),
+    scale: f64,
 ) -> Result<(CpuStorage, Shape)> {
     let y = contiguous_slice::<T>(ys, yl, "softmax backward")?;
     let g = contiguous_slice::<T>(gs, gl, "softmax backward")?;
     let n = yl.dims().last().copied().unwrap_or(1);
     let mut dst = vec![T::ZERO; y.len()];
+    let sc = T::from_f64(scale);
     par_rows(&mut dst, n, |i, d| {
         let (y, g) = (&y[i * n..(i + 1) * n], &g[i * n..(i + 1) * n]);
-        let mut s = T::ZERO;
-        for (&a, &b) in y.iter().zip(g) {
-            s += a * b;
-        }
-        for ((d, &a), &b) in d.iter_mut().zip(y).zip(g) {
-            *d = a * (b - s);
+        let s = reduce2(y, g, |a, b| a * b);
+        if scale == 1.0 {
+            for ((d, &a), &b) in d.iter_mut().zip(y).zip(g) {
+                *d = a * (b - s);
+            }
+        } else {
+            for ((d, &a), &b) in d.iter_mut().zip(y).zip(g) {
+                *d = sc * a * (b - s);
+            }
         }
     });
     Ok((T::to_cpu_storage_owned(dst), yl.shape().clone()))
 }
 
-/// The differentiable softmax op.
+/// The differentiable softmax op: `softmax(scale · x)` over the last dimension.
 pub(crate) struct Softmax {
     pub(crate) kernel: Kernel,
+    pub(crate) scale: f64,
 }
 
 impl CustomOp1 for Softmax {
@@ -77,37 +93,43 @@ impl CustomOp1 for Softmax {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         match (self.kernel, s.dtype()) {
-            (Kernel::Auto, DType::F32) if l.is_contiguous() => fwd_kernel::<f32>(s, l),
-            (Kernel::Auto, DType::F64) if l.is_contiguous() => fwd_kernel::<f64>(s, l),
-            _ => bridge1(s, l, generic_fwd),
+            (Kernel::Auto, DType::F32) if l.is_contiguous() => fwd_kernel::<f32>(s, l, self.scale),
+            (Kernel::Auto, DType::F64) if l.is_contiguous() => fwd_kernel::<f64>(s, l, self.scale),
+            _ => bridge1(s, l, |x| generic_fwd(x, self.scale)),
         }
     }
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        bridge1(s, l, generic_fwd)
+        bridge1(s, l, |x| generic_fwd(x, self.scale))
     }
     fn metal_fwd(&self, s: &MetalStorage, l: &Layout) -> Result<(MetalStorage, Shape)> {
-        bridge1(s, l, generic_fwd)
+        bridge1(s, l, |x| generic_fwd(x, self.scale))
     }
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let fused = self.kernel == Kernel::Auto
-            && y.device().is_cpu()
-            && matches!(y.dtype(), DType::F32 | DType::F64);
-        let dx = if fused {
-            y.contiguous()?
-                .apply_op2_no_bwd(&g.to_dtype(y.dtype())?.contiguous()?, &SoftmaxBwd)?
-        } else {
-            generic_bwd(y, g)?
-        };
-        Ok(Some(dx))
+        Ok(Some(backward(y, g, self.scale, self.kernel)?))
+    }
+}
+
+/// The gradient w.r.t. `x` of `y = softmax(scale · x)` for the output gradient `g`.
+pub(crate) fn backward(y: &Tensor, g: &Tensor, scale: f64, kernel: Kernel) -> Result<Tensor> {
+    let fused = kernel == Kernel::Auto
+        && y.device().is_cpu()
+        && matches!(y.dtype(), DType::F32 | DType::F64);
+    if fused {
+        let g = g.to_dtype(y.dtype())?.contiguous()?;
+        y.contiguous()?.apply_op2_no_bwd(&g, &SoftmaxBwd { scale })
+    } else {
+        generic_bwd(y, g, scale)
     }
 }
 
 /// The fused backward (CPU kernel; other devices run [`generic_bwd`]).
-struct SoftmaxBwd;
+struct SoftmaxBwd {
+    scale: f64,
+}
 
 impl SoftmaxBwd {
     fn any<S: Backend>(&self, a: (&S, &Layout), b: (&S, &Layout)) -> Result<(S, Shape)> {
-        bridge2(a, b, generic_bwd)
+        bridge2(a, b, |y, g| generic_bwd(y, g, self.scale))
     }
 }
 
@@ -123,8 +145,8 @@ impl CustomOp2 for SoftmaxBwd {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         match s1.dtype() {
-            DType::F32 => bwd_kernel::<f32>(s1, l1, s2, l2),
-            DType::F64 => bwd_kernel::<f64>(s1, l1, s2, l2),
+            DType::F32 => bwd_kernel::<f32>((s1, l1), (s2, l2), self.scale),
+            DType::F64 => bwd_kernel::<f64>((s1, l1), (s2, l2), self.scale),
             _ => self.any((s1, l1), (s2, l2)),
         }
     }

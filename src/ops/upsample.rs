@@ -84,11 +84,12 @@ impl CustomOp1 for UpsampleNearest {
 }
 
 /// Nearest-neighbour upsampling of `x` `[N, C, H, W]` to `[N, C, target_h, target_w]`.
-/// Integer factors are differentiable (sum-pool backward); other sizes fall back to
-/// candle's op, which has no backward for them.
+/// Integer factors are differentiable (sum-pool backward); outside a graph, and for other
+/// sizes (which have no backward), it is candle's own op.
 pub fn upsample_nearest2d(x: &Tensor, target_h: usize, target_w: usize) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
-    if h == 0 || w == 0 || target_h % h != 0 || target_w % w != 0 {
+    let integer = h > 0 && w > 0 && target_h.is_multiple_of(h) && target_w.is_multiple_of(w);
+    if !integer || !x.track_op() {
         return x.upsample_nearest2d(target_h, target_w);
     }
     let op = UpsampleNearest {

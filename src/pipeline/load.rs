@@ -4,7 +4,9 @@ use crate::hub::ModelSource;
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::lora::LoraSet;
 use crate::models::weights::ModelWeights;
+use super::lora::fuse_into_weights;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use std::path::PathBuf;
@@ -94,10 +96,12 @@ fn build<M>(
     component: &str,
     dtype: DType,
     device: &Device,
+    fuse: &[(LoraSet, f64)],
     build: impl FnOnce(candle_nn::VarBuilder<'static>) -> candle_core::Result<M>,
 ) -> anyhow::Result<M> {
     let files = source.component_weights(component)?;
     let weights = ModelWeights::from_files(component, &files)?;
+    let weights = fuse_into_weights(&weights, component, fuse)?;
     let model = build(weights.var_builder(dtype, device)).map_err(|e| {
         anyhow::anyhow!("cannot build {component} of {}: {e}", source.describe())
     })?;
@@ -110,22 +114,28 @@ pub fn unet(
     source: &ModelSource,
     dtype: DType,
     device: &Device,
+    fuse: &[(LoraSet, f64)],
 ) -> anyhow::Result<(UNet2DConditionModel, UNet2DConditionConfig)> {
     let cfg = load_component_config(source, "unet", |p| UNet2DConditionConfig::from_file(p))?;
-    let unet = build(source, "unet", dtype, device, |vb| UNet2DConditionModel::new(vb, &cfg))?;
+    let unet = build(source, "unet", dtype, device, fuse, |vb| UNet2DConditionModel::new(vb, &cfg))?;
     Ok((unet, cfg))
 }
 
 /// The text encoder of `source`.
-pub fn text_encoder(source: &ModelSource, dtype: DType, device: &Device) -> anyhow::Result<ClipTextModel> {
+pub fn text_encoder(
+    source: &ModelSource,
+    dtype: DType,
+    device: &Device,
+    fuse: &[(LoraSet, f64)],
+) -> anyhow::Result<ClipTextModel> {
     let cfg = load_component_config(source, "text_encoder", |p| ClipTextConfig::from_file(p))?;
-    build(source, "text_encoder", dtype, device, |vb| ClipTextModel::new(vb, &cfg))
+    build(source, "text_encoder", dtype, device, fuse, |vb| ClipTextModel::new(vb, &cfg))
 }
 
 /// The VAE of `source`.
 pub fn vae(source: &ModelSource, dtype: DType, device: &Device) -> anyhow::Result<AutoencoderKL> {
     let cfg = load_component_config(source, "vae", |p| AutoencoderKLConfig::from_file(p))?;
-    build(source, "vae", dtype, device, |vb| AutoencoderKL::new(vb, &cfg))
+    build(source, "vae", dtype, device, &[], |vb| AutoencoderKL::new(vb, &cfg))
 }
 
 /// The tokenizer folder of `source` (tokenizer.json, or vocab.json + merges.txt).

@@ -1,7 +1,9 @@
 //! Text-to-image: the Stable Diffusion pipeline as diffusers' `StableDiffusionPipeline` runs it.
 
-mod load;
 pub mod image_io;
+pub mod grid;
+mod load;
+pub mod lora;
 
 pub use load::{load_component_config, ModelIndex};
 
@@ -88,12 +90,22 @@ impl Default for GenerateParams {
 impl StableDiffusion {
     /// Loads every component of a diffusers model in `dtype` on `device`.
     pub fn load(source: &ModelSource, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+        Self::load_fused(source, dtype, device, &[])
+    }
+
+    /// Loads a model with LoRAs fused into its UNet and text-encoder weights (W + scale·ΔW).
+    pub fn load_fused(
+        source: &ModelSource,
+        dtype: DType,
+        device: &Device,
+        fuse: &[(crate::lora::LoraSet, f64)],
+    ) -> anyhow::Result<Self> {
         let index = ModelIndex::read(source)?;
         index.check_supported(source)?;
         let tokenizer_dir = load::tokenizer_dir(source)?;
         let tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
-        let text_encoder = load::text_encoder(source, dtype, device)?;
-        let (unet, unet_config) = load::unet(source, dtype, device)?;
+        let text_encoder = load::text_encoder(source, dtype, device, fuse)?;
+        let (unet, unet_config) = load::unet(source, dtype, device, fuse)?;
         let vae = load::vae(source, dtype, device)?;
         let path = source.require("scheduler/scheduler_config.json")?;
         let scheduler_config = SchedulerConfig::from_file(&path)?;

@@ -66,7 +66,7 @@ impl Upsample2D {
     pub fn forward(&self, x: &Tensor, output_size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (th, tw) = output_size.unwrap_or((2 * h, 2 * w));
-        let x = x.upsample_nearest2d(th, tw)?;
+        let x = crate::ops::upsample_nearest2d(x, th, tw)?;
         self.conv.forward(&x)
     }
 }

@@ -140,6 +140,11 @@ impl DownBlock {
         &self.attentions
     }
 
+    /// `downsamplers.0`, if the block has one.
+    pub fn downsampler(&self) -> Option<&Downsample2D> {
+        self.downsampler.as_ref()
+    }
+
     /// Runs the block; returns the output and the skip tensors it adds (one per resnet, plus the
     /// downsampled output).
     pub fn forward(
@@ -192,6 +197,16 @@ impl MidBlock {
             resnets,
             attentions,
         })
+    }
+
+    /// The resnets (`resnets.0` before the attention, then one after each).
+    pub fn resnets(&self) -> &[ResnetBlock2D] {
+        &self.resnets
+    }
+
+    /// The transformers.
+    pub fn attentions(&self) -> &[Transformer2DModel] {
+        &self.attentions
     }
 
     /// Runs the block.
@@ -269,6 +284,11 @@ impl UpBlock {
     /// The transformers (empty for `UpBlock2D`).
     pub fn attentions(&self) -> &[Transformer2DModel] {
         &self.attentions
+    }
+
+    /// `upsamplers.0`, if the block has one.
+    pub fn upsampler(&self) -> Option<&Upsample2D> {
+        self.upsampler.as_ref()
     }
 
     /// Runs the block; `skips` are consumed from the end (last pushed first), one per resnet.

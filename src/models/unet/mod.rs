@@ -147,6 +147,21 @@ impl UNet2DConditionModel {
         })
     }
 
+    /// The input convolution `conv_in`.
+    pub fn conv_in(&self) -> &Conv2d {
+        &self.conv_in
+    }
+
+    /// The timestep MLP `time_embedding`.
+    pub fn time_embedding(&self) -> &TimestepEmbedding {
+        &self.time_embedding
+    }
+
+    /// The output convolution `conv_out`.
+    pub fn conv_out(&self) -> &Conv2d {
+        &self.conv_out
+    }
+
     /// The down blocks.
     pub fn down_blocks(&self) -> &[DownBlock] {
         &self.down_blocks

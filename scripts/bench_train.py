@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""PyTorch reference for `lora bench train`: forward, LoRA step and full step (ms) and peak RSS.
+
+Workloads (fp32 CPU, random weights, batch 1), the same as the Rust benchmark:
+  block: one SD-1.5 down-block slice, diffusers ResnetBlock2D (320 ch, 1280 time embedding,
+         eps 1e-5) then Transformer2DModel (8 heads x 40, 1 layer, context 77x768, conv
+         proj_in/out) on a 32x32 latent;
+  unet:  the SD 1.5 UNet on a 32x32 latent (256x256 image), context 77x768, timestep 500.
+"LoRA step": PEFT LoRA rank 4, alpha 4 on to_q, to_k, to_v, to_out.0 (everything else frozen),
+MSE loss to a random target, backward, AdamW on the LoRA parameters. "Full step": every
+weight trained with AdamW. Forward runs under torch.no_grad. Attention uses diffusers' default
+processor (scaled_dot_product_attention); --plain-attention switches to AttnProcessor.
+
+Prints one JSON line: {"forward_ms", "lora_step_ms", "full_step_ms", "lora_peak_rss_mb",
+"peak_rss_mb", "lora_params", "full_params", "torch", "threads"}. Peak RSS is the process's
+(ru_maxrss), so run one workload per process.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from diffusers.models.resnet import ResnetBlock2D
+        from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+        self.resnet = ResnetBlock2D(in_channels=320, out_channels=320, temb_channels=1280, groups=32, eps=1e-5)
+        self.attn = Transformer2DModel(
+            num_attention_heads=8,
+            attention_head_dim=40,
+            in_channels=320,
+            num_layers=1,
+            cross_attention_dim=768,
+            norm_num_groups=32,
+            use_linear_projection=False,
+        )
+
+    def forward(self, x, temb, ctx):
+        return self.attn(self.resnet(x, temb), encoder_hidden_states=ctx).sample
+
+
+def build(workload):
+    torch.manual_seed(0)
+    if workload == "block":
+        model = Block()
+        inputs = (torch.randn(1, 320, 32, 32), torch.randn(1, 1280), torch.randn(1, 77, 768))
+        run = lambda m: m(*inputs)  # noqa: E731
+    else:
+        from diffusers import UNet2DConditionModel
+        from real_configs import SD15_UNET
+
+        model = UNet2DConditionModel.from_config(SD15_UNET)
+        x, ctx, t = torch.randn(1, 4, 32, 32), torch.randn(1, 77, 768), torch.tensor(500)
+        run = lambda m: m(x, t, ctx).sample  # noqa: E731
+    return model, run
+
+
+def set_plain_attention(model):
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    for mod in model.modules():
+        if isinstance(mod, Attention):
+            mod.set_processor(AttnProcessor())
+
+
+def timed(warmup, runs, fn):
+    times = []
+    for i in range(warmup + runs):
+        start = time.perf_counter()
+        fn()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", choices=["block", "unet"], default="block")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=None, help="default: 2 (block), 1 (unet)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--plain-attention", action="store_true")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warmup = args.warmup if args.warmup is not None else (2 if args.workload == "block" else 1)
+    from peft import LoraConfig, inject_adapter_in_model
+
+    res = {}
+    model, run = build(args.workload)
+    if args.plain_attention:
+        set_plain_attention(model)
+    model.eval()
+    with torch.no_grad():
+        res["forward_ms"] = timed(warmup, args.runs, lambda: run(model))
+        target = torch.randn_like(run(model))
+
+    # LoRA: PEFT adapters on the attention projections, everything else frozen.
+    cfg = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    model = inject_adapter_in_model(cfg, model)
+    for n, prm in model.named_parameters():
+        prm.requires_grad_("lora_" in n)
+    params = [prm for prm in model.parameters() if prm.requires_grad]
+    res["lora_params"] = sum(prm.numel() for prm in params)
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+
+    def step(m, o):
+        loss = torch.nn.functional.mse_loss(run(m), target)
+        loss.backward()
+        o.step()
+        o.zero_grad(set_to_none=True)
+
+    res["lora_step_ms"] = timed(warmup, args.runs, lambda: step(model, opt))
+    res["lora_peak_rss_mb"] = peak_rss_mb()
+    del model, opt, params
+
+    model, run = build(args.workload)
+    if args.plain_attention:
+        set_plain_attention(model)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=1e-2)
+    res["full_params"] = sum(prm.numel() for prm in model.parameters())
+    res["full_step_ms"] = timed(warmup, args.runs, lambda: step(model, opt))
+    res["peak_rss_mb"] = peak_rss_mb()
+    res = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in res.items()}
+    res["torch"] = torch.__version__
+    res["threads"] = torch.get_num_threads()
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

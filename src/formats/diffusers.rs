@@ -1,0 +1,67 @@
+//! diffusers LoRA files (`pytorch_lora_weights.safetensors`).
+//!
+//! Read: `unet.<path>.lora.down.weight` / `.lora.up.weight`, `text_encoder.<path>.lora_linear_layer.…`,
+//! PEFT names behind the component prefix (`unet.<path>.lora_A.weight`), and the attention-processor
+//! names of diffusers < 0.15 (`[unet.]….attn1.processor.to_q_lora.down.weight`,
+//! `text_encoder.….self_attn.to_q_lora.down.weight`). alpha: per-layer `.alpha` keys, else the
+//! `lora_adapter_metadata` JSON (`unet.lora_alpha`, `unet.alpha_pattern`, …), else scale 1.
+//! Written as the diffusers training scripts save (UNet `lora.down/up`, text encoder
+//! `lora_linear_layer.down/up`) with `lora_adapter_metadata` carrying r, lora_alpha, the
+//! targeted module paths and per-layer rank/alpha patterns, so diffusers loads the scale.
+
+use super::keymap::{format_key, Component, KeyIndex, Part, DIFFUSERS};
+use super::peft::{alpha_from_scales, config_json, scales_from_metadata, METADATA_KEY};
+use super::{
+    carried_metadata, finish, gather, Architecture, Cast, Encoded, Format, LoraFile, LoraFormat,
+    ReadContext,
+};
+use crate::lora::LoraSet;
+use anyhow::Context;
+use serde_json::{Map, Value};
+
+/// The diffusers format.
+pub struct Diffusers;
+
+impl LoraFormat for Diffusers {
+    fn format(&self) -> Format {
+        Format::Diffusers
+    }
+
+    fn read(&self, file: &LoraFile, _ctx: &ReadContext) -> anyhow::Result<LoraSet> {
+        let raw = gather(file, &DIFFUSERS, &KeyIndex::default(), |_| false)?;
+        let scales = scales_from_metadata(&file.metadata)?;
+        let layers = finish(file, raw, |layer, r| {
+            Ok(alpha_from_scales(&scales, layer, r))
+        })?;
+        Ok(LoraSet {
+            layers,
+            metadata: file.metadata.clone(),
+        })
+    }
+
+    fn encode(&self, set: &LoraSet, _arch: Option<&Architecture>) -> anyhow::Result<Encoded> {
+        let mut enc = Encoded {
+            metadata: carried_metadata(set),
+            ..Default::default()
+        };
+        let mut meta = Map::new();
+        for c in Component::ALL {
+            if let Some(cfg) = config_json(set, c) {
+                for (k, v) in cfg {
+                    meta.insert(format!("{}.{k}", c.name()), v);
+                }
+            }
+        }
+        enc.metadata
+            .insert(METADATA_KEY.into(), Value::Object(meta).to_string());
+        enc.metadata.insert("format".into(), "pt".into());
+        for (layer, w) in &set.layers {
+            for (part, t) in [(Part::Down, &w.down), (Part::Up, &w.up)] {
+                let key = format_key(&DIFFUSERS, layer, part, None)
+                    .with_context(|| format!("cannot name {layer} in diffusers keys"))?;
+                enc.tensors.push((key, t.clone(), Cast::Weight));
+            }
+        }
+        Ok(enc)
+    }
+}

@@ -1,0 +1,419 @@
+//! The one table-driven mapping between file keys and our module paths, for every format.
+//!
+//! A key is `<prefix><path><suffix>`: the prefix names the component (or leaves it to the
+//! path: `text_model.…` is the text encoder), the suffix names the tensor (down, up, alpha) and
+//! may carry a legacy tail (`….processor.to_q_lora.down.weight` is the down factor of
+//! `….to_q`), and the path is spelled with dots (diffusers, PEFT, ours), with underscores
+//! (kohya: resolved against the known module paths of an [`Architecture`], never by guessing
+//! which underscores were dots) or as an index into the module-traversal order (cloneofsimo).
+//! Each format is one [`KeyScheme`] row set below; [`parse_key`] and [`format_key`] serve them all.
+
+use super::arch::{traversal_key, Architecture};
+use std::collections::{BTreeMap, HashMap};
+
+/// The model component a layer belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Component {
+    /// The denoising UNet (`unet.`).
+    Unet,
+    /// The CLIP text encoder (`text_encoder.`).
+    TextEncoder,
+}
+
+impl Component {
+    /// Both components, UNet first.
+    pub const ALL: [Component; 2] = [Component::Unet, Component::TextEncoder];
+
+    /// The prefix of our layer keys (`unet`, `text_encoder`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Component::Unet => "unet",
+            Component::TextEncoder => "text_encoder",
+        }
+    }
+
+    /// The component of a component-prefixed layer key.
+    pub fn of_layer(layer: &str) -> Option<(Component, &str)> {
+        Self::ALL.into_iter().find_map(|c| {
+            layer
+                .strip_prefix(c.name())
+                .and_then(|r| r.strip_prefix('.'))
+                .map(|p| (c, p))
+        })
+    }
+
+    /// The component a bare module path belongs to (`text_model.…` is the text encoder).
+    fn infer(path: &str) -> Component {
+        if path.starts_with("text_model.") {
+            Component::TextEncoder
+        } else {
+            Component::Unet
+        }
+    }
+}
+
+/// Which tensor of a layer a key holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The down factor (PEFT `lora_A`), applied first.
+    Down,
+    /// The up factor (PEFT `lora_B`).
+    Up,
+    /// The 0-d alpha.
+    Alpha,
+}
+
+/// How a format spells the module path between prefix and suffix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathStyle {
+    /// `down_blocks.0.attentions.0…` as in the state dict.
+    Dotted,
+    /// Dots replaced by underscores (kohya).
+    Underscored,
+    /// A decimal index into the module-traversal order (cloneofsimo).
+    Indexed,
+}
+
+/// One suffix of a scheme.
+#[derive(Debug)]
+pub struct Suffix {
+    /// The key's ending.
+    pub file: &'static str,
+    /// The tensor it holds.
+    pub part: Part,
+    /// Legacy names: what to append to the path for each component (empty: nothing, any
+    /// component).
+    pub tails: &'static [(Component, &'static str)],
+    /// Components this suffix is written for (first match per part wins).
+    pub write: &'static [Component],
+}
+
+/// A format's key naming: prefixes, path style, suffixes.
+#[derive(Debug)]
+pub struct KeyScheme {
+    /// What the keys are called in messages.
+    pub name: &'static str,
+    /// Key prefixes with the component they name (`None`: inferred from the path), tried in
+    /// order; writing uses the first one naming the component.
+    pub prefixes: &'static [(&'static str, Option<Component>)],
+    /// How the path is spelled.
+    pub style: PathStyle,
+    /// Suffixes, tried in order (longer ones first).
+    pub suffixes: &'static [Suffix],
+}
+
+const BOTH: &[Component] = &[Component::Unet, Component::TextEncoder];
+const NONE: &[Component] = &[];
+const U: Component = Component::Unet;
+const T: Component = Component::TextEncoder;
+
+const fn sfx(file: &'static str, part: Part, write: &'static [Component]) -> Suffix {
+    Suffix {
+        file,
+        part,
+        tails: &[],
+        write,
+    }
+}
+
+const fn legacy(
+    file: &'static str,
+    part: Part,
+    tails: &'static [(Component, &'static str)],
+) -> Suffix {
+    Suffix {
+        file,
+        part,
+        tails,
+        write: NONE,
+    }
+}
+
+const KOHYA_SUFFIXES: &[Suffix] = &[
+    sfx(".lora_down.weight", Part::Down, BOTH),
+    sfx(".lora_up.weight", Part::Up, BOTH),
+    sfx(".alpha", Part::Alpha, BOTH),
+];
+
+/// Our own format: `unet.<path>.lora_down.weight`, `.lora_up.weight`, `.alpha`.
+pub const OURS: KeyScheme = KeyScheme {
+    name: "our-format",
+    prefixes: &[("unet.", Some(U)), ("text_encoder.", Some(T))],
+    style: PathStyle::Dotted,
+    suffixes: KOHYA_SUFFIXES,
+};
+
+/// kohya-ss / A1111: `lora_unet_<path_with_underscores>.lora_down.weight`, `lora_te_…`.
+pub const KOHYA: KeyScheme = KeyScheme {
+    name: "kohya",
+    prefixes: &[
+        ("lora_unet_", Some(U)),
+        ("lora_te_", Some(T)),
+        ("lora_te1_", Some(T)),
+    ],
+    style: PathStyle::Underscored,
+    suffixes: KOHYA_SUFFIXES,
+};
+
+/// diffusers: `unet.<path>.lora.down.weight`, `text_encoder.<path>.lora_linear_layer.down.weight`,
+/// PEFT names behind the component prefix, and the attention-processor names of diffusers < 0.15
+/// (with or without the `unet.` prefix).
+pub const DIFFUSERS: KeyScheme = KeyScheme {
+    name: "diffusers",
+    prefixes: &[("unet.", Some(U)), ("text_encoder.", Some(T)), ("", None)],
+    style: PathStyle::Dotted,
+    suffixes: &[
+        sfx(".lora.down.weight", Part::Down, &[U]),
+        sfx(".lora.up.weight", Part::Up, &[U]),
+        sfx(".lora_linear_layer.down.weight", Part::Down, &[T]),
+        sfx(".lora_linear_layer.up.weight", Part::Up, &[T]),
+        sfx(".lora_A.weight", Part::Down, NONE),
+        sfx(".lora_B.weight", Part::Up, NONE),
+        legacy(
+            ".processor.to_q_lora.down.weight",
+            Part::Down,
+            &[(U, ".to_q")],
+        ),
+        legacy(".processor.to_q_lora.up.weight", Part::Up, &[(U, ".to_q")]),
+        legacy(
+            ".processor.to_k_lora.down.weight",
+            Part::Down,
+            &[(U, ".to_k")],
+        ),
+        legacy(".processor.to_k_lora.up.weight", Part::Up, &[(U, ".to_k")]),
+        legacy(
+            ".processor.to_v_lora.down.weight",
+            Part::Down,
+            &[(U, ".to_v")],
+        ),
+        legacy(".processor.to_v_lora.up.weight", Part::Up, &[(U, ".to_v")]),
+        legacy(
+            ".processor.to_out_lora.down.weight",
+            Part::Down,
+            &[(U, ".to_out.0")],
+        ),
+        legacy(
+            ".processor.to_out_lora.up.weight",
+            Part::Up,
+            &[(U, ".to_out.0")],
+        ),
+        legacy(
+            ".to_q_lora.down.weight",
+            Part::Down,
+            &[(U, ".to_q"), (T, ".q_proj")],
+        ),
+        legacy(
+            ".to_q_lora.up.weight",
+            Part::Up,
+            &[(U, ".to_q"), (T, ".q_proj")],
+        ),
+        legacy(
+            ".to_k_lora.down.weight",
+            Part::Down,
+            &[(U, ".to_k"), (T, ".k_proj")],
+        ),
+        legacy(
+            ".to_k_lora.up.weight",
+            Part::Up,
+            &[(U, ".to_k"), (T, ".k_proj")],
+        ),
+        legacy(
+            ".to_v_lora.down.weight",
+            Part::Down,
+            &[(U, ".to_v"), (T, ".v_proj")],
+        ),
+        legacy(
+            ".to_v_lora.up.weight",
+            Part::Up,
+            &[(U, ".to_v"), (T, ".v_proj")],
+        ),
+        legacy(
+            ".to_out_lora.down.weight",
+            Part::Down,
+            &[(U, ".to_out.0"), (T, ".out_proj")],
+        ),
+        legacy(
+            ".to_out_lora.up.weight",
+            Part::Up,
+            &[(U, ".to_out.0"), (T, ".out_proj")],
+        ),
+        sfx(".alpha", Part::Alpha, BOTH),
+    ],
+};
+
+/// Raw PEFT: `[base_model.model.]<path>.lora_A.weight` / `.lora_B.weight`; the component comes
+/// from the path.
+pub const PEFT: KeyScheme = KeyScheme {
+    name: "PEFT",
+    prefixes: &[("base_model.model.", None), ("", None)],
+    style: PathStyle::Dotted,
+    suffixes: &[
+        sfx(".lora_A.weight", Part::Down, BOTH),
+        sfx(".lora_B.weight", Part::Up, BOTH),
+    ],
+};
+
+/// cloneofsimo/lora safetensors: `unet:<i>:up`, `unet:<i>:down`, `text_encoder:<i>:…`.
+pub const CLONEOFSIMO: KeyScheme = KeyScheme {
+    name: "cloneofsimo",
+    prefixes: &[("unet:", Some(U)), ("text_encoder:", Some(T))],
+    style: PathStyle::Indexed,
+    suffixes: &[sfx(":up", Part::Up, BOTH), sfx(":down", Part::Down, BOTH)],
+};
+
+/// What a path spelled without dots or by index resolves to.
+#[derive(Debug, Default)]
+pub struct KeyIndex {
+    underscored: HashMap<(Component, String), Vec<String>>,
+    ordered: BTreeMap<Component, Vec<String>>,
+}
+
+impl KeyIndex {
+    /// Underscored spellings of every layer of `archs` (for kohya).
+    pub fn underscored(archs: &[&Architecture]) -> Self {
+        let mut underscored: HashMap<(Component, String), Vec<String>> = HashMap::new();
+        for arch in archs {
+            for layer in arch.layers().keys() {
+                if let Some((c, path)) = Component::of_layer(layer) {
+                    let paths = underscored.entry((c, path.replace('.', "_"))).or_default();
+                    if !paths.iter().any(|p| p == path) {
+                        paths.push(path.to_string());
+                    }
+                }
+            }
+        }
+        Self {
+            underscored,
+            ordered: BTreeMap::new(),
+        }
+    }
+
+    /// Component-prefixed layer keys in file order, per component (for cloneofsimo).
+    pub fn ordered(ordered: BTreeMap<Component, Vec<String>>) -> Self {
+        Self {
+            underscored: HashMap::new(),
+            ordered,
+        }
+    }
+
+    /// Underscored spellings that several module paths share (none for SD 1/2).
+    pub fn ambiguous(&self) -> Vec<(String, Vec<String>)> {
+        self.underscored
+            .iter()
+            .filter(|(_, v)| v.len() > 1)
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+/// A key resolved to our naming.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedKey {
+    /// Component-prefixed module path (a key of `LoraSet::layers`).
+    pub layer: String,
+    /// The tensor the key holds.
+    pub part: Part,
+}
+
+/// Resolves `key` under `scheme`; `None` when it matches no row (or names no known module).
+pub fn parse_key(scheme: &KeyScheme, key: &str, index: &KeyIndex) -> Option<ParsedKey> {
+    for (prefix, comp) in scheme.prefixes {
+        let Some(rest) = key.strip_prefix(prefix) else {
+            continue;
+        };
+        for s in scheme.suffixes {
+            let Some(body) = rest.strip_suffix(s.file) else {
+                continue;
+            };
+            if body.is_empty() {
+                continue;
+            }
+            let component = comp.unwrap_or_else(|| Component::infer(body));
+            let tail = if s.tails.is_empty() {
+                ""
+            } else {
+                match s.tails.iter().find(|(c, _)| *c == component) {
+                    Some((_, t)) => t,
+                    None => continue,
+                }
+            };
+            let path = match scheme.style {
+                PathStyle::Dotted => format!("{body}{tail}"),
+                PathStyle::Underscored => {
+                    match index.underscored.get(&(component, body.to_string())) {
+                        Some(paths) if paths.len() == 1 => format!("{}{tail}", paths[0]),
+                        _ => continue,
+                    }
+                }
+                PathStyle::Indexed => {
+                    let Ok(i) = body.parse::<usize>() else {
+                        continue;
+                    };
+                    match index.ordered.get(&component).and_then(|v| v.get(i)) {
+                        Some(layer) => match Component::of_layer(layer) {
+                            Some((c, p)) if c == component => p.to_string(),
+                            _ => continue,
+                        },
+                        None => continue,
+                    }
+                }
+            };
+            return Some(ParsedKey {
+                layer: format!("{}.{path}", component.name()),
+                part: s.part,
+            });
+        }
+    }
+    None
+}
+
+/// The key `scheme` writes for `part` of `layer` (component-prefixed path); for indexed
+/// schemes `index_of` gives the position. `None` when the scheme cannot name it.
+pub fn format_key(
+    scheme: &KeyScheme,
+    layer: &str,
+    part: Part,
+    index_of: Option<usize>,
+) -> Option<String> {
+    let (component, path) = Component::of_layer(layer)?;
+    let prefix = scheme
+        .prefixes
+        .iter()
+        .find(|(_, c)| *c == Some(component))
+        .map(|(p, _)| *p)
+        .or_else(|| {
+            scheme
+                .prefixes
+                .iter()
+                .find(|(_, c)| c.is_none())
+                .map(|(p, _)| *p)
+        })?;
+    let suffix = scheme
+        .suffixes
+        .iter()
+        .find(|s| s.part == part && s.write.contains(&component))?;
+    let body = match scheme.style {
+        PathStyle::Dotted => path.to_string(),
+        PathStyle::Underscored => path.replace('.', "_"),
+        PathStyle::Indexed => index_of?.to_string(),
+    };
+    Some(format!("{prefix}{body}{}", suffix.file))
+}
+
+/// Sorts component-prefixed layer keys into the module-traversal order of diffusers < 0.15.
+pub fn sort_traversal(layers: &mut [String]) {
+    layers.sort_by_cached_key(|l| traversal_key(l));
+}
+
+/// Items one per line, at most `max` of them, for error messages.
+pub fn short_list(items: &[String], max: usize) -> String {
+    let mut s: Vec<String> = items
+        .iter()
+        .take(max)
+        .map(|k| format!("\n    {k}"))
+        .collect();
+    if items.len() > max {
+        s.push(format!("\n    ... and {} more", items.len() - max));
+    }
+    s.concat()
+}

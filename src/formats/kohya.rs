@@ -1,0 +1,130 @@
+//! kohya-ss sd-scripts / A1111 / ComfyUI / Civitai LoRAs (`networks.lora`, also LoCon conv
+//! layers).
+//!
+//! Keys: `lora_unet_<module path with dots → underscores>` and `lora_te_…` (SDXL-style
+//! `lora_te1_…` is read as the text encoder too), each with `.lora_down.weight`,
+//! `.lora_up.weight` and a 0-d `.alpha`; ΔW = multiplier · (alpha / rank) · up · down, and
+//! scale 1 (alpha = rank) when `.alpha` is absent. Underscored names are resolved by matching
+//! them against the module paths of the model architecture, never by guessing which
+//! underscores were dots. Written with `ss_network_module` = `networks.lora`,
+//! `ss_network_dim`, `ss_network_alpha`, `ss_network_args` (conv_dim/conv_alpha for 3×3 conv
+//! layers), `ss_v2` / `ss_base_model_version` when the shapes tell, `ss_sd_model_name`.
+
+use super::check::{lora_cross_attention_dim, lora_text_width};
+use super::keymap::{format_key, KeyIndex, Part, KOHYA};
+use super::{
+    carried_metadata, common, finish, fmt_alpha, gather, ord_f64, Architecture, Cast, Encoded,
+    Format, LoraFile, LoraFormat, ReadContext,
+};
+use crate::lora::LoraSet;
+use anyhow::{bail, Context};
+use candle_core::{Device, Tensor};
+
+/// The kohya format.
+pub struct Kohya;
+
+impl LoraFormat for Kohya {
+    fn format(&self) -> Format {
+        Format::Kohya
+    }
+
+    fn read(&self, file: &LoraFile, ctx: &ReadContext) -> anyhow::Result<LoraSet> {
+        let candidates = ctx.candidates();
+        let index = KeyIndex::underscored(&candidates);
+        let ambiguous = index.ambiguous();
+        if !ambiguous.is_empty() {
+            let (k, v) = &ambiguous[0];
+            bail!("kohya name {k} is ambiguous in this architecture: it could be any of {v:?}");
+        }
+        let raw = gather(file, &KOHYA, &index, |_| false).map_err(|e| {
+            let names: Vec<&str> = candidates.iter().map(|a| a.name.as_str()).collect();
+            e.context(format!(
+                "kohya names are resolved against the layers of {}",
+                names.join(" and ")
+            ))
+        })?;
+        let layers = finish(file, raw, |_, r| Ok(r as f64))?;
+        Ok(LoraSet {
+            layers,
+            metadata: file.metadata.clone(),
+        })
+    }
+
+    fn encode(&self, set: &LoraSet, _arch: Option<&Architecture>) -> anyhow::Result<Encoded> {
+        let mut enc = Encoded {
+            metadata: carried_metadata(set),
+            ..Default::default()
+        };
+        let alpha_of = |layers: Vec<&crate::lora::LoraWeights>| {
+            let mut sub = LoraSet::default();
+            for (i, l) in layers.into_iter().enumerate() {
+                sub.layers.insert(i.to_string(), l.clone());
+            }
+            let r = common(&sub, |l| l.rank());
+            let a = common(&sub, |l| ord_f64(l.alpha)).and_then(|a| {
+                sub.layers
+                    .values()
+                    .map(|l| l.alpha)
+                    .find(|x| ord_f64(*x) == a)
+            });
+            (r, a)
+        };
+        let (linear, conv): (Vec<_>, Vec<_>) = set
+            .layers
+            .values()
+            .partition(|l| !(l.is_conv() && l.down.dims()[2] * l.down.dims()[3] > 1));
+        let m = &mut enc.metadata;
+        m.insert("ss_network_module".into(), "networks.lora".into());
+        let (r, a) = alpha_of(if linear.is_empty() {
+            conv.clone()
+        } else {
+            linear
+        });
+        if let Some(r) = r {
+            m.insert("ss_network_dim".into(), r.to_string());
+        }
+        if let Some(a) = a {
+            m.insert("ss_network_alpha".into(), fmt_alpha(a));
+        }
+        if !conv.is_empty() {
+            let (cr, ca) = alpha_of(conv);
+            let args = serde_json::json!({
+                "conv_dim": cr.map(|r| r.to_string()),
+                "conv_alpha": ca.map(fmt_alpha),
+            });
+            m.insert("ss_network_args".into(), args.to_string());
+        }
+        let family = match (lora_cross_attention_dim(set), lora_text_width(set)) {
+            (Some(768), _) | (None, Some(768)) => Some(false),
+            (Some(1024), _) | (None, Some(1024)) => Some(true),
+            _ => None,
+        };
+        if let Some(v2) = family {
+            m.insert("ss_v2".into(), if v2 { "True" } else { "False" }.into());
+            m.insert(
+                "ss_base_model_version".into(),
+                if v2 { "sd_v2" } else { "sd_v1" }.into(),
+            );
+        }
+        if let Some(b) = set.metadata.get("base_model") {
+            m.entry("ss_sd_model_name".into())
+                .or_insert_with(|| b.clone());
+        }
+        for (layer, w) in &set.layers {
+            let name = |p| {
+                format_key(&KOHYA, layer, p, None)
+                    .with_context(|| format!("cannot name layer {layer} in kohya keys"))
+            };
+            enc.tensors
+                .push((name(Part::Down)?, w.down.clone(), Cast::Weight));
+            enc.tensors
+                .push((name(Part::Up)?, w.up.clone(), Cast::Weight));
+            enc.tensors.push((
+                name(Part::Alpha)?,
+                Tensor::new(w.alpha as f32, &Device::Cpu)?,
+                Cast::Keep,
+            ));
+        }
+        Ok(enc)
+    }
+}

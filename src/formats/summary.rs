@@ -1,0 +1,180 @@
+//! What `lora inspect` reports about a LoRA file.
+
+use super::check::guess_base;
+use super::ours::targets;
+use super::{detect, fmt_alpha, io, read_as, Architecture, Format};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// A description of one LoRA file.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// The file.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: Format,
+    /// The model family its shapes point to.
+    pub base: String,
+    /// Adapted module names (`to_q`, `q_proj`, …).
+    pub targets: Vec<String>,
+    /// Adapted layers per component (`unet`, `text_encoder`).
+    pub layers: BTreeMap<String, usize>,
+    /// How many layers are convolutions.
+    pub conv_layers: usize,
+    /// rank → number of layers.
+    pub ranks: BTreeMap<usize, usize>,
+    /// (alpha, scale = alpha / rank) → number of layers.
+    pub alphas: BTreeMap<(String, String), usize>,
+    /// Stored dtypes of the factors.
+    pub dtypes: BTreeSet<String>,
+    /// Number of LoRA parameters (elements of all factors).
+    pub parameters: usize,
+    /// File size in bytes (with a `.text_encoder.pt` sibling when read).
+    pub file_size: u64,
+    /// The file's metadata.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Reads and describes a LoRA file; `model` resolves keys as in [`super::read_with`].
+pub fn summarize(path: &Path, model: Option<&Architecture>) -> anyhow::Result<Summary> {
+    let format = detect(path)?;
+    let set = read_as(path, format, model)?;
+    let mut file_size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    if io::is_pickle_name(path) {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if !name.ends_with(".text_encoder.pt") {
+            let te =
+                path.with_file_name(format!("{}.text_encoder.pt", name.trim_end_matches(".pt")));
+            file_size += std::fs::metadata(te).map(|m| m.len()).unwrap_or(0);
+        }
+    }
+    let mut s = Summary {
+        path: path.to_path_buf(),
+        format,
+        base: guess_base(&set),
+        targets: targets(&set),
+        layers: BTreeMap::new(),
+        conv_layers: 0,
+        ranks: BTreeMap::new(),
+        alphas: BTreeMap::new(),
+        dtypes: BTreeSet::new(),
+        parameters: 0,
+        file_size,
+        metadata: set.metadata.clone(),
+    };
+    for (k, w) in &set.layers {
+        let comp = k.split('.').next().unwrap_or_default().to_string();
+        *s.layers.entry(comp).or_default() += 1;
+        s.conv_layers += w.is_conv() as usize;
+        *s.ranks.entry(w.rank()).or_default() += 1;
+        *s.alphas
+            .entry((
+                fmt_alpha(w.alpha),
+                fmt_alpha((w.scale() * 1e6).round() / 1e6),
+            ))
+            .or_default() += 1;
+        s.dtypes
+            .insert(format!("{:?}", w.down.dtype()).to_lowercase());
+        s.dtypes
+            .insert(format!("{:?}", w.up.dtype()).to_lowercase());
+        s.parameters += w.down.elem_count() + w.up.elem_count();
+    }
+    Ok(s)
+}
+
+fn counts<K: fmt::Display>(m: impl IntoIterator<Item = (K, usize)>) -> String {
+    let v: Vec<(String, usize)> = m.into_iter().map(|(k, n)| (k.to_string(), n)).collect();
+    if v.len() == 1 {
+        return v[0].0.clone();
+    }
+    v.iter()
+        .map(|(k, n)| format!("{k} ({n} layers)"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// cloneofsimo's per-layer `unet:<i>:rank` metadata entries.
+fn is_index_rank(k: &str) -> bool {
+    let p: Vec<&str> = k.split(':').collect();
+    p.len() == 3 && p[1].parse::<usize>().is_ok() && p[2] == "rank"
+}
+
+fn human(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.2} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "file:        {}", self.path.display())?;
+        writeln!(f, "format:      {}", self.format)?;
+        writeln!(f, "base model:  {}", self.base)?;
+        let layers: Vec<String> = self
+            .layers
+            .iter()
+            .map(|(c, n)| format!("{n} {c}"))
+            .collect();
+        let conv = if self.conv_layers > 0 {
+            format!(" ({} conv)", self.conv_layers)
+        } else {
+            String::new()
+        };
+        writeln!(f, "layers:      {}{conv}", layers.join(", "))?;
+        writeln!(f, "targets:     {}", self.targets.join(", "))?;
+        writeln!(
+            f,
+            "rank:        {}",
+            counts(self.ranks.iter().map(|(k, n)| (k, *n)))
+        )?;
+        let alphas = counts(
+            self.alphas
+                .iter()
+                .map(|((a, s), n)| (format!("{a} (scale {s})"), *n)),
+        );
+        writeln!(f, "alpha:       {alphas}")?;
+        writeln!(
+            f,
+            "dtype:       {}",
+            self.dtypes.iter().cloned().collect::<Vec<_>>().join(", ")
+        )?;
+        writeln!(f, "parameters:  {}", self.parameters)?;
+        writeln!(
+            f,
+            "file size:   {} ({} bytes)",
+            human(self.file_size),
+            self.file_size
+        )?;
+        if self.metadata.is_empty() {
+            writeln!(f, "metadata:    (none)")?;
+        } else {
+            writeln!(f, "metadata:")?;
+            let ranks: Vec<&String> = self.metadata.keys().filter(|k| is_index_rank(k)).collect();
+            if !ranks.is_empty() {
+                writeln!(
+                    f,
+                    "  <component>:<i>:rank: {} entries (cloneofsimo per-layer ranks)",
+                    ranks.len()
+                )?;
+            }
+            for (k, v) in self.metadata.iter().filter(|(k, _)| !is_index_rank(k)) {
+                let one_line = v.split_whitespace().collect::<Vec<_>>().join(" ");
+                let shown: String = one_line.chars().take(160).collect();
+                let more = if one_line.chars().count() > 160 {
+                    " …"
+                } else {
+                    ""
+                };
+                writeln!(f, "  {k}: {shown}{more}")?;
+            }
+        }
+        Ok(())
+    }
+}

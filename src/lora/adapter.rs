@@ -1,0 +1,493 @@
+//! One LoRA adapter on one layer ([`LoraAdapter`]) and the per-layer list of adapters
+//! ([`AdapterSlot`]) that `Linear` and `Conv2d` carry.
+//!
+//! An adapter adds `scale · up(dropout(down(x)))` to its layer's output, with
+//! `scale = multiplier · alpha / rank`. Linear: `down` [r, in], `up` [out, r]. Conv2d: `down`
+//! is a convolution with the layer's kernel size, stride and padding into r channels
+//! ([r, in, k, k]), `up` a 1×1 convolution r → out ([out, r, 1, 1]).
+//!
+//! Trainable adapters hold candle [`Var`]s and use candle's differentiable matmul / conv2d;
+//! frozen adapters (a loaded LoRA) go through [`crate::ops::frozen_linear`] /
+//! [`crate::ops::FrozenConv2d`], which never compute gradients for the adapter weights.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+use crate::lora::LoraWeights;
+use crate::models::layers::matmul;
+use crate::ops::{frozen_linear, Conv2dParams, FrozenConv2d};
+use crate::rng::Rng;
+
+/// The kind of layer an adapter belongs to, with the convolution geometry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdapterKind {
+    /// A `Linear` layer: factors are matrices.
+    Linear,
+    /// A `Conv2d` layer: `down` uses this stride and padding.
+    Conv2d {
+        /// Stride of the layer (and of `down`).
+        stride: usize,
+        /// Zero padding of the layer (and of `down`).
+        padding: usize,
+    },
+}
+
+/// The dropout of a trainable adapter: probability and the shared generator it draws from.
+#[derive(Clone)]
+pub struct Dropout {
+    /// Probability of zeroing one element of the rank-r hidden activation.
+    pub p: f64,
+    /// The generator shared by every adapter of one injection (its state is checkpointed).
+    pub rng: Arc<Mutex<Rng>>,
+}
+
+/// A low-rank residual on one layer (see the module docs).
+pub struct LoraAdapter {
+    down: Tensor,
+    up: Tensor,
+    vars: Option<(Var, Var)>,
+    alpha: f64,
+    kind: AdapterKind,
+    owner: u64,
+    multiplier: AtomicU64,
+    enabled: AtomicBool,
+    training: AtomicBool,
+    dropout: Option<Dropout>,
+    frozen_convs: OnceLock<(FrozenConv2d, FrozenConv2d)>,
+}
+
+impl std::fmt::Debug for LoraAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoraAdapter")
+            .field("down", &self.down.shape())
+            .field("up", &self.up.shape())
+            .field("alpha", &self.alpha)
+            .field("kind", &self.kind)
+            .field("owner", &self.owner)
+            .field("multiplier", &self.multiplier())
+            .field("enabled", &self.is_enabled())
+            .field("trainable", &self.is_trainable())
+            .finish()
+    }
+}
+
+/// Checks the factor shapes for `kind`; returns the rank.
+fn check_shapes(down: &Tensor, up: &Tensor, kind: AdapterKind) -> Result<usize> {
+    let (d, u) = (down.dims(), up.dims());
+    let ok = match kind {
+        AdapterKind::Linear => d.len() == 2 && u.len() == 2 && u[1] == d[0],
+        AdapterKind::Conv2d { .. } => {
+            d.len() == 4 && u.len() == 4 && u[1] == d[0] && u[2] == 1 && u[3] == 1
+        }
+    };
+    if !ok || d[0] == 0 {
+        candle_core::bail!(
+            "LoRA factors do not fit a {kind:?} layer: down {d:?}, up {u:?} (expected \
+             down [r, in{}], up [out, r{}], r > 0)",
+            if d.len() == 4 { ", k, k" } else { "" },
+            if d.len() == 4 { ", 1, 1" } else { "" }
+        );
+    }
+    if down.dtype() != up.dtype() || !down.device().same_device(up.device()) {
+        candle_core::bail!(
+            "LoRA factors differ in dtype or device: down {:?}, up {:?}",
+            down.dtype(),
+            up.dtype()
+        );
+    }
+    Ok(d[0])
+}
+
+impl LoraAdapter {
+    /// A trainable adapter over the variables `down` and `up`, belonging to LoRA `owner`.
+    pub fn trainable(
+        down: Var,
+        up: Var,
+        alpha: f64,
+        kind: AdapterKind,
+        owner: u64,
+        dropout: Option<Dropout>,
+    ) -> Result<Self> {
+        check_shapes(down.as_tensor(), up.as_tensor(), kind)?;
+        if let Some(d) = &dropout {
+            if !(0.0..1.0).contains(&d.p) {
+                candle_core::bail!("LoRA dropout must be in [0, 1), got {}", d.p);
+            }
+        }
+        let (dt, ut) = (down.as_tensor().clone(), up.as_tensor().clone());
+        Ok(Self::build(
+            dt,
+            ut,
+            Some((down, up)),
+            alpha,
+            kind,
+            owner,
+            dropout,
+        ))
+    }
+
+    /// A frozen adapter (no gradients for its factors), e.g. a LoRA loaded from a file.
+    pub fn frozen(
+        down: Tensor,
+        up: Tensor,
+        alpha: f64,
+        kind: AdapterKind,
+        owner: u64,
+    ) -> Result<Self> {
+        check_shapes(&down, &up, kind)?;
+        let (down, up) = (down.detach(), up.detach());
+        Ok(Self::build(down, up, None, alpha, kind, owner, None))
+    }
+
+    fn build(
+        down: Tensor,
+        up: Tensor,
+        vars: Option<(Var, Var)>,
+        alpha: f64,
+        kind: AdapterKind,
+        owner: u64,
+        dropout: Option<Dropout>,
+    ) -> Self {
+        Self {
+            down,
+            up,
+            vars,
+            alpha,
+            kind,
+            owner,
+            multiplier: AtomicU64::new(1f64.to_bits()),
+            enabled: AtomicBool::new(true),
+            training: AtomicBool::new(true),
+            dropout,
+            frozen_convs: OnceLock::new(),
+        }
+    }
+
+    /// The down factor (a view of the variable for trainable adapters).
+    pub fn down(&self) -> &Tensor {
+        &self.down
+    }
+
+    /// The up factor.
+    pub fn up(&self) -> &Tensor {
+        &self.up
+    }
+
+    /// The `(down, up)` variables of a trainable adapter.
+    pub fn vars(&self) -> Option<(&Var, &Var)> {
+        self.vars.as_ref().map(|(d, u)| (d, u))
+    }
+
+    /// Whether the factors are trainable variables.
+    pub fn is_trainable(&self) -> bool {
+        self.vars.is_some()
+    }
+
+    /// The rank r.
+    pub fn rank(&self) -> usize {
+        self.down.dims()[0]
+    }
+
+    /// alpha (the nominal scale is alpha / rank).
+    pub fn alpha(&self) -> f64 {
+        self.alpha
+    }
+
+    /// The layer kind and convolution geometry.
+    pub fn kind(&self) -> AdapterKind {
+        self.kind
+    }
+
+    /// The id of the LoRA this adapter belongs to (one id per injection / loaded set).
+    pub fn owner(&self) -> u64 {
+        self.owner
+    }
+
+    /// The runtime multiplier (1 by default).
+    pub fn multiplier(&self) -> f64 {
+        f64::from_bits(self.multiplier.load(Ordering::Relaxed))
+    }
+
+    /// Sets the runtime multiplier; the residual is scaled by `multiplier · alpha / rank`.
+    pub fn set_multiplier(&self, m: f64) {
+        self.multiplier.store(m.to_bits(), Ordering::Relaxed);
+    }
+
+    /// `multiplier · alpha / rank`, the factor the residual is multiplied by.
+    pub fn effective_scale(&self) -> f64 {
+        self.multiplier() * self.alpha / self.rank() as f64
+    }
+
+    /// Whether the adapter contributes to its layer's output.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// Enables or disables the adapter (disabled adapters are skipped entirely).
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Ordering::Relaxed);
+    }
+
+    /// Training mode: dropout (if any) is applied only while this is on.
+    pub fn set_training(&self, on: bool) {
+        self.training.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the adapter is in training mode.
+    pub fn is_training(&self) -> bool {
+        self.training.load(Ordering::Relaxed)
+    }
+
+    /// Whether the adapter changes its layer's output (enabled, non-zero scale).
+    pub fn is_active(&self) -> bool {
+        self.is_enabled() && self.effective_scale() != 0.0
+    }
+
+    /// A snapshot of the factors (copies, detached from any variable) and alpha.
+    pub fn weights(&self) -> Result<LoraWeights> {
+        Ok(LoraWeights {
+            down: self.down.detach().copy()?,
+            up: self.up.detach().copy()?,
+            alpha: self.alpha,
+        })
+    }
+
+    /// The residual `effective_scale · up(dropout(down(x)))` for layer input `x`, in `x`'s dtype.
+    pub fn residual(&self, x: &Tensor) -> Result<Tensor> {
+        let xdt = x.dtype();
+        let x = x.to_dtype(self.down.dtype())?;
+        let y = match self.kind {
+            AdapterKind::Linear => self.residual_linear(&x)?,
+            AdapterKind::Conv2d { stride, padding } => self.residual_conv(&x, stride, padding)?,
+        };
+        y.to_dtype(xdt)
+    }
+
+    fn residual_linear(&self, x: &Tensor) -> Result<Tensor> {
+        let (r, in_dim) = self.down.dims2()?;
+        let out_dim = self.up.dim(0)?;
+        let dims = x.dims();
+        if dims.last().copied() != Some(in_dim) {
+            candle_core::bail!("LoRA adapter: input {dims:?} does not end in {in_dim}");
+        }
+        let rows = x.elem_count() / in_dim;
+        let x2 = x.reshape((rows, in_dim))?;
+        let h = linear(&x2, &self.down)?;
+        let h = self.dropout(h)?.affine(self.effective_scale(), 0.0)?;
+        debug_assert_eq!(h.dims(), [rows, r]);
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("checked non-empty") = out_dim;
+        linear(&h, &self.up)?.reshape(out_dims)
+    }
+
+    fn residual_conv(&self, x: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+        let scale = self.effective_scale();
+        if self.is_trainable() {
+            let h = conv2d(x, &self.down, stride, padding)?;
+            let h = self.dropout(h)?.affine(scale, 0.0)?;
+            conv2d(&h, &self.up, 1, 0)
+        } else {
+            let (fd, fu) = self.frozen_convs(stride, padding)?;
+            fu.forward(&fd.forward(x)?.affine(scale, 0.0)?)
+        }
+    }
+
+    fn frozen_convs(&self, stride: usize, padding: usize) -> Result<&(FrozenConv2d, FrozenConv2d)> {
+        if let Some(c) = self.frozen_convs.get() {
+            return Ok(c);
+        }
+        let p = Conv2dParams {
+            stride,
+            padding,
+            ..Default::default()
+        };
+        let fd = FrozenConv2d::new(&self.down, None, p)?;
+        let fu = FrozenConv2d::new(&self.up, None, Conv2dParams::default())?;
+        let _ = self.frozen_convs.set((fd, fu));
+        Ok(self.frozen_convs.get().expect("just set"))
+    }
+
+    /// Inverted dropout on the hidden activation (training mode and p > 0 only).
+    fn dropout(&self, h: Tensor) -> Result<Tensor> {
+        let Some(d) = &self.dropout else {
+            return Ok(h);
+        };
+        if d.p <= 0.0 || !self.is_training() {
+            return Ok(h);
+        }
+        let keep = 1.0 - d.p;
+        let n = h.elem_count();
+        let mask: Vec<f32> = {
+            let mut rng = d.rng.lock().unwrap_or_else(|e| e.into_inner());
+            (0..n)
+                .map(|_| {
+                    if rng.uniform() < d.p {
+                        0.0
+                    } else {
+                        (1.0 / keep) as f32
+                    }
+                })
+                .collect()
+        };
+        let mask = Tensor::from_vec(mask, h.shape(), &Device::Cpu)?
+            .to_device(h.device())?
+            .to_dtype(h.dtype())?;
+        h * mask
+    }
+}
+
+/// `x @ wᵀ` for 2-D `x`: differentiable in `w` when `w` is a variable, frozen otherwise.
+fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if w.is_variable() {
+        matmul(x, &w.t()?)
+    } else {
+        frozen_linear(x, w, None)
+    }
+}
+
+/// A differentiable conv2d (dilation 1, one group); bf16 on the CPU is computed in f32.
+fn conv2d(x: &Tensor, k: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    if x.dtype() == DType::BF16 && x.device().is_cpu() {
+        x.to_dtype(DType::F32)?
+            .conv2d(&k.to_dtype(DType::F32)?, padding, stride, 1, 1)?
+            .to_dtype(DType::BF16)
+    } else {
+        x.conv2d(k, padding, stride, 1, 1)
+    }
+}
+
+/// The adapters attached to one layer, shared between clones of the layer.
+#[derive(Clone, Default)]
+pub struct AdapterSlot(Arc<RwLock<Vec<Arc<LoraAdapter>>>>);
+
+impl std::fmt::Debug for AdapterSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AdapterSlot({} adapters)", self.len())
+    }
+}
+
+impl AdapterSlot {
+    /// An empty slot.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<LoraAdapter>>> {
+        self.0.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Arc<LoraAdapter>>> {
+        self.0.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A snapshot of the attached adapters, in attach order.
+    pub fn adapters(&self) -> Vec<Arc<LoraAdapter>> {
+        self.read().clone()
+    }
+
+    /// Number of attached adapters.
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    /// Whether no adapter is attached.
+    pub fn is_empty(&self) -> bool {
+        self.read().is_empty()
+    }
+
+    /// Attaches an adapter (after the existing ones).
+    pub fn push(&self, adapter: Arc<LoraAdapter>) {
+        self.write().push(adapter);
+    }
+
+    /// Detaches every adapter of LoRA `owner`; returns how many were removed.
+    pub fn remove_owner(&self, owner: u64) -> usize {
+        let mut v = self.write();
+        let before = v.len();
+        v.retain(|a| a.owner() != owner);
+        before - v.len()
+    }
+
+    /// Detaches every adapter; returns how many were removed.
+    pub fn clear(&self) -> usize {
+        let mut v = self.write();
+        let n = v.len();
+        v.clear();
+        n
+    }
+
+    /// Whether two slots are the same shared list.
+    pub fn same(&self, other: &AdapterSlot) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// `base + Σ residual_i(x)` over the active adapters, in attach order; `base` itself
+    /// (untouched) when none is active.
+    pub fn apply(&self, x: &Tensor, base: Tensor) -> Result<Tensor> {
+        let adapters = {
+            let v = self.read();
+            if v.is_empty() {
+                return Ok(base);
+            }
+            v.clone()
+        };
+        let mut y = base;
+        for a in adapters.iter().filter(|a| a.is_active()) {
+            y = (y + a.residual(x)?)?;
+        }
+        Ok(y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn models_with_adapters_stay_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<LoraAdapter>();
+        check::<AdapterSlot>();
+        check::<crate::models::unet::UNet2DConditionModel>();
+        check::<crate::models::clip::ClipTextModel>();
+    }
+
+    #[test]
+    fn slot_is_shared_between_clones_and_skips_inactive_adapters() {
+        let dev = Device::Cpu;
+        let down = Tensor::new(&[[1f32, 2.0]], &dev).unwrap();
+        let up = Tensor::new(&[[3f32], [4.0]], &dev).unwrap();
+        let a = Arc::new(LoraAdapter::frozen(down, up, 2.0, AdapterKind::Linear, 7).unwrap());
+        let slot = AdapterSlot::new();
+        let clone = slot.clone();
+        clone.push(a.clone());
+        assert!(slot.same(&clone) && slot.len() == 1);
+        let x = Tensor::new(&[[1f32, 1.0]], &dev).unwrap();
+        let base = Tensor::new(&[[10f32, 20.0]], &dev).unwrap();
+        // residual = 2 · up · (down · x) = 2 · [3, 4] · 3
+        let y: Vec<Vec<f32>> = slot.apply(&x, base.clone()).unwrap().to_vec2().unwrap();
+        assert_eq!(y, [[28.0, 44.0]]);
+        a.set_multiplier(0.5);
+        let y: Vec<Vec<f32>> = slot.apply(&x, base.clone()).unwrap().to_vec2().unwrap();
+        assert_eq!(y, [[19.0, 32.0]]);
+        a.set_enabled(false);
+        let y: Vec<Vec<f32>> = slot.apply(&x, base.clone()).unwrap().to_vec2().unwrap();
+        assert_eq!(y, [[10.0, 20.0]]);
+        assert_eq!(slot.remove_owner(8), 0);
+        assert_eq!(slot.remove_owner(7), 1);
+        assert!(clone.is_empty());
+        let bad = LoraAdapter::frozen(
+            Tensor::zeros((2, 3), DType::F32, &dev).unwrap(),
+            Tensor::zeros((4, 3), DType::F32, &dev).unwrap(),
+            1.0,
+            AdapterKind::Linear,
+            1,
+        );
+        assert!(bad
+            .unwrap_err()
+            .to_string()
+            .contains("down [2, 3], up [4, 3]"));
+    }
+}

@@ -1,0 +1,311 @@
+//! Checkpoints that let `--resume` continue exactly: the trained tensors, the AdamW moments,
+//! the step, every RNG state and the data order, written to `checkpoint-<step>/` through a
+//! temporary folder that is renamed when complete.
+//!
+//! Also a byte-deterministic safetensors writer: tensors sorted by name, metadata with sorted
+//! keys (the `safetensors` crate keeps metadata in a `HashMap`, whose order changes between
+//! processes), so the same tensors always give the same file.
+
+use super::plot::LossPoint;
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The safetensors dtype name of `dtype`.
+fn st_dtype(dtype: DType) -> anyhow::Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "F32",
+        DType::F16 => "F16",
+        DType::BF16 => "BF16",
+        DType::F64 => "F64",
+        DType::U8 => "U8",
+        DType::U32 => "U32",
+        DType::I64 => "I64",
+        other => bail!("cannot write a {other:?} tensor to safetensors"),
+    })
+}
+
+/// The little-endian bytes of `t` (row-major).
+fn tensor_bytes(t: &Tensor) -> anyhow::Result<Vec<u8>> {
+    let t = t.flatten_all()?.to_device(&Device::Cpu)?;
+    Ok(match t.dtype() {
+        DType::F32 => t
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::F64 => t
+            .to_vec1::<f64>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::F16 => t
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::BF16 => t
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::U8 => t.to_vec1::<u8>()?,
+        DType::U32 => t
+            .to_vec1::<u32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::I64 => t
+            .to_vec1::<i64>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        other => bail!("cannot write a {other:?} tensor to safetensors"),
+    })
+}
+
+/// The bytes of a safetensors file holding `tensors` (sorted by name) and `metadata`.
+pub fn safetensors_bytes(
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: &BTreeMap<String, String>,
+) -> anyhow::Result<Vec<u8>> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::to_value(metadata)?);
+    }
+    let mut data = Vec::new();
+    for (name, t) in tensors {
+        let bytes = tensor_bytes(t).with_context(|| format!("tensor {name}"))?;
+        let start = data.len();
+        data.extend_from_slice(&bytes);
+        header.insert(
+            name.clone(),
+            serde_json::json!({
+                "dtype": st_dtype(t.dtype())?,
+                "shape": t.dims(),
+                "data_offsets": [start, data.len()],
+            }),
+        );
+    }
+    // serde_json's Map is a BTreeMap here (no preserve_order feature): keys come out sorted.
+    let mut json = serde_json::to_vec(&serde_json::Value::Object(header))?;
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + data.len());
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&data);
+    Ok(out)
+}
+
+/// Writes [`safetensors_bytes`] to `path` atomically (temporary file, then rename).
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: &BTreeMap<String, String>,
+) -> anyhow::Result<()> {
+    let bytes = safetensors_bytes(tensors, metadata)?;
+    crate::pipeline::image_io::write_atomic(path, true, |tmp| {
+        std::fs::write(tmp, &bytes).with_context(|| format!("cannot write {}", path.display()))
+    })
+}
+
+/// Reads every tensor of a safetensors file onto `device`; the error names the file.
+pub fn read_safetensors(path: &Path, device: &Device) -> anyhow::Result<BTreeMap<String, Tensor>> {
+    let map = candle_core::safetensors::load(path, device)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(map.into_iter().collect())
+}
+
+/// The order in which training items are visited: a permutation per epoch, drawn from the
+/// data RNG when the previous one is used up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataOrder {
+    /// The current epoch's permutation of item indices.
+    pub perm: Vec<usize>,
+    /// The next position in `perm`.
+    pub cursor: usize,
+    /// Epochs started so far.
+    pub epoch: usize,
+}
+
+/// Everything besides tensors that a resumed run needs (`trainer_state.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// File format version (1).
+    pub version: u32,
+    /// Optimizer steps completed.
+    pub step: usize,
+    /// State of the data RNG (shuffling, crops, flips).
+    pub data_rng: [u64; 4],
+    /// State of the noise RNG (latent sampling, noise, timesteps).
+    pub noise_rng: [u64; 4],
+    /// States of the LoRA dropout RNGs (UNet, then text encoder).
+    pub dropout_rng: Vec<[u64; 4]>,
+    /// The data order.
+    pub order: DataOrder,
+    /// The loss log so far.
+    pub losses: Vec<LossPoint>,
+    /// The training options of the run (`TrainConfig::training_args`).
+    pub training_args: serde_json::Value,
+}
+
+/// The files of one checkpoint folder.
+pub struct CheckpointFiles {
+    /// The folder.
+    pub dir: PathBuf,
+}
+
+impl CheckpointFiles {
+    /// `<output_dir>/checkpoint-<step>`.
+    pub fn for_step(output_dir: &Path, step: usize) -> Self {
+        Self {
+            dir: output_dir.join(format!("checkpoint-{step}")),
+        }
+    }
+
+    /// The trained tensors by name.
+    pub fn params(&self) -> PathBuf {
+        self.dir.join("params.safetensors")
+    }
+
+    /// The AdamW moments.
+    pub fn optimizer(&self) -> PathBuf {
+        self.dir.join("optimizer.safetensors")
+    }
+
+    /// [`TrainerState`] as JSON.
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("trainer_state.json")
+    }
+}
+
+/// What a checkpoint holds.
+pub struct Checkpoint {
+    /// Trained tensors by parameter name.
+    pub params: BTreeMap<String, Tensor>,
+    /// AdamW moments (`m.<name>`, `v.<name>`).
+    pub optimizer: BTreeMap<String, Tensor>,
+    /// The rest of the state.
+    pub state: TrainerState,
+}
+
+/// Writes a checkpoint folder for `ckpt.state.step` under `output_dir` (replacing an older one
+/// of the same step); `extra` files (e.g. `lora.safetensors`) are written into it too.
+pub fn save(
+    output_dir: &Path,
+    ckpt: &Checkpoint,
+    extra: &[(&str, Vec<u8>)],
+) -> anyhow::Result<PathBuf> {
+    let files = CheckpointFiles::for_step(output_dir, ckpt.state.step);
+    let tmp = output_dir.join(format!(".checkpoint-{}.tmp", ckpt.state.step));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)
+            .with_context(|| format!("cannot remove {}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let write = |name: &str, bytes: &[u8]| {
+        let p = tmp.join(name);
+        std::fs::write(&p, bytes).with_context(|| format!("cannot write {}", p.display()))
+    };
+    write(
+        "params.safetensors",
+        &safetensors_bytes(&ckpt.params, &BTreeMap::new())?,
+    )?;
+    write(
+        "optimizer.safetensors",
+        &safetensors_bytes(&ckpt.optimizer, &BTreeMap::new())?,
+    )?;
+    write(
+        "trainer_state.json",
+        serde_json::to_string_pretty(&ckpt.state)?.as_bytes(),
+    )?;
+    for (name, bytes) in extra {
+        write(name, bytes)?;
+    }
+    if files.dir.exists() {
+        std::fs::remove_dir_all(&files.dir)
+            .with_context(|| format!("cannot replace {}", files.dir.display()))?;
+    }
+    std::fs::rename(&tmp, &files.dir)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), files.dir.display()))?;
+    Ok(files.dir)
+}
+
+/// Reads a checkpoint folder; errors name the missing or unreadable file.
+pub fn load(dir: &Path, device: &Device) -> anyhow::Result<Checkpoint> {
+    let files = CheckpointFiles {
+        dir: dir.to_path_buf(),
+    };
+    if !dir.is_dir() {
+        bail!("--resume {}: no such checkpoint folder", dir.display());
+    }
+    let state_path = files.state();
+    let text = std::fs::read_to_string(&state_path).with_context(|| {
+        format!(
+            "--resume {}: cannot read {} (is this a checkpoint-<step> folder?)",
+            dir.display(),
+            state_path.display()
+        )
+    })?;
+    let state: TrainerState = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a valid trainer state", state_path.display()))?;
+    if state.version != 1 {
+        bail!(
+            "{}: unsupported checkpoint version {}",
+            state_path.display(),
+            state.version
+        );
+    }
+    Ok(Checkpoint {
+        params: read_safetensors(&files.params(), device)?,
+        optimizer: read_safetensors(&files.optimizer(), device)?,
+        state,
+    })
+}
+
+/// The checkpoint folder with the highest step in `output_dir`, if any.
+pub fn latest(output_dir: &Path) -> Option<PathBuf> {
+    let entries = std::fs::read_dir(output_dir).ok()?;
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step: usize = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path()
+                .join("trainer_state.json")
+                .is_file()
+                .then_some((step, e.path()))
+        })
+        .max_by_key(|(s, _)| *s)
+        .map(|(_, p)| p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safetensors_roundtrip_and_layout() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let mut t = BTreeMap::new();
+        t.insert(
+            "b".to_string(),
+            Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &dev)?,
+        );
+        t.insert("a".to_string(), Tensor::new(0.5f32, &dev)?);
+        let meta: BTreeMap<String, String> = [("k".to_string(), "v".to_string())].into();
+        let bytes = safetensors_bytes(&t, &meta)?;
+        let n = u64::from_le_bytes(bytes[..8].try_into()?) as usize;
+        assert_eq!(n % 8, 0);
+        assert_eq!(bytes.len(), 8 + n + 4 * 5);
+        let st = safetensors::SafeTensors::deserialize(&bytes)?;
+        assert_eq!(st.tensor("b")?.shape(), [2, 2]);
+        assert_eq!(st.tensor("a")?.data(), 0.5f32.to_le_bytes());
+        assert_eq!(safetensors_bytes(&t, &meta)?, bytes);
+        Ok(())
+    }
+}

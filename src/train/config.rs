@@ -1,0 +1,423 @@
+//! Every option of `lora train`, read from a TOML file (`--config`) and/or command-line flags
+//! (flags win). Field names are the flag names with `_` for `-`, so a TOML file reads like the
+//! command line: `learning_rate = 1e-4`, `instance_data_dir = "photos"`.
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Learning-rate schedule after the warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LrScheduler {
+    /// The base rate throughout (after the linear warm-up, when there is one).
+    #[default]
+    Constant,
+    /// Linear decay from the base rate to 0 at `max_train_steps`.
+    Linear,
+    /// Half a cosine from the base rate to 0 at `max_train_steps`.
+    Cosine,
+}
+
+impl std::str::FromStr for LrScheduler {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "constant" | "constant_with_warmup" => Ok(Self::Constant),
+            "linear" => Ok(Self::Linear),
+            "cosine" => Ok(Self::Cosine),
+            _ => bail!("--lr-scheduler {s}: expected constant, linear or cosine"),
+        }
+    }
+}
+
+fn d_resolution() -> usize {
+    512
+}
+fn d_num_class_images() -> usize {
+    100
+}
+fn d_one() -> f64 {
+    1.0
+}
+fn d_rank() -> usize {
+    4
+}
+fn d_targets() -> String {
+    "attn".into()
+}
+fn d_text_targets() -> String {
+    "text-attn".into()
+}
+fn d_lr_text() -> f64 {
+    5e-6
+}
+fn d_lr() -> f64 {
+    1e-4
+}
+fn d_beta1() -> f64 {
+    0.9
+}
+fn d_beta2() -> f64 {
+    0.999
+}
+fn d_wd() -> f64 {
+    1e-2
+}
+fn d_eps() -> f64 {
+    1e-8
+}
+fn d_steps() -> usize {
+    500
+}
+fn d_one_usize() -> usize {
+    1
+}
+fn d_sample_steps() -> usize {
+    20
+}
+fn d_guidance() -> f64 {
+    7.5
+}
+fn d_f32() -> String {
+    "f32".into()
+}
+fn d_cpu() -> String {
+    "cpu".into()
+}
+
+/// The complete training configuration (see `lora train --help` for each option).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Base model: a diffusers folder or Hugging Face id; `None` = the bundled tiny model.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Folder of training images (png, jpg, jpeg, gif), captions in `img.txt` beside `img.png`.
+    #[serde(default)]
+    pub instance_data_dir: Option<PathBuf>,
+    /// Prompt of every instance image without a caption file.
+    #[serde(default)]
+    pub instance_prompt: Option<String>,
+    /// Training resolution (square), a multiple of the VAE factor.
+    #[serde(default = "d_resolution")]
+    pub resolution: usize,
+    /// Center crop (else a random crop) after resizing the shorter side to the resolution.
+    #[serde(default)]
+    pub center_crop: bool,
+    /// Flip images horizontally with probability 1/2.
+    #[serde(default)]
+    pub random_flip: bool,
+    /// Encode every image with the VAE once, before training.
+    #[serde(default)]
+    pub cache_latents: bool,
+    /// Skip unreadable / too small images with a warning instead of stopping.
+    #[serde(default)]
+    pub skip_bad_images: bool,
+    /// DreamBooth prior preservation with class images.
+    #[serde(default)]
+    pub with_prior_preservation: bool,
+    /// Folder of class images (missing ones are generated with the base model).
+    #[serde(default)]
+    pub class_data_dir: Option<PathBuf>,
+    /// Prompt of the class images.
+    #[serde(default)]
+    pub class_prompt: Option<String>,
+    /// How many class images to use (generated when the folder has fewer).
+    #[serde(default = "d_num_class_images")]
+    pub num_class_images: usize,
+    /// Weight of the prior-preservation loss.
+    #[serde(default = "d_one")]
+    pub prior_loss_weight: f64,
+    /// LoRA rank.
+    #[serde(default = "d_rank")]
+    pub rank: usize,
+    /// LoRA alpha (scale = alpha / rank); default: the rank.
+    #[serde(default)]
+    pub lora_alpha: Option<f64>,
+    /// Dropout on the LoRA input during training.
+    #[serde(default)]
+    pub dropout: f64,
+    /// UNet LoRA targets: comma-separated presets attn, ff, proj, resnet.
+    #[serde(default = "d_targets")]
+    pub targets: String,
+    /// Also train LoRA on the text encoder.
+    #[serde(default)]
+    pub train_text_encoder: bool,
+    /// Text-encoder LoRA targets: text-attn, text-mlp.
+    #[serde(default = "d_text_targets")]
+    pub text_targets: String,
+    /// Learning rate of the text-encoder LoRA.
+    #[serde(default = "d_lr_text")]
+    pub learning_rate_text: f64,
+    /// Learning rate (UNet).
+    #[serde(default = "d_lr")]
+    pub learning_rate: f64,
+    /// AdamW beta1.
+    #[serde(default = "d_beta1")]
+    pub adam_beta1: f64,
+    /// AdamW beta2.
+    #[serde(default = "d_beta2")]
+    pub adam_beta2: f64,
+    /// AdamW decoupled weight decay.
+    #[serde(default = "d_wd")]
+    pub adam_weight_decay: f64,
+    /// AdamW epsilon.
+    #[serde(default = "d_eps")]
+    pub adam_epsilon: f64,
+    /// Learning-rate schedule.
+    #[serde(default)]
+    pub lr_scheduler: LrScheduler,
+    /// Linear warm-up steps (from 0 to the base rate).
+    #[serde(default)]
+    pub lr_warmup_steps: usize,
+    /// Number of optimizer steps.
+    #[serde(default = "d_steps")]
+    pub max_train_steps: usize,
+    /// Instance images per micro-batch (plus as many class images with prior preservation).
+    #[serde(default = "d_one_usize")]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "d_one_usize")]
+    pub gradient_accumulation_steps: usize,
+    /// Clip the global gradient norm to this (0: no clipping).
+    #[serde(default = "d_one")]
+    pub max_grad_norm: f64,
+    /// Min-SNR loss weighting with this gamma (typical 5).
+    #[serde(default)]
+    pub min_snr_gamma: Option<f64>,
+    /// Offset noise strength (per-channel constant noise added to the noise).
+    #[serde(default)]
+    pub noise_offset: f64,
+    /// Seed of every random draw.
+    #[serde(default)]
+    pub seed: u64,
+    /// Where the LoRA, checkpoints, loss log and samples go.
+    #[serde(default)]
+    pub output_dir: Option<PathBuf>,
+    /// Allow a non-empty output folder (files of a previous run are replaced).
+    #[serde(default)]
+    pub force: bool,
+    /// Save a checkpoint every this many steps (0: only at the end / on Ctrl-C).
+    #[serde(default)]
+    pub save_steps: usize,
+    /// Resume from a checkpoint folder, or `latest` (the newest in the output folder).
+    #[serde(default)]
+    pub resume: Option<String>,
+    /// Prompt of the sample images drawn during training.
+    #[serde(default)]
+    pub sample_prompt: Option<String>,
+    /// Draw a sample every this many steps (0: never; with a prompt and no value: at the end).
+    #[serde(default)]
+    pub sample_every: usize,
+    /// Denoising steps of samples and of generated class images.
+    #[serde(default = "d_sample_steps")]
+    pub sample_steps: usize,
+    /// Guidance scale of samples and of generated class images.
+    #[serde(default = "d_guidance")]
+    pub sample_guidance: f64,
+    /// Full fine-tuning of every UNet weight instead of LoRA (the DreamBooth baseline).
+    #[serde(default)]
+    pub full: bool,
+    /// Weight dtype: f32, f16 or bf16 (training math runs in this dtype; f32 recommended).
+    #[serde(default = "d_f32")]
+    pub dtype: String,
+    /// Device: cpu, cuda:N or metal.
+    #[serde(default = "d_cpu")]
+    pub device: String,
+    /// Test hook: behave as if Ctrl-C arrived after this many optimizer steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_after: Option<usize>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        // Every field has a serde default, so an empty table is the default config.
+        serde_json::from_value(serde_json::json!({})).expect("defaults deserialize")
+    }
+}
+
+/// The options that do not change what is trained (where files go, how often they are written),
+/// left out of the training arguments recorded in the LoRA file and compared on resume.
+const RUN_LOCAL: &[&str] = &[
+    "output_dir",
+    "force",
+    "resume",
+    "stop_after",
+    "save_steps",
+    "sample_prompt",
+    "sample_every",
+    "sample_steps",
+    "sample_guidance",
+    "device",
+];
+
+impl TrainConfig {
+    /// Reads a TOML file (keys = option names with `_`), then overlays `flags` (a JSON object of
+    /// the options given on the command line).
+    pub fn from_sources(file: Option<&Path>, flags: serde_json::Value) -> anyhow::Result<Self> {
+        let mut base = match file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read config file {}", p.display()))?;
+                let table: toml::Table = toml::from_str(&text)
+                    .with_context(|| format!("config file {} is not valid TOML", p.display()))?;
+                serde_json::to_value(table)
+                    .with_context(|| format!("config file {}", p.display()))?
+            }
+            None => serde_json::json!({}),
+        };
+        if let (Some(obj), Some(over)) = (base.as_object_mut(), flags.as_object()) {
+            for (k, v) in over {
+                if !v.is_null() {
+                    obj.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        let origin = file.map_or("command line".to_string(), |p| {
+            format!("config file {} and command line", p.display())
+        });
+        let cfg: Self = serde_json::from_value(base)
+            .with_context(|| format!("invalid training options ({origin})"))?;
+        Ok(cfg)
+    }
+
+    /// LoRA alpha (the rank when not given).
+    pub fn alpha(&self) -> f64 {
+        self.lora_alpha.unwrap_or(self.rank as f64)
+    }
+
+    /// Checks values that do not need the model; errors name the option.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.instance_data_dir.is_none() {
+            bail!("--instance-data-dir is required (a folder of training images)");
+        }
+        if self
+            .instance_prompt
+            .as_deref()
+            .map_or(true, |p| p.trim().is_empty())
+        {
+            bail!("--instance-prompt is required (e.g. \"a photo of sks dog\")");
+        }
+        if self.output_dir.is_none() {
+            bail!("--output-dir is required");
+        }
+        if self.resolution < 8 || self.resolution % 8 != 0 {
+            bail!(
+                "--resolution {}: must be a positive multiple of 8",
+                self.resolution
+            );
+        }
+        if self.rank == 0 && !self.full {
+            bail!("--rank must be at least 1");
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            bail!("--dropout {}: must be in [0, 1)", self.dropout);
+        }
+        if self.max_train_steps == 0 {
+            bail!("--max-train-steps must be at least 1");
+        }
+        if self.batch_size == 0 || self.gradient_accumulation_steps == 0 {
+            bail!("--batch-size and --gradient-accumulation-steps must be at least 1");
+        }
+        for (name, v) in [
+            ("--learning-rate", self.learning_rate),
+            ("--learning-rate-text", self.learning_rate_text),
+            ("--adam-weight-decay", self.adam_weight_decay),
+            ("--adam-epsilon", self.adam_epsilon),
+            ("--max-grad-norm", self.max_grad_norm),
+            ("--noise-offset", self.noise_offset),
+            ("--prior-loss-weight", self.prior_loss_weight),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                bail!("{name} {v}: must be a finite number >= 0");
+            }
+        }
+        for (name, v) in [
+            ("--adam-beta1", self.adam_beta1),
+            ("--adam-beta2", self.adam_beta2),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                bail!("{name} {v}: must be in [0, 1)");
+            }
+        }
+        if let Some(g) = self.min_snr_gamma {
+            if !g.is_finite() || g <= 0.0 {
+                bail!("--min-snr-gamma {g}: must be > 0 (typical: 5)");
+            }
+        }
+        if let Some(a) = self.lora_alpha {
+            if !a.is_finite() || a <= 0.0 {
+                bail!("--lora-alpha {a}: must be > 0");
+            }
+        }
+        if self.with_prior_preservation {
+            if self.class_data_dir.is_none() {
+                bail!("--with-prior-preservation needs --class-data-dir");
+            }
+            if self
+                .class_prompt
+                .as_deref()
+                .map_or(true, |p| p.trim().is_empty())
+            {
+                bail!("--with-prior-preservation needs --class-prompt");
+            }
+            if self.num_class_images == 0 {
+                bail!("--num-class-images must be at least 1");
+            }
+        }
+        if self.full && self.train_text_encoder {
+            bail!("--full trains the UNet only; --train-text-encoder is a LoRA option");
+        }
+        if self.sample_every > 0 && self.sample_prompt.is_none() {
+            bail!("--sample-every needs --sample-prompt");
+        }
+        self.weight_dtype()?;
+        Ok(())
+    }
+
+    /// The weight dtype named by `dtype`.
+    pub fn weight_dtype(&self) -> anyhow::Result<candle_core::DType> {
+        use candle_core::DType;
+        Ok(match self.dtype.as_str() {
+            "f32" | "fp32" | "float32" => DType::F32,
+            "f16" | "fp16" | "float16" => DType::F16,
+            "bf16" | "bfloat16" => DType::BF16,
+            other => bail!("--dtype {other}: expected f32, f16 or bf16"),
+        })
+    }
+
+    /// The options that define the training (everything but output paths and logging
+    /// cadence), as a JSON object with sorted keys: recorded in the LoRA file's metadata.
+    pub fn training_args(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if let Some(obj) = v.as_object_mut() {
+            for k in RUN_LOCAL {
+                obj.remove(*k);
+            }
+        }
+        v
+    }
+
+    /// The options whose change between a checkpoint and `--resume` would make the resumed
+    /// run differ from an uninterrupted one; returns `(option, checkpoint value, new value)`.
+    pub fn resume_conflicts(&self, saved: &serde_json::Value) -> Vec<(String, String, String)> {
+        let now = self.training_args();
+        let (Some(now), Some(saved)) = (now.as_object(), saved.as_object()) else {
+            return vec![];
+        };
+        let mut out = vec![];
+        for (k, v) in now {
+            // The number of steps may be raised to continue a finished run.
+            if k == "max_train_steps" {
+                continue;
+            }
+            let old = saved.get(k).cloned().unwrap_or(serde_json::Value::Null);
+            if &old != v {
+                out.push((k.clone(), old.to_string(), v.to_string()));
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,320 @@
+//! Training images: a folder of images with optional captions, decoded, checked, converted to
+//! RGB, resized (shorter side = resolution), then cropped / flipped into `[-1, 1]` tensors.
+//!
+//! Policy for unusual files (every message names the file):
+//! - unreadable or corrupt files, and images whose shorter side is below half the resolution
+//!   ("too small"), are errors; with `--skip-bad-images` they are skipped with a warning;
+//! - grayscale images are converted to RGB, 16-bit images to 8-bit, images with an alpha
+//!   channel are composited onto white (kohya and diffusers convert to RGB too; compositing
+//!   keeps transparent areas from turning into arbitrary colours): each with a warning;
+//! - images smaller than the resolution are upscaled, with a warning;
+//! - EXIF orientation is applied (as diffusers' `exif_transpose`).
+//!
+//! Captions: `name.txt` beside `name.png` replaces the prompt for that image; an empty caption
+//! file falls back to the prompt with a warning.
+
+use crate::rng::Rng;
+use anyhow::{bail, Context};
+use candle_core::{Device, Tensor};
+use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use std::path::{Path, PathBuf};
+
+/// File extensions treated as images.
+pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "gif", "webp", "bmp", "tif", "tiff"];
+
+/// One training image, resized so that its shorter side equals the resolution.
+#[derive(Debug, Clone)]
+pub struct TrainImage {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Its prompt (the caption file's text, or the folder's prompt).
+    pub caption: String,
+    /// The RGB pixels, shorter side = resolution.
+    pub image: RgbImage,
+}
+
+/// The images of a folder plus the warnings met while reading it.
+#[derive(Debug, Clone, Default)]
+pub struct ImageFolder {
+    /// The usable images, sorted by file name.
+    pub images: Vec<TrainImage>,
+    /// One line per converted, upscaled or skipped file.
+    pub warnings: Vec<String>,
+}
+
+/// Whether `path` has an image extension (case-insensitive) and is not a hidden file.
+pub fn is_image_file(path: &Path) -> bool {
+    let hidden = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_none_or(|n| n.starts_with('.'));
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase());
+    !hidden && path.is_file() && ext.is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str()))
+}
+
+/// The image files of `dir`, sorted by name; errors when the folder cannot be read.
+pub fn list_images(dir: &Path, what: &str) -> anyhow::Result<Vec<PathBuf>> {
+    if !dir.is_dir() {
+        bail!(
+            "{what} folder {} does not exist or is not a folder",
+            dir.display()
+        );
+    }
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read {what} folder {}", dir.display()))?;
+    let mut files = vec![];
+    for e in entries {
+        let e = e.with_context(|| format!("cannot read {what} folder {}", dir.display()))?;
+        if is_image_file(&e.path()) {
+            files.push(e.path());
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Decodes `path` with its EXIF orientation applied; the error names the file.
+pub fn decode(path: &Path) -> anyhow::Result<DynamicImage> {
+    let reader = ImageReader::open(path)
+        .with_context(|| format!("cannot open image {}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("cannot read image {}", path.display()))?;
+    let mut decoder = reader.into_decoder().with_context(|| {
+        format!(
+            "{} is not a readable image (corrupt, or a format other than png / jpeg / gif)",
+            path.display()
+        )
+    })?;
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder)
+        .with_context(|| format!("{} is corrupt: cannot decode its pixels", path.display()))?;
+    img.apply_orientation(orientation);
+    Ok(img)
+}
+
+/// Converts any decoded image to 8-bit RGB, compositing transparency onto white; returns the
+/// notes describing each conversion made.
+pub fn to_rgb8(img: DynamicImage) -> (RgbImage, Vec<&'static str>) {
+    use image::ColorType as C;
+    let color = img.color();
+    let mut notes = vec![];
+    if matches!(color, C::L8 | C::La8 | C::L16 | C::La16) {
+        notes.push("grayscale, converted to RGB");
+    }
+    if matches!(color, C::L16 | C::La16 | C::Rgb16 | C::Rgba16) {
+        notes.push("16-bit, converted to 8-bit");
+    }
+    if matches!(color, C::Rgb32F | C::Rgba32F) {
+        notes.push("floating-point, converted to 8-bit");
+    }
+    if color == C::Rgb8 {
+        return (img.into_rgb8(), notes);
+    }
+    if !color.has_alpha() {
+        return (img.to_rgb8(), notes);
+    }
+    let rgba = img.to_rgba32f();
+    let translucent = rgba.pixels().any(|p| p.0[3] < 1.0);
+    notes.push(if translucent {
+        "has transparent pixels, composited onto white"
+    } else {
+        "alpha channel dropped (fully opaque)"
+    });
+    let (w, h) = rgba.dimensions();
+    let to8 = |v: f32| (v.clamp(0.0, 1.0) * 255.0).round() as u8;
+    let out = RgbImage::from_fn(w, h, |x, y| {
+        let [r, g, b, a] = rgba.get_pixel(x, y).0;
+        let a = a.clamp(0.0, 1.0);
+        let mix = |c: f32| to8(c * a + (1.0 - a));
+        image::Rgb([mix(r), mix(g), mix(b)])
+    });
+    (out, notes)
+}
+
+/// Resizes so the shorter side equals `resolution` (the longer side scaled as torchvision's
+/// `Resize(int)`: `int(resolution · long / short)`), bilinear with antialiasing.
+pub fn resize_shorter_side(img: &RgbImage, resolution: usize) -> RgbImage {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let short = w.min(h);
+    let long = w.max(h);
+    let scaled_long = (resolution * long / short).max(resolution);
+    let (nw, nh) = if w <= h {
+        (resolution, scaled_long)
+    } else {
+        (scaled_long, resolution)
+    };
+    if (nw, nh) == (w, h) {
+        return img.clone();
+    }
+    image::imageops::resize(
+        img,
+        nw as u32,
+        nh as u32,
+        image::imageops::FilterType::Triangle,
+    )
+}
+
+/// Loads one image for training at `resolution`; `Err` for unreadable or too small files,
+/// `Ok((image, notes))` otherwise.
+pub fn load_train_image(path: &Path, resolution: usize) -> anyhow::Result<(RgbImage, Vec<String>)> {
+    let img = decode(path)?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let min_side = resolution.div_ceil(2);
+    if w.min(h) < min_side {
+        bail!(
+            "{} is too small: {w}x{h}, the shorter side must be at least {min_side} px \
+             (half of --resolution {resolution})",
+            path.display()
+        );
+    }
+    let (rgb, notes) = to_rgb8(img);
+    let mut notes: Vec<String> = notes.into_iter().map(String::from).collect();
+    if w.min(h) < resolution {
+        notes.push(format!(
+            "{w}x{h} is smaller than --resolution {resolution}, upscaled"
+        ));
+    }
+    Ok((resize_shorter_side(&rgb, resolution), notes))
+}
+
+/// Reads the caption beside `image` (`name.txt`), if any.
+fn caption_for(image: &Path, prompt: &str, warnings: &mut Vec<String>) -> anyhow::Result<String> {
+    let txt = image.with_extension("txt");
+    if !txt.is_file() {
+        return Ok(prompt.to_string());
+    }
+    let text = std::fs::read_to_string(&txt)
+        .with_context(|| format!("cannot read caption file {}", txt.display()))?;
+    let text = text.trim();
+    if text.is_empty() {
+        warnings.push(format!(
+            "warning: caption file {} is empty, using the prompt {prompt:?}",
+            txt.display()
+        ));
+        return Ok(prompt.to_string());
+    }
+    Ok(text.to_string())
+}
+
+/// Reads every image of `dir` (`what` names the folder in messages, e.g. "instance").
+pub fn load_folder(
+    dir: &Path,
+    prompt: &str,
+    resolution: usize,
+    skip_bad: bool,
+    what: &str,
+) -> anyhow::Result<ImageFolder> {
+    let files = list_images(dir, what)?;
+    if files.is_empty() {
+        bail!(
+            "{what} folder {} has no images (looked for {})",
+            dir.display(),
+            IMAGE_EXTENSIONS.join(", ")
+        );
+    }
+    let mut out = ImageFolder::default();
+    for path in files {
+        match load_train_image(&path, resolution) {
+            Ok((image, notes)) => {
+                for n in notes {
+                    out.warnings
+                        .push(format!("warning: {}: {n}", path.display()));
+                }
+                let caption = caption_for(&path, prompt, &mut out.warnings)?;
+                out.images.push(TrainImage {
+                    path,
+                    caption,
+                    image,
+                });
+            }
+            Err(e) if skip_bad => out.warnings.push(format!("warning: skipped: {e:#}")),
+            Err(e) => {
+                return Err(e.context(
+                    "bad training image (pass --skip-bad-images to skip such files with a warning)",
+                ))
+            }
+        }
+    }
+    if out.images.is_empty() {
+        bail!(
+            "{what} folder {}: no usable image left after skipping bad files",
+            dir.display()
+        );
+    }
+    Ok(out)
+}
+
+/// Where a `res`×`res` crop starts in a `w`×`h` image: centred (torchvision's `CenterCrop`
+/// rounding) or drawn uniformly from `rng` (top first, then left).
+pub fn crop_origin(w: usize, h: usize, res: usize, center: bool, rng: &mut Rng) -> (usize, usize) {
+    if center {
+        let top = ((h - res) as f64 / 2.0).round() as usize;
+        let left = ((w - res) as f64 / 2.0).round() as usize;
+        (left, top)
+    } else {
+        let top = rng.below((h - res + 1) as u64) as usize;
+        let left = rng.below((w - res + 1) as u64) as usize;
+        (left, top)
+    }
+}
+
+/// The `res`×`res` crop at `(left, top)`, optionally mirrored, as a `[3, res, res]` f32 tensor
+/// in `[-1, 1]` (`2·x/255 − 1`, as ToTensor + Normalize(0.5, 0.5)).
+pub fn crop_tensor(
+    img: &RgbImage,
+    (left, top): (usize, usize),
+    res: usize,
+    flip: bool,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let mut data = vec![0f32; 3 * res * res];
+    for y in 0..res {
+        for x in 0..res {
+            let sx = if flip { left + res - 1 - x } else { left + x };
+            let p = img.get_pixel(sx as u32, (top + y) as u32).0;
+            for c in 0..3 {
+                data[c * res * res + y * res + x] = p[c] as f32 / 255.0 * 2.0 - 1.0;
+            }
+        }
+    }
+    Tensor::from_vec(data, (3, res, res), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resize_and_crop() -> anyhow::Result<()> {
+        let img = RgbImage::from_fn(40, 20, |x, _| image::Rgb([x as u8 * 6, 0, 255]));
+        let r = resize_shorter_side(&img, 10);
+        assert_eq!((r.width(), r.height()), (20, 10));
+        let mut rng = Rng::new(0);
+        assert_eq!(crop_origin(20, 10, 10, true, &mut rng), (5, 0));
+        let t = crop_tensor(&r, (0, 0), 10, false, &Device::Cpu)?;
+        let f = crop_tensor(&r, (0, 0), 10, true, &Device::Cpu)?;
+        assert_eq!(t.dims(), [3, 10, 10]);
+        let a: Vec<f32> = t.narrow(2, 0, 1)?.flatten_all()?.to_vec1()?;
+        let b: Vec<f32> = f.narrow(2, 9, 1)?.flatten_all()?.to_vec1()?;
+        assert_eq!(a, b);
+        let blue: Vec<f32> = t.get(2)?.flatten_all()?.to_vec1()?;
+        assert!(blue.iter().all(|&v| v == 1.0));
+        Ok(())
+    }
+
+    #[test]
+    fn alpha_composited_onto_white() {
+        let img = image::RgbaImage::from_fn(2, 1, |x, _| {
+            image::Rgba([0, 0, 0, if x == 0 { 0 } else { 255 }])
+        });
+        let (rgb, notes) = to_rgb8(DynamicImage::ImageRgba8(img));
+        assert_eq!(rgb.get_pixel(0, 0).0, [255, 255, 255]);
+        assert_eq!(rgb.get_pixel(1, 0).0, [0, 0, 0]);
+        assert_eq!(notes, ["has transparent pixels, composited onto white"]);
+    }
+}

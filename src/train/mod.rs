@@ -1,0 +1,19 @@
+//! LoRA (and full) fine-tuning of Stable Diffusion: DreamBooth with optional prior
+//! preservation, the loop behind `lora train`.
+
+pub mod batch;
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod loss;
+pub mod model;
+pub mod optim;
+mod outputs;
+pub mod plot;
+pub mod prior;
+mod setup;
+pub mod trainer;
+
+pub use config::{LrScheduler, TrainConfig};
+pub use setup::parse_device;
+pub use trainer::{train, TrainHooks, TrainOutcome, Trainer};

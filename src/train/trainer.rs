@@ -1,0 +1,329 @@
+//! The training loop: steps with gradient accumulation / clipping / AdamW / schedule,
+//! checkpoints and samples on schedule, NaN and Ctrl-C handling, and the final outputs. Set-up
+//! is in `setup.rs`, writing files in `outputs.rs`.
+
+use super::batch::{encode_captions, latents_for, next_item, Augment, EmbeddingCache, ImageSet};
+use super::checkpoint::DataOrder;
+use super::config::TrainConfig;
+use super::loss::{dreambooth_loss, min_snr_weights, noise_batch};
+use super::model::Trainable;
+use super::optim::{clip_grad_norm, lr_factor, AdamW};
+use super::plot::{write_loss_log, LossPoint};
+use super::setup::progress;
+use crate::pipeline::StableDiffusion;
+use crate::rng::Rng;
+use crate::schedulers::{DdpmScheduler, PredictionType};
+use candle_core::Tensor;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Clone, Default)]
+pub struct TrainHooks {
+    /// Set (e.g. by a Ctrl-C handler) to stop after the current step with a checkpoint.
+    pub interrupt: Arc<AtomicBool>,
+    /// Print nothing (no progress bar, no notes).
+    pub quiet: bool,
+}
+
+/// What a finished (or interrupted) run produced.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    /// Optimizer steps completed in total (including those before a resume).
+    pub steps: usize,
+    /// The loss log.
+    pub losses: Vec<LossPoint>,
+    /// The final LoRA file (or the fully fine-tuned UNet file), absent when interrupted.
+    pub output: Option<PathBuf>,
+    /// The last checkpoint written, if any.
+    pub checkpoint: Option<PathBuf>,
+    /// Whether the run stopped early (Ctrl-C or `stop_after`).
+    pub interrupted: bool,
+    /// Steps run by this call (fewer than `steps` after a resume).
+    pub steps_this_run: usize,
+    /// Number of trained scalars.
+    pub trained_params: usize,
+    /// Seconds spent in training steps.
+    pub train_seconds: f64,
+}
+
+/// A prepared training run.
+pub struct Trainer {
+    pub(super) cfg: TrainConfig,
+    pub(super) hooks: TrainHooks,
+    pub(super) sd: StableDiffusion,
+    pub(super) model: Trainable,
+    pub(super) opt: AdamW,
+    pub(super) sched: DdpmScheduler,
+    pub(super) prediction: PredictionType,
+    pub(super) instance: ImageSet,
+    pub(super) class: Option<ImageSet>,
+    pub(super) aug: Augment,
+    pub(super) emb: EmbeddingCache,
+    pub(super) data_rng: Rng,
+    pub(super) noise_rng: Rng,
+    pub(super) order: DataOrder,
+    pub(super) step: usize,
+    pub(super) losses: Vec<LossPoint>,
+    pub(super) out_dir: PathBuf,
+    pub(super) last_checkpoint: Option<PathBuf>,
+}
+
+pub(super) fn note(hooks: &TrainHooks, msg: impl AsRef<str>) {
+    if !hooks.quiet {
+        eprintln!("{}", msg.as_ref());
+    }
+}
+
+impl Trainer {
+    /// The model with the trained parameters attached.
+    pub fn sd(&self) -> &StableDiffusion {
+        &self.sd
+    }
+
+    /// The trained parameters.
+    pub fn trainable(&self) -> &Trainable {
+        &self.model
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    /// Number of training items per epoch (instance images, or more class images).
+    fn n_items(&self) -> usize {
+        let nc = self.class.as_ref().map_or(0, |c| c.len());
+        self.instance.len().max(nc)
+    }
+
+    /// Loss of one micro-batch (differentiable).
+    fn micro_batch_loss(&mut self) -> anyhow::Result<Tensor> {
+        let b = self.cfg.batch_size;
+        let n = self.n_items();
+        let items: Vec<usize> = (0..b)
+            .map(|_| next_item(&mut self.order, n, &mut self.data_rng))
+            .collect();
+        let dev = self.sd.device.clone();
+        let dtype = self.sd.dtype;
+        let inst_idx: Vec<usize> = items.iter().map(|i| i % self.instance.len()).collect();
+        let mut latents = vec![latents_for(
+            &self.instance,
+            &inst_idx,
+            &self.sd.vae,
+            dtype,
+            self.aug,
+            &mut self.data_rng,
+            &mut self.noise_rng,
+            &dev,
+        )?];
+        let mut captions: Vec<String> = inst_idx
+            .iter()
+            .map(|&i| self.instance.images()[i].caption.clone())
+            .collect();
+        if let Some(class) = &self.class {
+            let idx: Vec<usize> = items.iter().map(|i| i % class.len()).collect();
+            latents.push(latents_for(
+                class,
+                &idx,
+                &self.sd.vae,
+                dtype,
+                self.aug,
+                &mut self.data_rng,
+                &mut self.noise_rng,
+                &dev,
+            )?);
+            captions.extend(idx.iter().map(|&i| class.images()[i].caption.clone()));
+        }
+        let latents = Tensor::cat(&latents, 0)?;
+        let context = if self.cfg.train_text_encoder {
+            let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
+            encode_captions(&refs, &self.sd.tokenizer, &self.sd.text_encoder, &dev)?
+        } else {
+            let mut embs = Vec::with_capacity(captions.len());
+            for c in &captions {
+                embs.push(
+                    self.emb
+                        .get(c, &self.sd.tokenizer, &self.sd.text_encoder, &dev)?,
+                );
+            }
+            Tensor::cat(&embs, 0)?
+        };
+        let nb = noise_batch(
+            &self.sched,
+            self.prediction,
+            &latents,
+            self.cfg.noise_offset,
+            &mut self.noise_rng,
+        )?;
+        let ts: Vec<f32> = nb.timesteps.iter().map(|&t| t as f32).collect();
+        let ts = Tensor::from_vec(ts, nb.timesteps.len(), &dev)?;
+        let pred = self.sd.unet.forward(&nb.noisy, &ts, &context)?;
+        let weights = self.cfg.min_snr_gamma.map(|g| {
+            min_snr_weights(
+                self.sched.alphas_cumprod(),
+                &nb.timesteps,
+                g,
+                self.prediction,
+            )
+        });
+        Ok(dreambooth_loss(
+            &pred,
+            &nb.target,
+            weights.as_deref(),
+            b,
+            self.cfg.prior_loss_weight,
+        )?)
+    }
+
+    /// One optimizer step (with gradient accumulation); returns the mean loss.
+    fn train_step(&mut self) -> anyhow::Result<f64> {
+        let accum = self.cfg.gradient_accumulation_steps;
+        let vars = self.model.named_vars();
+        let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+        let mut loss_sum = 0f64;
+        let step = self.step + 1;
+        for _ in 0..accum {
+            let loss = self.micro_batch_loss()?;
+            let v = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            if !v.is_finite() {
+                return Err(self.diverged(step, &format!("the loss is {v}")));
+            }
+            loss_sum += v;
+            let scaled = if accum > 1 {
+                loss.affine(1.0 / accum as f64, 0.0)?
+            } else {
+                loss
+            };
+            let store = scaled.backward()?;
+            for (name, var) in &vars {
+                if let Some(g) = store.get(var.as_tensor()) {
+                    let g = g.detach();
+                    let sum = match grads.remove(name) {
+                        Some(prev) => (prev + g)?,
+                        None => g,
+                    };
+                    grads.insert(name.clone(), sum);
+                }
+            }
+        }
+        let norm = clip_grad_norm(&mut grads, self.cfg.max_grad_norm)?;
+        if !norm.is_finite() {
+            return Err(self.diverged(step, &format!("the gradient norm is {norm}")));
+        }
+        let f = lr_factor(
+            self.cfg.lr_scheduler,
+            self.step,
+            self.cfg.lr_warmup_steps,
+            self.cfg.max_train_steps,
+        );
+        self.opt.step(&grads, f)?;
+        self.step = step;
+        let loss = loss_sum / accum as f64;
+        self.losses.push(LossPoint {
+            step,
+            loss,
+            lr: self.cfg.learning_rate * f,
+        });
+        Ok(loss)
+    }
+
+    /// The error for a non-finite loss or gradient at `step`.
+    fn diverged(&self, step: usize, why: &str) -> anyhow::Error {
+        let _ = write_loss_log(&self.out_dir, &self.losses);
+        let ckpt = match &self.last_checkpoint {
+            Some(p) => format!("the last good checkpoint is {} (resume with --resume {} and a lower learning rate)", p.display(), p.display()),
+            None => "no checkpoint was written before (use --save-steps to keep some)".to_string(),
+        };
+        anyhow::anyhow!(
+            "training stopped at step {step} of {}: {why}; that step was not applied and no \
+             LoRA file was written; {ckpt}. The learning rate ({:e}) is probably too high.",
+            self.cfg.max_train_steps,
+            self.cfg.learning_rate
+        )
+    }
+
+    /// Runs the remaining steps, then writes the outputs.
+    pub fn run(&mut self) -> anyhow::Result<TrainOutcome> {
+        let total = self.cfg.max_train_steps;
+        let pb = progress(&self.hooks, total as u64, "training");
+        pb.set_position(self.step as u64);
+        pb.reset_eta();
+        let t0 = Instant::now();
+        let start_step = self.step;
+        let mut interrupted = false;
+        while self.step < total {
+            if self.hooks.interrupt.load(Ordering::SeqCst) || self.cfg.stop_after == Some(self.step)
+            {
+                interrupted = true;
+                break;
+            }
+            let loss = self.train_step()?;
+            pb.set_position(self.step as u64);
+            pb.set_message(format!("training (loss {loss:.4})"));
+            if self.cfg.save_steps > 0 && self.step % self.cfg.save_steps == 0 {
+                let d = self.save_checkpoint()?;
+                pb.suspend(|| {
+                    note(
+                        &self.hooks,
+                        format!("step {}: checkpoint {}", self.step, d.display()),
+                    )
+                });
+            }
+            let at_end = self.step == total;
+            if self.cfg.sample_prompt.is_some()
+                && ((self.cfg.sample_every > 0 && self.step % self.cfg.sample_every == 0) || at_end)
+            {
+                let p = self.sample()?;
+                pb.suspend(|| {
+                    note(
+                        &self.hooks,
+                        format!("step {}: sample {}", self.step, p.display()),
+                    )
+                });
+            }
+        }
+        pb.finish_and_clear();
+        let train_seconds = t0.elapsed().as_secs_f64();
+        let mut output = None;
+        if interrupted {
+            let d = self.save_checkpoint()?;
+            note(
+                &self.hooks,
+                format!(
+                    "interrupted at step {}: checkpoint {}",
+                    self.step,
+                    d.display()
+                ),
+            );
+        } else {
+            output = Some(self.save_final()?);
+            if self.cfg.save_steps > 0
+                && self
+                    .last_checkpoint
+                    .as_ref()
+                    .is_none_or(|p| !p.ends_with(format!("checkpoint-{}", self.step)))
+            {
+                self.save_checkpoint()?;
+            }
+            write_loss_log(&self.out_dir, &self.losses)?;
+        }
+        Ok(TrainOutcome {
+            steps: self.step,
+            losses: self.losses.clone(),
+            output,
+            checkpoint: self.last_checkpoint.clone(),
+            interrupted,
+            steps_this_run: self.step - start_step,
+            trained_params: self.opt.num_params(),
+            train_seconds,
+        })
+    }
+}
+
+/// Runs a whole training from `cfg`.
+pub fn train(cfg: TrainConfig, hooks: TrainHooks) -> anyhow::Result<TrainOutcome> {
+    Trainer::new(cfg, hooks)?.run()
+}

@@ -1,0 +1,290 @@
+//! LoRA file formats on bad input (truncated / corrupt files, unknown keys, wrong shapes, a
+//! LoRA for another model family, existing outputs) and the `lora convert` / `lora inspect`
+//! commands. Every failure is a clear error naming the file, key or layer; never a panic.
+
+use candle_core::{DType, Device, Tensor};
+use lora_diffusion::formats::{self, check_against, Architecture, Format, WriteOptions};
+use lora_diffusion::hub::ModelSource;
+use lora_diffusion::lora::{LoraSet, LoraWeights};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn fx(name: &str) -> PathBuf {
+    fixtures().join("lora_formats").join(name)
+}
+
+fn tiny(name: &str) -> Architecture {
+    Architecture::from_model(&ModelSource::Local(fixtures().join(name))).unwrap()
+}
+
+/// Factors and alphas are identical.
+fn identical(a: &LoraSet, b: &LoraSet) {
+    assert_eq!(
+        a.layers.keys().collect::<Vec<_>>(),
+        b.layers.keys().collect::<Vec<_>>()
+    );
+    for (k, w) in &a.layers {
+        let v = &b.layers[k];
+        assert_eq!(w.alpha, v.alpha, "{k}: alpha");
+        let d = (&w.up - &v.up)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0, "{k}: up");
+    }
+}
+
+fn err_of<T: std::fmt::Debug>(r: anyhow::Result<T>) -> String {
+    let e = format!("{:#}", r.unwrap_err());
+    eprintln!("error: {e}");
+    assert!(!e.contains("panicked"));
+    e
+}
+
+#[test]
+fn truncated_and_corrupt_files_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["kohya.safetensors", "cloneofsimo.pt"] {
+        let bytes = std::fs::read(fx(name)).unwrap();
+        let p = dir.path().join(name);
+        std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+        let e = err_of(formats::read(&p));
+        assert!(
+            e.contains(p.to_str().unwrap()) && e.contains("truncated"),
+            "{e}"
+        );
+        let mut garbage = bytes.clone();
+        garbage[8..40].copy_from_slice(&[b'#'; 32]);
+        std::fs::write(&p, &garbage).unwrap();
+        let e = err_of(formats::read(&p));
+        assert!(e.contains(p.to_str().unwrap()), "{e}");
+    }
+    let p = dir.path().join("tiny.safetensors");
+    std::fs::write(&p, b"abc").unwrap();
+    assert!(err_of(formats::read(&p)).contains("too short"));
+    assert!(
+        err_of(formats::read(&dir.path().join("missing.safetensors"))).contains("does not exist")
+    );
+}
+
+/// A copy of a fixture with tensors added / replaced.
+fn edited(dir: &Path, name: &str, edit: impl FnOnce(&mut HashMap<String, Tensor>)) -> PathBuf {
+    let mut t = candle_core::safetensors::load(fx(name), &Device::Cpu).unwrap();
+    edit(&mut t);
+    let p = dir.join(name);
+    candle_core::safetensors::save(&t, &p).unwrap();
+    p
+}
+
+#[test]
+fn unknown_keys_are_listed_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let z = Tensor::zeros((4, 32), DType::F32, &Device::Cpu).unwrap();
+    let p = edited(dir.path(), "kohya.safetensors", |t| {
+        t.insert(
+            "lora_unet_down_blocks_0_nonexistent_to_q.lora_down.weight".into(),
+            z.clone(),
+        );
+        t.insert(
+            "lora_unet_up_blocks_9_attentions_0_proj_in.lora_up.weight".into(),
+            z.clone(),
+        );
+    });
+    let e = err_of(formats::read(&p));
+    assert!(
+        e.contains("2 of 302 keys") && e.contains("nonexistent_to_q") && e.contains("up_blocks_9"),
+        "{e}"
+    );
+    let p = edited(dir.path(), "diffusers.safetensors", |t| {
+        t.insert("unet.down_blocks.0.something.weird".into(), z.clone());
+    });
+    assert!(err_of(formats::read(&p)).contains("unet.down_blocks.0.something.weird"));
+}
+
+#[test]
+fn mismatched_shapes_name_the_layer_and_both_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let layer = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    let p = edited(dir.path(), "kohya.safetensors", |t| {
+        t.insert(
+            format!("{layer}.lora_up.weight"),
+            Tensor::zeros((32, 8), DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    let e = err_of(formats::read(&p));
+    assert!(
+        e.contains("attn1.to_q") && e.contains("[4, 32]") && e.contains("[32, 8]"),
+        "{e}"
+    );
+    // Against a model: the tiny SD1 LoRA on the tiny SD2 model.
+    let set = formats::read(&fx("kohya.safetensors")).unwrap();
+    let e = err_of(check_against(&set, &tiny("sd2-tiny")));
+    assert!(
+        e.contains("cross-attention dim 32 in the LoRA, 48 in the model"),
+        "{e}"
+    );
+    assert!(
+        e.contains("attn2.to_k: LoRA ΔW [32, 32], model weight [32, 48]"),
+        "{e}"
+    );
+    check_against(&set, &tiny("sd1-tiny")).unwrap();
+    // Real size: an SD 2 LoRA layer on SD 1.5.
+    let k = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k";
+    let mut sd2 = LoraSet::default();
+    let w = LoraWeights {
+        down: Tensor::zeros((4, 1024), DType::F32, &Device::Cpu).unwrap(),
+        up: Tensor::zeros((320, 4), DType::F32, &Device::Cpu).unwrap(),
+        alpha: 4.0,
+    };
+    sd2.layers.insert(k.into(), w);
+    check_against(&sd2, Architecture::sd21()).unwrap();
+    let e = err_of(check_against(&sd2, Architecture::sd15()));
+    assert!(
+        e.contains(
+            "cross-attention dim 1024 in the LoRA, 768 in the model (a LoRA for SD 2.x on SD 1.x)"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn output_exists_needs_force_and_nothing_is_half_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let set = formats::read(&fx("kohya.safetensors")).unwrap();
+    let out = dir.path().join("out.safetensors");
+    std::fs::write(&out, b"user data").unwrap();
+    let e = err_of(formats::write(
+        &set,
+        &out,
+        Format::Ours,
+        &WriteOptions::default(),
+    ));
+    assert!(e.contains("already exists") && e.contains("--force"), "{e}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"user data");
+    // A format that cannot hold the LoRA fails before touching the file.
+    let e = err_of(formats::write(
+        &set,
+        &out,
+        Format::Cloneofsimo,
+        &WriteOptions {
+            force: true,
+            ..Default::default()
+        },
+    ));
+    assert!(e.contains("--model"), "{e}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"user data");
+    formats::write(
+        &set,
+        &out,
+        Format::Ours,
+        &WriteOptions {
+            force: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    identical(&set, &formats::read(&out).unwrap());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .collect();
+    assert_eq!(leftovers.len(), 1, "temporary files left: {leftovers:?}");
+}
+
+#[test]
+fn cloneofsimo_rejects_partial_module_classes() {
+    let arch = tiny("sd1-tiny");
+    let mut set = formats::read(&fx("kohya.safetensors")).unwrap();
+    set.layers.retain(|k, _| !k.ends_with("attn1.to_v"));
+    let dir = tempfile::tempdir().unwrap();
+    let e = err_of(formats::write(
+        &set,
+        &dir.path().join("c.safetensors"),
+        Format::Cloneofsimo,
+        &WriteOptions {
+            arch: Some(&arch),
+            ..Default::default()
+        },
+    ));
+    assert!(
+        e.contains("whole module classes") && e.contains("attn1.to_q"),
+        "{e}"
+    );
+}
+
+fn lora(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_lora"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn cli_convert_and_inspect() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.safetensors");
+    let (kohya, o) = (fx("kohya.safetensors"), out.to_str().unwrap().to_string());
+    let r = lora(&[
+        "convert",
+        kohya.to_str().unwrap(),
+        "--to",
+        "diffusers",
+        "--out",
+        &o,
+        "--dtype",
+        "f16",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(formats::detect(&out).unwrap(), Format::Diffusers);
+    let r = lora(&[
+        "convert",
+        kohya.to_str().unwrap(),
+        "--to",
+        "ours",
+        "--out",
+        &o,
+    ]);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--force"));
+    let r = lora(&["inspect", &o]);
+    let text = String::from_utf8_lossy(&r.stdout).to_string();
+    eprintln!("{text}");
+    assert!(r.status.success());
+    for needle in [
+        "format:      diffusers",
+        "unknown (cross-attention dim 32)",
+        "rank:        4",
+        "alpha:       8 (scale 2)",
+        "f16",
+        "parameters:  ",
+        "to_out.0",
+        "88 unet",
+    ] {
+        assert!(text.contains(needle), "inspect output lacks {needle:?}");
+    }
+    let m = fixtures().join("sd1-tiny");
+    let r = lora(&[
+        "convert",
+        fx("cloneofsimo.pt").to_str().unwrap(),
+        "--to",
+        "kohya",
+        "--out",
+        &o,
+        "--force",
+        "--model",
+        m.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let r = lora(&["inspect", fx("cloneofsimo.pt").to_str().unwrap()]);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--model"));
+}
