@@ -12,6 +12,7 @@ pub mod ops;
 pub mod pipeline;
 pub mod rng;
 pub mod schedulers;
+pub mod sys;
 pub mod tokenizer;
 pub mod train;
 

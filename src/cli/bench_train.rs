@@ -17,6 +17,7 @@ use crate::models::presets::SD15_UNET_CONFIG;
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::weights::ModelWeights;
 use crate::rng::Rng;
+use crate::train::model::lora_file_bytes;
 use crate::train::optim::{AdamW, AdamWParams};
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor, Var};
@@ -120,6 +121,10 @@ struct Figures {
     /// Peak RSS over the whole workload (the full step dominates).
     peak_rss_mb: f64,
     lora_params: usize,
+    /// Size of the rank-4 LoRA in our file format (f32 factors, no metadata).
+    lora_file_bytes_f32: usize,
+    /// The same with f16 factors.
+    lora_file_bytes_f16: usize,
     full_params: usize,
     /// LoRA step phases (median ms): forward + loss, backward, AdamW.
     lora_phases_ms: [f64; 3],
@@ -162,13 +167,10 @@ struct Phases {
 }
 
 impl Phases {
-    /// Median milliseconds of each phase.
-    fn medians(self) -> [f64; 3] {
-        [
-            median_ms(self.fwd),
-            median_ms(self.bwd),
-            median_ms(self.opt),
-        ]
+    /// Median milliseconds of each phase over the timed runs (after `warmup` runs).
+    fn medians(self, warmup: usize) -> [f64; 3] {
+        let m = |v: Vec<f64>| median_ms(v.into_iter().skip(warmup).collect());
+        [m(self.fwd), m(self.bwd), m(self.opt)]
     }
 }
 
@@ -251,13 +253,20 @@ fn measure<M: LoraHost>(
         let lora = inject_trainable(&model, "unet", &targets, 4, 4.0, 0.0, &mut Rng::new(2), dev)?;
         let vars = lora.named_vars().to_vec();
         f.lora_params = lora.num_parameters();
+        let mut set = lora.to_lora_set()?;
+        f.lora_file_bytes_f32 = lora_file_bytes(&set, &BTreeMap::new())?.len();
+        for w in set.layers.values_mut() {
+            w.down = w.down.to_dtype(DType::F16)?;
+            w.up = w.up.to_dtype(DType::F16)?;
+        }
+        f.lora_file_bytes_f16 = lora_file_bytes(&set, &BTreeMap::new())?.len();
         let mut opt = adamw();
         opt.add_group(&vars, 1e-4)?;
         let mut ph = Phases::default();
         f.lora_step_ms = time_runs(warmup, runs, || {
             train_step(|| fwd(&model), &target, &vars, &mut opt, &mut ph)
         })?;
-        f.lora_phases_ms = ph.medians();
+        f.lora_phases_ms = ph.medians(warmup);
         f.lora_peak_rss_mb = super::bench::peak_rss_mb();
     }
     {
@@ -270,7 +279,7 @@ fn measure<M: LoraHost>(
         f.full_step_ms = time_runs(warmup, runs, || {
             train_step(|| fwd(&model), &target, &vars, &mut opt, &mut ph)
         })?;
-        f.full_phases_ms = ph.medians();
+        f.full_phases_ms = ph.medians(warmup);
     }
     f.peak_rss_mb = super::bench::peak_rss_mb();
     Ok(f)
@@ -363,10 +372,10 @@ fn print_text(name: &str, f: &Figures, torch: Option<&serde_json::Value>) {
         t("peak_rss_mb").map_or(String::new(), |p| format!("   PyTorch {p:.0} MB"))
     );
     println!(
-        "  LoRA params {} ({:.2} MB f32, {:.2} MB f16), full params {}",
+        "  rank-4 attention LoRA: {} params, file {:.2} MB (f32) / {:.2} MB (f16); full: {} params",
         f.lora_params,
-        f.lora_params as f64 * 4.0 / 1e6,
-        f.lora_params as f64 * 2.0 / 1e6,
+        f.lora_file_bytes_f32 as f64 / 1e6,
+        f.lora_file_bytes_f16 as f64 / 1e6,
         f.full_params
     );
 }
@@ -380,22 +389,24 @@ pub fn run(b: TrainBench) -> anyhow::Result<()> {
         "unet" => (false, true),
         w => anyhow::bail!("--workload {w}: expected all, block or unet"),
     };
+    // PyTorch first: this process keeps freed memory (see `sys::tune_allocator`), so the
+    // reference must not run beside our own full-UNet step.
+    let mut torch: Vec<Option<serde_json::Value>> = vec![None, None];
+    if let Some(py) = &b.torch_python {
+        if do_block {
+            torch[0] = Some(torch_figures(py, "block", b.runs)?);
+        }
+        if do_unet {
+            torch[1] = Some(torch_figures(py, "unet", b.unet_runs)?);
+        }
+    }
     let mut results: Vec<(&str, Figures, Option<serde_json::Value>)> = vec![];
     if do_block {
-        results.push(("sd_block", block_figures(b.runs, &dev)?, None));
+        results.push(("sd_block", block_figures(b.runs, &dev)?, torch[0].take()));
     }
     if do_unet {
-        results.push(("sd15_unet_256", unet_figures(b.unet_runs, &dev)?, None));
-    }
-    if let Some(py) = &b.torch_python {
-        for r in results.iter_mut() {
-            let (w, runs) = if r.0 == "sd_block" {
-                ("block", b.runs)
-            } else {
-                ("unet", b.unet_runs)
-            };
-            r.2 = Some(torch_figures(py, w, runs)?);
-        }
+        let f = unet_figures(b.unet_runs, &dev)?;
+        results.push(("sd15_unet_256", f, torch[1].take()));
     }
     if b.json {
         let mut obj = serde_json::Map::new();

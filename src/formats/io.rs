@@ -344,7 +344,54 @@ pub fn write_safetensors(
     let data: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
     let bytes = safetensors::serialize(data, Some(meta))
         .map_err(|e| anyhow!("cannot serialize {}: {e}", path.display()))?;
+    let bytes = canonical_header(bytes)?;
     crate::pipeline::image_io::write_atomic(path, force, |tmp| {
         std::fs::write(tmp, &bytes).with_context(|| format!("cannot write {}", tmp.display()))
     })
+}
+
+/// Rewrites a serialized safetensors buffer's JSON header with its keys sorted (the
+/// `safetensors` crate writes metadata in hash order), so equal contents give equal bytes.
+pub fn canonical_header(mut bytes: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+    if bytes.len() < 8 {
+        bail!("serialized safetensors buffer too short");
+    }
+    let mut len8 = [0u8; 8];
+    len8.copy_from_slice(&bytes[..8]);
+    let n = u64::from_le_bytes(len8) as usize;
+    if 8 + n > bytes.len() {
+        bail!("serialized safetensors header overruns the buffer");
+    }
+    // serde_json's map is ordered by key (no `preserve_order`), so a round trip sorts it.
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n])?;
+    let mut sorted = serde_json::to_vec(&header)?;
+    if sorted.len() > n {
+        bail!("canonical safetensors header is longer than the original");
+    }
+    sorted.resize(n, b' ');
+    bytes[8..8 + n].copy_from_slice(&sorted);
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod canonical_tests {
+    use super::*;
+
+    #[test]
+    fn same_content_gives_same_bytes() {
+        let t = Tensor::arange(0f32, 6., &Device::Cpu).unwrap().reshape((2, 3)).unwrap();
+        let meta: BTreeMap<String, String> =
+            (0..20).map(|i| (format!("key{i}"), format!("v{i}"))).collect();
+        let mut outs = vec![];
+        for _ in 0..4 {
+            let m: HashMap<String, String> = meta.clone().into_iter().collect();
+            let b = safetensors::serialize(vec![("w", &t), ("b", &t)], Some(m)).unwrap();
+            outs.push(canonical_header(b).unwrap());
+        }
+        assert!(outs.windows(2).all(|w| w[0] == w[1]));
+        let st = safetensors::SafeTensors::deserialize(&outs[0]).unwrap();
+        assert_eq!(st.names().len(), 2);
+        let (_, m) = safetensors::SafeTensors::read_metadata(&outs[0]).unwrap();
+        assert_eq!(m.metadata().as_ref().unwrap().get("key7").unwrap(), "v7");
+    }
 }

@@ -6,7 +6,7 @@
 //! `text_model.embeddings.position_ids` is never requested: positions are `0..L`.
 
 use anyhow::Context;
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 use std::path::Path;
@@ -231,10 +231,10 @@ impl ClipAttention {
         let k = self.split_heads(&self.k_proj.forward(x)?)?;
         let v = self.split_heads(&self.v_proj.forward(x)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.transpose(D::Minus2, D::Minus1)?.contiguous()?)? * scale)?;
-        let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
-        let probs = crate::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, d))?;
+        let out = crate::ops::attention(&q, &k, &v, scale, Some(mask))?
+            .to_dtype(dtype)?
+            .transpose(1, 2)?
+            .reshape((b, l, d))?;
         self.out_proj.forward(&out)
     }
 }

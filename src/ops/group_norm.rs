@@ -3,7 +3,7 @@
 //! `dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ · x̂))`, `dw_c = Σ g · x̂`, `db_c = Σ g`.
 
 use super::bridge::{bridge3, Backend};
-use super::par::{contiguous_slice, par_for, Real, SharedMut};
+use super::par::{contiguous_slice, mean_rstd, par_for, reduce1, reduce2, Real, SharedMut};
 use super::Kernel;
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -68,21 +68,6 @@ pub(crate) fn generic_bwd(
     Ok((dx, dw, db))
 }
 
-/// Group statistics `(mean, rstd)` in f64, two-pass.
-fn stats<T: Real>(x: &[T], eps: f64) -> (f64, f64) {
-    let n = x.len() as f64;
-    let mean = x.iter().map(|v| v.to_f64()).sum::<f64>() / n;
-    let var = x
-        .iter()
-        .map(|v| {
-            let d = v.to_f64() - mean;
-            d * d
-        })
-        .sum::<f64>()
-        / n;
-    (mean, 1.0 / (var + eps).sqrt())
-}
-
 /// Sizes of a group norm input: `(N, C, S, G)` with S the product of the spatial dims.
 fn dims(l: &Layout, c: usize, groups: usize) -> (usize, usize, usize, usize) {
     let n = l.dims()[0];
@@ -106,7 +91,7 @@ fn fwd_kernel<T: Real>(
     let mut dst = vec![T::ZERO; x.len()];
     super::par::par_rows(&mut dst, m, |i, d| {
         let xr = &x[i * m..(i + 1) * m];
-        let (mean, rstd) = stats(xr, eps);
+        let (mean, rstd) = mean_rstd(xr, eps);
         for k in 0..cg {
             let ch = (i % g) * cg + k;
             let a = rstd * w[ch].to_f64();
@@ -154,16 +139,14 @@ fn bwd_kernel<T: Real>(
             )
         };
         let (xr, gg) = (&x[i * m..(i + 1) * m], &gr[i * m..(i + 1) * m]);
-        let (mean, rstd) = stats(xr, eps);
+        let (mean, rstd) = mean_rstd(xr, eps);
         let (mut sum_gh, mut sum_ghx) = (0f64, 0f64);
         for k in 0..cg {
             let wc = w[(i % g) * cg + k].to_f64();
-            let (mut s1, mut s2) = (0f64, 0f64);
-            for j in k * s..(k + 1) * s {
-                let gv = gg[j].to_f64();
-                s1 += gv;
-                s2 += gv * xr[j].to_f64();
-            }
+            let range = k * s..(k + 1) * s;
+            let (gc, xc) = (&gg[range.clone()], &xr[range]);
+            let s1 = reduce1(gc, |v| v.to_f64());
+            let s2 = reduce2(gc, xc, |a, b| a.to_f64() * b.to_f64());
             let gx = rstd * (s2 - mean * s1);
             pw[k] = gx;
             pb[k] = s1;
@@ -175,8 +158,9 @@ fn bwd_kernel<T: Real>(
         let ccoef = -bcoef * mean - rstd * sum_gh / mf;
         for k in 0..cg {
             let a = rstd * w[(i % g) * cg + k].to_f64();
-            for j in k * s..(k + 1) * s {
-                dx[j] = T::from_f64(a * gg[j].to_f64() + bcoef * xr[j].to_f64() + ccoef);
+            let r = k * s..(k + 1) * s;
+            for ((d, &gv), &xv) in dx[r.clone()].iter_mut().zip(&gg[r.clone()]).zip(&xr[r]) {
+                *d = T::from_f64(a * gv.to_f64() + bcoef * xv.to_f64() + ccoef);
             }
         }
     });

@@ -4,7 +4,9 @@
 //! (the sums run over every row).
 
 use super::bridge::{bridge3, Backend};
-use super::par::{contiguous_slice, par_for, par_rows, row_blocks, Real, SharedMut};
+use super::par::{
+    contiguous_slice, mean_rstd, par_for, par_rows, reduce_idx, row_blocks, Real, SharedMut,
+};
 use super::Kernel;
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -53,21 +55,6 @@ pub(crate) fn generic_bwd(
     Ok((dx, dw, db))
 }
 
-/// Row statistics `(mean, rstd)` in f64, two-pass.
-fn row_stats<T: Real>(x: &[T], eps: f64) -> (f64, f64) {
-    let n = x.len() as f64;
-    let mean = x.iter().map(|v| v.to_f64()).sum::<f64>() / n;
-    let var = x
-        .iter()
-        .map(|v| {
-            let d = v.to_f64() - mean;
-            d * d
-        })
-        .sum::<f64>()
-        / n;
-    (mean, 1.0 / (var + eps).sqrt())
-}
-
 #[allow(clippy::too_many_arguments)]
 fn fwd_kernel<T: Real>(
     (xs, xl): (&CpuStorage, &Layout),
@@ -82,7 +69,7 @@ fn fwd_kernel<T: Real>(
     let mut dst = vec![T::ZERO; x.len()];
     par_rows(&mut dst, c, |i, d| {
         let x = &x[i * c..(i + 1) * c];
-        let (mean, rstd) = row_stats(x, eps);
+        let (mean, rstd) = mean_rstd(x, eps);
         let (m, r) = (T::from_f64(mean), T::from_f64(rstd));
         for (((d, &x), &w), &b) in d.iter_mut().zip(x).zip(w).zip(b) {
             *d = (x - m) * r * w + b;
@@ -118,24 +105,26 @@ fn bwd_kernel<T: Real>(
         let mut part = want_wb.then(|| unsafe { p_ptr.slice(bi * 2 * c, 2 * c) });
         for (k, r) in rows.enumerate() {
             let (xr, gr) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
-            let (mean, rstd) = row_stats(xr, eps);
-            let (mut s1, mut s2) = (0f64, 0f64);
-            for j in 0..c {
-                let xh = (xr[j].to_f64() - mean) * rstd;
-                let gj = gr[j].to_f64();
-                let gh = gj * w[j].to_f64();
-                s1 += gh;
-                s2 += gh * xh;
-                if let Some(p) = part.as_deref_mut() {
-                    p[j] += gj * xh;
-                    p[c + j] += gj;
+            let (mean, rstd) = mean_rstd(xr, eps);
+            // Σ ĝ and Σ ĝ·x̂ with ĝ = g·w, x̂ = (x - mean)·rstd.
+            let [s1, sx] = reduce_idx(c, |j| {
+                let gh = gr[j].to_f64() * w[j].to_f64();
+                [gh, gh * xr[j].to_f64()]
+            });
+            let s2 = rstd * (sx - mean * s1);
+            if let Some(p) = part.as_deref_mut() {
+                let (pw, pb) = p.split_at_mut(c);
+                for (j, (pw, pb)) in pw.iter_mut().zip(pb.iter_mut()).enumerate() {
+                    let gj = gr[j].to_f64();
+                    *pw += gj * (xr[j].to_f64() - mean) * rstd;
+                    *pb += gj;
                 }
             }
             let (m1, m2) = (s1 / c as f64, s2 / c as f64);
-            for (j, d) in dx[k * c..(k + 1) * c].iter_mut().enumerate() {
-                let xh = (xr[j].to_f64() - mean) * rstd;
-                let gh = gr[j].to_f64() * w[j].to_f64();
-                *d = T::from_f64(rstd * (gh - m1 - xh * m2));
+            let dxr = &mut dx[k * c..(k + 1) * c];
+            for (((d, &xv), &gv), &wv) in dxr.iter_mut().zip(xr).zip(gr).zip(w) {
+                let xh = (xv.to_f64() - mean) * rstd;
+                *d = T::from_f64(rstd * (gv.to_f64() * wv.to_f64() - m1 - xh * m2));
             }
         }
     });

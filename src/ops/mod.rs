@@ -2,7 +2,8 @@
 //!
 //! Every model calls softmax / layer norm / group norm through this module only. Each op
 //! has a fast forward and a hand-written backward (candle 0.11's `softmax_last_dim` and
-//! `layer_norm` have none, and its composed versions are 5–100× slower to differentiate):
+//! `layer_norm` have none, and its composed versions are 2–30× slower to differentiate, see
+//! `examples/ops_bench.rs`):
 //!
 //! | op | forward | backward |
 //! |---|---|---|
@@ -10,6 +11,7 @@
 //! | [`layer_norm`], [`group_norm`] | fused, two-pass statistics | dx, dweight, dbias |
 //! | [`silu`], [`gelu_erf`] | fused | one-pass derivative |
 //! | [`upsample_nearest2d`] | fused copy | sum-pool of the gradient |
+//! | [`attention`] | matmul, fused scaled softmax, matmul | keeps only the probabilities |
 //! | [`frozen_linear`], [`frozen_conv2d`], [`FrozenConv2d`] | candle matmul / conv2d | input gradient only |
 //!
 //! "Fused" kernels run on the CPU for f32 / f64 ([`Kernel::Auto`]); on CUDA / Metal (and

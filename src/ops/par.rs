@@ -27,7 +27,7 @@ pub(crate) trait Real:
     /// The error function (candle's implementation).
     fn erf(self) -> Self;
     /// The larger of two values.
-    fn max(self, other: Self) -> Self;
+    fn maxv(self, other: Self) -> Self;
 }
 
 impl Real for f32 {
@@ -39,7 +39,7 @@ impl Real for f32 {
     fn erf(self) -> Self {
         candle_core::cpu::erf::erf_f32(self)
     }
-    fn max(self, other: Self) -> Self {
+    fn maxv(self, other: Self) -> Self {
         f32::max(self, other)
     }
 }
@@ -53,7 +53,7 @@ impl Real for f64 {
     fn erf(self) -> Self {
         candle_core::cpu::erf::erf_f64(self)
     }
-    fn max(self, other: Self) -> Self {
+    fn maxv(self, other: Self) -> Self {
         f64::max(self, other)
     }
 }
@@ -197,12 +197,51 @@ pub(crate) fn max_of<T: Real>(a: &[T]) -> T {
     let rest = chunks.remainder();
     for c in chunks {
         for l in 0..LANES {
-            m[l] = m[l].max(c[l]);
+            m[l] = m[l].maxv(c[l]);
         }
     }
-    let mut out = rest.iter().fold(m[0], |x, &v| x.max(v));
+    let mut out = rest.iter().fold(m[0], |x, &v| x.maxv(v));
     for v in m {
-        out = out.max(v);
+        out = out.maxv(v);
     }
     out
+}
+
+/// `K` sums `Σ_i f(i)[k]` over `i < n` in f64, with [`LANES`] lanes.
+#[inline(always)]
+pub(crate) fn reduce_idx<const K: usize>(n: usize, f: impl Fn(usize) -> [f64; K]) -> [f64; K] {
+    let mut acc = [[0f64; K]; LANES];
+    let full = n / LANES * LANES;
+    for base in (0..full).step_by(LANES) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            let v = f(base + l);
+            for k in 0..K {
+                a[k] += v[k];
+            }
+        }
+    }
+    let mut total = [0f64; K];
+    for i in full..n {
+        let v = f(i);
+        for k in 0..K {
+            total[k] += v[k];
+        }
+    }
+    for a in acc {
+        for k in 0..K {
+            total[k] += a[k];
+        }
+    }
+    total
+}
+
+/// Mean and `1 / sqrt(var + eps)` of a slice, two-pass in f64.
+pub(crate) fn mean_rstd<T: Real>(x: &[T], eps: f64) -> (f64, f64) {
+    let n = x.len() as f64;
+    let mean = reduce1(x, |v| v.to_f64()) / n;
+    let var = reduce1(x, |v| {
+        let d = v.to_f64() - mean;
+        d * d
+    }) / n;
+    (mean, 1.0 / (var + eps).sqrt())
 }

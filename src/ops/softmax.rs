@@ -41,7 +41,7 @@ fn fwd_kernel<T: Real>(s: &CpuStorage, l: &Layout, scale: f64) -> Result<(CpuSto
         let max = if scale >= 0.0 {
             max_of(x) * sc
         } else {
-            x[1..].iter().fold(x[0] * sc, |m, &v| m.max(v * sc))
+            x[1..].iter().fold(x[0] * sc, |m, &v| m.maxv(v * sc))
         };
         for (d, &v) in d.iter_mut().zip(x) {
             *d = (v * sc - max).exp();

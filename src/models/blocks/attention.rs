@@ -1,10 +1,10 @@
 //! diffusers' `Attention` module (multi-head scaled dot-product attention with `to_q`, `to_k`,
 //! `to_v`, `to_out.0`, optional `group_norm` and residual connection).
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::models::layers::{matmul, GroupNorm, Linear};
+use crate::models::layers::{GroupNorm, Linear};
 
 /// Construction parameters of an [`Attention`] (diffusers' `Attention.__init__` arguments).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -209,8 +209,9 @@ impl Attention {
         } else {
             (q.clone(), k.clone())
         };
-        let scores = (matmul(&q, &k.transpose(D::Minus2, D::Minus1)?)? * self.scale)?;
-        let probs = crate::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        matmul(&probs, v)
+        // Fused scores → softmax → weighted sum with a hand-written backward that keeps only
+        // the probabilities (see crate::ops::attention).
+        let v = if self.upcast_attention { v.to_dtype(DType::F32)? } else { v.clone() };
+        crate::ops::attention(&q, &k, &v, self.scale, None)?.to_dtype(dtype)
     }
 }
