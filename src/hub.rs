@@ -52,7 +52,9 @@ impl ModelSource {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_./@".contains(c));
         if !looks_like_id {
-            bail!("--model {spec}: no such folder (and not a Hugging Face id of the form owner/name)");
+            bail!(
+                "--model {spec}: no such folder (and not a Hugging Face id of the form owner/name)"
+            );
         }
         let (id, revision) = match spec.split_once('@') {
             Some((id, rev)) => (id.to_string(), rev.to_string()),
@@ -114,20 +116,22 @@ impl ModelSource {
     pub fn require(&self, rel: &str) -> anyhow::Result<PathBuf> {
         match self.file(rel)? {
             Some(p) => Ok(p),
-            None => match self {
-                Self::Local(dir) => bail!(
+            None => {
+                match self {
+                    Self::Local(dir) => bail!(
                     "model folder {} has no {rel} (is it a diffusers folder with model_index.json, \
                      unet/, text_encoder/, vae/, tokenizer/, scheduler/?)",
                     dir.display()
                 ),
-                Self::Hub { id, revision } => bail!(
+                    Self::Hub { id, revision } => bail!(
                     "model {}: {rel} is not in the Hugging Face cache ({}){}; download it with \
                      `huggingface-cli download {id} --revision {revision}` or pass a local folder",
                     self.describe(),
                     hf_hub::Cache::from_env().path().display(),
                     if offline() { " and HF_HUB_OFFLINE is set" } else { "" }
                 ),
-            },
+                }
+            }
         }
     }
 
@@ -151,7 +155,11 @@ impl ModelSource {
                     let mut names: Vec<String> = json
                         .get("weight_map")
                         .and_then(|m| m.as_object())
-                        .map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect())
+                        .map(|m| {
+                            m.values()
+                                .filter_map(|v| v.as_str().map(String::from))
+                                .collect()
+                        })
                         .unwrap_or_default();
                     names.sort();
                     names.dedup();

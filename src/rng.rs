@@ -68,9 +68,15 @@ impl Rng {
     }
 
     /// A tensor of standard normal f32 samples, drawn on the CPU and moved to `device`.
-    pub fn randn<S: Into<Shape>>(&mut self, shape: S, device: &Device) -> candle_core::Result<Tensor> {
+    pub fn randn<S: Into<Shape>>(
+        &mut self,
+        shape: S,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
         let shape = shape.into();
-        let data: Vec<f32> = (0..shape.elem_count()).map(|_| self.normal() as f32).collect();
+        let data: Vec<f32> = (0..shape.elem_count())
+            .map(|_| self.normal() as f32)
+            .collect();
         Tensor::from_vec(data, shape, &Device::Cpu)?.to_device(device)
     }
 }

@@ -20,6 +20,7 @@ const DEFAULT_BOS: &str = "<|startoftext|>";
 const DEFAULT_EOS: &str = "<|endoftext|>";
 
 /// Where the ids of ordinary text come from.
+#[allow(clippy::large_enum_variant)] // one per tokenizer, never moved in a loop
 enum Engine {
     Bpe(ClipBpe),
     Hf(Box<tokenizers::Tokenizer>),

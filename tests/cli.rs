@@ -8,7 +8,10 @@ fn fixtures() -> PathBuf {
 }
 
 fn lora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lora")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_lora"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -36,7 +39,9 @@ fn expect_error(model: &Path, extra: &[&str], needles: &[&str]) -> String {
     let out_dir = tempfile::tempdir().unwrap();
     let out = out_dir.path().join("x.png");
     let m = model.to_str().unwrap();
-    let mut args = vec!["generate", "--model", m, "--prompt", "a cat", "--steps", "2"];
+    let mut args = vec![
+        "generate", "--model", m, "--prompt", "a cat", "--steps", "2",
+    ];
     args.extend_from_slice(extra);
     let o = out.to_str().unwrap().to_string();
     if !extra.contains(&"--out") {
@@ -60,8 +65,21 @@ fn generate_writes_a_png_and_refuses_to_overwrite() {
     let out = dir.path().join("img.png");
     let m = fixtures().join("sd1-tiny");
     let args = [
-        "generate", "--model", m.to_str().unwrap(), "--prompt", "a red apple", "--steps", "3",
-        "--seed", "3", "--num-images", "2", "--scheduler", "euler-a", "--out", out.to_str().unwrap(),
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "a red apple",
+        "--steps",
+        "3",
+        "--seed",
+        "3",
+        "--num-images",
+        "2",
+        "--scheduler",
+        "euler-a",
+        "--out",
+        out.to_str().unwrap(),
     ];
     let r = lora(&args);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
@@ -80,13 +98,20 @@ fn generate_writes_a_png_and_refuses_to_overwrite() {
     // Same seed, same bytes.
     assert_eq!(before, std::fs::read(dir.path().join("img-0.png")).unwrap());
     // No temporary files left behind.
-    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names.len(), 2, "{names:?}");
 }
 
 #[test]
 fn missing_model_folder() {
-    expect_error(Path::new("/nonexistent/sd-model"), &[], &["/nonexistent/sd-model"]);
+    expect_error(
+        Path::new("/nonexistent/sd-model"),
+        &[],
+        &["/nonexistent/sd-model"],
+    );
 }
 
 #[test]
@@ -118,7 +143,10 @@ fn missing_extra_and_misshaped_keys_are_listed_together() {
     let w = t.remove("conv_in.weight").unwrap();
     t.insert("conv_in.weight_renamed".into(), w);
     let b = t.remove("conv_out.bias").unwrap();
-    t.insert("conv_out.bias".into(), candle_core::Tensor::cat(&[&b, &b], 0).unwrap());
+    t.insert(
+        "conv_out.bias".into(),
+        candle_core::Tensor::cat(&[&b, &b], 0).unwrap(),
+    );
     candle_core::safetensors::save(&t, &f).unwrap();
     expect_error(
         &m,
@@ -142,22 +170,46 @@ fn config_that_does_not_fit_the_weights() {
         serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["cross_attention_dim"] = 24.into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    expect_error(&m, &[], &["shape mismatches", "attn2.to_k.weight: model expects [32, 24], file has [32, 32]"]);
+    expect_error(
+        &m,
+        &[],
+        &[
+            "shape mismatches",
+            "attn2.to_k.weight: model expects [32, 24], file has [32, 32]",
+        ],
+    );
 }
 
 #[test]
 fn bad_options() {
     let m = fixtures().join("sd1-tiny");
-    expect_error(&m, &["--scheduler", "pndm"], &["pndm", "ddim", "euler-a", "dpm++2m"]);
+    expect_error(
+        &m,
+        &["--scheduler", "pndm"],
+        &["pndm", "ddim", "euler-a", "dpm++2m"],
+    );
     expect_error(&m, &["--height", "15"], &["multiple", "15"]);
     expect_error(&m, &["--dtype", "f8"], &["f8"]);
     expect_error(&m, &["--device", "tpu"], &["tpu"]);
     let bad_latents = tempfile::tempdir().unwrap();
     let f = bad_latents.path().join("l.safetensors");
-    let t = candle_core::Tensor::zeros((1, 4, 5, 5), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let t = candle_core::Tensor::zeros(
+        (1, 4, 5, 5),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     candle_core::safetensors::save(&[("latents", t)].into_iter().collect(), &f).unwrap();
-    expect_error(&m, &["--init-latents", f.to_str().unwrap()], &["latents", "[1, 4, 5, 5]", "[1, 4, 8, 8]"]);
-    expect_error(&m, &["--init-latents", "/nonexistent/l.safetensors"], &["/nonexistent/l.safetensors"]);
+    expect_error(
+        &m,
+        &["--init-latents", f.to_str().unwrap()],
+        &["latents", "[1, 4, 5, 5]", "[1, 4, 8, 8]"],
+    );
+    expect_error(
+        &m,
+        &["--init-latents", "/nonexistent/l.safetensors"],
+        &["/nonexistent/l.safetensors"],
+    );
 }
 
 #[test]
@@ -168,5 +220,9 @@ fn unwritable_output() {
     std::fs::write(&blocker, b"x").unwrap();
     let out = blocker.join("img.png"); // parent is a file
     expect_error(&m, &["--out", out.to_str().unwrap()], &["img.png"]);
-    expect_error(&m, &["--out", "/nonexistent-dir/img.png"], &["/nonexistent-dir"]);
+    expect_error(
+        &m,
+        &["--out", "/nonexistent-dir/img.png"],
+        &["/nonexistent-dir"],
+    );
 }

@@ -177,6 +177,7 @@ fn config_defaults_and_activations() {
 }
 
 #[test]
+#[allow(clippy::type_complexity)]
 fn activations_match_their_formulas() {
     let x = Tensor::new(&[-3.0f32, -1.0, -0.25, 0.0, 0.5, 2.0], &Device::Cpu).unwrap();
     let xs: Vec<f32> = x.to_vec1().unwrap();

@@ -11,7 +11,14 @@ fn fixtures() -> PathBuf {
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn run(model: &str, outputs: &str, dtype: DType) -> (Tensor, Tensor, Tensor) {
@@ -31,7 +38,11 @@ fn run(model: &str, outputs: &str, dtype: DType) -> (Tensor, Tensor, Tensor) {
         negative_prompt: json["negative_prompt"].as_str().unwrap().into(),
         steps: json["steps"].as_u64().unwrap() as usize,
         guidance: json["guidance"].as_f64().unwrap(),
-        scheduler: json["scheduler"].as_str().unwrap().parse::<SchedulerKind>().unwrap(),
+        scheduler: json["scheduler"]
+            .as_str()
+            .unwrap()
+            .parse::<SchedulerKind>()
+            .unwrap(),
         height: Some(json["height"].as_u64().unwrap() as usize),
         width: Some(json["width"].as_u64().unwrap() as usize),
         init_latents: Some(out["pipeline.latents"].clone()),
@@ -41,7 +52,11 @@ fn run(model: &str, outputs: &str, dtype: DType) -> (Tensor, Tensor, Tensor) {
     let mut steps = 0;
     let img = sd.generate(&params, &mut |_, _| steps += 1).unwrap();
     assert_eq!(steps, params.steps);
-    (img, out["pipeline.image"].clone(), out["pipeline.image_u8"].clone())
+    (
+        img,
+        out["pipeline.image"].clone(),
+        out["pipeline.image_u8"].clone(),
+    )
 }
 
 fn check(model: &str, outputs: &str) {
@@ -58,7 +73,8 @@ fn check(model: &str, outputs: &str) {
         .zip(&theirs)
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
-    let spread = theirs.iter().fold(0f32, |m, v| m.max(*v)) - theirs.iter().fold(255f32, |m, v| m.min(*v));
+    let spread =
+        theirs.iter().fold(0f32, |m, v| m.max(*v)) - theirs.iter().fold(255f32, |m, v| m.min(*v));
     eprintln!("{model}: image max abs {d:.2e}, PNG max diff {levels} levels of 255 (pixel range {spread})");
     assert!(d < 1e-4, "{model}: image differs by {d}");
     assert!(levels <= 1.0, "{model}: PNG differs by {levels} levels");
@@ -101,7 +117,15 @@ fn every_scheduler_runs_and_seeds_reproduce() {
         let b = sd.generate(&p, &mut |_, _| {}).unwrap();
         assert_eq!(a.dims(), &[1, 3, 16, 16]);
         assert_eq!(max_abs(&a, &b), 0.0, "{name} not reproducible");
-        let c = sd.generate(&GenerateParams { seed: 8, ..p.clone() }, &mut |_, _| {}).unwrap();
+        let c = sd
+            .generate(
+                &GenerateParams {
+                    seed: 8,
+                    ..p.clone()
+                },
+                &mut |_, _| {},
+            )
+            .unwrap();
         assert!(max_abs(&a, &c) > 1e-3, "{name}: seed has no effect");
     }
 }

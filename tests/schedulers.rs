@@ -281,8 +281,10 @@ fn bad_configs_and_missing_noise_are_errors() {
         assert!(s.step(&out, t, &sample, None).is_ok(), "{kind}");
         assert!(s.set_timesteps(0).is_err() && s.set_timesteps(1001).is_err());
     }
-    let mut dpm_sde = SchedulerConfig::default();
-    dpm_sde.algorithm_type = "sde-dpmsolver++".into();
+    let dpm_sde = SchedulerConfig {
+        algorithm_type: "sde-dpmsolver++".into(),
+        ..Default::default()
+    };
     let s = lora_diffusion::schedulers::DpmSolverMultistepScheduler::new(&dpm_sde).unwrap();
     assert!(s.needs_noise());
 }

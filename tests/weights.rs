@@ -6,7 +6,9 @@ use lora_diffusion::models::weights::ModelWeights;
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/weights").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/weights")
+        .join(name)
 }
 
 /// Requests the tiny model's tensors the way a model constructor would.
@@ -28,12 +30,25 @@ fn pickle_and_safetensors_load_the_same_tensors() {
     st.finish().unwrap();
     pt.finish().unwrap();
     for (x, y) in a.iter().zip(&b) {
-        let d = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (x - y)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(d, 0.0);
         assert_eq!(x.dtype(), DType::F32);
     }
     // The stored f16 norm weight is converted on load; values are not all zero.
-    let s = a[2].abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    let s = a[2]
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(s > 0.1, "norm weight sum {s}");
     // And to bf16 on request.
     let c = build(&st, DType::BF16, 3).unwrap();
@@ -47,13 +62,19 @@ fn missing_unexpected_and_mismatched_keys_are_reported_together() {
     vb.pp("layer").get((3, 2), "weight").unwrap();
     vb.pp("layer").get(4, "bias").unwrap(); // wrong shape: file has [3]
     vb.pp("extra").get((5, 5), "weight").unwrap(); // missing
-    // norm.weight never requested: unexpected
+                                                   // norm.weight never requested: unexpected
     let err = w.finish().unwrap_err().to_string();
     eprintln!("{err}");
     assert!(err.contains("tiny.safetensors"), "{err}");
-    assert!(err.contains("layer.bias: model expects [4], file has [3]"), "{err}");
+    assert!(
+        err.contains("layer.bias: model expects [4], file has [3]"),
+        "{err}"
+    );
     assert!(err.contains("extra.weight [5, 5]"), "{err}");
-    assert!(err.contains("unexpected keys") && err.contains("norm.weight [3]"), "{err}");
+    assert!(
+        err.contains("unexpected keys") && err.contains("norm.weight [3]"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -77,7 +98,10 @@ fn corrupt_and_truncated_files_give_clear_errors() {
         assert!(err.contains(&f.display().to_string()), "{err}");
     }
     let missing = dir.path().join("missing.safetensors");
-    let err = ModelWeights::from_files("unet", &[&missing]).err().unwrap().to_string();
+    let err = ModelWeights::from_files("unet", &[&missing])
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("missing.safetensors"), "{err}");
 }
 
@@ -95,18 +119,32 @@ fn structure_only_records_requests_without_allocating() {
 
 #[test]
 fn legacy_vae_attention_names_are_accepted() {
-    let t = Tensor::arange(0f32, 4., &Device::Cpu).unwrap().reshape((2, 2)).unwrap();
+    let t = Tensor::arange(0f32, 4., &Device::Cpu)
+        .unwrap()
+        .reshape((2, 2))
+        .unwrap();
     let tensors = [
         ("mid_block.attentions.0.query.weight".to_string(), t.clone()),
-        ("mid_block.attentions.0.proj_attn.weight".to_string(), (&t * 2.).unwrap()),
+        (
+            "mid_block.attentions.0.proj_attn.weight".to_string(),
+            (&t * 2.).unwrap(),
+        ),
     ]
     .into_iter()
     .collect();
     let w = ModelWeights::from_tensors("vae", tensors);
-    let vb = w.var_builder(DType::F32, &Device::Cpu).pp("mid_block.attentions.0");
+    let vb = w
+        .var_builder(DType::F32, &Device::Cpu)
+        .pp("mid_block.attentions.0");
     let q = vb.get((2, 2), "to_q.weight").unwrap();
     let o = vb.get((2, 2), "to_out.0.weight").unwrap();
-    assert_eq!(q.to_vec2::<f32>().unwrap(), vec![vec![0., 1.], vec![2., 3.]]);
-    assert_eq!(o.to_vec2::<f32>().unwrap(), vec![vec![0., 2.], vec![4., 6.]]);
+    assert_eq!(
+        q.to_vec2::<f32>().unwrap(),
+        vec![vec![0., 1.], vec![2., 3.]]
+    );
+    assert_eq!(
+        o.to_vec2::<f32>().unwrap(),
+        vec![vec![0., 2.], vec![4., 6.]]
+    );
     w.finish().unwrap();
 }

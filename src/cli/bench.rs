@@ -114,7 +114,11 @@ fn unet(b: UnetBench) -> anyhow::Result<()> {
             "SD 1.5 UNet, {0}x{0} (latent {l}x{l}), batch 2, fp32, random weights",
             b.size
         );
-        println!("  lora-diffusion: {ours:.3} s/step (median of {}), peak RSS {:.0} MB", b.runs, peak_rss_mb());
+        println!(
+            "  lora-diffusion: {ours:.3} s/step (median of {}), peak RSS {:.0} MB",
+            b.runs,
+            peak_rss_mb()
+        );
         if let Some(t) = torch {
             println!("  diffusers:      {t:.3} s/step");
             println!("  ratio (ours / diffusers): {:.2}x", ours / t);
@@ -127,7 +131,12 @@ fn torch_unet_step(py: &PathBuf, size: usize, runs: usize) -> anyhow::Result<f64
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_unet.py");
     let out = std::process::Command::new(py)
         .arg(&script)
-        .args(["--latent", &(size / 8).to_string(), "--runs", &runs.to_string()])
+        .args([
+            "--latent",
+            &(size / 8).to_string(),
+            "--runs",
+            &runs.to_string(),
+        ])
         .output()
         .with_context(|| format!("cannot run {} {}", py.display(), script.display()))?;
     if !out.status.success() {

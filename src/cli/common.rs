@@ -31,11 +31,10 @@ pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
 /// A progress bar over `len` steps showing position, rate and ETA.
 pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
-    let style = ProgressStyle::with_template(
-        "{msg} [{bar:30}] {pos}/{len} {per_sec} ETA {eta} {prefix}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar())
-    .progress_chars("=> ");
+    let style =
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} ETA {eta} {prefix}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
     pb.set_style(style);
     pb.set_message(what.to_string());
     pb

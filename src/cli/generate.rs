@@ -87,7 +87,11 @@ impl SampleArgs {
         let t0 = Instant::now();
         let sd = StableDiffusion::load_fused(&source, dtype, &device, fuse)
             .with_context(|| format!("cannot load model {}", source.describe()))?;
-        eprintln!("loaded {} in {:.1}s", source.describe(), t0.elapsed().as_secs_f64());
+        eprintln!(
+            "loaded {} in {:.1}s",
+            source.describe(),
+            t0.elapsed().as_secs_f64()
+        );
         Ok(sd)
     }
 }
@@ -146,12 +150,20 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let mut params = a.sample.params(a.num_images)?;
     parse_dtype(&a.sample.dtype)?;
     parse_device(&a.sample.device)?;
-    let specs: Vec<LoraSpec> = a.loras.iter().map(|s| s.parse()).collect::<anyhow::Result<_>>()?;
+    let specs: Vec<LoraSpec> = a
+        .loras
+        .iter()
+        .map(|s| s.parse())
+        .collect::<anyhow::Result<_>>()?;
     let paths = numbered_paths(&a.out, a.num_images.max(1));
     for p in &paths {
         check_writable(p, a.force)?;
     }
-    params.init_latents = a.init_latents.as_deref().map(read_init_latents).transpose()?;
+    params.init_latents = a
+        .init_latents
+        .as_deref()
+        .map(read_init_latents)
+        .transpose()?;
     let loras = read_loras(&a.sample.source()?, &specs)?;
     let sd = if a.fuse {
         a.sample.load(&loras)?
@@ -184,7 +196,12 @@ pub fn generate_to(
     let images = generate_images(sd, params)?;
     for (img, path) in images.iter().zip(paths) {
         save_png(img, path, force)?;
-        eprintln!("wrote {} ({}x{})", path.display(), img.width(), img.height());
+        eprintln!(
+            "wrote {} ({}x{})",
+            path.display(),
+            img.width(),
+            img.height()
+        );
     }
     Ok(())
 }

@@ -42,7 +42,10 @@ pub fn run(a: SweepArgs) -> anyhow::Result<()> {
     let gif = a.gif.clone().unwrap_or_else(|| a.out.with_extension("gif"));
     check_writable(&a.out, a.force)?;
     check_writable(&gif, a.force)?;
-    let spec = LoraSpec { path: a.lora.clone(), scale: 1.0 };
+    let spec = LoraSpec {
+        path: a.lora.clone(),
+        scale: 1.0,
+    };
     let loras = read_loras(&a.sample.source()?, std::slice::from_ref(&spec))?;
     let sd = a.sample.load(&[])?;
     let handles = sd

@@ -379,9 +379,13 @@ mod canonical_tests {
 
     #[test]
     fn same_content_gives_same_bytes() {
-        let t = Tensor::arange(0f32, 6., &Device::Cpu).unwrap().reshape((2, 3)).unwrap();
-        let meta: BTreeMap<String, String> =
-            (0..20).map(|i| (format!("key{i}"), format!("v{i}"))).collect();
+        let t = Tensor::arange(0f32, 6., &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
+        let meta: BTreeMap<String, String> = (0..20)
+            .map(|i| (format!("key{i}"), format!("v{i}")))
+            .collect();
         let mut outs = vec![];
         for _ in 0..4 {
             let m: HashMap<String, String> = meta.clone().into_iter().collect();

@@ -161,7 +161,9 @@ impl ClipTextConfig {
 
     /// Checks the sizes the model relies on.
     pub fn validate(&self) -> anyhow::Result<()> {
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             anyhow::bail!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size,

@@ -3,7 +3,7 @@
 pub mod blocks;
 pub mod clip;
 pub mod layers;
-pub mod unet;
 pub mod presets;
-pub mod weights;
+pub mod unet;
 pub mod vae;
+pub mod weights;

@@ -214,7 +214,10 @@ impl ModelWeights {
         for (k, t) in replacements {
             all.insert(k, t);
         }
-        let shapes = all.iter().map(|(k, t)| (k.clone(), t.dims().to_vec())).collect();
+        let shapes = all
+            .iter()
+            .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+            .collect();
         Ok(Self::new(
             &self.inner.component,
             self.inner.files.clone(),
@@ -281,7 +284,12 @@ impl ModelWeights {
         if self.inner.files.is_empty() {
             "in-memory tensors".to_string()
         } else {
-            let v: Vec<String> = self.inner.files.iter().map(|f| f.display().to_string()).collect();
+            let v: Vec<String> = self
+                .inner
+                .files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect();
             v.join(", ")
         }
     }
@@ -471,7 +479,11 @@ fn sharded_files(index: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let files: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
     for f in &files {
         if !f.is_file() {
-            bail!("shard {} listed in {} does not exist", f.display(), index.display());
+            bail!(
+                "shard {} listed in {} does not exist",
+                f.display(),
+                index.display()
+            );
         }
     }
     Ok(files)

@@ -86,7 +86,12 @@ pub fn grid(tiles: &[(RgbImage, String)], cols: usize) -> RgbImage {
     );
     for (i, t) in labelled.iter().enumerate() {
         let (c, r) = ((i % cols) as u32, (i / cols) as u32);
-        image::imageops::replace(&mut out, t, (c * (tw + gap)) as i64, (r * (th + gap)) as i64);
+        image::imageops::replace(
+            &mut out,
+            t,
+            (c * (tw + gap)) as i64,
+            (r * (th + gap)) as i64,
+        );
     }
     out
 }
@@ -124,11 +129,21 @@ mod tests {
     #[test]
     fn grid_layout_and_labels() {
         let a = RgbImage::from_pixel(48, 48, Rgb([200, 0, 0]));
-        let g = grid(&[(a.clone(), "a=0.5".into()), (a.clone(), "1".into()), (a, "-1".into())], 2);
+        let g = grid(
+            &[
+                (a.clone(), "a=0.5".into()),
+                (a.clone(), "1".into()),
+                (a, "-1".into()),
+            ],
+            2,
+        );
         // 2 columns, 2 rows, band of 7 px per row, 2-px gaps.
         assert_eq!((g.width(), g.height()), (98, 2 * 55 + 2));
         // The label drew black pixels in the white band of the first tile.
-        let black = (0..48).flat_map(|x| (0..7).map(move |y| (x, y))).filter(|&(x, y)| g.get_pixel(x, y).0 == [0, 0, 0]).count();
+        let black = (0..48)
+            .flat_map(|x| (0..7).map(move |y| (x, y)))
+            .filter(|&(x, y)| g.get_pixel(x, y).0 == [0, 0, 0])
+            .count();
         assert!(black > 10, "{black}");
         // Image content below the band.
         assert_eq!(g.get_pixel(10, 30).0, [200, 0, 0]);

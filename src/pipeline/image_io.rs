@@ -31,16 +31,27 @@ pub fn to_rgb8(images: &Tensor) -> anyhow::Result<Vec<RgbImage>> {
 
 /// Writes `bytes` to `path` through a temporary file in the same folder, then renames it.
 /// Refuses to replace an existing file unless `force`.
-pub fn write_atomic(path: &Path, force: bool, write: impl FnOnce(&Path) -> anyhow::Result<()>) -> anyhow::Result<()> {
+pub fn write_atomic(
+    path: &Path,
+    force: bool,
+    write: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     if path.exists() && !force {
-        bail!("{} already exists; pass --force to overwrite it", path.display());
+        bail!(
+            "{} already exists; pass --force to overwrite it",
+            path.display()
+        );
     }
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
     if !dir.is_dir() {
-        bail!("cannot write {}: folder {} does not exist", path.display(), dir.display());
+        bail!(
+            "cannot write {}: folder {} does not exist",
+            path.display(),
+            dir.display()
+        );
     }
     let name = path
         .file_name()
@@ -98,7 +109,15 @@ pub fn numbered_paths(out: &Path, n: usize) -> Vec<PathBuf> {
     if n == 1 {
         return vec![out.to_path_buf()];
     }
-    let stem = out.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
-    let ext = out.extension().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "png".into());
-    (0..n).map(|i| out.with_file_name(format!("{stem}-{i}.{ext}"))).collect()
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let ext = out
+        .extension()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "png".into());
+    (0..n)
+        .map(|i| out.with_file_name(format!("{stem}-{i}.{ext}")))
+        .collect()
 }

@@ -1,12 +1,12 @@
 //! Loading the components of a diffusers folder, each with errors that name the file.
 
+use super::lora::fuse_into_weights;
 use crate::hub::ModelSource;
+use crate::lora::LoraSet;
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
-use crate::lora::LoraSet;
 use crate::models::weights::ModelWeights;
-use super::lora::fuse_into_weights;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use std::path::PathBuf;
@@ -24,8 +24,8 @@ impl ModelIndex {
     /// Reads model_index.json of `source`.
     pub fn read(source: &ModelSource) -> anyhow::Result<Self> {
         let path = source.require("model_index.json")?;
-        let text =
-            std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         let json: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not valid JSON", path.display()))?;
         let obj = json
@@ -102,9 +102,8 @@ fn build<M>(
     let files = source.component_weights(component)?;
     let weights = ModelWeights::from_files(component, &files)?;
     let weights = fuse_into_weights(&weights, component, fuse)?;
-    let model = build(weights.var_builder(dtype, device)).map_err(|e| {
-        anyhow::anyhow!("cannot build {component} of {}: {e}", source.describe())
-    })?;
+    let model = build(weights.var_builder(dtype, device))
+        .map_err(|e| anyhow::anyhow!("cannot build {component} of {}: {e}", source.describe()))?;
     weights.finish()?;
     Ok(model)
 }
@@ -117,7 +116,9 @@ pub fn unet(
     fuse: &[(LoraSet, f64)],
 ) -> anyhow::Result<(UNet2DConditionModel, UNet2DConditionConfig)> {
     let cfg = load_component_config(source, "unet", |p| UNet2DConditionConfig::from_file(p))?;
-    let unet = build(source, "unet", dtype, device, fuse, |vb| UNet2DConditionModel::new(vb, &cfg))?;
+    let unet = build(source, "unet", dtype, device, fuse, |vb| {
+        UNet2DConditionModel::new(vb, &cfg)
+    })?;
     Ok((unet, cfg))
 }
 
@@ -129,13 +130,17 @@ pub fn text_encoder(
     fuse: &[(LoraSet, f64)],
 ) -> anyhow::Result<ClipTextModel> {
     let cfg = load_component_config(source, "text_encoder", |p| ClipTextConfig::from_file(p))?;
-    build(source, "text_encoder", dtype, device, fuse, |vb| ClipTextModel::new(vb, &cfg))
+    build(source, "text_encoder", dtype, device, fuse, |vb| {
+        ClipTextModel::new(vb, &cfg)
+    })
 }
 
 /// The VAE of `source`.
 pub fn vae(source: &ModelSource, dtype: DType, device: &Device) -> anyhow::Result<AutoencoderKL> {
     let cfg = load_component_config(source, "vae", |p| AutoencoderKLConfig::from_file(p))?;
-    build(source, "vae", dtype, device, &[], |vb| AutoencoderKL::new(vb, &cfg))
+    build(source, "vae", dtype, device, &[], |vb| {
+        AutoencoderKL::new(vb, &cfg)
+    })
 }
 
 /// The tokenizer folder of `source` (tokenizer.json, or vocab.json + merges.txt).

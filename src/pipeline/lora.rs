@@ -30,13 +30,19 @@ impl std::str::FromStr for LoraSpec {
                 if !v.is_finite() {
                     bail!("--lora {s}: scale {scale} is not a finite number");
                 }
-                return Ok(Self { path: path.into(), scale: v });
+                return Ok(Self {
+                    path: path.into(),
+                    scale: v,
+                });
             }
             if !Path::new(s).exists() && !scale.contains('/') {
                 bail!("--lora {s}: `{scale}` is not a number (expected FILE or FILE:SCALE)");
             }
         }
-        Ok(Self { path: s.into(), scale: 1.0 })
+        Ok(Self {
+            path: s.into(),
+            scale: 1.0,
+        })
     }
 }
 
@@ -51,7 +57,11 @@ pub fn read_loras(source: &ModelSource, specs: &[LoraSpec]) -> anyhow::Result<Ve
         .map(|s| {
             let set = formats::read_with(&s.path, Some(&arch))?;
             formats::check_against(&set, &arch).with_context(|| {
-                format!("LoRA {} does not fit model {}", s.path.display(), source.describe())
+                format!(
+                    "LoRA {} does not fit model {}",
+                    s.path.display(),
+                    source.describe()
+                )
             })?;
             Ok((set, s.scale))
         })
@@ -64,7 +74,12 @@ impl StableDiffusion {
     pub fn add_lora(&self, set: &LoraSet, scale: f64) -> anyhow::Result<Vec<LoraHandle>> {
         let mut handles = vec![apply_lora_set(&self.unet, "unet", set, scale)?];
         if set.layers.keys().any(|k| k.starts_with("text_encoder.")) {
-            handles.push(apply_lora_set(&self.text_encoder, "text_encoder", set, scale)?);
+            handles.push(apply_lora_set(
+                &self.text_encoder,
+                "text_encoder",
+                set,
+                scale,
+            )?);
         }
         Ok(handles)
     }
@@ -90,10 +105,14 @@ pub fn fuse_into_weights(
     let mut problems = vec![];
     for (set, scale) in loras {
         for (key, l) in &set.layers {
-            let Some(path) = key.strip_prefix(&prefix) else { continue };
+            let Some(path) = key.strip_prefix(&prefix) else {
+                continue;
+            };
             let wkey = format!("{path}.weight");
             let Some(shape) = shapes.get(&wkey) else {
-                problems.push(format!("{key}: the model has no layer {path} in {component}"));
+                problems.push(format!(
+                    "{key}: the model has no layer {path} in {component}"
+                ));
                 continue;
             };
             let delta = delta_weight(l)?;

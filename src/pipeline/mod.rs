@@ -1,7 +1,7 @@
 //! Text-to-image: the Stable Diffusion pipeline as diffusers' `StableDiffusionPipeline` runs it.
 
-pub mod image_io;
 pub mod grid;
+pub mod image_io;
 mod load;
 pub mod lora;
 
@@ -156,7 +156,7 @@ impl StableDiffusion {
     /// Checks an image size against the VAE factor and returns the latent size.
     pub fn latent_size(&self, height: usize, width: usize) -> anyhow::Result<(usize, usize)> {
         let f = self.vae_scale_factor();
-        if height == 0 || width == 0 || height % f != 0 || width % f != 0 {
+        if height == 0 || width == 0 || !height.is_multiple_of(f) || !width.is_multiple_of(f) {
             bail!(
                 "height and width must be positive multiples of the VAE factor {f} for this model; \
                  got {height}x{width}"
@@ -252,7 +252,10 @@ impl StableDiffusion {
         if let Some(shift) = cfg.shift_factor {
             z = (z + shift)?;
         }
-        let img = self.vae.decode(&z.to_dtype(self.dtype)?)?.to_dtype(DType::F32)?;
+        let img = self
+            .vae
+            .decode(&z.to_dtype(self.dtype)?)?
+            .to_dtype(DType::F32)?;
         Ok(((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
     }
 

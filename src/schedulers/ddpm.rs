@@ -10,6 +10,7 @@ use candle_core::{Result, Tensor};
 
 /// DDPM posterior variance choice (`variance_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(clippy::enum_variant_names)] // diffusers' names: fixed_small, fixed_small_log, fixed_large
 enum VarianceType {
     FixedSmall,
     FixedSmallLog,

@@ -118,6 +118,7 @@ pub fn next_item(order: &mut DataOrder, n: usize, rng: &mut Rng) -> usize {
 /// Scaled latents `[B, C, h, w]` for images `idx` of `set`: the distribution (cached, or
 /// encoded now after a crop / flip drawn from `data_rng`) sampled with noise from `noise_rng`,
 /// then `(z − shift) · scaling_factor`.
+#[allow(clippy::too_many_arguments)]
 pub fn latents_for(
     set: &ImageSet,
     idx: &[usize],

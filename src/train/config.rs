@@ -296,14 +296,14 @@ impl TrainConfig {
         if self
             .instance_prompt
             .as_deref()
-            .map_or(true, |p| p.trim().is_empty())
+            .is_none_or(|p| p.trim().is_empty())
         {
             bail!("--instance-prompt is required (e.g. \"a photo of sks dog\")");
         }
         if self.output_dir.is_none() {
             bail!("--output-dir is required");
         }
-        if self.resolution < 8 || self.resolution % 8 != 0 {
+        if self.resolution < 8 || !self.resolution.is_multiple_of(8) {
             bail!(
                 "--resolution {}: must be a positive multiple of 8",
                 self.resolution
@@ -359,7 +359,7 @@ impl TrainConfig {
             if self
                 .class_prompt
                 .as_deref()
-                .map_or(true, |p| p.trim().is_empty())
+                .is_none_or(|p| p.trim().is_empty())
             {
                 bail!("--with-prior-preservation needs --class-prompt");
             }

@@ -263,7 +263,7 @@ impl Trainer {
             let loss = self.train_step()?;
             pb.set_position(self.step as u64);
             pb.set_message(format!("training (loss {loss:.4})"));
-            if self.cfg.save_steps > 0 && self.step % self.cfg.save_steps == 0 {
+            if self.cfg.save_steps > 0 && self.step.is_multiple_of(self.cfg.save_steps) {
                 let d = self.save_checkpoint()?;
                 pb.suspend(|| {
                     note(
@@ -274,7 +274,8 @@ impl Trainer {
             }
             let at_end = self.step == total;
             if self.cfg.sample_prompt.is_some()
-                && ((self.cfg.sample_every > 0 && self.step % self.cfg.sample_every == 0) || at_end)
+                && ((self.cfg.sample_every > 0 && self.step.is_multiple_of(self.cfg.sample_every))
+                    || at_end)
             {
                 let p = self.sample()?;
                 pb.suspend(|| {

@@ -211,7 +211,11 @@ impl Attention {
         };
         // Fused scores → softmax → weighted sum with a hand-written backward that keeps only
         // the probabilities (see crate::ops::attention).
-        let v = if self.upcast_attention { v.to_dtype(DType::F32)? } else { v.clone() };
+        let v = if self.upcast_attention {
+            v.to_dtype(DType::F32)?
+        } else {
+            v.clone()
+        };
         crate::ops::attention(&q, &k, &v, self.scale, None)?.to_dtype(dtype)
     }
 }
