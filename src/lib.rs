@@ -13,6 +13,7 @@ pub mod pipeline;
 pub mod rng;
 pub mod schedulers;
 pub mod sys;
+pub mod tensor_file;
 pub mod tokenizer;
 pub mod train;
 

@@ -1,4 +1,32 @@
-//! Process-level tuning.
+//! Process-level settings: allocator tuning, and the compute device and weight dtype named on
+//! the command line or in a training config.
+
+use anyhow::bail;
+use candle_core::{DType, Device};
+
+/// Parses `cpu`, `cuda`, `cuda:N` or `metal`.
+pub fn parse_device(s: &str) -> anyhow::Result<Device> {
+    let dev = match s {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0)?,
+        "metal" => Device::new_metal(0)?,
+        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Device::new_cuda(n)?,
+            _ => bail!("--device {s}: expected cpu, cuda, cuda:N or metal"),
+        },
+    };
+    Ok(dev)
+}
+
+/// Parses `f32`, `f16` or `bf16` (also `fp32`, `float32`, `fp16`, `float16`, `bfloat16`).
+pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
+    Ok(match s {
+        "f32" | "fp32" | "float32" => DType::F32,
+        "f16" | "fp16" | "float16" => DType::F16,
+        "bf16" | "bfloat16" => DType::BF16,
+        _ => bail!("--dtype {s}: expected f32, f16 or bf16"),
+    })
+}
 
 /// Keeps freed memory in the process instead of returning it to the OS after every large
 /// tensor: glibc serves allocations of 32 MB and up with a fresh `mmap`, so each large tensor

@@ -1,31 +1,9 @@
 //! `lora generate` as a user runs it: success, and a clear error with exit code 1 for bad input.
 
+mod common;
+
+use common::{copy_dir, expect_failure, expect_success, fixtures, lora, read_json};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn lora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lora"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dst = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dst);
-        } else {
-            std::fs::copy(e.path(), dst).unwrap();
-        }
-    }
-}
 
 /// A writable copy of the tiny SD1 model.
 fn model_copy(dir: &Path) -> PathBuf {
@@ -47,14 +25,7 @@ fn expect_error(model: &Path, extra: &[&str], needles: &[&str]) -> String {
     if !extra.contains(&"--out") {
         args.extend_from_slice(&["--out", &o]);
     }
-    let r = lora(&args);
-    let err = String::from_utf8_lossy(&r.stderr).to_string();
-    eprintln!("{err}");
-    assert_eq!(r.status.code(), Some(1), "expected exit 1: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    for n in needles {
-        assert!(err.contains(n), "error lacks {n:?}: {err}");
-    }
+    let err = expect_failure(&lora(&args), needles);
     assert!(!out.exists(), "output written despite the error");
     err
 }
@@ -81,17 +52,14 @@ fn generate_writes_a_png_and_refuses_to_overwrite() {
         "--out",
         out.to_str().unwrap(),
     ];
-    let r = lora(&args);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    expect_success(&lora(&args));
     for i in 0..2 {
         let p = dir.path().join(format!("img-{i}.png"));
         let img = image::open(&p).unwrap().to_rgb8();
         assert_eq!((img.width(), img.height()), (16, 16));
     }
     let before = std::fs::read(dir.path().join("img-0.png")).unwrap();
-    let r = lora(&args);
-    assert_eq!(r.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&r.stderr).contains("--force"));
+    expect_failure(&lora(&args), &["--force"]);
     let mut forced = args.to_vec();
     forced.push("--force");
     assert!(lora(&forced).status.success());
@@ -139,7 +107,7 @@ fn missing_extra_and_misshaped_keys_are_listed_together() {
     let dir = tempfile::tempdir().unwrap();
     let m = model_copy(dir.path());
     let f = m.join("unet/diffusion_pytorch_model.safetensors");
-    let mut t = candle_core::safetensors::load(&f, &candle_core::Device::Cpu).unwrap();
+    let mut t = common::load_tensors(&f);
     let w = t.remove("conv_in.weight").unwrap();
     t.insert("conv_in.weight_renamed".into(), w);
     let b = t.remove("conv_out.bias").unwrap();
@@ -166,8 +134,7 @@ fn config_that_does_not_fit_the_weights() {
     let dir = tempfile::tempdir().unwrap();
     let m = model_copy(dir.path());
     let cfg_path = m.join("unet/config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg = read_json(&cfg_path);
     cfg["cross_attention_dim"] = 24.into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     expect_error(

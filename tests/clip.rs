@@ -1,49 +1,17 @@
 //! CLIP text encoder: parity with transformers on the tiny fixtures, real-size key sets, config
 //! parsing and input checks.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use lora_diffusion::models::clip::{ClipActivation, ClipTextConfig, ClipTextModel};
 use lora_diffusion::models::weights::ModelWeights;
-use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::collections::BTreeMap;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-/// Loads `<model>-tiny/text_encoder` in `dtype`, checking the key set.
-fn load_tiny(model: &str, dtype: DType) -> ClipTextModel {
-    let dir = fixtures().join(format!("{model}-tiny/text_encoder"));
-    let cfg = ClipTextConfig::from_file(dir.join("config.json")).unwrap();
-    let weights =
-        ModelWeights::from_files("text_encoder", &[dir.join("model.safetensors")]).unwrap();
-    let clip = ClipTextModel::new(weights.var_builder(dtype, &Device::Cpu), &cfg).unwrap();
-    weights.finish().unwrap();
-    clip
-}
-
-fn outputs(model: &str) -> HashMap<String, Tensor> {
-    let path = fixtures().join(format!("{model}.outputs.safetensors"));
-    candle_core::safetensors::load(&path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+use common::{fixtures, load_clip, max_abs, max_abs_diff, outputs, read_json};
 
 fn parity(model: &str) {
-    let clip = load_tiny(model, DType::F32);
+    let clip = load_clip(model, DType::F32);
     let out = outputs(model);
     let ids = out["clip.input_ids"].to_dtype(DType::U32).unwrap();
     let want = &out["clip.last_hidden_state"];
@@ -80,15 +48,9 @@ fn half_precision_stays_close_to_f32() {
     let out = outputs("sd1");
     let ids = out["clip.input_ids"].narrow(0, 0, 2).unwrap();
     let want = out["clip.last_hidden_state"].narrow(0, 0, 2).unwrap();
-    let scale = want
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let scale = max_abs(&want);
     for (dtype, tol) in [(DType::F16, 0.02f32), (DType::BF16, 0.1)] {
-        let clip = load_tiny("sd1", dtype);
+        let clip = load_clip("sd1", dtype);
         let got = clip.forward(&ids).unwrap();
         assert_eq!(got.dtype(), dtype);
         let d = max_abs_diff(&got, &want);
@@ -103,9 +65,7 @@ fn half_precision_stays_close_to_f32() {
 /// Builds the real-size model from a structure fixture and compares the requested key set.
 fn structure(model: &str) {
     let path = fixtures().join(format!("structure/{model}.text_encoder.json"));
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let json = read_json(&path);
     let cfg = ClipTextConfig::from_json_str(&json["config"].to_string(), "structure").unwrap();
     let want: BTreeMap<String, Vec<usize>> = serde_json::from_value(json["keys"].clone()).unwrap();
     let want: BTreeMap<String, Vec<usize>> = want
@@ -221,7 +181,7 @@ fn activations_match_their_formulas() {
 
 #[test]
 fn bad_inputs_are_errors() {
-    let clip = load_tiny("sd1", DType::F32);
+    let clip = load_clip("sd1", DType::F32);
     let ok = Tensor::new(&[[49406u32, 320, 49407]], &Device::Cpu).unwrap();
     assert_eq!(clip.forward(&ok).unwrap().dims(), &[1, 3, 32]);
     // Fewer tokens than 77 see the same prefix as with padding after them (causal mask).

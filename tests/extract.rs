@@ -1,42 +1,32 @@
 //! `lora extract`: from a model and the same model with a known low-rank change fused in, the
 //! extracted LoRA recovers the change, reports the energy it keeps, and fuses back exactly.
 
+mod common;
+
+use common::{expect_failure, expect_success, fixtures, lora, lora_fixture, s};
 use lora_diffusion::formats;
 use lora_diffusion::hub::ModelSource;
 use lora_diffusion::lora::combine::delta_mat;
 use lora_diffusion::lora::svd::{svd, Mat};
-use lora_diffusion::lora::tensor_file::TensorFile;
 use lora_diffusion::lora::upl::fuse_into_model;
+use lora_diffusion::tensor_file::TensorFile;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn lora(args: &[&str]) -> Output {
-    let o = Command::new(env!("CARGO_BIN_EXE_lora"))
-        .args(args)
-        .output()
-        .unwrap();
-    eprintln!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use std::process::Output;
 
 const SCALE: f64 = 0.8;
+
+/// `lora extract --base BASE --tuned TUNED --rank RANK --out OUT` plus `extra`.
+fn extract(base: &Path, tuned: &Path, rank: &str, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["extract", "--base", s(base), "--tuned", s(tuned)];
+    args.extend_from_slice(&["--rank", rank, "--out", s(out)]);
+    args.extend_from_slice(extra);
+    lora(&args)
+}
 
 /// sd1-tiny with the fixture LoRA fused in at 0.8 (the "fine-tuned" model).
 fn tuned(dir: &Path) -> PathBuf {
     let out = dir.join("tuned");
-    let set = formats::read(&fixtures().join("lora_formats/diffusers.safetensors")).unwrap();
+    let set = formats::read(&lora_fixture("diffusers.safetensors")).unwrap();
     fuse_into_model(
         &ModelSource::Local(fixtures().join("sd1-tiny")),
         &set,
@@ -76,24 +66,18 @@ fn extract_recovers_a_fused_low_rank_change() {
     let dir = tempfile::tempdir().unwrap();
     let base = fixtures().join("sd1-tiny");
     let tuned = tuned(dir.path());
-    let truth = formats::read(&fixtures().join("lora_formats/diffusers.safetensors")).unwrap();
+    let truth = formats::read(&lora_fixture("diffusers.safetensors")).unwrap();
 
     // Rank 4 (the true rank): ΔW recovered up to the f32 rounding of the fused weights.
     let out = dir.path().join("x4.safetensors");
-    let o = lora(&[
-        "extract",
-        "--base",
-        s(&base),
-        "--tuned",
-        s(&tuned),
-        "--rank",
+    let o = extract(
+        &base,
+        &tuned,
         "4",
-        "--out",
-        s(&out),
-        "--targets",
-        "attn,text-attn,ff",
-    ]);
-    assert!(o.status.success());
+        &out,
+        &["--targets", "attn,text-attn,ff"],
+    );
+    expect_success(&o);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(
         stdout.contains("22 targeted layers are identical"),
@@ -156,22 +140,14 @@ fn extract_recovers_a_fused_low_rank_change() {
 
     // Rank 2 (randomized SVD path): energy kept per layer equals the direct SVD's top-2 share.
     let out2 = dir.path().join("x2.safetensors");
-    let o = lora(&[
-        "extract",
-        "--base",
-        s(&base),
-        "--tuned",
-        s(&tuned),
-        "--rank",
+    let o = extract(
+        &base,
+        &tuned,
         "2",
-        "--out",
-        s(&out2),
-        "--dtype",
-        "f16",
-        "--format",
-        "kohya",
-    ]);
-    assert!(o.status.success());
+        &out2,
+        &["--dtype", "f16", "--format", "kohya"],
+    );
+    expect_success(&o);
     let x2 = formats::read(&out2).unwrap();
     let (mut kept, mut total, mut err) = (0.0, 0.0, 0.0);
     for (name, l) in &x2.layers {
@@ -205,57 +181,16 @@ fn extract_bad_input_gives_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let (sd1, sd2) = (fixtures().join("sd1-tiny"), fixtures().join("sd2-tiny"));
     let out = dir.path().join("x.safetensors");
-    let expect = |o: Output, needles: &[&str]| {
-        let err = String::from_utf8_lossy(&o.stderr).to_string();
-        assert_eq!(o.status.code(), Some(1), "{err}");
-        assert!(!err.contains("panicked"));
-        for n in needles {
-            assert!(err.contains(n), "missing {n:?}: {err}");
-        }
-    };
-    expect(
-        lora(&[
-            "extract",
-            "--base",
-            s(&sd1),
-            "--tuned",
-            s(&sd2),
-            "--rank",
-            "2",
-            "--out",
-            s(&out),
-        ]),
+    expect_failure(
+        &extract(&sd1, &sd2, "2", &out, &[]),
         &["same architecture", "shape"],
     );
-    expect(
-        lora(&[
-            "extract",
-            "--base",
-            s(&sd1),
-            "--tuned",
-            s(&sd1),
-            "--rank",
-            "2",
-            "--out",
-            s(&out),
-        ]),
+    expect_failure(
+        &extract(&sd1, &sd1, "2", &out, &[]),
         &["no targeted layer differs"],
     );
     assert!(!out.exists());
     std::fs::write(&out, "mine").unwrap();
-    expect(
-        lora(&[
-            "extract",
-            "--base",
-            s(&sd1),
-            "--tuned",
-            s(&sd1),
-            "--rank",
-            "2",
-            "--out",
-            s(&out),
-        ]),
-        &["already exists"],
-    );
+    expect_failure(&extract(&sd1, &sd1, "2", &out, &[]), &["already exists"]);
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "mine");
 }

@@ -3,47 +3,25 @@
 //! matches diffusers' fuse_lora, conversions round-trip, detection is right. Bad input and the
 //! CLI: tests/formats_errors.rs.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::{fixtures, identical, lora_fixture, max_abs_diff, tiny_arch};
 use lora_diffusion::formats::cloneofsimo::module_order;
 use lora_diffusion::formats::keymap::{Component, KeyIndex};
-use lora_diffusion::formats::{self, delta, Architecture, Format, WriteOptions};
-use lora_diffusion::hub::ModelSource;
-use lora_diffusion::lora::{LoraSet, LoraWeights};
+use lora_diffusion::formats::{self, Architecture, Format, WriteOptions};
+use lora_diffusion::lora::{delta_weight, LoraSet, LoraWeights};
+use lora_diffusion::tensor_file::read_header;
+use safetensors::Dtype;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn fx(name: &str) -> PathBuf {
-    fixtures().join("lora_formats").join(name)
-}
+use std::path::Path;
 
 fn expected() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fx("expected.safetensors"), &Device::Cpu).unwrap()
+    common::load_tensors(lora_fixture("expected.safetensors"))
 }
 
 fn expected_json() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fx("expected.json")).unwrap()).unwrap()
-}
-
-fn tiny(name: &str) -> Architecture {
-    Architecture::from_model(&ModelSource::Local(fixtures().join(name))).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    common::read_json(lora_fixture("expected.json"))
 }
 
 /// Every layer of `a` and `b` has the same ΔW (within `tol`); returns the max difference.
@@ -53,26 +31,14 @@ fn same_deltas(a: &LoraSet, b: &LoraSet, tol: f32) -> f32 {
     assert_eq!(ka, kb, "different layers");
     let mut worst = 0f32;
     for (k, w) in &a.layers {
-        let d = max_diff(&delta(w).unwrap(), &delta(&b.layers[k]).unwrap());
+        let d = max_abs_diff(
+            &delta_weight(w).unwrap(),
+            &delta_weight(&b.layers[k]).unwrap(),
+        );
         assert!(d <= tol, "{k}: ΔW differs by {d}");
         worst = worst.max(d);
     }
     worst
-}
-
-/// Factors and alphas are identical.
-fn identical(a: &LoraSet, b: &LoraSet) {
-    assert_eq!(
-        a.layers.keys().collect::<Vec<_>>(),
-        b.layers.keys().collect::<Vec<_>>()
-    );
-    for (k, w) in &a.layers {
-        let v = &b.layers[k];
-        assert_eq!(w.alpha, v.alpha, "{k}: alpha");
-        assert_eq!(w.down.dtype(), v.down.dtype(), "{k}: dtype");
-        assert_eq!(max_diff(&w.down, &v.down), 0.0, "{k}: down");
-        assert_eq!(max_diff(&w.up, &v.up), 0.0, "{k}: up");
-    }
 }
 
 const FILES: &[(&str, Format)] = &[
@@ -91,7 +57,11 @@ const FILES: &[(&str, Format)] = &[
 #[test]
 fn detects_every_format() {
     for (name, want) in FILES {
-        assert_eq!(formats::detect(&fx(name)).unwrap(), *want, "{name}");
+        assert_eq!(
+            formats::detect(&lora_fixture(name)).unwrap(),
+            *want,
+            "{name}"
+        );
     }
 }
 
@@ -99,11 +69,11 @@ fn detects_every_format() {
 fn every_file_gives_the_same_delta_as_diffusers() {
     let exp = expected();
     let json = expected_json();
-    let arch = tiny("sd1-tiny");
-    let reference = formats::read_with(&fx("peft.safetensors"), Some(&arch)).unwrap();
+    let arch = tiny_arch("sd1-tiny");
+    let reference = formats::read_with(&lora_fixture("peft.safetensors"), Some(&arch)).unwrap();
     assert_eq!(reference.layers.len(), 100);
     for (name, _) in &FILES[..8] {
-        let set = formats::read_with(&fx(name), Some(&arch)).unwrap();
+        let set = formats::read_with(&lora_fixture(name), Some(&arch)).unwrap();
         let half = *name == "peft_nometa.safetensors"; // no metadata: scale 1 instead of 2
         let mut worst = 0f32;
         for layer in json["check_layers"].as_array().unwrap() {
@@ -113,7 +83,7 @@ fn every_file_gives_the_same_delta_as_diffusers() {
                 .layers
                 .get(layer)
                 .unwrap_or_else(|| panic!("{name}: no {layer}"));
-            worst = worst.max(max_diff(&delta(w).unwrap(), &want));
+            worst = worst.max(max_abs_diff(&delta_weight(w).unwrap(), &want));
         }
         eprintln!("{name}: max |ΔW - scale·B·A| over the check layers = {worst:e}");
         assert!(worst <= 1e-6, "{name}: {worst}");
@@ -129,8 +99,8 @@ fn every_file_gives_the_same_delta_as_diffusers() {
 
 #[test]
 fn pickled_state_dict_of_old_diffusers_reads() {
-    let set = formats::read(&fx("diffusers_old_unet.bin")).unwrap();
-    let mut reference = formats::read(&fx("peft.safetensors")).unwrap();
+    let set = formats::read(&lora_fixture("diffusers_old_unet.bin")).unwrap();
+    let mut reference = formats::read(&lora_fixture("peft.safetensors")).unwrap();
     reference.layers.retain(|k, _| k.starts_with("unet."));
     let d = same_deltas(&set, &reference, 1e-6);
     eprintln!(
@@ -142,12 +112,16 @@ fn pickled_state_dict_of_old_diffusers_reads() {
 #[test]
 fn kohya_and_peft_read_without_a_model_but_cloneofsimo_needs_one() {
     // sd1-tiny's module paths are a subset of SD 1.5's, so kohya names resolve without a model.
-    let a = formats::read(&fx("kohya.safetensors")).unwrap();
-    let b = formats::read_with(&fx("kohya.safetensors"), Some(&tiny("sd1-tiny"))).unwrap();
+    let a = formats::read(&lora_fixture("kohya.safetensors")).unwrap();
+    let b = formats::read_with(
+        &lora_fixture("kohya.safetensors"),
+        Some(&tiny_arch("sd1-tiny")),
+    )
+    .unwrap();
     identical(&a, &b);
     let err = format!(
         "{:#}",
-        formats::read(&fx("cloneofsimo.safetensors")).unwrap_err()
+        formats::read(&lora_fixture("cloneofsimo.safetensors")).unwrap_err()
     );
     eprintln!("{err}");
     assert!(
@@ -161,24 +135,16 @@ fn fusing_at_scale_matches_diffusers_fuse_lora() {
     let exp = expected();
     let json = expected_json();
     let s = json["fuse_scale"].as_f64().unwrap();
-    let set = formats::read(&fx("kohya.safetensors")).unwrap();
-    let unet = candle_core::safetensors::load(
-        fixtures().join("sd1-tiny/unet/diffusion_pytorch_model.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let te = candle_core::safetensors::load(
-        fixtures().join("sd1-tiny/text_encoder/model.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let set = formats::read(&lora_fixture("kohya.safetensors")).unwrap();
+    let unet = common::unet_tensors("sd1");
+    let te = common::load_tensors(fixtures().join("sd1-tiny/text_encoder/model.safetensors"));
     let mut worst = 0f32;
     for layer in json["check_layers"].as_array().unwrap() {
         let layer = layer.as_str().unwrap();
         let (comp, path) = layer.split_once('.').unwrap();
         let base = if comp == "unet" { &unet } else { &te }[&format!("{path}.weight")].clone();
-        let fused = (base + (delta(&set.layers[layer]).unwrap() * s).unwrap()).unwrap();
-        worst = worst.max(max_diff(&fused, &exp[&format!("fused.{layer}")]));
+        let fused = (base + (delta_weight(&set.layers[layer]).unwrap() * s).unwrap()).unwrap();
+        worst = worst.max(max_abs_diff(&fused, &exp[&format!("fused.{layer}")]));
     }
     eprintln!("W + {s}·ΔW vs diffusers fuse_lora(lora_scale={s}): max abs diff {worst:e}");
     assert!(worst <= 1e-5);
@@ -187,7 +153,7 @@ fn fusing_at_scale_matches_diffusers_fuse_lora() {
 #[test]
 fn cloneofsimo_order_is_the_pre_015_traversal() {
     let json = expected_json();
-    let arch = tiny("sd1-tiny");
+    let arch = tiny_arch("sd1-tiny");
     let strs = |v: &serde_json::Value, prefix: &str| -> Vec<String> {
         v.as_array()
             .unwrap()
@@ -224,22 +190,27 @@ fn cloneofsimo_order_is_the_pre_015_traversal() {
     );
     // And the GEGLU file reads to exactly the stored factors by path.
     let exp = expected();
-    let set = formats::read_with(&fx("cloneofsimo_geglu.safetensors"), Some(&arch)).unwrap();
+    let set =
+        formats::read_with(&lora_fixture("cloneofsimo_geglu.safetensors"), Some(&arch)).unwrap();
     assert_eq!(set.layers.len(), 99);
     for (k, w) in &set.layers {
         assert_eq!(w.alpha, w.rank() as f64);
         assert_eq!(
-            max_diff(&w.down, &exp[&format!("geglu.{k}.down")]),
+            max_abs_diff(&w.down, &exp[&format!("geglu.{k}.down")]),
             0.0,
             "{k}"
         );
-        assert_eq!(max_diff(&w.up, &exp[&format!("geglu.{k}.up")]), 0.0, "{k}");
+        assert_eq!(
+            max_abs_diff(&w.up, &exp[&format!("geglu.{k}.up")]),
+            0.0,
+            "{k}"
+        );
     }
 }
 
 /// The fixture LoRA with some variety: one layer at rank 2 and one with another alpha.
 fn varied() -> LoraSet {
-    let mut set = formats::read(&fx("kohya.safetensors")).unwrap();
+    let mut set = formats::read(&lora_fixture("kohya.safetensors")).unwrap();
     let k = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k".to_string();
     let w = set.layers[&k].clone();
     set.layers.insert(
@@ -309,7 +280,7 @@ fn conversions_round_trip() {
         );
     }
     // cloneofsimo stores scale·up: ΔW equal within f32 rounding, alpha becomes the rank.
-    let arch = tiny("sd1-tiny");
+    let arch = tiny_arch("sd1-tiny");
     let opts = WriteOptions {
         arch: Some(&arch),
         ..Default::default()
@@ -334,7 +305,7 @@ fn conversions_round_trip() {
             assert_eq!(w.down.dtype(), dt);
             assert_eq!(w.alpha, set.layers[k].alpha);
             assert_eq!(
-                max_diff(&w.up, &set.layers[k].up.to_dtype(dt).unwrap()),
+                max_abs_diff(&w.up, &set.layers[k].up.to_dtype(dt).unwrap()),
                 0.0
             );
         }
@@ -345,11 +316,11 @@ fn conversions_round_trip() {
 fn ours_metadata_is_documented() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.safetensors");
-    let mut set = formats::read(&fx("kohya.safetensors")).unwrap();
+    let mut set = formats::read(&lora_fixture("kohya.safetensors")).unwrap();
     set.metadata
         .insert("training_args".into(), "{\"steps\":10}".into());
     formats::write(&set, &out, Format::Ours, &WriteOptions::default()).unwrap();
-    let h = formats::io::read_header(&out).unwrap();
+    let h = read_header(&out).unwrap();
     let m = &h.metadata;
     assert_eq!(m["lora_diffusion.format"], "1");
     assert_eq!(m["rank"], "4");
@@ -363,9 +334,8 @@ fn ours_metadata_is_documented() {
         !m.contains_key("ss_network_module"),
         "kohya's format keys are not carried over"
     );
-    let (dtype, shape) =
-        &h.tensors["unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.alpha"];
-    assert_eq!((dtype.as_str(), shape.len()), ("F32", 0));
+    let alpha = &h.entries["unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.alpha"];
+    assert_eq!((alpha.dtype, alpha.shape.len()), (Dtype::F32, 0));
 }
 
 #[test]
@@ -410,7 +380,7 @@ fn resnet_lora(arch: &Architecture) -> LoraSet {
 
 #[test]
 fn conv_layers_round_trip_in_every_format() {
-    let arch = tiny("sd1-tiny");
+    let arch = tiny_arch("sd1-tiny");
     let set = resnet_lora(&arch);
     assert!(set
         .layers
@@ -431,9 +401,9 @@ fn conv_layers_round_trip_in_every_format() {
     };
     let c = write_read(&set, Format::Cloneofsimo, dir.path(), opts, Some(&arch));
     let d = same_deltas(&set, &c, 1e-5);
-    let h = formats::io::read_header(&dir.path().join("cloneofsimo.safetensors")).unwrap();
+    let h = read_header(&dir.path().join("cloneofsimo.safetensors")).unwrap();
     assert_eq!(h.metadata["unet"], r#"["ResnetBlock2D"]"#);
-    let first = h.tensors["unet:0:down"].1.clone();
+    let first = h.entries["unet:0:down"].shape.clone();
     assert_eq!(
         first,
         set.layers["unet.down_blocks.0.resnets.0.conv1"]

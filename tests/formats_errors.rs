@@ -2,62 +2,25 @@
 //! LoRA for another model family, existing outputs) and the `lora convert` / `lora inspect`
 //! commands. Every failure is a clear error naming the file, key or layer; never a panic.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::{
+    err_text, expect_failure, expect_success, fixtures, identical, lora, lora_fixture, s, tiny_arch,
+};
 use lora_diffusion::formats::{self, check_against, Architecture, Format, WriteOptions};
-use lora_diffusion::hub::ModelSource;
 use lora_diffusion::lora::{LoraSet, LoraWeights};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn fx(name: &str) -> PathBuf {
-    fixtures().join("lora_formats").join(name)
-}
-
-fn tiny(name: &str) -> Architecture {
-    Architecture::from_model(&ModelSource::Local(fixtures().join(name))).unwrap()
-}
-
-/// Factors and alphas are identical.
-fn identical(a: &LoraSet, b: &LoraSet) {
-    assert_eq!(
-        a.layers.keys().collect::<Vec<_>>(),
-        b.layers.keys().collect::<Vec<_>>()
-    );
-    for (k, w) in &a.layers {
-        let v = &b.layers[k];
-        assert_eq!(w.alpha, v.alpha, "{k}: alpha");
-        let d = (&w.up - &v.up)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(d, 0.0, "{k}: up");
-    }
-}
-
-fn err_of<T: std::fmt::Debug>(r: anyhow::Result<T>) -> String {
-    let e = format!("{:#}", r.unwrap_err());
-    eprintln!("error: {e}");
-    assert!(!e.contains("panicked"));
-    e
-}
 
 #[test]
 fn truncated_and_corrupt_files_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
     for name in ["kohya.safetensors", "cloneofsimo.pt"] {
-        let bytes = std::fs::read(fx(name)).unwrap();
+        let bytes = std::fs::read(lora_fixture(name)).unwrap();
         let p = dir.path().join(name);
         std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
-        let e = err_of(formats::read(&p));
+        let e = err_text(formats::read(&p));
         assert!(
             e.contains(p.to_str().unwrap()) && e.contains("truncated"),
             "{e}"
@@ -65,20 +28,20 @@ fn truncated_and_corrupt_files_name_the_file() {
         let mut garbage = bytes.clone();
         garbage[8..40].copy_from_slice(&[b'#'; 32]);
         std::fs::write(&p, &garbage).unwrap();
-        let e = err_of(formats::read(&p));
+        let e = err_text(formats::read(&p));
         assert!(e.contains(p.to_str().unwrap()), "{e}");
     }
     let p = dir.path().join("tiny.safetensors");
     std::fs::write(&p, b"abc").unwrap();
-    assert!(err_of(formats::read(&p)).contains("too short"));
+    assert!(err_text(formats::read(&p)).contains("too short"));
     assert!(
-        err_of(formats::read(&dir.path().join("missing.safetensors"))).contains("does not exist")
+        err_text(formats::read(&dir.path().join("missing.safetensors"))).contains("does not exist")
     );
 }
 
 /// A copy of a fixture with tensors added / replaced.
 fn edited(dir: &Path, name: &str, edit: impl FnOnce(&mut HashMap<String, Tensor>)) -> PathBuf {
-    let mut t = candle_core::safetensors::load(fx(name), &Device::Cpu).unwrap();
+    let mut t = common::load_tensors(lora_fixture(name));
     edit(&mut t);
     let p = dir.join(name);
     candle_core::safetensors::save(&t, &p).unwrap();
@@ -99,7 +62,7 @@ fn unknown_keys_are_listed_together() {
             z.clone(),
         );
     });
-    let e = err_of(formats::read(&p));
+    let e = err_text(formats::read(&p));
     assert!(
         e.contains("2 of 302 keys") && e.contains("nonexistent_to_q") && e.contains("up_blocks_9"),
         "{e}"
@@ -107,7 +70,7 @@ fn unknown_keys_are_listed_together() {
     let p = edited(dir.path(), "diffusers.safetensors", |t| {
         t.insert("unet.down_blocks.0.something.weird".into(), z.clone());
     });
-    assert!(err_of(formats::read(&p)).contains("unet.down_blocks.0.something.weird"));
+    assert!(err_text(formats::read(&p)).contains("unet.down_blocks.0.something.weird"));
 }
 
 #[test]
@@ -120,14 +83,14 @@ fn mismatched_shapes_name_the_layer_and_both_shapes() {
             Tensor::zeros((32, 8), DType::F32, &Device::Cpu).unwrap(),
         );
     });
-    let e = err_of(formats::read(&p));
+    let e = err_text(formats::read(&p));
     assert!(
         e.contains("attn1.to_q") && e.contains("[4, 32]") && e.contains("[32, 8]"),
         "{e}"
     );
     // Against a model: the tiny SD1 LoRA on the tiny SD2 model.
-    let set = formats::read(&fx("kohya.safetensors")).unwrap();
-    let e = err_of(check_against(&set, &tiny("sd2-tiny")));
+    let set = formats::read(&lora_fixture("kohya.safetensors")).unwrap();
+    let e = err_text(check_against(&set, &tiny_arch("sd2-tiny")));
     assert!(
         e.contains("cross-attention dim 32 in the LoRA, 48 in the model"),
         "{e}"
@@ -136,7 +99,7 @@ fn mismatched_shapes_name_the_layer_and_both_shapes() {
         e.contains("attn2.to_k: LoRA ΔW [32, 32], model weight [32, 48]"),
         "{e}"
     );
-    check_against(&set, &tiny("sd1-tiny")).unwrap();
+    check_against(&set, &tiny_arch("sd1-tiny")).unwrap();
     // Real size: an SD 2 LoRA layer on SD 1.5.
     let k = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k";
     let mut sd2 = LoraSet::default();
@@ -147,7 +110,7 @@ fn mismatched_shapes_name_the_layer_and_both_shapes() {
     };
     sd2.layers.insert(k.into(), w);
     check_against(&sd2, Architecture::sd21()).unwrap();
-    let e = err_of(check_against(&sd2, Architecture::sd15()));
+    let e = err_text(check_against(&sd2, Architecture::sd15()));
     assert!(
         e.contains(
             "cross-attention dim 1024 in the LoRA, 768 in the model (a LoRA for SD 2.x on SD 1.x)"
@@ -159,10 +122,10 @@ fn mismatched_shapes_name_the_layer_and_both_shapes() {
 #[test]
 fn output_exists_needs_force_and_nothing_is_half_written() {
     let dir = tempfile::tempdir().unwrap();
-    let set = formats::read(&fx("kohya.safetensors")).unwrap();
+    let set = formats::read(&lora_fixture("kohya.safetensors")).unwrap();
     let out = dir.path().join("out.safetensors");
     std::fs::write(&out, b"user data").unwrap();
-    let e = err_of(formats::write(
+    let e = err_text(formats::write(
         &set,
         &out,
         Format::Ours,
@@ -171,7 +134,7 @@ fn output_exists_needs_force_and_nothing_is_half_written() {
     assert!(e.contains("already exists") && e.contains("--force"), "{e}");
     assert_eq!(std::fs::read(&out).unwrap(), b"user data");
     // A format that cannot hold the LoRA fails before touching the file.
-    let e = err_of(formats::write(
+    let e = err_text(formats::write(
         &set,
         &out,
         Format::Cloneofsimo,
@@ -202,11 +165,11 @@ fn output_exists_needs_force_and_nothing_is_half_written() {
 
 #[test]
 fn cloneofsimo_rejects_partial_module_classes() {
-    let arch = tiny("sd1-tiny");
-    let mut set = formats::read(&fx("kohya.safetensors")).unwrap();
+    let arch = tiny_arch("sd1-tiny");
+    let mut set = formats::read(&lora_fixture("kohya.safetensors")).unwrap();
     set.layers.retain(|k, _| !k.ends_with("attn1.to_v"));
     let dir = tempfile::tempdir().unwrap();
-    let e = err_of(formats::write(
+    let e = err_text(formats::write(
         &set,
         &dir.path().join("c.safetensors"),
         Format::Cloneofsimo,
@@ -221,41 +184,21 @@ fn cloneofsimo_rejects_partial_module_classes() {
     );
 }
 
-fn lora(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_lora"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn cli_convert_and_inspect() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o.safetensors");
-    let (kohya, o) = (fx("kohya.safetensors"), out.to_str().unwrap().to_string());
-    let r = lora(&[
-        "convert",
-        kohya.to_str().unwrap(),
-        "--to",
-        "diffusers",
-        "--out",
-        &o,
-        "--dtype",
-        "f16",
-    ]);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let o = s(&out);
+    let convert = |input: &Path, to: &str, extra: &[&str]| {
+        let mut args = vec!["convert", s(input), "--to", to, "--out", o];
+        args.extend_from_slice(extra);
+        lora(&args)
+    };
+    let kohya = lora_fixture("kohya.safetensors");
+    expect_success(&convert(&kohya, "diffusers", &["--dtype", "f16"]));
     assert_eq!(formats::detect(&out).unwrap(), Format::Diffusers);
-    let r = lora(&[
-        "convert",
-        kohya.to_str().unwrap(),
-        "--to",
-        "ours",
-        "--out",
-        &o,
-    ]);
-    assert_eq!(r.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&r.stderr).contains("--force"));
-    let r = lora(&["inspect", &o]);
+    expect_failure(&convert(&kohya, "ours", &[]), &["--force"]);
+    let r = lora(&["inspect", o]);
     let text = String::from_utf8_lossy(&r.stdout).to_string();
     eprintln!("{text}");
     assert!(r.status.success());
@@ -272,19 +215,7 @@ fn cli_convert_and_inspect() {
         assert!(text.contains(needle), "inspect output lacks {needle:?}");
     }
     let m = fixtures().join("sd1-tiny");
-    let r = lora(&[
-        "convert",
-        fx("cloneofsimo.pt").to_str().unwrap(),
-        "--to",
-        "kohya",
-        "--out",
-        &o,
-        "--force",
-        "--model",
-        m.to_str().unwrap(),
-    ]);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let r = lora(&["inspect", fx("cloneofsimo.pt").to_str().unwrap()]);
-    assert_eq!(r.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&r.stderr).contains("--model"));
+    let pt = lora_fixture("cloneofsimo.pt");
+    expect_success(&convert(&pt, "kohya", &["--force", "--model", s(&m)]));
+    expect_failure(&lora(&["inspect", s(&pt)]), &["--model"]);
 }

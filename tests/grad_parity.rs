@@ -3,14 +3,14 @@
 //! scripts/fixture_lora_grads.py, reference computed in f64), within 1e-4 relative to each
 //! tensor's largest magnitude. Also checks that no base weight receives a gradient.
 
-mod lora_support;
+mod common;
 
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
+use common::*;
 use lora_diffusion::lora::{inject_trainable, LoraHost, LoraSet, LoraTargets, LoraWeights};
 use lora_diffusion::rng::Rng;
-use lora_support::*;
 
 const REL_TOL: f32 = 1e-4;
 
@@ -21,13 +21,9 @@ struct Case {
 
 fn load_case(name: &str) -> Case {
     let dir = fixtures().join("lora_grads");
-    let tensors =
-        candle_core::safetensors::load(dir.join(format!("{name}.safetensors")), &Device::Cpu)
-            .unwrap();
-    let text = std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap();
     Case {
-        tensors,
-        meta: serde_json::from_str(&text).unwrap(),
+        tensors: load_tensors(dir.join(format!("{name}.safetensors"))),
+        meta: read_json(dir.join(format!("{name}.json"))),
     }
 }
 
@@ -193,23 +189,19 @@ fn layer_enumeration_matches_named_modules() {
         let c = load_case(case);
         let unet = load_unet(model, DType::F32);
         let clip = load_clip(model, DType::F32);
-        let ours: Vec<String> = unet
-            .lora_layers()
-            .iter()
-            .map(|l| l.path().to_string())
-            .collect();
+        let paths = |host: &dyn LoraHost| -> Vec<String> {
+            host.lora_layers()
+                .iter()
+                .map(|l| l.path().to_string())
+                .collect()
+        };
         assert_eq!(
-            ours,
+            paths(&unet),
             strings(&c.meta["unet_modules"]),
             "{model} unet modules"
         );
-        let ours: Vec<String> = clip
-            .lora_layers()
-            .iter()
-            .map(|l| l.path().to_string())
-            .collect();
         assert_eq!(
-            ours,
+            paths(&clip),
             strings(&c.meta["text_modules"]),
             "{model} text modules"
         );

@@ -1,12 +1,13 @@
 //! LoRA adapters on the tiny fixture models: untrained injection leaves outputs bit-equal,
 //! collapse(W) equals the adapter, runtime scale / enable / removal, stacking, errors.
 
-mod lora_support;
+mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use common::*;
 use lora_diffusion::lora::{
     apply_lora_set, collapse, extract, inject_trainable, remove_all, set_enabled, set_scale,
     AdapterKind, InjectedLora, LoraAdapter, LoraHost, LoraSet, LoraTargets, LoraWeights,
@@ -14,16 +15,11 @@ use lora_diffusion::lora::{
 use lora_diffusion::models::layers::Linear;
 use lora_diffusion::models::unet::UNet2DConditionModel;
 use lora_diffusion::rng::Rng;
-use lora_support::*;
 
 const CPU: Device = Device::Cpu;
 
 fn targets(s: &str) -> LoraTargets {
     LoraTargets::parse(s).unwrap()
-}
-
-fn randn(rng: &mut Rng, shape: &[usize], std: f64) -> Tensor {
-    (rng.randn(shape, &CPU).unwrap() * std).unwrap()
 }
 
 /// UNet inputs from the sd fixtures: (sample, timesteps, encoder_hidden_states).
@@ -370,18 +366,21 @@ fn two_loras_on_the_same_layers_add_up() {
 fn rank_too_large_and_empty_targets_are_clear_errors() {
     let unet = load_unet("sd1", DType::F32);
     let mut rng = Rng::new(10);
-    let e = inject_trainable(
-        &unet,
-        "unet",
-        &targets("attn"),
-        40,
-        40.0,
-        0.0,
-        &mut rng,
-        &CPU,
-    )
-    .unwrap_err()
-    .to_string();
+    let mut error = |t: &str, rank: usize, alpha: f64, dropout: f64| {
+        inject_trainable(
+            &unet,
+            "unet",
+            &targets(t),
+            rank,
+            alpha,
+            dropout,
+            &mut rng,
+            &CPU,
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    let e = error("attn", 40, 40.0, 0.0);
     eprintln!("{e}");
     assert!(e.contains("rank 40"), "{e}");
     assert!(
@@ -390,46 +389,20 @@ fn rank_too_large_and_empty_targets_are_clear_errors() {
     );
     assert!(e.contains("in = 32") && e.contains("out = 32"), "{e}");
     // Convolutions: min(in·k·k, out); conv_out has 4 output channels.
-    let e = inject_trainable(
-        &unet,
-        "unet",
-        &targets("conv_out"),
-        5,
-        5.0,
-        0.0,
-        &mut rng,
-        &CPU,
-    )
-    .unwrap_err()
-    .to_string();
+    let e = error("conv_out", 5, 5.0, 0.0);
     assert!(
         e.contains("unet.conv_out") && e.contains("in·k·k = 32·3·3 = 288") && e.contains("out = 4"),
         "{e}"
     );
     // Nothing was attached by the failed calls.
     assert!(unet.lora_layers().iter().all(|l| l.adapters().is_empty()));
-    let e = inject_trainable(
-        &unet,
-        "unet",
-        &targets("text-attn"),
-        4,
-        4.0,
-        0.0,
-        &mut rng,
-        &CPU,
-    )
-    .unwrap_err()
-    .to_string();
+    let e = error("text-attn", 4, 4.0, 0.0);
     assert!(
         e.contains("match no layer") && e.contains("text-attn"),
         "{e}"
     );
-    let e =
-        inject_trainable(&unet, "unet", &targets("attn"), 0, 4.0, 0.0, &mut rng, &CPU).unwrap_err();
-    assert!(e.to_string().contains("rank"));
-    let e =
-        inject_trainable(&unet, "unet", &targets("attn"), 4, 4.0, 1.0, &mut rng, &CPU).unwrap_err();
-    assert!(e.to_string().contains("dropout"));
+    assert!(error("attn", 0, 4.0, 0.0).contains("rank"));
+    assert!(error("attn", 4, 4.0, 1.0).contains("dropout"));
 }
 
 #[test]

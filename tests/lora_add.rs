@@ -1,90 +1,31 @@
 //! `lora_add --mode upl` as a user runs it: parity with diffusers' fuse_lora + save_pretrained,
 //! a complete model folder, dtypes kept, and clear errors that leave nothing behind.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::{
+    copy_dir, expect_failure, expect_success, files, fixtures, hf_cache_model, lora_fixture,
+    max_abs_diff_f64, names_in, run_lora_add, s,
+};
 use lora_diffusion::formats;
 use lora_diffusion::hub::ModelSource;
 use lora_diffusion::lora::combine::delta_mat;
-use lora_diffusion::lora::tensor_file::TensorFile;
 use lora_diffusion::pipeline::StableDiffusion;
+use lora_diffusion::tensor_file::TensorFile;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 fn model() -> PathBuf {
     fixtures().join("sd1-tiny")
 }
 
-fn lora_file(name: &str) -> PathBuf {
-    fixtures().join("lora_formats").join(name)
-}
-
-fn lora_add(args: &[&str]) -> Output {
-    let o = Command::new(env!("CARGO_BIN_EXE_lora_add"))
-        .args(args)
-        .output()
-        .unwrap();
-    eprintln!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
+/// `lora_add --mode upl --alpha ALPHA` from `p1` and `p2` into `out`, plus `extra`.
 fn upl(p1: &Path, p2: &Path, alpha: &str, out: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "--path_1",
-        s(p1),
-        "--path_2",
-        s(p2),
-        "--mode",
-        "upl",
-        "--alpha",
-        alpha,
-    ];
-    args.extend_from_slice(&["--output_path", s(out)]);
+    let mut args = vec!["--alpha", alpha];
     args.extend_from_slice(extra);
-    lora_add(&args)
-}
-
-/// Every file under `dir` (relative paths), sorted.
-fn files(dir: &Path) -> Vec<String> {
-    fn walk(d: &Path, prefix: &str, out: &mut Vec<String>) {
-        for e in std::fs::read_dir(d).unwrap() {
-            let e = e.unwrap();
-            let rel = format!("{prefix}{}", e.file_name().to_string_lossy());
-            if e.path().is_dir() {
-                walk(&e.path(), &format!("{rel}/"), out);
-            } else {
-                out.push(rel);
-            }
-        }
-    }
-    let mut v = vec![];
-    walk(dir, "", &mut v);
-    v.sort();
-    v
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-    d.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
+    run_lora_add(p1, p2, "upl", out, &args)
 }
 
 const WEIGHTS: [(&str, &str); 2] = [
@@ -94,13 +35,8 @@ const WEIGHTS: [(&str, &str); 2] = [
 
 /// Compares an upl output with diffusers' fused-and-saved model (tests/fixtures/lora_add).
 fn compare_with_diffusers(out: &Path) -> f64 {
-    let expected: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("lora_add/expected.json")).unwrap(),
-    )
-    .unwrap();
-    let fused =
-        candle_core::safetensors::load(fixtures().join("lora_add/fused.safetensors"), &Device::Cpu)
-            .unwrap();
+    let expected = common::read_json(fixtures().join("lora_add/expected.json"));
+    let fused = common::load_tensors(fixtures().join("lora_add/fused.safetensors"));
     let mut worst: f64 = 0.0;
     for (comp, rel) in WEIGHTS {
         let e = &expected["components"][comp];
@@ -135,7 +71,7 @@ fn compare_with_diffusers(out: &Path) -> f64 {
             let k = k.as_str().unwrap();
             let want = &fused[&format!("{comp}.{k}")];
             let got = Tensor::from_vec(ours.to_f64(k).unwrap(), want.dims(), &Device::Cpu).unwrap();
-            comp_worst = comp_worst.max(max_abs(&got, want));
+            comp_worst = comp_worst.max(max_abs_diff_f64(&got, want));
         }
         eprintln!(
             "{comp}: {} fused tensors, max |ours − diffusers| = {comp_worst:.3e}; {} others byte-identical",
@@ -158,7 +94,7 @@ fn upl_equals_diffusers_fuse_lora_for_every_format() {
         "cloneofsimo.safetensors",
     ] {
         let out = dir.path().join(name.replace('.', "_"));
-        let o = upl(&model(), &lora_file(name), "0.8", &out, &[]);
+        let o = upl(&model(), &lora_fixture(name), "0.8", &out, &[]);
         assert!(o.status.success(), "{name}");
         eprintln!("LoRA {name}:");
         compare_with_diffusers(&out);
@@ -169,9 +105,9 @@ fn upl_equals_diffusers_fuse_lora_for_every_format() {
 fn upl_writes_a_complete_model_that_loads() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("fused");
-    let lora = lora_file("kohya.safetensors");
+    let lora = lora_fixture("kohya.safetensors");
     let alpha = 1.3;
-    assert!(upl(&model(), &lora, "1.3", &out, &[]).status.success());
+    expect_success(&upl(&model(), &lora, "1.3", &out, &[]));
     assert_eq!(
         files(&out),
         files(&model()),
@@ -237,12 +173,14 @@ fn upl_keeps_a_half_precision_model_in_half_precision() {
         .collect();
     candle_core::safetensors::save(&half, &unet).unwrap();
     let out = dir.path().join("out16");
-    assert!(
-        upl(&m, &lora_file("diffusers.safetensors"), "0.5", &out, &[])
-            .status
-            .success()
-    );
-    let set = formats::read(&lora_file("diffusers.safetensors")).unwrap();
+    expect_success(&upl(
+        &m,
+        &lora_fixture("diffusers.safetensors"),
+        "0.5",
+        &out,
+        &[],
+    ));
+    let set = formats::read(&lora_fixture("diffusers.safetensors")).unwrap();
     let (ours, input) = (
         TensorFile::open(&out.join("unet/diffusion_pytorch_model.safetensors")).unwrap(),
         TensorFile::open(&unet).unwrap(),
@@ -275,34 +213,12 @@ fn upl_keeps_a_half_precision_model_in_half_precision() {
     assert_eq!(fused, 88);
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dst = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dst);
-        } else {
-            std::fs::copy(e.path(), dst).unwrap();
-        }
-    }
-}
-
 /// Expects exit code 1 with every needle in stderr, no panic, and `dir` left as `before`.
 fn expect_error(o: &Output, needles: &[&str], dir: &Path, before: &[String]) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "expected exit 1: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    for n in needles {
-        assert!(err.contains(n), "error lacks {n:?}: {err}");
-    }
-    let mut now: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-        .collect();
-    now.sort();
+    expect_failure(o, needles);
     assert_eq!(
-        now, before,
+        names_in(dir),
+        before,
         "the output folder's parent changed (half-written output or temp left behind)"
     );
 }
@@ -312,7 +228,7 @@ fn upl_bad_input_gives_clear_errors_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let out = d.join("out");
-    let lora = lora_file("kohya.safetensors");
+    let lora = lora_fixture("kohya.safetensors");
     // P1 a folder that is not a model.
     std::fs::create_dir(d.join("empty")).unwrap();
     let before = vec!["empty".to_string()];
@@ -387,9 +303,7 @@ fn upl_bad_input_gives_clear_errors_and_writes_nothing() {
         std::fs::read_to_string(out.join("keep.txt")).unwrap(),
         "mine"
     );
-    assert!(upl(&model(), &lora, "1", &out, &["--force"])
-        .status
-        .success());
+    expect_success(&upl(&model(), &lora, "1", &out, &["--force"]));
     assert!(!out.join("keep.txt").exists() && out.join("model_index.json").is_file());
     let now: Vec<String> = files(d)
         .into_iter()
@@ -402,11 +316,8 @@ fn upl_bad_input_gives_clear_errors_and_writes_nothing() {
 fn upl_from_a_hugging_face_id_in_the_offline_cache() {
     let dir = tempfile::tempdir().unwrap();
     let hf = dir.path().join("hf");
-    let repo = hf.join("hub/models--test--tiny");
-    std::fs::create_dir_all(repo.join("refs")).unwrap();
-    std::fs::write(repo.join("refs/main"), "abc123").unwrap();
-    copy_dir(&model(), &repo.join("snapshots/abc123"));
-    let lora = lora_file("kohya.safetensors");
+    hf_cache_model(&hf, "test/tiny", "abc123", &model());
+    let lora = lora_fixture("kohya.safetensors");
     let (hub_out, local_out) = (dir.path().join("from_hub"), dir.path().join("from_folder"));
     let o = Command::new(env!("CARGO_BIN_EXE_lora_add"))
         .env("HF_HOME", &hf)
@@ -424,10 +335,8 @@ fn upl_from_a_hugging_face_id_in_the_offline_cache() {
         .args(["--output_path", s(&hub_out)])
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(upl(&model(), &lora, "0.7", &local_out, &[])
-        .status
-        .success());
+    expect_success(&o);
+    expect_success(&upl(&model(), &lora, "0.7", &local_out, &[]));
     assert_eq!(files(&hub_out), files(&local_out));
     for f in files(&local_out) {
         assert_eq!(
@@ -458,8 +367,8 @@ fn upl_leaves_out_stale_weight_copies_and_keeps_other_files() {
     )
     .unwrap();
     let out = dir.path().join("out");
-    let o = upl(&m, &lora_file("kohya.safetensors"), "1", &out, &[]);
-    assert!(o.status.success());
+    let o = upl(&m, &lora_fixture("kohya.safetensors"), "1", &out, &[]);
+    expect_success(&o);
     let stdout = String::from_utf8_lossy(&o.stdout);
     for f in [
         "unet/diffusion_pytorch_model.bin",
@@ -515,7 +424,7 @@ fn upl_fuses_convolution_layers() {
     let p = dir.path().join("locon.safetensors");
     formats::write(&set, &p, formats::Format::Kohya, &Default::default()).unwrap();
     let out = dir.path().join("out");
-    assert!(upl(&model(), &p, "0.6", &out, &[]).status.success());
+    expect_success(&upl(&model(), &p, "0.6", &out, &[]));
     let rel = "unet/diffusion_pytorch_model.safetensors";
     let (ours, input) = (
         TensorFile::open(&out.join(rel)).unwrap(),

@@ -2,30 +2,16 @@
 //! (linear, strided and 1x1 convolutions, trainable and frozen adapters), and the frozen base
 //! path gives no weight gradient while a `Var` weight (full fine-tuning) gets the right one.
 
+mod common;
+
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::Var;
 use lora_diffusion::lora::{collapse, delta_weight, AdapterKind, LoraAdapter, LoraWeights};
 use lora_diffusion::models::layers::{Conv2d, Linear};
 use lora_diffusion::rng::Rng;
 
-const CPU: Device = Device::Cpu;
-
-fn randn(rng: &mut Rng, shape: &[usize], std: f64) -> Tensor {
-    (rng.randn(shape, &CPU).unwrap() * std).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+use common::{max_abs_diff, randn};
 
 /// A layer output with one frozen adapter vs the collapsed weight.
 #[test]

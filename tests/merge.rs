@@ -1,11 +1,17 @@
 //! LoRA joins (src/lora/combine.rs): ljl is exact, svd is the best rank-R approximation,
 //! lpl follows the original rule and reports its error correctly.
 
-use candle_core::{DType, Device, Tensor};
+mod common;
+
+use candle_core::{DType, Device};
+use common::{
+    expect_failure, expect_success, fixtures, lora, lora_fixture, names_in, run_lora_add, to_f64s,
+};
 use lora_diffusion::lora::combine::{delta_mat, ljl, lpl, svd_join};
 use lora_diffusion::lora::svd::{svd, Mat};
 use lora_diffusion::lora::{LoraSet, LoraWeights};
 use lora_diffusion::rng::Rng;
+use std::path::Path;
 
 const Q: &str = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
 const K: &str = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k";
@@ -182,15 +188,6 @@ fn same_shape_pair(alpha_b: f64) -> (LoraSet, LoraSet) {
     (a, b)
 }
 
-fn to_vec(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
 #[test]
 fn lpl_follows_the_original_rule_and_reports_its_error() {
     let alpha = 0.3;
@@ -200,12 +197,12 @@ fn lpl_follows_the_original_rule_and_reports_its_error() {
     for name in [Q, CONV] {
         let (la, lb, lm) = (&a.layers[name], &b.layers[name], &m.layers[name]);
         for (got, x, y) in [(&lm.up, &la.up, &lb.up), (&lm.down, &la.down, &lb.down)] {
-            let want: Vec<f64> = to_vec(x)
+            let want: Vec<f64> = to_f64s(x)
                 .iter()
-                .zip(to_vec(y))
+                .zip(to_f64s(y))
                 .map(|(x, y)| alpha * x + (1.0 - alpha) * y)
                 .collect();
-            let d = to_vec(got)
+            let d = to_f64s(got)
                 .iter()
                 .zip(&want)
                 .map(|(g, w)| (g - w).abs())
@@ -262,12 +259,12 @@ fn lpl_with_different_scales_folds_them_first() {
     assert_eq!(report.folded, 1);
     let (la, lb, lm) = (&a.layers[Q], &b.layers[Q], &m.layers[Q]);
     assert_eq!(lm.alpha, 4.0, "scale 1 after folding");
-    let want: Vec<f64> = to_vec(&la.up)
+    let want: Vec<f64> = to_f64s(&la.up)
         .iter()
-        .zip(to_vec(&lb.up))
+        .zip(to_f64s(&lb.up))
         .map(|(x, y)| alpha * la.scale() * x + (1.0 - alpha) * lb.scale() * y)
         .collect();
-    let d = to_vec(&lm.up)
+    let d = to_f64s(&lm.up)
         .iter()
         .zip(&want)
         .map(|(g, w)| (g - w).abs())
@@ -314,62 +311,24 @@ fn lpl_refuses_different_targets_ranks_and_shapes() {
 
 // ---- the command line: `lora_add` and `lora add` on LoRA files ----
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn run(bin: &str, args: &[&str]) -> Output {
-    let o = Command::new(bin).args(args).output().unwrap();
-    eprintln!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
-
-/// `lora_add --path_1 P1 --path_2 P2 --mode MODE --output_path OUT` plus `extra`.
-fn join_cli(p1: &Path, p2: &Path, mode: &str, out: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "--path_1",
-        p1.to_str().unwrap(),
-        "--path_2",
-        p2.to_str().unwrap(),
-        "--mode",
-        mode,
-    ];
-    args.extend_from_slice(&["--output_path", out.to_str().unwrap()]);
-    args.extend_from_slice(extra);
-    run(env!("CARGO_BIN_EXE_lora_add"), &args)
-}
-
 fn read_with_model(p: &Path) -> LoraSet {
-    let arch = lora_diffusion::formats::Architecture::from_model(
-        &lora_diffusion::hub::ModelSource::Local(fixture("sd1-tiny")),
-    )
-    .unwrap();
-    lora_diffusion::formats::read_with(p, Some(&arch)).unwrap()
+    lora_diffusion::formats::read_with(p, Some(&common::tiny_arch("sd1-tiny"))).unwrap()
 }
 
 #[test]
 fn cli_ljl_and_svd_on_files_of_two_formats() {
     let dir = tempfile::tempdir().unwrap();
     let (k, g) = (
-        fixture("lora_formats/kohya.safetensors"),
-        fixture("lora_formats/cloneofsimo_geglu.safetensors"),
+        lora_fixture("kohya.safetensors"),
+        lora_fixture("cloneofsimo_geglu.safetensors"),
     );
-    let model = fixture("sd1-tiny");
+    let model = fixtures().join("sd1-tiny");
     let m = ["--model", model.to_str().unwrap()];
     let (a, b) = (read_with_model(&k), read_with_model(&g));
     let out = dir.path().join("ljl.safetensors");
     let mut extra = vec!["--alpha", "0.3"];
     extra.extend_from_slice(&m);
-    assert!(join_cli(&k, &g, "ljl", &out, &extra).status.success());
+    expect_success(&run_lora_add(&k, &g, "ljl", &out, &extra));
     let j = lora_diffusion::formats::read(&out).unwrap();
     let names: std::collections::BTreeSet<&String> =
         a.layers.keys().chain(b.layers.keys()).collect();
@@ -397,7 +356,7 @@ fn cli_ljl_and_svd_on_files_of_two_formats() {
     ];
     args.extend_from_slice(&["--alpha", "0.3", "--output_path", out2.to_str().unwrap()]);
     args.extend_from_slice(&m);
-    assert!(run(env!("CARGO_BIN_EXE_lora"), &args).status.success());
+    expect_success(&lora(&args));
     let j2 = lora_diffusion::formats::read(&out2).unwrap();
     assert_eq!(j.metadata, j2.metadata);
     assert_eq!(j.layers.len(), j2.layers.len());
@@ -405,8 +364,8 @@ fn cli_ljl_and_svd_on_files_of_two_formats() {
         let l2 = &j2.layers[n];
         assert!(
             l.alpha == l2.alpha
-                && to_vec(&l.up) == to_vec(&l2.up)
-                && to_vec(&l.down) == to_vec(&l2.down),
+                && to_f64s(&l.up) == to_f64s(&l2.up)
+                && to_f64s(&l.down) == to_f64s(&l2.down),
             "{n}"
         );
     }
@@ -415,8 +374,8 @@ fn cli_ljl_and_svd_on_files_of_two_formats() {
     let out = dir.path().join("svd.safetensors");
     let mut extra = vec!["--rank", "2", "--dtype", "f16", "--format", "kohya"];
     extra.extend_from_slice(&m);
-    let o = join_cli(&k, &g, "svd", &out, &extra);
-    assert!(o.status.success());
+    let o = run_lora_add(&k, &g, "svd", &out, &extra);
+    expect_success(&o);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(
         stdout.contains("energy kept") && stdout.contains("overall"),
@@ -454,7 +413,7 @@ fn cli_ljl_and_svd_on_files_of_two_formats() {
 #[test]
 fn cli_lpl_prints_the_true_error_and_refuses_mismatches() {
     let dir = tempfile::tempdir().unwrap();
-    let k = fixture("lora_formats/kohya.safetensors");
+    let k = lora_fixture("kohya.safetensors");
     let a = lora_diffusion::formats::read(&k).unwrap();
     // A second LoRA with the same targets, ranks and alphas, other factors.
     let mut rng = Rng::new(77);
@@ -472,8 +431,8 @@ fn cli_lpl_prints_the_true_error_and_refuses_mismatches() {
     )
     .unwrap();
     let out = dir.path().join("lpl.safetensors");
-    let o = join_cli(&k, &p2, "lpl", &out, &["--alpha", "0.25"]);
-    assert!(o.status.success());
+    let o = run_lora_add(&k, &p2, "lpl", &out, &["--alpha", "0.25"]);
+    expect_success(&o);
     let (m, report) = lpl(&a, &b, 0.25).unwrap();
     let (mut e2, mut n2) = (0.0, 0.0);
     for name in a.layers.keys() {
@@ -498,8 +457,8 @@ fn cli_lpl_prints_the_true_error_and_refuses_mismatches() {
     );
     let written = lora_diffusion::formats::read(&out).unwrap();
     for (name, l) in &written.layers {
-        assert_eq!(to_vec(&l.up), to_vec(&m.layers[name].up), "{name}");
-        assert_eq!(to_vec(&l.down), to_vec(&m.layers[name].down), "{name}");
+        assert_eq!(to_f64s(&l.up), to_f64s(&m.layers[name].up), "{name}");
+        assert_eq!(to_f64s(&l.down), to_f64s(&m.layers[name].down), "{name}");
     }
 
     // Different ranks: refused with the list, nothing written.
@@ -513,42 +472,33 @@ fn cli_lpl_prints_the_true_error_and_refuses_mismatches() {
         &Default::default(),
     )
     .unwrap();
-    let o = join_cli(&k, &svd_file, "lpl", &out, &[]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        err.contains("different ranks")
-            && err.contains("rank 4 vs 2")
-            && err.contains("--mode svd"),
-        "{err}"
+    expect_failure(
+        &run_lora_add(&k, &svd_file, "lpl", &out, &[]),
+        &["different ranks", "rank 4 vs 2", "--mode svd"],
     );
     assert!(!out.exists());
     // A corrupt file, an existing output, --rank misuse: clear errors, no output.
     let cut = dir.path().join("cut.safetensors");
     let bytes = std::fs::read(&k).unwrap();
     std::fs::write(&cut, &bytes[..100]).unwrap();
-    let o = join_cli(&k, &cut, "ljl", &out, &[]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("cut.safetensors"));
-    assert!(!out.exists());
-    let o = join_cli(&k, &p2, "svd", &out, &[]);
-    assert!(
-        o.status.code() == Some(1) && String::from_utf8_lossy(&o.stderr).contains("needs --rank")
+    expect_failure(
+        &run_lora_add(&k, &cut, "ljl", &out, &[]),
+        &["cut.safetensors"],
     );
-    let o = join_cli(&k, &p2, "ljl", &out, &["--rank", "2"]);
-    assert!(
-        o.status.code() == Some(1)
-            && String::from_utf8_lossy(&o.stderr).contains("--mode svd only")
+    assert!(!out.exists());
+    expect_failure(&run_lora_add(&k, &p2, "svd", &out, &[]), &["needs --rank"]);
+    expect_failure(
+        &run_lora_add(&k, &p2, "ljl", &out, &["--rank", "2"]),
+        &["--mode svd only"],
     );
     std::fs::write(&out, "mine").unwrap();
-    let o = join_cli(&k, &p2, "ljl", &out, &[]);
-    assert!(
-        o.status.code() == Some(1) && String::from_utf8_lossy(&o.stderr).contains("already exists")
+    expect_failure(
+        &run_lora_add(&k, &p2, "ljl", &out, &[]),
+        &["already exists"],
     );
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "mine");
-    let leftovers: Vec<String> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+    let leftovers: Vec<String> = names_in(dir.path())
+        .into_iter()
         .filter(|n| n.starts_with('.'))
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");

@@ -3,7 +3,10 @@
 //! (`scripts/fixture_ops.py` → `tests/fixtures/ops/`), (c) frozen Linear / Conv2d against
 //! candle's stock backward, plus kernel-vs-generic agreement on large (multi-threaded) inputs.
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+mod common;
+
+use candle_core::{DType, Result, Tensor, Var};
+use common::{max_abs_diff_f64, max_abs_f64};
 use lora_diffusion::ops::{self, Kernel};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -21,7 +24,7 @@ const FILES: [&str; 8] = [
 ];
 
 fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ops")
+    common::fixtures().join("ops")
 }
 
 /// One fixture case: op name, params and its tensors (`x`, `w`, `grad_out`, `y`, `grad_x`...).
@@ -39,7 +42,7 @@ fn load_cases() -> Vec<Case> {
     let mut all = HashMap::new();
     for f in FILES {
         let path = dir.join(format!("{f}.safetensors"));
-        all.extend(candle_core::safetensors::load(&path, &Device::Cpu).expect("fixture loads"));
+        all.extend(common::load_tensors(&path));
     }
     let mut cases: Vec<Case> = meta
         .into_iter()
@@ -148,27 +151,6 @@ fn inputs(c: &Case, dtype: DType) -> HashMap<String, Tensor> {
         .collect()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims());
-    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-    d.abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
-fn max_abs(a: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap();
-    a.abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
 /// Makes Vars of the inputs, runs the op and backprops `sum(y * grad_out)`.
 fn run_with_grads(
     c: &Case,
@@ -211,8 +193,8 @@ fn parity_with_pytorch_autograd() {
             }
             for (key, ours) in checks {
                 let reference = &c.t[&key];
-                let diff = max_abs_diff(&ours, reference);
-                let tol = 1e-5 * max_abs(reference).max(1.0);
+                let diff = max_abs_diff_f64(&ours, reference);
+                let tol = 1e-5 * max_abs_f64(reference).max(1.0);
                 eprintln!(
                     "parity {:12} {kernel:?} {key:7} max abs diff {diff:.2e}",
                     c.name
@@ -356,8 +338,8 @@ fn frozen_ops_match_candle_stock_backward() {
             "{}: frozen weight got a gradient",
             c.name
         );
-        let dy = max_abs_diff(&y, &stock);
-        let dx = max_abs_diff(
+        let dy = max_abs_diff_f64(&y, &stock);
+        let dx = max_abs_diff_f64(
             fg.get(xv.as_tensor()).unwrap(),
             sg.get(xv.as_tensor()).unwrap(),
         );
@@ -390,8 +372,8 @@ fn conv_input_grad_both_algorithms_match_pytorch() {
         let auto = ops::conv2d_input_grad(g, k, (h, w), &params).unwrap();
         let flipped = ops::conv2d_input_grad_flipped(g, k, (h, w), &params).unwrap();
         let (da, df) = (
-            max_abs_diff(&auto, reference),
-            max_abs_diff(&flipped, reference),
+            max_abs_diff_f64(&auto, reference),
+            max_abs_diff_f64(&flipped, reference),
         );
         eprintln!(
             "conv input grad {:16} auto {da:.2e}, flipped {df:.2e}",

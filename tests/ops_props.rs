@@ -3,29 +3,11 @@
 //! inputs, gradient accumulation, frozen affine inputs, half-precision inputs, and the
 //! fused attention against its composition from differentiable candle ops.
 
+mod common;
+
 use candle_core::{DType, Device, Result, Tensor, Var};
+use common::{max_abs_diff_f64, max_abs_f64};
 use lora_diffusion::ops::{self, Kernel};
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims());
-    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-    d.abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
-fn max_abs(a: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap();
-    a.abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
 
 /// Deterministic pseudo-normal values (xorshift + Box-Muller), so the test needs no seed API.
 fn randn(shape: &[usize], seed: u64, scale: f32, shift: f32) -> Tensor {
@@ -111,11 +93,11 @@ fn fused_kernels_match_generic_on_large_inputs() {
         let g = randn(y0.dims(), 10, 1.0, 0.0);
         let (ya, ga) = grads_of(&ins, &g, &|t| op(t, Kernel::Auto));
         let (yg, gg) = grads_of(&ins, &g, &|t| op(t, Kernel::Generic));
-        let mut diffs = vec![max_abs_diff(&ya, &yg) / max_abs(&yg).max(1.0)];
+        let mut diffs = vec![max_abs_diff_f64(&ya, &yg) / max_abs_f64(&yg).max(1.0)];
         diffs.extend(
             ga.iter()
                 .zip(&gg)
-                .map(|(a, b)| max_abs_diff(a, b) / max_abs(b).max(1.0)),
+                .map(|(a, b)| max_abs_diff_f64(a, b) / max_abs_f64(b).max(1.0)),
         );
         let shown: Vec<String> = diffs.iter().map(|d| format!("{d:.1e}")).collect();
         eprintln!("fused vs generic {name:28} relative max diffs (y, grads...) {shown:?}");
@@ -144,7 +126,7 @@ fn upsample_gradient_accumulates_with_other_uses() {
         .unwrap()
         + &g_id)
         .unwrap();
-    let d = max_abs_diff(grads.get(x.as_tensor()).unwrap(), &expected);
+    let d = max_abs_diff_f64(grads.get(x.as_tensor()).unwrap(), &expected);
     eprintln!("upsample accumulate: max abs diff {d:.2e}");
     assert!(d < 1e-5);
 }
@@ -164,7 +146,7 @@ fn norm_weight_gradients_without_input_gradient() {
         let db = gs.get(b.as_tensor()).expect("db");
         let expect_db = g.sum((0, 2, 3)).unwrap();
         assert!(gs.get(w.as_tensor()).is_some() && gs.get(&x).is_none());
-        let d = max_abs_diff(db, &expect_db);
+        let d = max_abs_diff_f64(db, &expect_db);
         eprintln!("group_norm {kernel:?} weight-only: db max abs diff {d:.2e}");
         assert!(d < 1e-5);
     }
@@ -205,7 +187,7 @@ fn half_precision_inputs_keep_their_dtype() {
         for (i, (half, full)) in pairs.into_iter().enumerate() {
             let (half, full) = (half.unwrap(), full.unwrap());
             assert_eq!(half.dtype(), dtype);
-            let d = max_abs_diff(&half, &full);
+            let d = max_abs_diff_f64(&half, &full);
             let grads = half.sum_all().unwrap().backward().unwrap();
             let gx = grads
                 .get(xh.as_tensor())
@@ -235,8 +217,8 @@ fn attention_matches_composed_candle_ops() {
         let (y, gs) = grads_of(&ins, &g, &|t| {
             ops::attention_with(&t[0], &t[1], &t[2], scale, None, kernel)
         });
-        let mut d = vec![max_abs_diff(&y, &yc)];
-        d.extend(gs.iter().zip(&gc).map(|(a, b)| max_abs_diff(a, b)));
+        let mut d = vec![max_abs_diff_f64(&y, &yc)];
+        d.extend(gs.iter().zip(&gc).map(|(a, b)| max_abs_diff_f64(a, b)));
         let shown: Vec<String> = d.iter().map(|x| format!("{x:.1e}")).collect();
         eprintln!("attention {kernel:?} vs composed: max abs diff (y, dq, dk, dv) {shown:?}");
         assert!(d.iter().all(|&x| x < 1e-5), "{kernel:?}: {d:?}");
@@ -245,6 +227,6 @@ fn attention_matches_composed_candle_ops() {
     let qv = Var::from_tensor(&q).unwrap();
     let y = ops::attention(qv.as_tensor(), &k, &v, scale, None).unwrap();
     let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
-    let d = max_abs_diff(grads.get(qv.as_tensor()).unwrap(), &gc[0]);
+    let d = max_abs_diff_f64(grads.get(qv.as_tensor()).unwrap(), &gc[0]);
     assert!(grads.get(&k).is_none() && grads.get(&v).is_none() && d < 1e-5);
 }

@@ -1,54 +1,17 @@
 //! The whole text-to-image pipeline against diffusers' StableDiffusionPipeline from fixed latents.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::{fixture_params, fixtures, max_abs_diff, png_levels};
 use lora_diffusion::hub::ModelSource;
 use lora_diffusion::pipeline::{GenerateParams, StableDiffusion};
-use lora_diffusion::schedulers::SchedulerKind;
-use std::path::PathBuf;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 fn run(model: &str, outputs: &str, dtype: DType) -> (Tensor, Tensor, Tensor) {
     let src = ModelSource::Local(fixtures().join(model));
     let sd = StableDiffusion::load(&src, dtype, &Device::Cpu).unwrap();
-    let json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join(format!("{outputs}.pipeline.json"))).unwrap(),
-    )
-    .unwrap();
-    let out = candle_core::safetensors::load(
-        fixtures().join(format!("{outputs}.outputs.safetensors")),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let params = GenerateParams {
-        prompt: json["prompt"].as_str().unwrap().into(),
-        negative_prompt: json["negative_prompt"].as_str().unwrap().into(),
-        steps: json["steps"].as_u64().unwrap() as usize,
-        guidance: json["guidance"].as_f64().unwrap(),
-        scheduler: json["scheduler"]
-            .as_str()
-            .unwrap()
-            .parse::<SchedulerKind>()
-            .unwrap(),
-        height: Some(json["height"].as_u64().unwrap() as usize),
-        width: Some(json["width"].as_u64().unwrap() as usize),
-        init_latents: Some(out["pipeline.latents"].clone()),
-        eta: json["eta"].as_f64().unwrap(),
-        ..Default::default()
-    };
+    let out = common::outputs(outputs);
+    let params = fixture_params(outputs);
     let mut steps = 0;
     let img = sd.generate(&params, &mut |_, _| steps += 1).unwrap();
     assert_eq!(steps, params.steps);
@@ -61,18 +24,9 @@ fn run(model: &str, outputs: &str, dtype: DType) -> (Tensor, Tensor, Tensor) {
 
 fn check(model: &str, outputs: &str) {
     let (img, want, want_u8) = run(model, outputs, DType::F32);
-    let d = max_abs(&img, &want);
-    let ours_u8: Vec<f32> = lora_diffusion::pipeline::image_io::to_rgb8(&img).unwrap()[0]
-        .as_raw()
-        .iter()
-        .map(|&v| v as f32)
-        .collect();
+    let d = max_abs_diff(&img, &want);
+    let levels = png_levels(&img, &want_u8);
     let theirs: Vec<f32> = want_u8.flatten_all().unwrap().to_vec1().unwrap();
-    let levels = ours_u8
-        .iter()
-        .zip(&theirs)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
     let spread =
         theirs.iter().fold(0f32, |m, v| m.max(*v)) - theirs.iter().fold(255f32, |m, v| m.min(*v));
     eprintln!("{model}: image max abs {d:.2e}, PNG max diff {levels} levels of 255 (pixel range {spread})");
@@ -96,7 +50,7 @@ fn sd2_pipeline_matches_diffusers() {
 fn f16_pipeline_is_close_to_f32() {
     let (a, _, _) = run("sd1-tiny", "sd1", DType::F32);
     let (b, _, _) = run("sd1-tiny", "sd1", DType::F16);
-    let d = max_abs(&a, &b);
+    let d = max_abs_diff(&a, &b);
     eprintln!("sd1-tiny f16 vs f32 image: max abs {d:.2e}");
     assert!(d < 2e-2, "f16 image differs by {d}");
 }
@@ -116,7 +70,7 @@ fn every_scheduler_runs_and_seeds_reproduce() {
         let a = sd.generate(&p, &mut |_, _| {}).unwrap();
         let b = sd.generate(&p, &mut |_, _| {}).unwrap();
         assert_eq!(a.dims(), &[1, 3, 16, 16]);
-        assert_eq!(max_abs(&a, &b), 0.0, "{name} not reproducible");
+        assert_eq!(max_abs_diff(&a, &b), 0.0, "{name} not reproducible");
         let c = sd
             .generate(
                 &GenerateParams {
@@ -126,6 +80,6 @@ fn every_scheduler_runs_and_seeds_reproduce() {
                 &mut |_, _| {},
             )
             .unwrap();
-        assert!(max_abs(&a, &c) > 1e-3, "{name}: seed has no effect");
+        assert!(max_abs_diff(&a, &c) > 1e-3, "{name}: seed has no effect");
     }
 }

@@ -1,74 +1,31 @@
 //! Generating with LoRAs: run-time adapters and fused weights both equal diffusers' pipeline
 //! with `fuse_lora(lora_scale=0.7)`, from the same fixed latents.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::{
+    expect_failure, expect_success, fixture_params, fixtures, lora_fixture, max_abs_diff,
+    png_levels,
+};
 use lora_diffusion::hub::ModelSource;
 use lora_diffusion::pipeline::lora::{read_loras, LoraSpec};
-use lora_diffusion::pipeline::{GenerateParams, StableDiffusion};
+use lora_diffusion::pipeline::StableDiffusion;
 use std::path::PathBuf;
 use std::process::Command;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn params() -> GenerateParams {
-    let json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("sd1.pipeline.json")).unwrap(),
-    )
-    .unwrap();
-    let out =
-        candle_core::safetensors::load(fixtures().join("sd1.outputs.safetensors"), &Device::Cpu)
-            .unwrap();
-    GenerateParams {
-        prompt: json["prompt"].as_str().unwrap().into(),
-        negative_prompt: json["negative_prompt"].as_str().unwrap().into(),
-        steps: json["steps"].as_u64().unwrap() as usize,
-        guidance: json["guidance"].as_f64().unwrap(),
-        scheduler: "ddim".parse().unwrap(),
-        height: Some(16),
-        width: Some(16),
-        init_latents: Some(out["pipeline.latents"].clone()),
-        ..Default::default()
-    }
-}
 
 fn specs(list: &[(&str, f64)]) -> Vec<LoraSpec> {
     list.iter()
         .map(|(f, s)| LoraSpec {
-            path: fixtures().join("lora_formats").join(f),
+            path: lora_fixture(f),
             scale: *s,
         })
         .collect()
 }
 
 fn expected() -> (Tensor, Tensor) {
-    let t =
-        candle_core::safetensors::load(fixtures().join("lora_pipeline.safetensors"), &Device::Cpu)
-            .unwrap();
+    let t = common::load_tensors(fixtures().join("lora_pipeline.safetensors"));
     (t["image"].clone(), t["image_u8"].clone())
-}
-
-fn levels(img: &Tensor, want_u8: &Tensor) -> f32 {
-    let ours = lora_diffusion::pipeline::image_io::to_rgb8(img).unwrap();
-    let theirs: Vec<f32> = want_u8.flatten_all().unwrap().to_vec1().unwrap();
-    ours[0]
-        .as_raw()
-        .iter()
-        .zip(&theirs)
-        .map(|(a, b)| (*a as f32 - b).abs())
-        .fold(0., f32::max)
 }
 
 fn generate(list: &[(&str, f64)], fuse: bool) -> Tensor {
@@ -83,22 +40,22 @@ fn generate(list: &[(&str, f64)], fuse: bool) -> Tensor {
         }
         sd
     };
-    sd.generate(&params(), &mut |_, _| {}).unwrap()
+    sd.generate(&fixture_params("sd1"), &mut |_, _| {}).unwrap()
 }
 
 #[test]
 fn adapters_and_fused_weights_match_diffusers() {
     let (want, want_u8) = expected();
     let base = generate(&[], false);
-    let moved = max_abs(&base, &want);
+    let moved = max_abs_diff(&base, &want);
     for (name, fuse) in [
         ("kohya.safetensors", false),
         ("diffusers.safetensors", true),
         ("peft.safetensors", false),
     ] {
         let img = generate(&[(name, 0.7)], fuse);
-        let d = max_abs(&img, &want);
-        let l = levels(&img, &want_u8);
+        let d = max_abs_diff(&img, &want);
+        let l = png_levels(&img, &want_u8);
         eprintln!("{name} (fuse={fuse}): max abs {d:.2e}, {l} levels; the LoRA moved the image by {moved:.3}");
         assert!(d < 1e-4, "{name}: {d}");
         assert!(l <= 1.0, "{name}: {l} levels");
@@ -116,7 +73,7 @@ fn two_loras_scales_add_up() {
         &[("kohya.safetensors", 0.35), ("diffusers.safetensors", 0.35)],
         false,
     );
-    let d = max_abs(&img, &want);
+    let d = max_abs_diff(&img, &want);
     eprintln!("0.35 + 0.35: max abs {d:.2e}");
     assert!(d < 1e-4, "{d}");
 }
@@ -136,7 +93,7 @@ fn cli_generate_with_lora_and_sweep() {
     let dir = tempfile::tempdir().unwrap();
     let exe = env!("CARGO_BIN_EXE_lora");
     let model = fixtures().join("sd1-tiny");
-    let lora = fixtures().join("lora_formats/kohya.safetensors");
+    let lora = lora_fixture("kohya.safetensors");
     let base_args = |extra: &[&str]| {
         let mut v: Vec<String> = [
             "--model",
@@ -164,7 +121,7 @@ fn cli_generate_with_lora_and_sweep() {
             args.push("--fuse".into());
         }
         let r = Command::new(exe).args(&args).output().unwrap();
-        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        expect_success(&r);
     }
     let (ia, ib) = (
         image::open(&a).unwrap().to_rgb8(),
@@ -193,9 +150,9 @@ fn cli_generate_with_lora_and_sweep() {
         grid.to_str().unwrap(),
     ]));
     let r = Command::new(exe).args(&args).output().unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    expect_success(&r);
     let g = image::open(&grid).unwrap().to_rgb8();
-    assert_eq!(g.width(), 3 * 16 + 2 * 2);
+    assert_eq!(g.width(), 3 * 128 + 2 * 2); // 16-px tiles shown 8x
     let gif = std::fs::File::open(grid.with_extension("gif")).unwrap();
     use image::AnimationDecoder;
     let frames = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(gif))
@@ -218,6 +175,5 @@ fn cli_generate_with_lora_and_sweep() {
         dir.path().join("x.png").to_str().unwrap(),
     ]));
     let r = Command::new(exe).args(&args).output().unwrap();
-    assert_eq!(r.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&r.stderr).contains("bad.safetensors"));
+    expect_failure(&r, &["bad.safetensors"]);
 }

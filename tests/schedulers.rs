@@ -6,31 +6,19 @@
 //! absolute for values up to 1 and 1e-4 relative above (Euler samples reach ~50 and
 //! sigmas ~160). add_noise / get_velocity / alphas_cumprod: 1e-6 absolute.
 
+mod common;
+
 use candle_core::{DType, Device, IndexOp, Tensor};
+use common::{fixtures, to_f64s};
 use lora_diffusion::schedulers::{
     alphas_cumprod, build_scheduler, build_scheduler_with_eta, try_build_scheduler, DdpmScheduler,
     PredictionType, Scheduler, SchedulerConfig, SchedulerKind, TimestepSpacing,
 };
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
+use std::path::Path;
 
 fn load_tensors() -> HashMap<String, Tensor> {
-    let path = fixtures().join("schedulers.safetensors");
-    candle_core::safetensors::load(&path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("fixture {} missing or unreadable: {e}", path.display()))
-}
-
-fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
+    common::load_tensors(fixtures().join("schedulers.safetensors"))
 }
 
 /// max |a − b| / max(1, |b|) and max |a − b|.
@@ -87,13 +75,13 @@ fn trajectories_match_diffusers() {
 
         let mut worst = [0.0f64; 5]; // timesteps, sigmas, init sigma, scaled inputs, samples
         let mut worst_abs = 0.0f64;
-        let ts_want = values(&get(&format!("{p}.timesteps")));
+        let ts_want = to_f64s(&get(&format!("{p}.timesteps")));
         worst[0] = diffs(s.timesteps(), &ts_want).0;
         if let Some(sig) = tensors.get(&format!("{p}.sigmas")) {
             let ours = s.sigmas().unwrap_or_else(|| panic!("{name}: no sigmas"));
-            worst[1] = diffs(ours, &values(sig)).0;
+            worst[1] = diffs(ours, &to_f64s(sig)).0;
         }
-        let init_want = values(&get(&format!("{p}.init_noise_sigma")))[0];
+        let init_want = to_f64s(&get(&format!("{p}.init_noise_sigma")))[0];
         worst[2] = diffs(&[s.init_noise_sigma()], &[init_want]).0;
 
         let mut sample = get(&format!("{p}.sample0"));
@@ -106,11 +94,11 @@ fn trajectories_match_diffusers() {
         let timesteps = s.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate() {
             let x_in = s.scale_model_input(&sample, t).unwrap();
-            worst[3] = worst[3].max(diffs(&values(&x_in), &values(&scaled.i(i).unwrap())).0);
+            worst[3] = worst[3].max(diffs(&to_f64s(&x_in), &to_f64s(&scaled.i(i).unwrap())).0);
             let n = noise.i(i).unwrap();
             let noise_arg = if s.needs_noise() { Some(&n) } else { None };
             sample = s.step(&mos.i(i).unwrap(), t, &sample, noise_arg).unwrap();
-            let (rel, abs) = diffs(&values(&sample), &values(&samples.i(i).unwrap()));
+            let (rel, abs) = diffs(&to_f64s(&sample), &to_f64s(&samples.i(i).unwrap()));
             worst[4] = worst[4].max(rel);
             worst_abs = worst_abs.max(abs);
         }
@@ -144,15 +132,15 @@ fn ddpm_training_helpers_match_diffusers() {
     )
     .unwrap();
     let ddpm = DdpmScheduler::new(&config).unwrap();
-    let ts: Vec<usize> = values(&tensors["add_noise.timesteps"])
+    let ts: Vec<usize> = to_f64s(&tensors["add_noise.timesteps"])
         .iter()
         .map(|&t| t as usize)
         .collect();
     let (orig, noise) = (&tensors["add_noise.original"], &tensors["add_noise.noise"]);
     let noisy = ddpm.add_noise(orig, noise, &ts).unwrap();
-    let (_, d_noisy) = diffs(&values(&noisy), &values(&tensors["add_noise.noisy"]));
+    let (_, d_noisy) = diffs(&to_f64s(&noisy), &to_f64s(&tensors["add_noise.noisy"]));
     let vel = ddpm.get_velocity(orig, noise, &ts).unwrap();
-    let (_, d_vel) = diffs(&values(&vel), &values(&tensors["add_noise.velocity"]));
+    let (_, d_vel) = diffs(&to_f64s(&vel), &to_f64s(&tensors["add_noise.velocity"]));
     eprintln!("add_noise max abs diff {d_noisy:.2e}, get_velocity {d_vel:.2e}");
     assert!(d_noisy <= 1e-6 && d_vel <= 1e-6);
     assert_eq!(
@@ -175,11 +163,11 @@ fn ddpm_training_helpers_match_diffusers() {
         .unwrap();
         let (_, d) = diffs(
             &alphas_cumprod(&c),
-            &values(&tensors[&format!("alphas_cumprod.{schedule}")]),
+            &to_f64s(&tensors[&format!("alphas_cumprod.{schedule}")]),
         );
         let (_, d2) = diffs(
             DdpmScheduler::new(&c).unwrap().alphas_cumprod(),
-            &values(&tensors[&format!("alphas_cumprod.{schedule}")]),
+            &to_f64s(&tensors[&format!("alphas_cumprod.{schedule}")]),
         );
         eprintln!("alphas_cumprod.{schedule}: max abs diff {d:.2e}");
         assert!(d <= 1e-6 && d2 <= 1e-6, "{schedule}: {d}");

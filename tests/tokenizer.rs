@@ -1,11 +1,10 @@
 //! CLIP tokenizer parity with transformers' slow `CLIPTokenizer` (tests/fixtures/tokenizer.json).
 
+mod common;
+
+use common::fixtures;
 use lora_diffusion::tokenizer::ClipTokenizer;
 use std::path::{Path, PathBuf};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 /// `(prompts, sd1 ids, sd2 ids)` from the fixture file.
 fn load_fixture(path: &Path) -> (Vec<String>, Vec<Vec<u32>>, Vec<Vec<u32>>) {

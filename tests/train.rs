@@ -1,7 +1,10 @@
 //! `lora train` on the bundled tiny model (64×64 images, 8×8 latents): learning is real, the
 //! saved LoRA reproduces the trained model, resume is exact, and bad input gets clear errors.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::{err_text, expect_failure, fixtures, lora, max_abs_diff, repo, s};
 use lora_diffusion::hub::ModelSource;
 use lora_diffusion::lora::apply_lora_set;
 use lora_diffusion::pipeline::StableDiffusion;
@@ -10,10 +13,6 @@ use lora_diffusion::train::data::load_folder;
 use lora_diffusion::train::{train, TrainConfig, TrainHooks, TrainOutcome, Trainer};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn demo_data() -> PathBuf {
     repo().join("assets/demo-data")
@@ -36,13 +35,6 @@ fn cfg(data: &Path, out: &Path) -> TrainConfig {
         max_train_steps: 4,
         learning_rate: 1e-3,
         ..Default::default()
-    }
-}
-
-fn err_text(r: anyhow::Result<impl std::fmt::Debug>) -> String {
-    match r {
-        Ok(v) => panic!("expected an error, got {v:?}"),
-        Err(e) => format!("{e:#}"),
     }
 }
 
@@ -137,22 +129,8 @@ fn saved_lora_reloads_and_reproduces_the_trained_unet() {
     let base = sd.unet.forward(&x, &ts, &ctx).unwrap();
     apply_lora_set(&sd.unet, "unet", &set, 1.0).unwrap();
     let reloaded = sd.unet.forward(&x, &ts, &ctx).unwrap();
-    let diff = (&reloaded - &t.unet_out)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let moved = (&base - &t.unet_out)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&reloaded, &t.unet_out);
+    let moved = max_abs_diff(&base, &t.unet_out);
     eprintln!("reloaded vs trained UNet output: max abs diff {diff:e}; trained vs base: {moved:e}");
     assert!(diff <= 1e-5, "{diff}");
     assert!(
@@ -424,21 +402,18 @@ fn existing_output_dir_needs_force() {
     let e = err_text(train(cfg(&demo_data(), &out), quiet()));
     assert!(e.contains("is not empty") && e.contains("--force"), "{e}");
     // Through the CLI: exit code 1 and the message, nothing written.
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_lora"))
-        .args(["train", "--instance-data-dir"])
-        .arg(demo_data())
-        .args([
-            "--instance-prompt",
-            "a toy",
-            "--resolution",
-            "64",
-            "--output-dir",
-        ])
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
+    let o = lora(&[
+        "train",
+        "--instance-data-dir",
+        s(&demo_data()),
+        "--instance-prompt",
+        "a toy",
+        "--resolution",
+        "64",
+        "--output-dir",
+        s(&out),
+    ]);
+    expect_failure(&o, &["--force"]);
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
     let mut c = cfg(&demo_data(), &out);
     c.force = true;
@@ -473,7 +448,7 @@ fn prior_preservation_generates_class_images_and_samples() {
 fn full_cfg(out: &Path) -> TrainConfig {
     // sd2-tiny: v_prediction, linear projections, VAE factor 2 (16×16 images → 8×8 latents).
     let mut c = cfg(&demo_data(), out);
-    c.model = Some(repo().join("tests/fixtures/sd2-tiny").display().to_string());
+    c.model = Some(fixtures().join("sd2-tiny").display().to_string());
     c.resolution = 16;
     c.full = true;
     c.max_train_steps = 2;
@@ -490,18 +465,11 @@ fn full_fine_tuning_with_v_prediction_trains_and_resumes_exactly() {
     let path = out.join("unet/diffusion_pytorch_model.safetensors");
     assert_eq!(o.output.as_deref(), Some(path.as_path()));
     assert!(out.join("unet/config.json").is_file());
-    let trained = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
-    let base_path = repo().join("tests/fixtures/sd2-tiny/unet/diffusion_pytorch_model.safetensors");
-    let base = candle_core::safetensors::load(base_path, &Device::Cpu).unwrap();
+    let trained = common::load_tensors(&path);
+    let base = common::unet_tensors("sd2");
     assert_eq!(trained.len(), base.len());
     let k = "conv_in.weight";
-    let d = (&trained[k] - &base[k])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap();
-    let d = d.to_scalar::<f32>().unwrap();
+    let d = max_abs_diff(&trained[k], &base[k]);
     eprintln!("full fine-tuning moved conv_in.weight by up to {d:e} in 2 steps");
     assert!(d > 0.0 && d < 1e-3);
 

@@ -1,60 +1,17 @@
 //! AutoencoderKL: parity with diffusers on the tiny fixtures, real-size key sets, config parsing,
 //! the latent distribution and input checks.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use lora_diffusion::models::vae::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian};
 use lora_diffusion::models::weights::ModelWeights;
-use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::collections::BTreeMap;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-/// Loads `<model>-tiny/vae` in `dtype`, checking the key set.
-fn load_tiny(model: &str, dtype: DType) -> AutoencoderKL {
-    let dir = fixtures().join(format!("{model}-tiny/vae"));
-    let cfg = AutoencoderKLConfig::from_file(dir.join("config.json")).unwrap();
-    let file = dir.join("diffusion_pytorch_model.safetensors");
-    let weights = ModelWeights::from_files("vae", &[file]).unwrap();
-    let vae = AutoencoderKL::new(weights.var_builder(dtype, &Device::Cpu), &cfg).unwrap();
-    weights.finish().unwrap();
-    vae
-}
-
-fn outputs(model: &str) -> HashMap<String, Tensor> {
-    let path = fixtures().join(format!("{model}.outputs.safetensors"));
-    candle_core::safetensors::load(&path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn max_abs(a: &Tensor) -> f32 {
-    a.to_dtype(DType::F32)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+use common::{fixtures, load_vae, max_abs, max_abs_diff, outputs, read_json};
 
 fn parity(model: &str) {
-    let vae = load_tiny(model, DType::F32);
+    let vae = load_vae(model, DType::F32);
     assert_eq!(vae.config().downsample_factor(), 2);
     let out = outputs(model);
     let dist = vae.encode(&out["vae.image"]).unwrap();
@@ -96,7 +53,7 @@ fn half_precision_stays_close_to_f32() {
     let want = &out["vae.decoded"];
     let scale = max_abs(want).max(1.0);
     for (dtype, tol) in [(DType::F16, 0.02f32), (DType::BF16, 0.1)] {
-        let vae = load_tiny("sd1", dtype);
+        let vae = load_vae("sd1", dtype);
         let z = out["vae.decode_input"].to_dtype(dtype).unwrap();
         let got = vae.decode(&z).unwrap();
         assert_eq!(got.dtype(), dtype);
@@ -120,9 +77,7 @@ fn half_precision_stays_close_to_f32() {
 /// Builds the real-size model from a structure fixture and compares the requested key set.
 fn structure(model: &str) {
     let path = fixtures().join(format!("structure/{model}.vae.json"));
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let json = read_json(&path);
     let cfg = AutoencoderKLConfig::from_json_str(&json["config"].to_string(), "structure").unwrap();
     assert_eq!(cfg.downsample_factor(), 8);
     let want: BTreeMap<String, Vec<usize>> = serde_json::from_value(json["keys"].clone()).unwrap();
@@ -249,7 +204,7 @@ fn diagonal_gaussian_follows_diffusers() {
 
 #[test]
 fn shapes_scaling_and_bad_inputs() {
-    let vae = load_tiny("sd1", DType::F32);
+    let vae = load_vae("sd1", DType::F32);
     let dev = Device::Cpu;
     // Odd sizes work as in diffusers: pad right/bottom by one, stride-2 conv (9 -> 4).
     let x = Tensor::zeros((2, 3, 9, 12), DType::F32, &dev).unwrap();

@@ -1,14 +1,15 @@
 //! The weight loader: safetensors and PyTorch pickles give the same tensors, and every key
 //! problem is reported together by name and shape.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::{fixtures, max_abs_diff};
 use lora_diffusion::models::weights::ModelWeights;
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/weights")
-        .join(name)
+    fixtures().join("weights").join(name)
 }
 
 /// Requests the tiny model's tensors the way a model constructor would.
@@ -30,15 +31,7 @@ fn pickle_and_safetensors_load_the_same_tensors() {
     st.finish().unwrap();
     pt.finish().unwrap();
     for (x, y) in a.iter().zip(&b) {
-        let d = (x - y)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(d, 0.0);
+        assert_eq!(max_abs_diff(x, y), 0.0);
         assert_eq!(x.dtype(), DType::F32);
     }
     // The stored f16 norm weight is converted on load; values are not all zero.

@@ -68,9 +68,60 @@ pub fn peak_rss_mb() -> f64 {
         .unwrap_or(0.0)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// Resets the kernel's peak-RSS counter of this process (Linux; ignored elsewhere).
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The median of `v` (NaN when empty).
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Median seconds of `runs` (at least 1) timed calls of `f`, after `warmup` untimed ones.
+pub fn time_runs(
+    warmup: usize,
+    runs: usize,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
+    let mut times = vec![];
+    for i in 0..warmup + runs.max(1) {
+        let t = Instant::now();
+        f()?;
+        if i >= warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(median(times))
+}
+
+/// Runs the Python benchmark `scripts/<script>` with `args`; returns the JSON object on the
+/// last line of its output.
+pub fn run_torch_script(
+    py: &PathBuf,
+    script: &str,
+    args: &[&str],
+) -> anyhow::Result<serde_json::Value> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(script);
+    let out = std::process::Command::new(py)
+        .arg(&script)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {} {}", py.display(), script.display()))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or("");
+    serde_json::from_str(line)
+        .with_context(|| format!("unexpected output of {}: {text}", script.display()))
 }
 
 fn unet(b: UnetBench) -> anyhow::Result<()> {
@@ -85,16 +136,11 @@ fn unet(b: UnetBench) -> anyhow::Result<()> {
     let x = rng.randn((2, 4, l, l), &device)?;
     let ctx = rng.randn((2, 77, 768), &device)?;
     let ts = Tensor::full(500f32, 2, &device)?;
-    let mut times = vec![];
-    for i in 0..b.runs.max(1) + 2 {
-        let t = Instant::now();
+    let ours = time_runs(2, b.runs, || {
         let y = unet.forward(&x, &ts, &ctx)?;
         y.sum_all()?.to_scalar::<f32>()?; // wait for the device
-        if i >= 2 {
-            times.push(t.elapsed().as_secs_f64());
-        }
-    }
-    let ours = median(times);
+        Ok(())
+    })?;
     let torch = match &b.torch_python {
         Some(py) => Some(torch_unet_step(py, b.size, b.runs)?),
         None => None,
@@ -128,29 +174,9 @@ fn unet(b: UnetBench) -> anyhow::Result<()> {
 }
 
 fn torch_unet_step(py: &PathBuf, size: usize, runs: usize) -> anyhow::Result<f64> {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_unet.py");
-    let out = std::process::Command::new(py)
-        .arg(&script)
-        .args([
-            "--latent",
-            &(size / 8).to_string(),
-            "--runs",
-            &runs.to_string(),
-        ])
-        .output()
-        .with_context(|| format!("cannot run {} {}", py.display(), script.display()))?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().last().unwrap_or("");
-    let v: serde_json::Value = serde_json::from_str(line)
-        .with_context(|| format!("unexpected output of {}: {text}", script.display()))?;
+    let (latent, runs) = ((size / 8).to_string(), runs.to_string());
+    let v = run_torch_script(py, "bench_unet.py", &["--latent", &latent, "--runs", &runs])?;
     v["unet_step_s"]
         .as_f64()
-        .with_context(|| format!("no unet_step_s in {line}"))
+        .with_context(|| format!("no unet_step_s in {v}"))
 }

@@ -9,6 +9,7 @@
 //! `--torch-python` runs scripts/bench_train.py (PyTorch + diffusers + PEFT, the same
 //! workloads) in the same invocation and prints the ratios.
 
+use super::bench::{median, peak_rss_mb, reset_peak_rss, run_torch_script, time_runs};
 use crate::lora::{inject_trainable, LayerRef, LoraHost, LoraTargets};
 use crate::models::blocks::{
     Projection, ResnetBlock2D, ResnetBlock2DConfig, Transformer2DConfig, Transformer2DModel,
@@ -19,7 +20,6 @@ use crate::models::weights::ModelWeights;
 use crate::rng::Rng;
 use crate::train::model::lora_file_bytes;
 use crate::train::optim::{AdamW, AdamWParams};
-use anyhow::Context;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use clap::Args;
@@ -132,30 +132,18 @@ struct Figures {
     full_phases_ms: [f64; 3],
 }
 
-/// Resets the kernel's peak-RSS counter of this process (Linux; ignored elsewhere).
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+/// Median milliseconds of `v` (NaN when empty).
+fn median_ms(v: Vec<f64>) -> f64 {
+    median(v) * 1e3
 }
 
-fn median_ms(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN) * 1e3
-}
-
-fn time_runs(
+/// Median milliseconds of [`time_runs`].
+fn time_runs_ms(
     warmup: usize,
     runs: usize,
-    mut f: impl FnMut() -> anyhow::Result<()>,
+    f: impl FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<f64> {
-    let mut times = vec![];
-    for i in 0..warmup + runs.max(1) {
-        let t = Instant::now();
-        f()?;
-        if i >= warmup {
-            times.push(t.elapsed().as_secs_f64());
-        }
-    }
-    Ok(median_ms(times))
+    Ok(time_runs(warmup, runs, f)? * 1e3)
 }
 
 /// Seconds spent in the phases of the timed steps: forward + loss, backward, optimizer.
@@ -244,7 +232,7 @@ fn measure<M: LoraHost>(
     reset_peak_rss();
     {
         let model = build(ModelWeights::random("bench", 0).var_builder(DType::F32, dev))?;
-        f.forward_ms = time_runs(warmup, runs, || {
+        f.forward_ms = time_runs_ms(warmup, runs, || {
             fwd(&model)?;
             Ok(())
         })?;
@@ -263,11 +251,11 @@ fn measure<M: LoraHost>(
         let mut opt = adamw();
         opt.add_group(&vars, 1e-4)?;
         let mut ph = Phases::default();
-        f.lora_step_ms = time_runs(warmup, runs, || {
+        f.lora_step_ms = time_runs_ms(warmup, runs, || {
             train_step(|| fwd(&model), &target, &vars, &mut opt, &mut ph)
         })?;
         f.lora_phases_ms = ph.medians(warmup);
-        f.lora_peak_rss_mb = super::bench::peak_rss_mb();
+        f.lora_peak_rss_mb = peak_rss_mb();
     }
     {
         let (model, vars) = var_model(build, dev)?;
@@ -276,12 +264,12 @@ fn measure<M: LoraHost>(
         let mut opt = adamw();
         opt.add_group(&vars, 1e-5)?;
         let mut ph = Phases::default();
-        f.full_step_ms = time_runs(warmup, runs, || {
+        f.full_step_ms = time_runs_ms(warmup, runs, || {
             train_step(|| fwd(&model), &target, &vars, &mut opt, &mut ph)
         })?;
         f.full_phases_ms = ph.medians(warmup);
     }
-    f.peak_rss_mb = super::bench::peak_rss_mb();
+    f.peak_rss_mb = peak_rss_mb();
     Ok(f)
 }
 
@@ -316,23 +304,12 @@ fn unet_figures(runs: usize, dev: &Device) -> anyhow::Result<Figures> {
 
 /// Runs scripts/bench_train.py for one workload; returns its JSON object.
 fn torch_figures(py: &PathBuf, workload: &str, runs: usize) -> anyhow::Result<serde_json::Value> {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_train.py");
-    let out = std::process::Command::new(py)
-        .arg(&script)
-        .args(["--workload", workload, "--runs", &runs.to_string()])
-        .output()
-        .with_context(|| format!("cannot run {} {}", py.display(), script.display()))?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().last().unwrap_or("");
-    serde_json::from_str(line)
-        .with_context(|| format!("unexpected output of {}: {text}", script.display()))
+    let runs = runs.to_string();
+    run_torch_script(
+        py,
+        "bench_train.py",
+        &["--workload", workload, "--runs", &runs],
+    )
 }
 
 fn print_text(name: &str, f: &Figures, torch: Option<&serde_json::Value>) {

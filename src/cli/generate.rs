@@ -121,15 +121,8 @@ pub struct GenerateArgs {
     force: bool,
 }
 
-/// Arguments of `lora demo`.
-#[derive(Args, Debug)]
-pub struct DemoArgs {
-    /// Output folder.
-    #[arg(long, default_value = "target/demo")]
-    out_dir: PathBuf,
-}
-
-fn model_source(model: Option<&str>) -> anyhow::Result<ModelSource> {
+/// The model of `--model`, or the bundled model when absent.
+pub fn model_source(model: Option<&str>) -> anyhow::Result<ModelSource> {
     match model {
         Some(m) => ModelSource::parse(m),
         None => {
@@ -225,26 +218,4 @@ pub fn generate_images(
         params.steps as f64 / secs.max(1e-9)
     );
     to_rgb8(&images)
-}
-
-/// Runs `lora demo`: generates a few images with the bundled model.
-pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&a.out_dir)
-        .with_context(|| format!("cannot create {}", a.out_dir.display()))?;
-    let source = model_source(None)?;
-    let device = candle_core::Device::Cpu;
-    let sd = StableDiffusion::load(&source, candle_core::DType::F32, &device)?;
-    eprintln!(
-        "bundled model {} (random weights: images are noise-like patterns, not pictures)",
-        source.describe()
-    );
-    let params = GenerateParams {
-        prompt: "a photo of a sks dog on the beach".into(),
-        negative_prompt: "blurry".into(),
-        steps: 20,
-        num_images: 2,
-        ..Default::default()
-    };
-    let paths = numbered_paths(&a.out_dir.join("demo.png"), params.num_images);
-    generate_to(&sd, &params, &paths, true)
 }

@@ -5,6 +5,7 @@ mod bench;
 mod bench_train;
 mod common;
 mod convert;
+mod demo;
 mod extract;
 mod generate;
 mod inspect;
@@ -28,7 +29,7 @@ enum Command {
     /// Generate images from a text prompt.
     Generate(generate::GenerateArgs),
     /// Run the main job on the bundled model (no download needed).
-    Demo(generate::DemoArgs),
+    Demo(demo::DemoArgs),
     /// Benchmarks (speed, memory).
     Bench(bench::BenchArgs),
     /// Fine-tune a LoRA (DreamBooth, optional prior preservation) or the full UNet.
@@ -50,7 +51,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
-        Command::Demo(a) => generate::demo(a),
+        Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Train(a) => train::run(a),
         Command::Add(a) => add::run(a),

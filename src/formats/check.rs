@@ -5,15 +5,8 @@
 
 use super::arch::{base_model_name, Architecture};
 use super::keymap::short_list;
-use crate::lora::{LoraSet, LoraWeights};
+use crate::lora::LoraSet;
 use anyhow::bail;
-
-/// The shape of the weight a LoRA layer's ΔW has: `[out, in]` or `[out, in, kh, kw]`.
-pub fn delta_shape(w: &LoraWeights) -> Vec<usize> {
-    let mut s = vec![w.up.dims()[0]];
-    s.extend_from_slice(&w.down.dims()[1..]);
-    s
-}
 
 /// The UNet cross-attention width a LoRA was made for (input width of its `attn2.to_k` /
 /// `attn2.to_v` factors), if it adapts one.
@@ -67,7 +60,7 @@ pub fn check_against(set: &LoraSet, arch: &Architecture) -> anyhow::Result<()> {
             absent.push(layer.clone());
             continue;
         };
-        let got = delta_shape(w);
+        let got = w.delta_shape();
         if same_up_to_1x1(&got, want) {
             continue;
         }

@@ -17,9 +17,7 @@ use super::arch::{traversal_key, Architecture};
 use super::check::{check_against, guess_arch, guess_base};
 use super::io::Container;
 use super::keymap::{format_key, short_list, Component, KeyIndex, Part, CLONEOFSIMO};
-use super::{
-    carried_metadata, finish, gather, Cast, Encoded, Format, LoraFile, LoraFormat, ReadContext,
-};
+use super::{finish, gather, Cast, Encoded, Format, LoraFile, LoraFormat, ReadContext};
 use crate::lora::LoraSet;
 use anyhow::{anyhow, bail, Context};
 use candle_core::{DType, Tensor};
@@ -341,11 +339,7 @@ impl LoraFormat for Cloneofsimo {
             ordered.insert(c, order);
         }
         let raw = gather(&file, &CLONEOFSIMO, &KeyIndex::ordered(ordered), is_embed)?;
-        let layers = finish(&file, raw, |_, r| Ok(r as f64))?;
-        Ok(LoraSet {
-            layers,
-            metadata: file.metadata.clone(),
-        })
+        finish(&file, raw, |_, r| Ok(r as f64))
     }
 
     fn encode(&self, set: &LoraSet, arch: Option<&Architecture>) -> anyhow::Result<Encoded> {
@@ -358,10 +352,7 @@ impl LoraFormat for Cloneofsimo {
             ),
         };
         check_against(set, arch)?;
-        let mut enc = Encoded {
-            metadata: carried_metadata(set),
-            ..Default::default()
-        };
+        let mut enc = Encoded::carrying(set);
         for c in Component::ALL {
             let mine: BTreeSet<&str> = set
                 .layers

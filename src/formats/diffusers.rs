@@ -12,8 +12,7 @@
 use super::keymap::{format_key, Component, KeyIndex, Part, DIFFUSERS};
 use super::peft::{alpha_from_scales, config_json, scales_from_metadata, METADATA_KEY};
 use super::{
-    carried_metadata, finish, gather, Architecture, Cast, Encoded, Format, LoraFile, LoraFormat,
-    ReadContext,
+    finish, gather, Architecture, Cast, Encoded, Format, LoraFile, LoraFormat, ReadContext,
 };
 use crate::lora::LoraSet;
 use anyhow::Context;
@@ -30,20 +29,13 @@ impl LoraFormat for Diffusers {
     fn read(&self, file: &LoraFile, _ctx: &ReadContext) -> anyhow::Result<LoraSet> {
         let raw = gather(file, &DIFFUSERS, &KeyIndex::default(), |_| false)?;
         let scales = scales_from_metadata(&file.metadata)?;
-        let layers = finish(file, raw, |layer, r| {
+        finish(file, raw, |layer, r| {
             Ok(alpha_from_scales(&scales, layer, r))
-        })?;
-        Ok(LoraSet {
-            layers,
-            metadata: file.metadata.clone(),
         })
     }
 
     fn encode(&self, set: &LoraSet, _arch: Option<&Architecture>) -> anyhow::Result<Encoded> {
-        let mut enc = Encoded {
-            metadata: carried_metadata(set),
-            ..Default::default()
-        };
+        let mut enc = Encoded::carrying(set);
         let mut meta = Map::new();
         for c in Component::ALL {
             if let Some(cfg) = config_json(set, c) {

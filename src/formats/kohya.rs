@@ -13,8 +13,8 @@
 use super::check::{lora_cross_attention_dim, lora_text_width};
 use super::keymap::{format_key, KeyIndex, Part, KOHYA};
 use super::{
-    carried_metadata, common, finish, fmt_alpha, gather, ord_f64, Architecture, Cast, Encoded,
-    Format, LoraFile, LoraFormat, ReadContext,
+    common, finish, fmt_alpha, gather, ord_f64, Architecture, Cast, Encoded, Format, LoraFile,
+    LoraFormat, ReadContext,
 };
 use crate::lora::LoraSet;
 use anyhow::{bail, Context};
@@ -43,18 +43,11 @@ impl LoraFormat for Kohya {
                 names.join(" and ")
             ))
         })?;
-        let layers = finish(file, raw, |_, r| Ok(r as f64))?;
-        Ok(LoraSet {
-            layers,
-            metadata: file.metadata.clone(),
-        })
+        finish(file, raw, |_, r| Ok(r as f64))
     }
 
     fn encode(&self, set: &LoraSet, _arch: Option<&Architecture>) -> anyhow::Result<Encoded> {
-        let mut enc = Encoded {
-            metadata: carried_metadata(set),
-            ..Default::default()
-        };
+        let mut enc = Encoded::carrying(set);
         let alpha_of = |layers: Vec<&crate::lora::LoraWeights>| {
             let mut sub = LoraSet::default();
             for (i, l) in layers.into_iter().enumerate() {

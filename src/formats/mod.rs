@@ -29,6 +29,7 @@ pub use check::check_against;
 pub use io::LoraFile;
 
 use crate::lora::{LoraSet, LoraWeights};
+use crate::tensor_file::OutTensor;
 use anyhow::{bail, Context};
 use candle_core::{DType, Tensor};
 use keymap::{parse_key, short_list, KeyIndex, KeyScheme, Part};
@@ -167,8 +168,8 @@ pub fn detect(path: &Path) -> anyhow::Result<Format> {
         return detect_keys(&keys, &file.metadata)
             .with_context(|| format!("cannot tell the LoRA format of {}", path.display()));
     }
-    let header = io::read_header(path)?;
-    let keys: Vec<&str> = header.tensors.keys().map(String::as_str).collect();
+    let header = crate::tensor_file::read_header(path)?;
+    let keys: Vec<&str> = header.entries.keys().map(String::as_str).collect();
     detect_keys(&keys, &header.metadata)
         .with_context(|| format!("cannot tell the LoRA format of {}", path.display()))
 }
@@ -297,21 +298,10 @@ pub fn write(
             Cast::Weight => t.to_dtype(dtype)?,
             Cast::Keep => t,
         };
-        tensors.push((k, t.contiguous()?));
+        let t = OutTensor::from_tensor(&t).with_context(|| format!("tensor {k}"))?;
+        tensors.push((k, t));
     }
-    io::write_safetensors(path, &tensors, &enc.metadata, opts.force)
-}
-
-/// ΔW = (alpha / r) · up · down in f32, shaped like the adapted layer's weight.
-pub fn delta(w: &LoraWeights) -> candle_core::Result<Tensor> {
-    let down = w.down.to_dtype(DType::F32)?;
-    let up = w.up.to_dtype(DType::F32)?;
-    let r = w.rank();
-    let out = up.dims()[0];
-    let d = up.reshape((out, r))?.matmul(&down.reshape((r, ()))?)?;
-    let mut shape = vec![out];
-    shape.extend_from_slice(&down.dims()[1..]);
-    (d * w.scale())?.reshape(shape)
+    crate::tensor_file::write(path, tensors, &enc.metadata, opts.force)
 }
 
 /// The factors and alpha of one layer as found in a file, before validation.
@@ -400,13 +390,13 @@ pub(crate) fn gather(
     Ok(layers)
 }
 
-/// Validates gathered layers: both factors present, factor shapes consistent; alpha from the
-/// file, else `default_alpha(layer, rank)`.
+/// The LoRA of `file` from its gathered layers, validated (both factors present, factor shapes
+/// consistent; alpha from the file, else `default_alpha(layer, rank)`), with the file's metadata.
 pub(crate) fn finish(
     file: &LoraFile,
     raw: BTreeMap<String, RawLayer>,
     default_alpha: impl Fn(&str, usize) -> anyhow::Result<f64>,
-) -> anyhow::Result<BTreeMap<String, LoraWeights>> {
+) -> anyhow::Result<LoraSet> {
     let mut out = BTreeMap::new();
     let mut problems = vec![];
     for (layer, r) in raw {
@@ -439,7 +429,10 @@ pub(crate) fn finish(
             short_list(&problems, 20)
         );
     }
-    Ok(out)
+    Ok(LoraSet {
+        layers: out,
+        metadata: file.metadata.clone(),
+    })
 }
 
 /// Checks that a down and an up factor form a Linear or Conv2d LoRA.
@@ -479,13 +472,20 @@ pub(crate) fn is_format_key(k: &str, v: &str) -> bool {
         || v == "<embed>"
 }
 
-/// The metadata of `set` that another format should carry over.
-pub(crate) fn carried_metadata(set: &LoraSet) -> BTreeMap<String, String> {
-    set.metadata
-        .iter()
-        .filter(|(k, v)| !is_format_key(k, v))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
+impl Encoded {
+    /// No tensors yet; the metadata of `set` that another format should carry over.
+    pub(crate) fn carrying(set: &LoraSet) -> Self {
+        let metadata = set
+            .metadata
+            .iter()
+            .filter(|(k, v)| !is_format_key(k, v))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Self {
+            metadata,
+            tensors: vec![],
+        }
+    }
 }
 
 /// The most common value of `f` over the layers (ties: the smallest), e.g. the rank.

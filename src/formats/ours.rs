@@ -24,8 +24,8 @@
 
 use super::keymap::{format_key, KeyIndex, Part, OURS};
 use super::{
-    carried_metadata, common, finish, fmt_alpha, gather, ord_f64, Architecture, Cast, Encoded,
-    Format, LoraFile, LoraFormat, ReadContext,
+    common, finish, fmt_alpha, gather, ord_f64, Architecture, Cast, Encoded, Format, LoraFile,
+    LoraFormat, ReadContext,
 };
 use crate::lora::LoraSet;
 use anyhow::Context;
@@ -98,18 +98,11 @@ impl LoraFormat for Ours {
         }
         let raw = gather(file, &OURS, &KeyIndex::default(), |_| false)?;
         let file_alpha: Option<f64> = file.metadata.get("alpha").and_then(|a| a.parse().ok());
-        let layers = finish(file, raw, |_, r| Ok(file_alpha.unwrap_or(r as f64)))?;
-        Ok(LoraSet {
-            layers,
-            metadata: file.metadata.clone(),
-        })
+        finish(file, raw, |_, r| Ok(file_alpha.unwrap_or(r as f64)))
     }
 
     fn encode(&self, set: &LoraSet, _arch: Option<&Architecture>) -> anyhow::Result<Encoded> {
-        let mut enc = Encoded {
-            metadata: carried_metadata(set),
-            ..Default::default()
-        };
+        let mut enc = Encoded::carrying(set);
         let m = &mut enc.metadata;
         m.insert(FORMAT_KEY.into(), VERSION.into());
         if let Some(r) = common(set, |l| l.rank()) {

@@ -9,8 +9,8 @@
 
 use super::keymap::{format_key, Component, KeyIndex, Part, PEFT};
 use super::{
-    carried_metadata, common, finish, gather, ord_f64, Architecture, Cast, Encoded, Format,
-    LoraFile, LoraFormat, ReadContext,
+    common, finish, gather, ord_f64, Architecture, Cast, Encoded, Format, LoraFile, LoraFormat,
+    ReadContext,
 };
 use crate::lora::LoraSet;
 use anyhow::{bail, Context};
@@ -200,20 +200,13 @@ impl LoraFormat for Peft {
                 }
             }
         }
-        let layers = finish(file, raw, |layer, r| {
+        finish(file, raw, |layer, r| {
             Ok(alpha_from_scales(&scales, layer, r))
-        })?;
-        Ok(LoraSet {
-            layers,
-            metadata: file.metadata.clone(),
         })
     }
 
     fn encode(&self, set: &LoraSet, _arch: Option<&Architecture>) -> anyhow::Result<Encoded> {
-        let mut enc = Encoded {
-            metadata: carried_metadata(set),
-            ..Default::default()
-        };
+        let mut enc = Encoded::carrying(set);
         let configs: Vec<Map<String, Value>> = Component::ALL
             .iter()
             .filter_map(|c| config_json(set, *c))

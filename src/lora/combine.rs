@@ -4,6 +4,7 @@
 //! Every computation runs in f64 on the CPU. ΔW of a layer is `scale · up · down` with
 //! `scale = alpha / rank`, seen as an `out × (in·kh·kw)` matrix for convolutions.
 
+use super::merge::factor_dims;
 use super::svd::{svd_of_product, Mat};
 use super::{LoraSet, LoraWeights};
 use anyhow::{bail, Context};
@@ -12,21 +13,14 @@ use std::collections::BTreeMap;
 
 /// A layer's factors as matrices: `up` out×r and `down` r×(in·kh·kw), scale not applied.
 pub fn factor_mats(l: &LoraWeights) -> candle_core::Result<(Mat, Mat)> {
-    let (ud, dd) = (l.up.dims(), l.down.dims());
-    let r = dd.first().copied().unwrap_or(0);
-    let up_ok =
-        ud.len() == dd.len() && ud.len() >= 2 && ud[1] == r && ud[2..].iter().all(|&d| d == 1);
-    if !up_ok {
-        candle_core::bail!(
-            "LoRA factors do not fit: up {ud:?}, down {dd:?} (expected up [out, {r}, 1…])"
-        );
-    }
+    factor_dims(l)?;
     let up = Mat::from_tensor(&l.up)?;
     let down = Mat::from_tensor(&l.down)?;
     Ok((up, down))
 }
 
-/// ΔW = (alpha / rank) · up · down of one layer, as an `out × (in·kh·kw)` matrix.
+/// ΔW = (alpha / rank) · up · down of one layer in f64, as an `out × (in·kh·kw)` matrix (the
+/// matrix form of [`crate::lora::delta_weight`], for the SVD code).
 pub fn delta_mat(l: &LoraWeights) -> candle_core::Result<Mat> {
     let (up, down) = factor_mats(l)?;
     Ok(up.matmul(&down)?.scaled(l.scale()))
@@ -53,16 +47,9 @@ pub fn layer_from_mats(
     })
 }
 
-/// The shape of ΔW a layer produces: `[out, in, kh, kw…]`.
-pub fn delta_shape(l: &LoraWeights) -> Vec<usize> {
-    let mut s = vec![l.up.dims().first().copied().unwrap_or(0)];
-    s.extend_from_slice(l.down.dims().get(1..).unwrap_or(&[]));
-    s
-}
-
 /// Checks that both sides adapt a layer of the same shape.
 fn check_same_shape(name: &str, a: &LoraWeights, b: &LoraWeights) -> anyhow::Result<()> {
-    let (sa, sb) = (delta_shape(a), delta_shape(b));
+    let (sa, sb) = (a.delta_shape(), b.delta_shape());
     if sa != sb {
         bail!("layer {name}: the first LoRA adapts a weight of shape {sa:?}, the second one of shape {sb:?}");
     }

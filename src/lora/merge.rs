@@ -8,17 +8,29 @@
 use super::LoraWeights;
 use candle_core::{DType, Result, Tensor};
 
+/// ΔW as a matrix product: `(out, r, in·kh·kw)` for `up` (out×r) · `down` (r×(in·kh·kw));
+/// an error unless `up` is `[out, r, 1…]` with as many dims as `down`.
+pub fn factor_dims(l: &LoraWeights) -> Result<(usize, usize, usize)> {
+    let (ud, dd) = (l.up.dims(), l.down.dims());
+    let r = dd.first().copied().unwrap_or(0);
+    let up_ok =
+        ud.len() == dd.len() && ud.len() >= 2 && ud[1] == r && ud[2..].iter().all(|&d| d == 1);
+    if !up_ok {
+        candle_core::bail!(
+            "LoRA factors do not fit: up {ud:?}, down {dd:?} (expected up [out, {r}, 1…])"
+        );
+    }
+    Ok((ud[0], r, dd[1..].iter().product()))
+}
+
 /// ΔW = (alpha / r) · up · down, shaped like the adapted weight (`[out, in]` for a linear
 /// layer, `[out, in, kh, kw]` for a convolution), computed in f32 and returned as f32.
+/// [`crate::lora::combine::delta_mat`] is the same product in f64, as a matrix.
 pub fn delta_weight(l: &LoraWeights) -> Result<Tensor> {
-    let up = l.up.to_dtype(DType::F32)?;
-    let down = l.down.to_dtype(DType::F32)?;
-    let (out, r) = (up.dims()[0], l.rank());
-    let mut shape = vec![out];
-    shape.extend_from_slice(&down.dims()[1..]);
-    let up2 = up.reshape((out, r))?;
-    let down2 = down.flatten_from(1)?;
-    (up2.matmul(&down2)? * l.scale())?.reshape(shape)
+    let (out, r, cols) = factor_dims(l)?;
+    let up = l.up.to_dtype(DType::F32)?.reshape((out, r))?;
+    let down = l.down.to_dtype(DType::F32)?.reshape((r, cols))?;
+    (up.matmul(&down)? * l.scale())?.reshape(l.delta_shape())
 }
 
 /// `weight + multiplier · ΔW` in the weight's dtype; a 2-d ΔW is reshaped onto a 1×1 conv

@@ -9,7 +9,6 @@
 pub mod combine;
 pub mod extract;
 pub mod svd;
-pub mod tensor_file;
 pub mod upl;
 
 pub mod adapter;
@@ -58,6 +57,14 @@ impl LoraWeights {
     /// True for a convolution adapter (4-d factors).
     pub fn is_conv(&self) -> bool {
         self.down.rank() == 4
+    }
+
+    /// The shape of the weight ΔW adapts: `up`'s rows, then `down`'s input dims
+    /// (`[out, in]` or `[out, in, kh, kw]`).
+    pub fn delta_shape(&self) -> Vec<usize> {
+        let mut s = vec![self.up.dims().first().copied().unwrap_or(0)];
+        s.extend_from_slice(self.down.dims().get(1..).unwrap_or(&[]));
+        s
     }
 }
 

@@ -6,11 +6,11 @@
 //! temporary name beside the output and renamed into place at the end, so a failure leaves
 //! nothing behind.
 
-use super::combine::{delta_mat, delta_shape};
-use super::tensor_file::{encode_f64, TensorFile};
+use super::combine::delta_mat;
 use super::{LoraSet, LoraWeights};
 use crate::hub::ModelSource;
 use crate::pipeline::ModelIndex;
+use crate::tensor_file::{self, encode_f64, out_tensors, TensorFile};
 use anyhow::{bail, Context};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -151,7 +151,7 @@ fn plan(source: &ModelSource, index: &ModelIndex, lora: &LoraSet) -> anyhow::Res
         }
         let mut per_file: Vec<Vec<(String, LoraWeights)>> = vec![vec![]; paths.len()];
         for (key, l) in layers {
-            let want = delta_shape(l);
+            let want = l.delta_shape();
             match keys.get(&key) {
                 None => problems.push(format!(
                     "{comp}: the model has no weight {key} (LoRA layer {comp}.{})",
@@ -364,15 +364,15 @@ fn write_model(
         }
         let src = if p.path.extension().is_some_and(|e| e == "bin") {
             let scratch = tmp.join(format!(".{}.converted", p.out_rel.replace('/', "_")));
-            let tensors: HashMap<String, candle_core::Tensor> =
+            let tensors: BTreeMap<String, candle_core::Tensor> =
                 candle_core::pickle::read_all(&p.path)
                     .map_err(|e| {
                         anyhow::anyhow!("cannot read PyTorch weights {}: {e}", p.path.display())
                     })?
                     .into_iter()
                     .collect();
-            candle_core::safetensors::save(&tensors, &scratch)
-                .map_err(|e| anyhow::anyhow!("cannot convert {}: {e}", p.path.display()))?;
+            tensor_file::write(&scratch, out_tensors(&tensors)?, &BTreeMap::new(), true)
+                .with_context(|| format!("cannot convert {}", p.path.display()))?;
             Some(scratch)
         } else {
             None
@@ -396,7 +396,7 @@ fn write_model(
             replace.insert(key.clone(), encode_f64(&w, entry.dtype)?);
             on_layer();
         }
-        super::tensor_file::rewrite(&file, &dst, &replace)?;
+        tensor_file::rewrite(&file, &dst, &replace)?;
         drop(file);
         if let Some(s) = src {
             let _ = std::fs::remove_file(s);

@@ -61,6 +61,20 @@ fn label_px(w: u32) -> u32 {
 
 /// One tile with its label drawn in a white band above the image.
 pub fn labelled(img: &RgbImage, label: &str) -> RgbImage {
+    // Small images (tiny models) are enlarged by an integer factor so they can be seen.
+    let zoom = 128u32.div_ceil(img.width().max(1)).max(1);
+    let enlarged;
+    let img = if zoom > 1 {
+        enlarged = image::imageops::resize(
+            img,
+            img.width() * zoom,
+            img.height() * zoom,
+            image::imageops::FilterType::Nearest,
+        );
+        &enlarged
+    } else {
+        img
+    };
     let px = label_px(img.width());
     let band = 7 * px;
     let mut out = RgbImage::from_pixel(img.width(), img.height() + band, Rgb([255, 255, 255]));
@@ -128,7 +142,7 @@ mod tests {
 
     #[test]
     fn grid_layout_and_labels() {
-        let a = RgbImage::from_pixel(48, 48, Rgb([200, 0, 0]));
+        let a = RgbImage::from_pixel(192, 192, Rgb([200, 0, 0]));
         let g = grid(
             &[
                 (a.clone(), "a=0.5".into()),
@@ -137,8 +151,8 @@ mod tests {
             ],
             2,
         );
-        // 2 columns, 2 rows, band of 7 px per row, 2-px gaps.
-        assert_eq!((g.width(), g.height()), (98, 2 * 55 + 2));
+        // 2 columns, 2 rows, a label band of 7·4 px per row, 2-px gaps.
+        assert_eq!((g.width(), g.height()), (2 * 192 + 2, 2 * 220 + 2));
         // The label drew black pixels in the white band of the first tile.
         let black = (0..48)
             .flat_map(|x| (0..7).map(move |y| (x, y)))
@@ -146,8 +160,11 @@ mod tests {
             .count();
         assert!(black > 10, "{black}");
         // Image content below the band.
-        assert_eq!(g.get_pixel(10, 30).0, [200, 0, 0]);
+        assert_eq!(g.get_pixel(10, 100).0, [200, 0, 0]);
         // Empty third cell stays gray.
-        assert_eq!(g.get_pixel(70, 80).0, [128, 128, 128]);
+        assert_eq!(g.get_pixel(300, 300).0, [128, 128, 128]);
+        // A 16-pixel tile is enlarged 8x so it can be seen.
+        let small = grid(&[(RgbImage::new(16, 16), "0".into())], 1);
+        assert_eq!(small.width(), 128);
     }
 }

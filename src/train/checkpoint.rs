@@ -1,117 +1,15 @@
 //! Checkpoints that let `--resume` continue exactly: the trained tensors, the AdamW moments,
 //! the step, every RNG state and the data order, written to `checkpoint-<step>/` through a
-//! temporary folder that is renamed when complete.
-//!
-//! Also a byte-deterministic safetensors writer: tensors sorted by name, metadata with sorted
-//! keys (the `safetensors` crate keeps metadata in a `HashMap`, whose order changes between
-//! processes), so the same tensors always give the same file.
+//! temporary folder that is renamed when complete. Tensors are written by
+//! [`crate::tensor_file`]'s byte-deterministic writer.
 
 use super::plot::LossPoint;
+use crate::tensor_file::{out_tensors, to_bytes};
 use anyhow::{bail, Context};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-/// The safetensors dtype name of `dtype`.
-fn st_dtype(dtype: DType) -> anyhow::Result<&'static str> {
-    Ok(match dtype {
-        DType::F32 => "F32",
-        DType::F16 => "F16",
-        DType::BF16 => "BF16",
-        DType::F64 => "F64",
-        DType::U8 => "U8",
-        DType::U32 => "U32",
-        DType::I64 => "I64",
-        other => bail!("cannot write a {other:?} tensor to safetensors"),
-    })
-}
-
-/// The little-endian bytes of `t` (row-major).
-fn tensor_bytes(t: &Tensor) -> anyhow::Result<Vec<u8>> {
-    let t = t.flatten_all()?.to_device(&Device::Cpu)?;
-    Ok(match t.dtype() {
-        DType::F32 => t
-            .to_vec1::<f32>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::F64 => t
-            .to_vec1::<f64>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::F16 => t
-            .to_vec1::<half::f16>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::BF16 => t
-            .to_vec1::<half::bf16>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::U8 => t.to_vec1::<u8>()?,
-        DType::U32 => t
-            .to_vec1::<u32>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::I64 => t
-            .to_vec1::<i64>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        other => bail!("cannot write a {other:?} tensor to safetensors"),
-    })
-}
-
-/// The bytes of a safetensors file holding `tensors` (sorted by name) and `metadata`.
-pub fn safetensors_bytes(
-    tensors: &BTreeMap<String, Tensor>,
-    metadata: &BTreeMap<String, String>,
-) -> anyhow::Result<Vec<u8>> {
-    let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        header.insert("__metadata__".into(), serde_json::to_value(metadata)?);
-    }
-    let mut data = Vec::new();
-    for (name, t) in tensors {
-        let bytes = tensor_bytes(t).with_context(|| format!("tensor {name}"))?;
-        let start = data.len();
-        data.extend_from_slice(&bytes);
-        header.insert(
-            name.clone(),
-            serde_json::json!({
-                "dtype": st_dtype(t.dtype())?,
-                "shape": t.dims(),
-                "data_offsets": [start, data.len()],
-            }),
-        );
-    }
-    // serde_json's Map is a BTreeMap here (no preserve_order feature): keys come out sorted.
-    let mut json = serde_json::to_vec(&serde_json::Value::Object(header))?;
-    while json.len() % 8 != 0 {
-        json.push(b' ');
-    }
-    let mut out = Vec::with_capacity(8 + json.len() + data.len());
-    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    out.extend_from_slice(&json);
-    out.extend_from_slice(&data);
-    Ok(out)
-}
-
-/// Writes [`safetensors_bytes`] to `path` atomically (temporary file, then rename).
-pub fn write_safetensors(
-    path: &Path,
-    tensors: &BTreeMap<String, Tensor>,
-    metadata: &BTreeMap<String, String>,
-) -> anyhow::Result<()> {
-    let bytes = safetensors_bytes(tensors, metadata)?;
-    crate::pipeline::image_io::write_atomic(path, true, |tmp| {
-        std::fs::write(tmp, &bytes).with_context(|| format!("cannot write {}", path.display()))
-    })
-}
 
 /// Reads every tensor of a safetensors file onto `device`; the error names the file.
 pub fn read_safetensors(path: &Path, device: &Device) -> anyhow::Result<BTreeMap<String, Tensor>> {
@@ -211,13 +109,14 @@ pub fn save(
         let p = tmp.join(name);
         std::fs::write(&p, bytes).with_context(|| format!("cannot write {}", p.display()))
     };
+    let no_metadata = BTreeMap::new();
     write(
         "params.safetensors",
-        &safetensors_bytes(&ckpt.params, &BTreeMap::new())?,
+        &to_bytes(out_tensors(&ckpt.params)?, &no_metadata)?,
     )?;
     write(
         "optimizer.safetensors",
-        &safetensors_bytes(&ckpt.optimizer, &BTreeMap::new())?,
+        &to_bytes(out_tensors(&ckpt.optimizer)?, &no_metadata)?,
     )?;
     write(
         "trainer_state.json",
@@ -282,30 +181,4 @@ pub fn latest(output_dir: &Path) -> Option<PathBuf> {
         })
         .max_by_key(|(s, _)| *s)
         .map(|(_, p)| p)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn safetensors_roundtrip_and_layout() -> anyhow::Result<()> {
-        let dev = Device::Cpu;
-        let mut t = BTreeMap::new();
-        t.insert(
-            "b".to_string(),
-            Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &dev)?,
-        );
-        t.insert("a".to_string(), Tensor::new(0.5f32, &dev)?);
-        let meta: BTreeMap<String, String> = [("k".to_string(), "v".to_string())].into();
-        let bytes = safetensors_bytes(&t, &meta)?;
-        let n = u64::from_le_bytes(bytes[..8].try_into()?) as usize;
-        assert_eq!(n % 8, 0);
-        assert_eq!(bytes.len(), 8 + n + 4 * 5);
-        let st = safetensors::SafeTensors::deserialize(&bytes)?;
-        assert_eq!(st.tensor("b")?.shape(), [2, 2]);
-        assert_eq!(st.tensor("a")?.data(), 0.5f32.to_le_bytes());
-        assert_eq!(safetensors_bytes(&t, &meta)?, bytes);
-        Ok(())
-    }
 }

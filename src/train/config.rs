@@ -379,13 +379,7 @@ impl TrainConfig {
 
     /// The weight dtype named by `dtype`.
     pub fn weight_dtype(&self) -> anyhow::Result<candle_core::DType> {
-        use candle_core::DType;
-        Ok(match self.dtype.as_str() {
-            "f32" | "fp32" | "float32" => DType::F32,
-            "f16" | "fp16" | "float16" => DType::F16,
-            "bf16" | "bfloat16" => DType::BF16,
-            other => bail!("--dtype {other}: expected f32, f16 or bf16"),
-        })
+        crate::sys::parse_dtype(&self.dtype)
     }
 
     /// The options that define the training (everything but output paths and logging

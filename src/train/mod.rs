@@ -15,5 +15,4 @@ mod setup;
 pub mod trainer;
 
 pub use config::{LrScheduler, TrainConfig};
-pub use setup::parse_device;
 pub use trainer::{train, TrainHooks, TrainOutcome, Trainer};

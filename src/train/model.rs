@@ -2,12 +2,12 @@
 //! weight (`--full`); their named variables, snapshots for checkpoints and samples, and the
 //! final output files.
 
-use super::checkpoint::safetensors_bytes;
 use crate::lora::{apply_lora_set, inject_trainable, InjectedLora, LoraSet, LoraTargets};
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::weights::ModelWeights;
 use crate::pipeline::StableDiffusion;
 use crate::rng::Rng;
+use crate::tensor_file::{out_tensors, to_bytes};
 use anyhow::{bail, Context};
 use candle_core::{Tensor, Var};
 use std::collections::{BTreeMap, HashMap};
@@ -263,5 +263,5 @@ pub fn lora_file_bytes(
         tensors.insert(format!("{key}.lora_up.weight"), w.up.clone());
         tensors.insert(format!("{key}.alpha"), Tensor::new(w.alpha as f32, dev)?);
     }
-    safetensors_bytes(&tensors, metadata)
+    to_bytes(out_tensors(&tensors)?, metadata)
 }

@@ -107,7 +107,8 @@ impl Trainer {
                     .map(|(k, v)| (k.trim_start_matches("unet.").to_string(), v))
                     .collect();
                 let path = dir.join("diffusion_pytorch_model.safetensors");
-                checkpoint::write_safetensors(&path, &params, &BTreeMap::new())?;
+                let params = crate::tensor_file::out_tensors(&params)?;
+                crate::tensor_file::write(&path, params, &BTreeMap::new(), true)?;
                 if let Some(cfg) = self.sd.source.file("unet/config.json")? {
                     std::fs::copy(&cfg, dir.join("config.json"))
                         .with_context(|| format!("cannot copy {}", cfg.display()))?;

@@ -14,8 +14,8 @@ use crate::lora::LoraTargets;
 use crate::pipeline::StableDiffusion;
 use crate::rng::Rng;
 use crate::schedulers::DdpmScheduler;
+use crate::sys::parse_device;
 use anyhow::{bail, Context};
-use candle_core::Device;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -267,17 +267,4 @@ pub(super) fn progress(hooks: &TrainHooks, len: u64, what: &str) -> indicatif::P
     pb.set_style(style);
     pb.set_message(what.to_string());
     pb
-}
-
-/// Parses `cpu`, `cuda`, `cuda:N` or `metal`.
-pub fn parse_device(s: &str) -> anyhow::Result<Device> {
-    Ok(match s {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0)?,
-        "metal" => Device::new_metal(0)?,
-        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => Device::new_cuda(n)?,
-            _ => bail!("--device {s}: expected cpu, cuda, cuda:N or metal"),
-        },
-    })
 }
