@@ -6,7 +6,7 @@
 //! `silu'(x) = s · (1 + x · (1 - s))` with `s = sigmoid(x)`, `gelu'(x) = Φ(x) + x · φ(x)`.
 
 use super::bridge::{bridge1, bridge2, Backend};
-use super::par::{contiguous_slice, par_chunks, Real};
+use super::par::{contiguous_slice, map_into, par_chunks, Real};
 use super::Kernel;
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -60,6 +60,7 @@ impl Act {
         g * d
     }
 
+    #[inline(always)]
     fn f<T: Real>(self, x: T) -> T {
         match self {
             Act::Silu => x / (T::ONE + (-x).exp()),
@@ -90,10 +91,9 @@ impl Act {
 fn fwd_kernel<T: Real>(act: Act, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
     let x = contiguous_slice::<T>(s, l, act.name())?;
     let mut dst = vec![T::ZERO; x.len()];
-    par_chunks(&mut dst, CHUNK, |o, d| {
-        for (d, &v) in d.iter_mut().zip(&x[o..]) {
-            *d = act.f(v);
-        }
+    par_chunks(&mut dst, CHUNK, |o, d| match act {
+        Act::Silu => map_into(d, &x[o..], |v| Act::Silu.f(v)),
+        Act::GeluErf => map_into(d, &x[o..], |v| Act::GeluErf.f(v)),
     });
     Ok((T::to_cpu_storage_owned(dst), l.shape().clone()))
 }
@@ -120,6 +120,15 @@ pub(crate) struct Activation {
     pub(crate) kernel: Kernel,
 }
 
+impl Activation {
+    /// Whether the fused CPU kernel computes this op for `x` (else candle's kernels do).
+    pub(crate) fn fused_on(&self, x: &Tensor) -> bool {
+        self.kernel == Kernel::Auto
+            && x.device().is_cpu()
+            && matches!(x.dtype(), DType::F32 | DType::F64)
+    }
+}
+
 impl CustomOp1 for Activation {
     fn name(&self) -> &'static str {
         self.act.name()
@@ -139,10 +148,7 @@ impl CustomOp1 for Activation {
     }
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let g = g.to_dtype(x.dtype())?;
-        let fused = self.kernel == Kernel::Auto
-            && x.device().is_cpu()
-            && matches!(x.dtype(), DType::F32 | DType::F64);
-        let dx = if fused {
+        let dx = if self.fused_on(x) {
             let op = ActivationBwd { act: self.act };
             x.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &op)?
         } else {

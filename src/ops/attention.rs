@@ -7,7 +7,7 @@
 //! `dK = dSᵀ Q`, skipping the gradients of inputs outside the graph.
 
 use super::bridge::attach3;
-use super::softmax::{backward as softmax_backward, Softmax};
+use super::softmax::{backward as softmax_backward, softmax_owned};
 use super::{compute_dtype, Kernel};
 use candle_core::{Result, Tensor};
 
@@ -59,11 +59,8 @@ pub fn attention_with(
         }
         None => (scores, scale),
     };
-    let p = scores.contiguous()?.apply_op1_no_bwd(&Softmax {
-        kernel,
-        scale: sm_scale,
-    })?;
-    drop(scores);
+    // The scores are fresh (nothing else holds them), so the softmax may overwrite them.
+    let p = softmax_owned(scores, sm_scale, kernel)?;
     let out = p.matmul(&vc)?;
     let masked = mask.is_some();
     let bwd = move |[q, k, v]: [&Tensor; 3], g: &Tensor| {

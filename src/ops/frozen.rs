@@ -9,6 +9,7 @@
 //! gradient (s² times larger). Grouped strided convolutions use the dilated conv2d
 //! (candle's `conv_transpose2d` has no groups).
 
+use super::bias::add_bias_owned;
 use super::bridge::attach;
 use candle_core::{DType, Result, Tensor};
 use std::sync::{Arc, OnceLock};
@@ -69,6 +70,8 @@ fn conv2d(
                 p.groups,
             )?
             .to_dtype(DType::BF16)
+    } else if super::im2col::supported(x, p.groups) {
+        super::im2col::conv2d_cpu(x, k, padding, stride, p.dilation)
     } else {
         x.conv2d(k, padding, stride, p.dilation, p.groups)
     }
@@ -96,7 +99,7 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
     *out_dims.last_mut().expect("checked non-empty") = out_f;
     let y = matmul(&x.detach().reshape((rows, in_f))?, &w.t()?)?;
     let y = match b {
-        Some(b) => y.broadcast_add(&b.detach())?,
+        Some(b) => add_bias_owned(y, &b.detach(), 1)?,
         None => y,
     };
     let y = y.reshape(out_dims)?;
@@ -157,7 +160,7 @@ impl FrozenConv2d {
         }
         let y = conv2d(&x.detach(), &self.weight, p.padding, p.stride, &p)?;
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?,
+            Some(b) => add_bias_owned(y, b, 1)?,
             None => y,
         };
         let (weight, cache) = (self.weight.clone(), self.grad_kernel.clone());

@@ -12,7 +12,7 @@
 //! | [`silu`], [`gelu_erf`] | fused | one-pass derivative |
 //! | [`upsample_nearest2d`] | fused copy | sum-pool of the gradient |
 //! | [`attention`] | matmul, fused scaled softmax, matmul | keeps only the probabilities |
-//! | [`frozen_linear`], [`frozen_conv2d`], [`FrozenConv2d`] | candle matmul / conv2d | input gradient only |
+//! | [`frozen_linear`], [`frozen_conv2d`], [`FrozenConv2d`] | candle matmul; conv2d as im2col + one gemm on the CPU, candle's conv2d elsewhere; bias added in place | input gradient only |
 //!
 //! "Fused" kernels run on the CPU for f32 / f64 ([`Kernel::Auto`]); on CUDA / Metal (and
 //! with [`Kernel::Generic`]) the forward is candle's own kernel and the backward is written
@@ -21,9 +21,11 @@
 
 mod activation;
 mod attention;
+mod bias;
 mod bridge;
 mod frozen;
 mod group_norm;
+mod im2col;
 mod layer_norm;
 mod par;
 mod softmax;
@@ -155,37 +157,48 @@ pub fn group_norm_with(
 }
 
 /// SiLU `x · sigmoid(x)`, differentiable with a one-pass backward on the CPU (outside a
-/// graph it is candle's own `silu`).
+/// graph: the fused kernel on the CPU for f32 / f64, candle's own `silu` elsewhere).
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     silu_with(x, Kernel::Auto)
 }
 
 /// [`silu`] with an explicit [`Kernel`] choice.
 pub fn silu_with(x: &Tensor, kernel: Kernel) -> Result<Tensor> {
-    if !x.track_op() {
-        return x.silu();
-    }
     let op = activation::Activation {
         act: activation::Act::Silu,
         kernel,
     };
+    if !x.track_op() {
+        // Outside a graph: the fused kernel where it exists (it also takes strided
+        // inputs, e.g. GEGLU's gate half, after one contiguous copy), else candle's own.
+        if op.fused_on(x) {
+            return x.contiguous()?.apply_op1_no_bwd(&op);
+        }
+        return x.silu();
+    }
     x.contiguous()?.apply_op1(op)
 }
 
 /// Exact GELU `x · Φ(x)` (PyTorch's default `approximate="none"`), differentiable with a
-/// one-pass backward on the CPU (outside a graph it is candle's own `gelu_erf`).
+/// one-pass backward on the CPU (outside a graph: the fused kernel on the CPU for f32 / f64,
+/// candle's own `gelu_erf` elsewhere).
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     gelu_erf_with(x, Kernel::Auto)
 }
 
 /// [`gelu_erf`] with an explicit [`Kernel`] choice.
 pub fn gelu_erf_with(x: &Tensor, kernel: Kernel) -> Result<Tensor> {
-    if !x.track_op() {
-        return x.gelu_erf();
-    }
     let op = activation::Activation {
         act: activation::Act::GeluErf,
         kernel,
     };
+    if !x.track_op() {
+        // Outside a graph: the fused kernel where it exists (it also takes strided
+        // inputs, e.g. GEGLU's gate half, after one contiguous copy), else candle's own.
+        if op.fused_on(x) {
+            return x.contiguous()?.apply_op1_no_bwd(&op);
+        }
+        return x.gelu_erf();
+    }
     x.contiguous()?.apply_op1(op)
 }

@@ -22,9 +22,9 @@ pub(crate) trait Real:
 {
     const ZERO: Self;
     const ONE: Self;
-    /// e^x.
+    /// e^x (f32: [`exp_f32`]).
     fn exp(self) -> Self;
-    /// The error function (candle's implementation).
+    /// The error function (f32: [`erf_f32`], f64: candle's implementation).
     fn erf(self) -> Self;
     /// The larger of two values.
     fn maxv(self, other: Self) -> Self;
@@ -33,23 +33,71 @@ pub(crate) trait Real:
 impl Real for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
+    #[inline(always)]
     fn exp(self) -> Self {
-        f32::exp(self)
+        exp_f32(self)
     }
+    #[inline(always)]
     fn erf(self) -> Self {
-        candle_core::cpu::erf::erf_f32(self)
+        erf_f32(self)
     }
     fn maxv(self, other: Self) -> Self {
         f32::max(self, other)
     }
 }
 
+/// e^x for f32, branch-free so element loops vectorise (`f32::exp` is a libm call per
+/// element): Cephes' `expf` (x = n·ln2 + r, |r| ≤ ln2/2, degree-6 polynomial, scaled by
+/// 2^n through the exponent bits), relative error about 2e-7. Underflows to 0 below
+/// -87.33 (where f32 turns subnormal), overflows to infinity above 88.376 (e^x > 2.4e38); NaN stays NaN.
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    const LO: f32 = -87.336_55;
+    const HI: f32 = 88.376_26; // keeps n + 127 ≤ 254
+    let xc = x.clamp(LO, HI);
+    // Round to nearest through the float mantissa (no libm `round` call); |n| < 2^22.
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+    let n = (xc * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
+    let r = xc - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 0.166_666_65)
+        * r
+        + 0.5;
+    let y = p * r * r + r + 1.0;
+    // 2^n: n + 127 in [1, 254] sits in the low mantissa bits of n + 127 + 2^23.
+    let scale = f32::from_bits((n + (127.0 + 8_388_608.0)).to_bits() << 23);
+    let y = y * scale;
+    if x < LO {
+        0.0
+    } else if x > HI {
+        f32::INFINITY
+    } else {
+        y
+    }
+}
+
+/// erf for f32 as PyTorch's vectorised CPU kernels compute it (Abramowitz & Stegun 7.1.26,
+/// absolute error below 6e-7 in f32 arithmetic, measured in the tests): branch-free, so the
+/// element loops vectorise, unlike `libm::erff`, which cost 8x PyTorch's time on GELU.
+#[inline(always)]
+fn erf_f32(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_8) * t - 0.284_496_74) * t
+        + 0.254_829_6)
+        * t;
+    let r = 1.0 - poly * exp_f32(-a * a);
+    r.copysign(x)
+}
+
 impl Real for f64 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
+    #[inline(always)]
     fn exp(self) -> Self {
         f64::exp(self)
     }
+    #[inline(always)]
     fn erf(self) -> Self {
         candle_core::cpu::erf::erf_f64(self)
     }
@@ -151,6 +199,57 @@ pub(crate) fn par_chunks<T: Send>(dst: &mut [T], chunk: usize, f: impl Fn(usize,
     });
 }
 
+/// `dst[i] = f(src[i])`; on x86-64 CPUs with AVX2 and FMA the loop is compiled for them
+/// (selected at run time), so branch-free element functions (e.g. [`exp_f32`]) run 8 lanes
+/// wide instead of SSE2's 4. Rust never contracts `a * b + c` into an FMA, so both paths
+/// give identical results.
+#[inline(always)]
+pub(crate) fn map_into<T: Copy, F: Fn(T) -> T>(dst: &mut [T], src: &[T], f: F) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features map_avx2 is compiled for.
+        return unsafe { map_avx2(dst, src, f) };
+    }
+    map_plain(dst, src, f)
+}
+
+#[inline(always)]
+fn map_plain<T: Copy, F: Fn(T) -> T>(dst: &mut [T], src: &[T], f: F) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = f(s);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn map_avx2<T: Copy, F: Fn(T) -> T>(dst: &mut [T], src: &[T], f: F) {
+    map_plain(dst, src, f)
+}
+
+/// `d[i] = f(d[i])`, dispatched like [`map_into`].
+#[inline(always)]
+pub(crate) fn map_inplace<T: Copy, F: Fn(T) -> T>(d: &mut [T], f: F) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features map_inplace_avx2 is compiled for.
+        return unsafe { map_inplace_avx2(d, f) };
+    }
+    map_inplace_plain(d, f)
+}
+
+#[inline(always)]
+fn map_inplace_plain<T: Copy, F: Fn(T) -> T>(d: &mut [T], f: F) {
+    for v in d.iter_mut() {
+        *v = f(*v);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn map_inplace_avx2<T: Copy, F: Fn(T) -> T>(d: &mut [T], f: F) {
+    map_inplace_plain(d, f)
+}
+
 /// Lanes of the reductions below: independent partial sums let the compiler vectorise
 /// (a single float accumulator is a serial dependency chain it may not reorder).
 const LANES: usize = 8;
@@ -244,4 +343,35 @@ pub(crate) fn mean_rstd<T: Real>(x: &[T], eps: f64) -> (f64, f64) {
         d * d
     }) / n;
     (mean, 1.0 / (var + eps).sqrt())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_and_erf_match_libm() {
+        let (mut e_rel, mut erf_abs) = (0f64, 0f64);
+        let mut x = -90f32;
+        while x < 88.37 {
+            let want = (x as f64).exp();
+            let got = exp_f32(x) as f64;
+            if want > f32::MIN_POSITIVE as f64 && want < f32::MAX as f64 {
+                e_rel = e_rel.max(((got - want) / want).abs());
+            }
+            if (-6.0..6.0).contains(&x) {
+                let we = candle_core::cpu::erf::erf_f64(x as f64);
+                erf_abs = erf_abs.max((erf_f32(x) as f64 - we).abs());
+            }
+            x += 0.000_37;
+        }
+        eprintln!("exp_f32 max rel err {e_rel:.2e}, erf_f32 max abs err {erf_abs:.2e}");
+        assert!(e_rel < 3e-7, "exp rel err {e_rel}");
+        assert!(erf_abs < 6e-7, "erf abs err {erf_abs}");
+        assert_eq!(exp_f32(-100.0), 0.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(100.0), f32::INFINITY);
+        assert!(exp_f32(f32::NAN).is_nan());
+        assert_eq!(exp_f32(0.0), 1.0);
+    }
 }

@@ -2,12 +2,14 @@
 //! `grad_in = scale · y * (g - sum(g * y, -1))` (the scale saves attention a full pass).
 
 use super::bridge::{bridge1, bridge2, Backend};
-use super::par::{contiguous_slice, max_of, par_rows, reduce1, reduce2, Real};
+use super::par::{
+    contiguous_slice, map_inplace, map_into, max_of, par_rows, reduce1, reduce2, Real,
+};
 use super::Kernel;
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, MetalStorage, Result, Shape,
-    Tensor, D,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, InplaceOp1, Layout, MetalStorage, Result,
+    Shape, Tensor, D,
 };
 
 /// Forward with candle's kernels (any device, any float dtype).
@@ -30,6 +32,27 @@ pub(crate) fn generic_bwd(y: &Tensor, g: &Tensor, scale: f64) -> Result<Tensor> 
     }
 }
 
+/// `max(sc · x)` of a non-empty row.
+#[inline(always)]
+fn scaled_max<T: Real>(x: &[T], scale: f64) -> T {
+    let sc = T::from_f64(scale);
+    // max(sc · x) = sc · max(x) for sc ≥ 0; sc · x is exact for sc = 1.
+    if scale >= 0.0 {
+        max_of(x) * sc
+    } else {
+        x[1..].iter().fold(x[0] * sc, |m, &v| m.maxv(v * sc))
+    }
+}
+
+/// Normalises a row of exponentials in place.
+#[inline(always)]
+fn normalise<T: Real>(d: &mut [T]) {
+    let inv = T::ONE / reduce1(d, |e| e);
+    for d in d.iter_mut() {
+        *d *= inv;
+    }
+}
+
 fn fwd_kernel<T: Real>(s: &CpuStorage, l: &Layout, scale: f64) -> Result<(CpuStorage, Shape)> {
     let src = contiguous_slice::<T>(s, l, "softmax")?;
     let n = l.dims().last().copied().unwrap_or(1);
@@ -37,22 +60,60 @@ fn fwd_kernel<T: Real>(s: &CpuStorage, l: &Layout, scale: f64) -> Result<(CpuSto
     let sc = T::from_f64(scale);
     par_rows(&mut dst, n, |i, d| {
         let x = &src[i * n..(i + 1) * n];
-        // max(sc · x) = sc · max(x) for sc ≥ 0; sc · x is exact for sc = 1.
-        let max = if scale >= 0.0 {
-            max_of(x) * sc
-        } else {
-            x[1..].iter().fold(x[0] * sc, |m, &v| m.maxv(v * sc))
-        };
-        for (d, &v) in d.iter_mut().zip(x) {
-            *d = (v * sc - max).exp();
-        }
-        let sum = reduce1(d, |e| e);
-        let inv = T::ONE / sum;
-        for d in d.iter_mut() {
-            *d *= inv;
-        }
+        let max = scaled_max(x, scale);
+        map_into(d, x, |v| (v * sc - max).exp());
+        normalise(d);
     });
     Ok((T::to_cpu_storage_owned(dst), l.shape().clone()))
+}
+
+fn inplace_kernel<T: Real>(d: &mut [T], n: usize, scale: f64) {
+    let sc = T::from_f64(scale);
+    par_rows(d, n, |_, d| {
+        let max = scaled_max(d, scale);
+        map_inplace(d, |v| (v * sc - max).exp());
+        normalise(d);
+    });
+}
+
+/// `softmax(scale · x)` over the last dimension written over `x` (f32 / f64 on the CPU,
+/// contiguous): saves attention a score-sized allocation.
+struct SoftmaxInPlace {
+    scale: f64,
+}
+
+impl InplaceOp1 for SoftmaxInPlace {
+    fn name(&self) -> &'static str {
+        "lora-softmax-in-place"
+    }
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("softmax in place: the input must be contiguous");
+        };
+        let n = l.dims().last().copied().unwrap_or(1);
+        match s {
+            CpuStorage::F32(v) => inplace_kernel(&mut v[a..b], n, self.scale),
+            CpuStorage::F64(v) => inplace_kernel(&mut v[a..b], n, self.scale),
+            _ => candle_core::bail!("softmax in place: f32 / f64 only, got {:?}", s.dtype()),
+        }
+        Ok(())
+    }
+}
+
+/// `softmax(scale · x)` over the last dimension without a graph, for an `x` nothing else
+/// shares (e.g. fresh attention scores): on the CPU in f32 / f64 with [`Kernel::Auto`] the
+/// result overwrites `x`'s storage, elsewhere it is [`Softmax`]'s forward.
+pub(crate) fn softmax_owned(x: Tensor, scale: f64, kernel: Kernel) -> Result<Tensor> {
+    let fused = kernel == Kernel::Auto
+        && x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && x.is_contiguous()
+        && x.dims().last().is_some_and(|&n| n > 0);
+    if fused {
+        x.inplace_op1(&SoftmaxInPlace { scale })?;
+        return Ok(x);
+    }
+    x.contiguous()?.apply_op1_no_bwd(&Softmax { kernel, scale })
 }
 
 fn bwd_kernel<T: Real>(

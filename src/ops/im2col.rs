@@ -1,0 +1,199 @@
+//! 2D convolution on the CPU as one im2col plus one gemm per image, in NCHW throughout.
+//!
+//! candle 0.11's CPU conv2d converts the input to NHWC and the kernel to `[out, kh, kw, in]`
+//! on one thread at every call, builds the im2col tiles element by element and scatters the
+//! result back to NCHW; on the SD UNet that overhead is about a fifth of the forward. Here
+//! the patches are laid out as `[N, in·kh·kw, Ho·Wo]` (rows in the kernel's own
+//! `[in, kh, kw]` order, built row-parallel with contiguous copies), so
+//! `out[n] = W[out, in·kh·kw] @ cols[n]` is directly NCHW and the kernel is a free reshape.
+//! A 1×1, stride-1, unpadded convolution skips the im2col: it is `W @ x[n]`.
+//!
+//! The gemm is candle's matmul, so results equal a plain matmul of the patches: they may
+//! differ from candle's conv2d by f32 rounding only (different summation order).
+
+use super::par::{contiguous_slice, par_rows};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
+
+/// Whether [`conv2d_cpu`] handles this convolution (CPU, one group, f32 / f64 / f16).
+pub(crate) fn supported(x: &Tensor, groups: usize) -> bool {
+    x.device().is_cpu() && groups == 1 && matches!(x.dtype(), DType::F32 | DType::F64 | DType::F16)
+}
+
+/// `conv2d(x, k)` for `x` `[N, in, H, W]` and `k` `[out, in, kh, kw]` (one group) with
+/// symmetric zero `padding`, `stride` and `dilation`; `[N, out, Ho, Wo]`. Only for inputs
+/// where [`supported`] holds.
+pub(crate) fn conv2d_cpu(
+    x: &Tensor,
+    k: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+) -> Result<Tensor> {
+    let (n, c_in, h, w) = x.dims4()?;
+    let (c_out, c_k, kh, kw) = k.dims4()?;
+    if c_k != c_in {
+        candle_core::bail!("conv2d: input {:?} vs kernel {:?}", x.shape(), k.shape());
+    }
+    let span = |len: usize, kk: usize| (len + 2 * padding).checked_sub(dilation * (kk - 1) + 1);
+    let (Some(ho), Some(wo)) = (span(h, kh), span(w, kw)) else {
+        candle_core::bail!(
+            "conv2d: kernel {:?} larger than input {:?}",
+            k.shape(),
+            x.shape()
+        );
+    };
+    let (ho, wo) = (ho / stride + 1, wo / stride + 1);
+    let kdim = c_in * kh * kw;
+    let x = x.contiguous()?;
+    let cols = if kh == 1 && kw == 1 && stride == 1 && padding == 0 {
+        x.reshape((n, c_in, h * w))?
+    } else {
+        x.apply_op1_no_bwd(&Im2Col {
+            kh,
+            kw,
+            stride,
+            padding,
+            dilation,
+        })?
+    };
+    let k2 = k
+        .reshape((1, c_out, kdim))?
+        .broadcast_as((n, c_out, kdim))?;
+    k2.matmul(&cols)?.reshape((n, c_out, ho, wo))
+}
+
+/// The patches of a `[N, C, H, W]` input as `[N, C·kh·kw, Ho·Wo]`.
+struct Im2Col {
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+}
+
+impl Im2Col {
+    fn run<T: WithDType>(&self, src: &[T], l: &Layout) -> Result<(Vec<T>, Shape)> {
+        let (n, c, h, w) = l.shape().dims4()?;
+        let Self {
+            kh,
+            kw,
+            stride: s,
+            padding: p,
+            dilation: d,
+        } = *self;
+        let ho = (h + 2 * p - d * (kh - 1) - 1) / s + 1;
+        let wo = (w + 2 * p - d * (kw - 1) - 1) / s + 1;
+        let row = ho * wo;
+        let mut dst = vec![T::zero(); n * c * kh * kw * row];
+        par_rows(&mut dst, row, |r, out| {
+            let kx = r % kw;
+            let ky = (r / kw) % kh;
+            let plane = r / (kw * kh); // b * c + channel
+            let img = &src[plane * h * w..(plane + 1) * h * w];
+            // Output columns whose input column ox*s + kx*d - p lies inside [0, w).
+            let off = kx * d;
+            let ox_lo = p.saturating_sub(off).div_ceil(s);
+            let ox_hi = if w + p > off {
+                ((w + p - off - 1) / s + 1).min(wo)
+            } else {
+                0
+            };
+            for oy in 0..ho {
+                let iy = oy * s + ky * d;
+                if iy < p || iy - p >= h || ox_lo >= ox_hi {
+                    continue; // stays zero
+                }
+                let src_row = &img[(iy - p) * w..(iy - p + 1) * w];
+                let dst_row = &mut out[oy * wo..(oy + 1) * wo];
+                let ix0 = ox_lo * s + off - p;
+                if s == 1 {
+                    dst_row[ox_lo..ox_hi].copy_from_slice(&src_row[ix0..ix0 + (ox_hi - ox_lo)]);
+                } else {
+                    for (j, o) in dst_row[ox_lo..ox_hi].iter_mut().enumerate() {
+                        *o = src_row[ix0 + j * s];
+                    }
+                }
+            }
+        });
+        Ok((dst, Shape::from((n, c * kh * kw, row))))
+    }
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "lora-im2col"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        match s.dtype() {
+            DType::F32 => {
+                let (v, sh) = self.run(contiguous_slice::<f32>(s, l, "im2col")?, l)?;
+                Ok((CpuStorage::F32(v), sh))
+            }
+            DType::F64 => {
+                let (v, sh) = self.run(contiguous_slice::<f64>(s, l, "im2col")?, l)?;
+                Ok((CpuStorage::F64(v), sh))
+            }
+            DType::F16 => {
+                let (v, sh) = self.run(contiguous_slice::<half::f16>(s, l, "im2col")?, l)?;
+                Ok((CpuStorage::F16(v), sh))
+            }
+            dt => candle_core::bail!("im2col: unsupported dtype {dt:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Batch, in and out channels; input size; kernel, stride, padding, dilation.
+    fn check(
+        (n, c, o): (usize, usize, usize),
+        hw: (usize, usize),
+        (k, s, p, d): (usize, usize, usize, usize),
+    ) {
+        let dev = Device::Cpu;
+        let len = n * c * hw.0 * hw.1;
+        let x: Vec<f64> = (0..len)
+            .map(|i| ((i * 7919 % 1013) as f64 / 1013.0) - 0.5)
+            .collect();
+        let x = Tensor::from_vec(x, (n, c, hw.0, hw.1), &dev).unwrap();
+        let wl = o * c * k * k;
+        let w: Vec<f64> = (0..wl)
+            .map(|i| ((i * 104729 % 997) as f64 / 997.0) - 0.5)
+            .collect();
+        let w = Tensor::from_vec(w, (o, c, k, k), &dev).unwrap();
+        let want = x.conv2d(&w, p, s, d, 1).unwrap();
+        for dt in [DType::F64, DType::F32] {
+            let (xd, wd) = (x.to_dtype(dt).unwrap(), w.to_dtype(dt).unwrap());
+            let got = conv2d_cpu(&xd, &wd, p, s, d).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let diff = (got.to_dtype(DType::F64).unwrap() - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            let tol = if dt == DType::F64 { 1e-12 } else { 1e-5 };
+            eprintln!("im2col conv {dt:?} k{k} s{s} p{p} d{d} {hw:?}: max abs diff {diff:.2e}");
+            assert!(diff <= tol, "k{k} s{s} p{p} d{d}: diff {diff}");
+        }
+    }
+
+    #[test]
+    fn matches_candle_conv2d() {
+        check((2, 3, 4), (7, 9), (3, 1, 1, 1));
+        check((2, 3, 4), (8, 8), (3, 2, 1, 1));
+        check((1, 5, 2), (9, 7), (3, 2, 0, 1));
+        check((2, 4, 3), (6, 6), (1, 1, 0, 1));
+        check((1, 4, 3), (6, 5), (1, 2, 0, 1));
+        check((1, 2, 3), (10, 11), (3, 1, 2, 2));
+        check((1, 2, 3), (5, 5), (5, 3, 2, 1));
+        check((2, 320, 8), (16, 16), (3, 1, 1, 1));
+    }
+}
