@@ -8,7 +8,9 @@ use lora_diffusion::models::clip::{ClipActivation, ClipTextConfig, ClipTextModel
 use lora_diffusion::models::weights::ModelWeights;
 use std::collections::BTreeMap;
 
-use common::{fixtures, load_clip, max_abs, max_abs_diff, outputs, read_json};
+use common::{
+    assert_requested_keys, fixtures, load_clip, max_abs, max_abs_diff, outputs, read_json,
+};
 
 fn parity(model: &str) {
     let clip = load_clip(model, DType::F32);
@@ -74,22 +76,11 @@ fn structure(model: &str) {
         .collect();
     let weights = ModelWeights::structure_only("text_encoder");
     ClipTextModel::new(weights.var_builder(DType::F32, &Device::Cpu), &cfg).unwrap();
-    let got = weights.requested();
-    let missing: Vec<_> = want
-        .iter()
-        .filter(|(k, s)| got.get(*k) != Some(s))
-        .collect();
-    let extra: Vec<_> = got
-        .iter()
-        .filter(|(k, s)| want.get(*k) != Some(s))
-        .collect();
-    eprintln!(
-        "{model} text encoder: {} keys expected, {} requested; not requested as expected: {missing:?}; \
-         requested but not expected: {extra:?}",
-        want.len(),
-        got.len()
+    assert_requested_keys(
+        &format!("{model} text encoder"),
+        &want,
+        &weights.requested(),
     );
-    assert!(missing.is_empty() && extra.is_empty());
 }
 
 #[test]

@@ -172,11 +172,16 @@ fn tokenizer_json_engine_gives_same_ids() {
 
 #[test]
 fn missing_dir_is_an_error_naming_it() {
-    let err = ClipTokenizer::from_dir(Path::new("/nonexistent/tokenizer-dir"))
-        .err()
-        .expect("must fail");
-    let msg = format!("{err:#}");
+    let msg = load_error(Path::new("/nonexistent/tokenizer-dir"));
     assert!(msg.contains("/nonexistent/tokenizer-dir"), "{msg}");
+}
+
+/// The error (with its causes) of loading a tokenizer from `dir`, which must fail.
+fn load_error(dir: &Path) -> String {
+    format!(
+        "{:#}",
+        ClipTokenizer::from_dir(dir).err().expect("must fail")
+    )
 }
 
 #[test]
@@ -185,31 +190,16 @@ fn corrupt_files_are_errors_naming_the_file() {
     let tmp = tempfile::tempdir().expect("tempdir");
     std::fs::copy(src.join("merges.txt"), tmp.path().join("merges.txt")).unwrap();
     std::fs::write(tmp.path().join("vocab.json"), "{\"a\": 1, \"b\": ").unwrap();
-    let msg = format!(
-        "{:#}",
-        ClipTokenizer::from_dir(tmp.path())
-            .err()
-            .expect("must fail")
-    );
+    let msg = load_error(tmp.path());
     assert!(msg.contains("vocab.json"), "{msg}");
 
     std::fs::write(tmp.path().join("vocab.json"), "[1, 2, 3]").unwrap();
-    let msg = format!(
-        "{:#}",
-        ClipTokenizer::from_dir(tmp.path())
-            .err()
-            .expect("must fail")
-    );
+    let msg = load_error(tmp.path());
     assert!(msg.contains("vocab.json"), "{msg}");
 
     std::fs::copy(src.join("vocab.json"), tmp.path().join("vocab.json")).unwrap();
     std::fs::remove_file(tmp.path().join("merges.txt")).unwrap();
-    let msg = format!(
-        "{:#}",
-        ClipTokenizer::from_dir(tmp.path())
-            .err()
-            .expect("must fail")
-    );
+    let msg = load_error(tmp.path());
     assert!(msg.contains("merges.txt"), "{msg}");
 
     std::fs::write(
@@ -217,35 +207,20 @@ fn corrupt_files_are_errors_naming_the_file() {
         "#version: 0.2\ni n\nthree parts here\n",
     )
     .unwrap();
-    let msg = format!(
-        "{:#}",
-        ClipTokenizer::from_dir(tmp.path())
-            .err()
-            .expect("must fail")
-    );
+    let msg = load_error(tmp.path());
     assert!(
         msg.contains("merges.txt") && msg.contains("line 3"),
         "{msg}"
     );
 
     std::fs::write(tmp.path().join("tokenizer.json"), "not json").unwrap();
-    let msg = format!(
-        "{:#}",
-        ClipTokenizer::from_dir(tmp.path())
-            .err()
-            .expect("must fail")
-    );
+    let msg = load_error(tmp.path());
     assert!(msg.contains("tokenizer.json"), "{msg}");
 
     std::fs::remove_file(tmp.path().join("tokenizer.json")).unwrap();
     std::fs::copy(src.join("merges.txt"), tmp.path().join("merges.txt")).unwrap();
     std::fs::write(tmp.path().join("tokenizer_config.json"), "{\"pad_token\": ").unwrap();
-    let msg = format!(
-        "{:#}",
-        ClipTokenizer::from_dir(tmp.path())
-            .err()
-            .expect("must fail")
-    );
+    let msg = load_error(tmp.path());
     assert!(msg.contains("tokenizer_config.json"), "{msg}");
 
     std::fs::write(
@@ -253,11 +228,6 @@ fn corrupt_files_are_errors_naming_the_file() {
         "{\"pad_token\": \"<|no-such|>\"}",
     )
     .unwrap();
-    let msg = format!(
-        "{:#}",
-        ClipTokenizer::from_dir(tmp.path())
-            .err()
-            .expect("must fail")
-    );
+    let msg = load_error(tmp.path());
     assert!(msg.contains("<|no-such|>"), "{msg}");
 }

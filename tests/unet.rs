@@ -2,11 +2,11 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use common::{max_abs, max_abs_diff};
+use common::{assert_requested_keys, max_abs, max_abs_diff};
 use lora_diffusion::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use lora_diffusion::models::weights::ModelWeights;
 
@@ -152,25 +152,7 @@ fn check_structure(name: &str) -> anyhow::Result<()> {
     let expected: BTreeMap<String, Vec<usize>> = serde_json::from_value(json["keys"].clone())?;
     let weights = ModelWeights::structure_only("unet");
     let _unet = UNet2DConditionModel::new(weights.var_builder(DType::F32, &Device::Cpu), &cfg)?;
-    let got = weights.requested();
-    let exp_set: BTreeSet<_> = expected.iter().collect();
-    let got_set: BTreeSet<_> = got.iter().collect();
-    let missing: Vec<_> = exp_set.difference(&got_set).collect();
-    let extra: Vec<_> = got_set.difference(&exp_set).collect();
-    for m in &missing {
-        eprintln!("{name}: expected but not requested: {m:?}");
-    }
-    for e in &extra {
-        eprintln!("{name}: requested but not expected: {e:?}");
-    }
-    eprintln!(
-        "{name}: {} keys expected, {} requested, {} missing, {} extra",
-        expected.len(),
-        got.len(),
-        missing.len(),
-        extra.len()
-    );
-    assert!(missing.is_empty() && extra.is_empty());
+    assert_requested_keys(&format!("{name} unet"), &expected, &weights.requested());
     Ok(())
 }
 

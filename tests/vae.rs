@@ -8,7 +8,9 @@ use lora_diffusion::models::vae::{AutoencoderKL, AutoencoderKLConfig, DiagonalGa
 use lora_diffusion::models::weights::ModelWeights;
 use std::collections::BTreeMap;
 
-use common::{fixtures, load_vae, max_abs, max_abs_diff, outputs, read_json};
+use common::{
+    assert_requested_keys, fixtures, load_vae, max_abs, max_abs_diff, outputs, read_json,
+};
 
 fn parity(model: &str) {
     let vae = load_vae(model, DType::F32);
@@ -83,22 +85,7 @@ fn structure(model: &str) {
     let want: BTreeMap<String, Vec<usize>> = serde_json::from_value(json["keys"].clone()).unwrap();
     let weights = ModelWeights::structure_only("vae");
     AutoencoderKL::new(weights.var_builder(DType::F32, &Device::Cpu), &cfg).unwrap();
-    let got = weights.requested();
-    let missing: Vec<_> = want
-        .iter()
-        .filter(|(k, s)| got.get(*k) != Some(s))
-        .collect();
-    let extra: Vec<_> = got
-        .iter()
-        .filter(|(k, s)| want.get(*k) != Some(s))
-        .collect();
-    eprintln!(
-        "{model} vae: {} keys expected, {} requested; not requested as expected: {missing:?}; \
-         requested but not expected: {extra:?}",
-        want.len(),
-        got.len()
-    );
-    assert!(missing.is_empty() && extra.is_empty());
+    assert_requested_keys(&format!("{model} vae"), &want, &weights.requested());
 }
 
 #[test]

@@ -18,11 +18,58 @@
 
 use std::sync::{Arc, OnceLock};
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::lora::adapter::AdapterSlot;
 use crate::ops::{frozen_linear, Conv2dParams, FrozenConv2d};
+
+/// Loads `weight` of `shape` and, when `bias`, `bias` `[out]` from `vb` (in that order).
+fn load_weight_bias(
+    vb: &VarBuilder,
+    shape: impl Into<Shape>,
+    out: usize,
+    bias: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let weight = vb.get(shape, "weight")?;
+    let bias = if bias {
+        Some(vb.get(out, "bias")?)
+    } else {
+        None
+    };
+    Ok((weight, bias))
+}
+
+/// The accessors [`Linear`] and [`Conv2d`] share (fields `weight`, `bias`, `path`,
+/// `adapters`), with the three given doc lines for `weight`, `bias` and `path`.
+macro_rules! adapted_layer_accessors {
+    ($weight_doc:literal, $bias_doc:literal, $path_doc:literal) => {
+        #[doc = $weight_doc]
+        pub fn weight(&self) -> &Tensor {
+            &self.weight
+        }
+
+        #[doc = $bias_doc]
+        pub fn bias(&self) -> Option<&Tensor> {
+            self.bias.as_ref()
+        }
+
+        #[doc = $path_doc]
+        pub fn path(&self) -> &str {
+            &self.path
+        }
+
+        /// The LoRA adapters attached to this layer.
+        pub fn adapters(&self) -> &AdapterSlot {
+            &self.adapters
+        }
+
+        /// Whether the weight or bias is a trainable `Var` (full fine-tuning).
+        pub fn is_trainable(&self) -> bool {
+            self.weight.is_variable() || self.bias.as_ref().is_some_and(|b| b.is_variable())
+        }
+    };
+}
 
 /// A fully connected layer `y = x Wᵀ + b` with weight `[out, in]`, applied over the last dim.
 #[derive(Debug, Clone)]
@@ -36,18 +83,8 @@ pub struct Linear {
 impl Linear {
     /// Loads `weight` `[out_dim, in_dim]` and, when `bias`, `bias` `[out_dim]` from `vb`.
     pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = if bias {
-            Some(vb.get(out_dim, "bias")?)
-        } else {
-            None
-        };
-        Ok(Self {
-            weight,
-            bias,
-            path: vb.prefix(),
-            adapters: AdapterSlot::new(),
-        })
+        let (weight, bias) = load_weight_bias(&vb, (out_dim, in_dim), out_dim, bias)?;
+        Ok(Self::from_tensors(weight, bias, vb.prefix()))
     }
 
     /// Builds a layer from existing tensors (weight `[out, in]`, bias `[out]`) and a module path.
@@ -60,30 +97,11 @@ impl Linear {
         }
     }
 
-    /// The weight, shape `[out_features, in_features]`.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
-    }
-
-    /// The bias, shape `[out_features]`, if the layer has one.
-    pub fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
-    }
-
-    /// The module path (state-dict prefix without `.weight`), e.g. `...attn1.to_q`.
-    pub fn path(&self) -> &str {
-        &self.path
-    }
-
-    /// The LoRA adapters attached to this layer.
-    pub fn adapters(&self) -> &AdapterSlot {
-        &self.adapters
-    }
-
-    /// Whether the weight or bias is a trainable `Var` (full fine-tuning).
-    pub fn is_trainable(&self) -> bool {
-        self.weight.is_variable() || self.bias.as_ref().is_some_and(|b| b.is_variable())
-    }
+    adapted_layer_accessors!(
+        "The weight, shape `[out_features, in_features]`.",
+        "The bias, shape `[out_features]`, if the layer has one.",
+        "The module path (state-dict prefix without `.weight`), e.g. `...attn1.to_q`."
+    );
 
     /// Number of input features.
     pub fn in_features(&self) -> usize {
@@ -156,21 +174,14 @@ impl Conv2d {
         padding: usize,
         bias: bool,
     ) -> Result<Self> {
-        let weight = vb.get((out_c, in_c, kernel, kernel), "weight")?;
-        let bias = if bias {
-            Some(vb.get(out_c, "bias")?)
-        } else {
-            None
-        };
-        Ok(Self {
+        let (weight, bias) = load_weight_bias(&vb, (out_c, in_c, kernel, kernel), out_c, bias)?;
+        Ok(Self::from_tensors(
             weight,
             bias,
             stride,
             padding,
-            path: vb.prefix(),
-            adapters: AdapterSlot::new(),
-            frozen: Arc::new(OnceLock::new()),
-        })
+            vb.prefix(),
+        ))
     }
 
     /// Builds a convolution from existing tensors and a module path.
@@ -192,20 +203,11 @@ impl Conv2d {
         }
     }
 
-    /// The kernel, shape `[out_channels, in_channels, k, k]`.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
-    }
-
-    /// The bias, shape `[out_channels]`, if the layer has one.
-    pub fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
-    }
-
-    /// The module path (state-dict prefix without `.weight`), e.g. `conv_in`.
-    pub fn path(&self) -> &str {
-        &self.path
-    }
+    adapted_layer_accessors!(
+        "The kernel, shape `[out_channels, in_channels, k, k]`.",
+        "The bias, shape `[out_channels]`, if the layer has one.",
+        "The module path (state-dict prefix without `.weight`), e.g. `conv_in`."
+    );
 
     /// The stride of the convolution.
     pub fn stride(&self) -> usize {
@@ -220,16 +222,6 @@ impl Conv2d {
     /// The kernel size k (square kernels).
     pub fn kernel_size(&self) -> usize {
         self.weight.dims()[2]
-    }
-
-    /// The LoRA adapters attached to this layer.
-    pub fn adapters(&self) -> &AdapterSlot {
-        &self.adapters
-    }
-
-    /// Whether the weight or bias is a trainable `Var` (full fine-tuning).
-    pub fn is_trainable(&self) -> bool {
-        self.weight.is_variable() || self.bias.as_ref().is_some_and(|b| b.is_variable())
     }
 
     /// Number of input channels.

@@ -5,7 +5,7 @@
 //! on the CPU:
 //! `silu'(x) = s · (1 + x · (1 - s))` with `s = sigmoid(x)`, `gelu'(x) = Φ(x) + x · φ(x)`.
 
-use super::bridge::{bridge1, bridge2, Backend};
+use super::bridge::{bridge1, bridge2, gpu_fwd_via_any, Backend};
 use super::par::{contiguous_slice, map_into, par_chunks, Real};
 use super::Kernel;
 use candle_core::backend::BackendStorage;
@@ -123,9 +123,7 @@ pub(crate) struct Activation {
 impl Activation {
     /// Whether the fused CPU kernel computes this op for `x` (else candle's kernels do).
     pub(crate) fn fused_on(&self, x: &Tensor) -> bool {
-        self.kernel == Kernel::Auto
-            && x.device().is_cpu()
-            && matches!(x.dtype(), DType::F32 | DType::F64)
+        self.kernel.fused_on(x)
     }
 }
 
@@ -186,22 +184,5 @@ impl CustomOp2 for ActivationBwd {
             _ => self.any((s1, l1), (s2, l2)),
         }
     }
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.any((s1, l1), (s2, l2))
-    }
-    fn metal_fwd(
-        &self,
-        s1: &MetalStorage,
-        l1: &Layout,
-        s2: &MetalStorage,
-        l2: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        self.any((s1, l1), (s2, l2))
-    }
+    gpu_fwd_via_any!(2);
 }

@@ -278,3 +278,78 @@ pub(crate) fn attach3(
     let value = Taken::new(value);
     args[0].apply_op3(args[1], args[2], Attach3 { name, value, bwd })
 }
+
+/// Runs a tensor-level norm backward `f(x, w, g) -> (dx, dw, db)` on three storages,
+/// returning the flat `[dx.., dw.., db..]` that [`split_grads`] takes apart.
+pub(crate) fn bridge3_grads<S: Backend>(
+    x: (&S, &Layout),
+    w: (&S, &Layout),
+    g: (&S, &Layout),
+    f: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor, Tensor)>,
+) -> Result<(S, Shape)> {
+    bridge3(x, w, g, |x, w, g| {
+        let (dx, dw, db) = f(x, w, g)?;
+        Tensor::cat(&[dx.flatten_all()?, dw, db], 0)
+    })
+}
+
+/// Splits the flat `[dx.., dw.., db..]` output of a fused norm backward into `dx` (shaped
+/// like `x`) and the `c`-element `dw` and `db`.
+pub(crate) fn split_grads(flat: &Tensor, x: &Tensor, c: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let len = x.elem_count();
+    Ok((
+        flat.narrow(0, 0, len)?.reshape(x.shape())?,
+        flat.narrow(0, len, c)?,
+        flat.narrow(0, len + c, c)?,
+    ))
+}
+
+/// Expands, inside an `impl CustomOp2`/`CustomOp3` block, to `cuda_fwd` and `metal_fwd`
+/// that forward to the op's generic `self.any(..)` (its tensor-op fallback).
+macro_rules! gpu_fwd_via_any {
+    (2) => {
+        fn cuda_fwd(
+            &self,
+            s1: &candle_core::CudaStorage,
+            l1: &candle_core::Layout,
+            s2: &candle_core::CudaStorage,
+            l2: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            self.any((s1, l1), (s2, l2))
+        }
+        fn metal_fwd(
+            &self,
+            s1: &candle_core::MetalStorage,
+            l1: &candle_core::Layout,
+            s2: &candle_core::MetalStorage,
+            l2: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::MetalStorage, candle_core::Shape)> {
+            self.any((s1, l1), (s2, l2))
+        }
+    };
+    (3) => {
+        fn cuda_fwd(
+            &self,
+            s1: &candle_core::CudaStorage,
+            l1: &candle_core::Layout,
+            s2: &candle_core::CudaStorage,
+            l2: &candle_core::Layout,
+            s3: &candle_core::CudaStorage,
+            l3: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            self.any((s1, l1), (s2, l2), (s3, l3))
+        }
+        fn metal_fwd(
+            &self,
+            s1: &candle_core::MetalStorage,
+            l1: &candle_core::Layout,
+            s2: &candle_core::MetalStorage,
+            l2: &candle_core::Layout,
+            s3: &candle_core::MetalStorage,
+            l3: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::MetalStorage, candle_core::Shape)> {
+            self.any((s1, l1), (s2, l2), (s3, l3))
+        }
+    };
+}
+pub(crate) use gpu_fwd_via_any;

@@ -2,13 +2,11 @@
 //! backward (per group of `M = C/G · S` elements, `x̂ = (x - μ) · rstd`, `ĝ = g · w_c`):
 //! `dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ · x̂))`, `dw_c = Σ g · x̂`, `db_c = Σ g`.
 
-use super::bridge::{bridge3, Backend};
+use super::bridge::{bridge3, bridge3_grads, gpu_fwd_via_any, split_grads, Backend};
 use super::par::{contiguous_slice, mean_rstd, par_for, reduce1, reduce2, Real, SharedMut};
 use super::Kernel;
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp3, DType, Layout, MetalStorage, Result, Shape, Tensor, D,
-};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
 /// Per-channel broadcast shape `[1, C, 1, ...]` for an input of rank `rank`.
 fn channel_shape(c: usize, rank: usize) -> Vec<usize> {
@@ -216,28 +214,7 @@ impl CustomOp3 for GroupNorm {
             _ => self.any(x, w, b),
         }
     }
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.any((s1, l1), (s2, l2), (s3, l3))
-    }
-    fn metal_fwd(
-        &self,
-        s1: &MetalStorage,
-        l1: &Layout,
-        s2: &MetalStorage,
-        l2: &Layout,
-        s3: &MetalStorage,
-        l3: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        self.any((s1, l1), (s2, l2), (s3, l3))
-    }
+    gpu_fwd_via_any!(3);
     #[allow(clippy::type_complexity)]
     fn bwd(
         &self,
@@ -248,21 +225,13 @@ impl CustomOp3 for GroupNorm {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = g.to_dtype(x.dtype())?.contiguous()?;
-        let fused = self.kernel == Kernel::Auto
-            && x.device().is_cpu()
-            && matches!(x.dtype(), DType::F32 | DType::F64);
+        let fused = self.kernel.fused_on(x);
         let (dx, dw, db) = if fused {
             let op = GroupNormBwd {
                 groups: self.groups,
                 eps: self.eps,
             };
-            let flat = x.apply_op3_no_bwd(w, &g, &op)?;
-            let (len, c) = (x.elem_count(), w.elem_count());
-            (
-                flat.narrow(0, 0, len)?.reshape(x.shape())?,
-                flat.narrow(0, len, c)?,
-                flat.narrow(0, len + c, c)?,
-            )
+            split_grads(&x.apply_op3_no_bwd(w, &g, &op)?, x, w.elem_count())?
         } else {
             generic_bwd(x, w, &g, self.groups, self.eps)?
         };
@@ -287,9 +256,8 @@ impl GroupNormBwd {
         w: (&S, &Layout),
         g: (&S, &Layout),
     ) -> Result<(S, Shape)> {
-        bridge3(x, w, g, |x, w, g| {
-            let (dx, dw, db) = generic_bwd(x, w, g, self.groups, self.eps)?;
-            Tensor::cat(&[dx.flatten_all()?, dw, db], 0)
+        bridge3_grads(x, w, g, |x, w, g| {
+            generic_bwd(x, w, g, self.groups, self.eps)
         })
     }
 }
@@ -314,26 +282,5 @@ impl CustomOp3 for GroupNormBwd {
             _ => self.any(x, w, g),
         }
     }
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.any((s1, l1), (s2, l2), (s3, l3))
-    }
-    fn metal_fwd(
-        &self,
-        s1: &MetalStorage,
-        l1: &Layout,
-        s2: &MetalStorage,
-        l2: &Layout,
-        s3: &MetalStorage,
-        l3: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        self.any((s1, l1), (s2, l2), (s3, l3))
-    }
+    gpu_fwd_via_any!(3);
 }

@@ -3,15 +3,13 @@
 //! `dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ · x̂))`, `dw = Σ g · x̂`, `db = Σ g`
 //! (the sums run over every row).
 
-use super::bridge::{bridge3, Backend};
+use super::bridge::{bridge3, bridge3_grads, gpu_fwd_via_any, split_grads, Backend};
 use super::par::{
     contiguous_slice, mean_rstd, par_for, par_rows, reduce_idx, row_blocks, Real, SharedMut,
 };
 use super::Kernel;
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp3, DType, Layout, MetalStorage, Result, Shape, Tensor, D,
-};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
 /// `(x - mean) * rstd` over the last dimension and `rstd`, with tensor ops.
 fn normalize(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
@@ -177,28 +175,7 @@ impl CustomOp3 for LayerNorm {
             _ => self.any(x, w, b),
         }
     }
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.any((s1, l1), (s2, l2), (s3, l3))
-    }
-    fn metal_fwd(
-        &self,
-        s1: &MetalStorage,
-        l1: &Layout,
-        s2: &MetalStorage,
-        l2: &Layout,
-        s3: &MetalStorage,
-        l3: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        self.any((s1, l1), (s2, l2), (s3, l3))
-    }
+    gpu_fwd_via_any!(3);
     #[allow(clippy::type_complexity)]
     fn bwd(
         &self,
@@ -210,21 +187,13 @@ impl CustomOp3 for LayerNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = g.to_dtype(x.dtype())?.contiguous()?;
         let want_wb = w.track_op() || b.track_op();
-        let fused = self.kernel == Kernel::Auto
-            && x.device().is_cpu()
-            && matches!(x.dtype(), DType::F32 | DType::F64);
+        let fused = self.kernel.fused_on(x);
         let (dx, dw, db) = if fused {
             let op = LayerNormBwd {
                 eps: self.eps,
                 want_wb,
             };
-            let flat = x.apply_op3_no_bwd(w, &g, &op)?;
-            let (len, c) = (x.elem_count(), w.elem_count());
-            (
-                flat.narrow(0, 0, len)?.reshape(x.shape())?,
-                flat.narrow(0, len, c)?,
-                flat.narrow(0, len + c, c)?,
-            )
+            split_grads(&x.apply_op3_no_bwd(w, &g, &op)?, x, w.elem_count())?
         } else {
             generic_bwd(x, w, &g, self.eps)?
         };
@@ -249,10 +218,7 @@ impl LayerNormBwd {
         w: (&S, &Layout),
         g: (&S, &Layout),
     ) -> Result<(S, Shape)> {
-        bridge3(x, w, g, |x, w, g| {
-            let (dx, dw, db) = generic_bwd(x, w, g, self.eps)?;
-            Tensor::cat(&[dx.flatten_all()?, dw, db], 0)
-        })
+        bridge3_grads(x, w, g, |x, w, g| generic_bwd(x, w, g, self.eps))
     }
 }
 
@@ -276,26 +242,5 @@ impl CustomOp3 for LayerNormBwd {
             _ => self.any(x, w, g),
         }
     }
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.any((s1, l1), (s2, l2), (s3, l3))
-    }
-    fn metal_fwd(
-        &self,
-        s1: &MetalStorage,
-        l1: &Layout,
-        s2: &MetalStorage,
-        l2: &Layout,
-        s3: &MetalStorage,
-        l3: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        self.any((s1, l1), (s2, l2), (s3, l3))
-    }
+    gpu_fwd_via_any!(3);
 }

@@ -51,6 +51,13 @@ pub enum Kernel {
     Generic,
 }
 
+impl Kernel {
+    /// Whether the fused CPU kernel serves `x` (CPU, f32 / f64, [`Kernel::Auto`]).
+    pub(crate) fn fused_on(self, x: &Tensor) -> bool {
+        self == Kernel::Auto && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+    }
+}
+
 /// The dtype an op computes in: f64 stays f64, everything else runs in f32.
 fn compute_dtype(dtype: DType) -> DType {
     if dtype == DType::F64 {

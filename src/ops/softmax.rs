@@ -1,7 +1,7 @@
 //! Softmax over the last dimension of `scale · x` with a hand-written backward
 //! `grad_in = scale · y * (g - sum(g * y, -1))` (the scale saves attention a full pass).
 
-use super::bridge::{bridge1, bridge2, Backend};
+use super::bridge::{bridge1, bridge2, gpu_fwd_via_any, Backend};
 use super::par::{
     contiguous_slice, map_inplace, map_into, max_of, par_rows, reduce1, reduce2, Real,
 };
@@ -104,11 +104,7 @@ impl InplaceOp1 for SoftmaxInPlace {
 /// shares (e.g. fresh attention scores): on the CPU in f32 / f64 with [`Kernel::Auto`] the
 /// result overwrites `x`'s storage, elsewhere it is [`Softmax`]'s forward.
 pub(crate) fn softmax_owned(x: Tensor, scale: f64, kernel: Kernel) -> Result<Tensor> {
-    let fused = kernel == Kernel::Auto
-        && x.device().is_cpu()
-        && matches!(x.dtype(), DType::F32 | DType::F64)
-        && x.is_contiguous()
-        && x.dims().last().is_some_and(|&n| n > 0);
+    let fused = kernel.fused_on(&x) && x.is_contiguous() && x.dims().last().is_some_and(|&n| n > 0);
     if fused {
         x.inplace_op1(&SoftmaxInPlace { scale })?;
         return Ok(x);
@@ -172,9 +168,7 @@ impl CustomOp1 for Softmax {
 
 /// The gradient w.r.t. `x` of `y = softmax(scale · x)` for the output gradient `g`.
 pub(crate) fn backward(y: &Tensor, g: &Tensor, scale: f64, kernel: Kernel) -> Result<Tensor> {
-    let fused = kernel == Kernel::Auto
-        && y.device().is_cpu()
-        && matches!(y.dtype(), DType::F32 | DType::F64);
+    let fused = kernel.fused_on(y);
     if fused {
         let g = g.to_dtype(y.dtype())?.contiguous()?;
         y.contiguous()?.apply_op2_no_bwd(&g, &SoftmaxBwd { scale })
@@ -211,22 +205,5 @@ impl CustomOp2 for SoftmaxBwd {
             _ => self.any((s1, l1), (s2, l2)),
         }
     }
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.any((s1, l1), (s2, l2))
-    }
-    fn metal_fwd(
-        &self,
-        s1: &MetalStorage,
-        l1: &Layout,
-        s2: &MetalStorage,
-        l2: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        self.any((s1, l1), (s2, l2))
-    }
+    gpu_fwd_via_any!(2);
 }

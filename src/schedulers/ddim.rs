@@ -1,9 +1,9 @@
 //! `DDIMScheduler` (Song et al. 2020) with eta, steps_offset, set_alpha_to_one and the
 //! leading / trailing / linspace spacings.
 
-use super::config::{alphas_cumprod, SchedulerConfig, TimestepSpacing};
-use super::math::{f32, integer_timestep, lincomb, postprocess_x0, predict_x0_eps, require_noise};
-use super::schedule::spaced_timesteps;
+use super::config::{alphas_cumprod, SchedulerConfig};
+use super::math::{check_num_steps, f32, integer_timestep, lincomb, require_noise, step_x0_eps};
+use super::schedule::discrete_timesteps;
 use super::Scheduler;
 use candle_core::{Result, Tensor};
 
@@ -56,33 +56,14 @@ impl DdimScheduler {
 impl Scheduler for DdimScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let n = self.config.num_train_timesteps;
-        if num_inference_steps == 0 || num_inference_steps > n {
-            candle_core::bail!(
-                "DDIMScheduler: num_inference_steps must be in 1..={n}, got {num_inference_steps}"
-            );
-        }
-        let spacing = self.config.spacing_or(TimestepSpacing::Leading);
-        self.timesteps = spaced_timesteps(
-            spacing,
-            n,
-            num_inference_steps,
-            self.config.steps_offset,
-            true,
-        );
+        check_num_steps(num_inference_steps, n, "DDIMScheduler")?;
+        self.timesteps = discrete_timesteps(&self.config, num_inference_steps);
         self.num_inference_steps = Some(num_inference_steps);
         Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        Ok(sample.clone())
     }
 
     fn needs_noise(&self) -> bool {
@@ -111,9 +92,7 @@ impl Scheduler for DdimScheduler {
         };
         let (beta_t, beta_prev) = (1.0 - alpha_t, 1.0 - alpha_prev);
 
-        let (mo, x) = (f32(model_output)?, f32(sample)?);
-        let (x0, eps) = predict_x0_eps(self.config.prediction_type, &mo, &x, alpha_t)?;
-        let x0 = postprocess_x0(x0, &self.config)?;
+        let (_, x0, eps) = step_x0_eps(&self.config, model_output, sample, alpha_t)?;
         let variance = (beta_prev / beta_t) * (1.0 - alpha_t / alpha_prev);
         let std = self.eta * variance.sqrt();
         let dir = (1.0 - alpha_prev - std * std).sqrt();

@@ -1,9 +1,9 @@
 //! `DDPMScheduler` (Ho et al. 2020), including the training helpers `add_noise` and
 //! `get_velocity`.
 
-use super::config::{alphas_cumprod, SchedulerConfig, TimestepSpacing};
-use super::math::{f32, integer_timestep, lincomb, postprocess_x0, predict_x0_eps, require_noise};
-use super::schedule::spaced_timesteps;
+use super::config::{alphas_cumprod, SchedulerConfig};
+use super::math::{check_num_steps, f32, integer_timestep, lincomb, require_noise, step_x0_eps};
+use super::schedule::discrete_timesteps;
 use super::Scheduler;
 use anyhow::bail;
 use candle_core::{Result, Tensor};
@@ -125,33 +125,14 @@ impl DdpmScheduler {
 impl Scheduler for DdpmScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let n = self.config.num_train_timesteps;
-        if num_inference_steps == 0 || num_inference_steps > n {
-            candle_core::bail!(
-                "DDPMScheduler: num_inference_steps must be in 1..={n}, got {num_inference_steps}"
-            );
-        }
-        let spacing = self.config.spacing_or(TimestepSpacing::Leading);
-        self.timesteps = spaced_timesteps(
-            spacing,
-            n,
-            num_inference_steps,
-            self.config.steps_offset,
-            true,
-        );
+        check_num_steps(num_inference_steps, n, "DDPMScheduler")?;
+        self.timesteps = discrete_timesteps(&self.config, num_inference_steps);
         self.num_inference_steps = Some(num_inference_steps);
         Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        Ok(sample.clone())
     }
 
     fn needs_noise(&self) -> bool {
@@ -177,9 +158,7 @@ impl Scheduler for DdpmScheduler {
         let current_alpha = alpha_t / alpha_prev;
         let current_beta = 1.0 - current_alpha;
 
-        let (mo, x) = (f32(model_output)?, f32(sample)?);
-        let (x0, _) = predict_x0_eps(self.config.prediction_type, &mo, &x, alpha_t)?;
-        let x0 = postprocess_x0(x0, &self.config)?;
+        let (x, x0, _) = step_x0_eps(&self.config, model_output, sample, alpha_t)?;
         let c_x0 = alpha_prev.sqrt() * current_beta / beta_t;
         let c_x = current_alpha.sqrt() * beta_prev / beta_t;
         let mut prev = lincomb(&x0, c_x0, &x, c_x)?;

@@ -5,7 +5,7 @@ use super::config::{
     check_sigma_options, BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing,
 };
 use super::euler::sigma_alphas_cumprod;
-use super::math::{f32, lincomb, require_noise, threshold_sample};
+use super::math::{check_num_steps, f32, lincomb, require_noise, threshold_sample};
 use super::schedule::{
     exponential_sigmas, interp, karras_sigmas, log_sigmas, np_arange, np_linspace, sigma_to_t,
     train_sigmas,
@@ -300,9 +300,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let c = self.config.clone();
         let n = c.num_train_timesteps;
-        if num_inference_steps == 0 || num_inference_steps > n {
-            candle_core::bail!("DPMSolverMultistepScheduler: num_inference_steps must be in 1..={n}, got {num_inference_steps}");
-        }
+        check_num_steps(num_inference_steps, n, "DPMSolverMultistepScheduler")?;
         let steps = num_inference_steps;
         let last = self.last_timestep();
         let mut timesteps: Vec<f64> = match c.spacing_or(TimestepSpacing::Linspace) {
@@ -391,14 +389,6 @@ impl Scheduler for DpmSolverMultistepScheduler {
 
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        Ok(sample.clone())
     }
 
     fn needs_noise(&self) -> bool {

@@ -3,7 +3,7 @@
 use super::config::{
     alphas_cumprod, check_sigma_options, PredictionType, SchedulerConfig, TimestepSpacing,
 };
-use super::math::f32;
+use super::math::{check_num_steps, f32};
 use super::schedule::{
     exponential_sigmas, index_for_timestep, interp, karras_sigmas, log_sigmas, sigma_to_t,
     spaced_timesteps, train_sigmas,
@@ -57,6 +57,71 @@ pub(crate) fn sigma_x0(
         PredictionType::Sample => Ok(mo.clone()),
     }
 }
+
+/// The step index for `timestep`: the running index once stepping started, else the
+/// timestep's position in `timesteps` (an error naming `who` when it is not there).
+pub(crate) fn sigma_step_index(
+    step_index: Option<usize>,
+    timesteps: &[f64],
+    timestep: f64,
+    who: &str,
+) -> Result<usize> {
+    match step_index {
+        Some(i) => Ok(i),
+        None => index_for_timestep(timesteps, timestep).ok_or_else(|| {
+            candle_core::Error::Msg(format!("{who}: timestep {timestep} is not in the schedule"))
+        }),
+    }
+}
+
+/// σ of step `i`, or an error naming `who` when no step follows it.
+pub(crate) fn step_sigma(sigmas: &[f64], i: usize, who: &str) -> Result<f64> {
+    if i + 1 >= sigmas.len() {
+        candle_core::bail!("{who}: step called after the last timestep");
+    }
+    Ok(sigmas[i])
+}
+
+/// The Euler ODE derivative `(x - x₀(σ)) / σ` in float32.
+pub(crate) fn euler_derivative(
+    prediction: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    sigma: f64,
+) -> Result<(Tensor, Tensor)> {
+    let (mo, x) = (f32(model_output)?, f32(sample)?);
+    let x0 = sigma_x0(prediction, &mo, &x, sigma)?;
+    let derivative = (&x - &x0)?.affine(1.0 / sigma, 0.0)?;
+    Ok((x, derivative))
+}
+
+/// Expands, inside an `impl Scheduler` of Euler / Euler-a (fields `timesteps`, `sigmas`;
+/// methods `spacing`, `index`), to `timesteps`, `init_noise_sigma`, `scale_model_input`
+/// and `sigmas`.
+macro_rules! euler_schedule_accessors {
+    () => {
+        fn timesteps(&self) -> &[f64] {
+            &self.timesteps
+        }
+
+        fn init_noise_sigma(&self) -> f64 {
+            $crate::schedulers::euler::euler_init_noise_sigma(&self.sigmas, self.spacing())
+        }
+
+        fn scale_model_input(
+            &self,
+            sample: &candle_core::Tensor,
+            timestep: f64,
+        ) -> candle_core::Result<candle_core::Tensor> {
+            $crate::schedulers::euler::scale_by_sigma(sample, self.sigmas[self.index(timestep)?])
+        }
+
+        fn sigmas(&self) -> Option<&[f64]> {
+            Some(&self.sigmas)
+        }
+    };
+}
+pub(crate) use euler_schedule_accessors;
 
 /// Euler sampler over the Karras-style sigma schedule.
 pub struct EulerDiscreteScheduler {
@@ -116,14 +181,12 @@ impl EulerDiscreteScheduler {
     }
 
     fn index(&self, timestep: f64) -> Result<usize> {
-        match self.step_index {
-            Some(i) => Ok(i),
-            None => index_for_timestep(&self.timesteps, timestep).ok_or_else(|| {
-                candle_core::Error::Msg(format!(
-                    "EulerDiscreteScheduler: timestep {timestep} is not in the schedule"
-                ))
-            }),
-        }
+        sigma_step_index(
+            self.step_index,
+            &self.timesteps,
+            timestep,
+            "EulerDiscreteScheduler",
+        )
     }
 }
 
@@ -131,9 +194,7 @@ impl Scheduler for EulerDiscreteScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let c = &self.config;
         let n = c.num_train_timesteps;
-        if num_inference_steps == 0 || num_inference_steps > n {
-            candle_core::bail!("EulerDiscreteScheduler: num_inference_steps must be in 1..={n}, got {num_inference_steps}");
-        }
+        check_num_steps(num_inference_steps, n, "EulerDiscreteScheduler")?;
         let mut timesteps: Vec<f64> = spaced_timesteps(
             self.spacing(),
             n,
@@ -181,17 +242,7 @@ impl Scheduler for EulerDiscreteScheduler {
         Ok(())
     }
 
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        euler_init_noise_sigma(&self.sigmas, self.spacing())
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        scale_by_sigma(sample, self.sigmas[self.index(timestep)?])
-    }
+    euler_schedule_accessors!();
 
     fn needs_noise(&self) -> bool {
         false
@@ -205,20 +256,12 @@ impl Scheduler for EulerDiscreteScheduler {
         _noise: Option<&Tensor>,
     ) -> Result<Tensor> {
         let i = self.index(timestep)?;
-        if i + 1 >= self.sigmas.len() {
-            candle_core::bail!("EulerDiscreteScheduler: step called after the last timestep");
-        }
-        let sigma = self.sigmas[i];
-        let (mo, x) = (f32(model_output)?, f32(sample)?);
-        let x0 = sigma_x0(self.config.prediction_type, &mo, &x, sigma)?;
-        let derivative = (&x - &x0)?.affine(1.0 / sigma, 0.0)?;
+        let sigma = step_sigma(&self.sigmas, i, "EulerDiscreteScheduler")?;
+        let (x, derivative) =
+            euler_derivative(self.config.prediction_type, model_output, sample, sigma)?;
         let dt = self.sigmas[i + 1] - sigma;
         let prev = (&x + derivative.affine(dt, 0.0)?)?;
         self.step_index = Some(i + 1);
         prev.to_dtype(model_output.dtype())
-    }
-
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sigmas)
     }
 }

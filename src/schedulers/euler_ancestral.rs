@@ -1,9 +1,11 @@
 //! `EulerAncestralDiscreteScheduler`: Euler steps to σ_down plus fresh noise of size σ_up.
 
 use super::config::{check_sigma_options, SchedulerConfig, TimestepSpacing};
-use super::euler::{euler_init_noise_sigma, scale_by_sigma, sigma_alphas_cumprod, sigma_x0};
-use super::math::{f32, require_noise};
-use super::schedule::{index_for_timestep, interp, spaced_timesteps, train_sigmas};
+use super::euler::{
+    euler_derivative, euler_schedule_accessors, sigma_alphas_cumprod, sigma_step_index, step_sigma,
+};
+use super::math::{check_num_steps, f32, require_noise};
+use super::schedule::{interp, spaced_timesteps, train_sigmas};
 use super::Scheduler;
 use candle_core::{Result, Tensor};
 
@@ -49,14 +51,12 @@ impl EulerAncestralDiscreteScheduler {
     }
 
     fn index(&self, timestep: f64) -> Result<usize> {
-        match self.step_index {
-            Some(i) => Ok(i),
-            None => index_for_timestep(&self.timesteps, timestep).ok_or_else(|| {
-                candle_core::Error::Msg(format!(
-                    "EulerAncestralDiscreteScheduler: timestep {timestep} is not in the schedule"
-                ))
-            }),
-        }
+        sigma_step_index(
+            self.step_index,
+            &self.timesteps,
+            timestep,
+            "EulerAncestralDiscreteScheduler",
+        )
     }
 
     /// (σ_up, σ_down) of the next step, or `None` after the last step.
@@ -71,11 +71,7 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let c = &self.config;
         let n = c.num_train_timesteps;
-        if num_inference_steps == 0 || num_inference_steps > n {
-            candle_core::bail!(
-                "EulerAncestralDiscreteScheduler: num_inference_steps must be in 1..={n}, got {num_inference_steps}"
-            );
-        }
+        check_num_steps(num_inference_steps, n, "EulerAncestralDiscreteScheduler")?;
         let timesteps: Vec<f64> = spaced_timesteps(
             self.spacing(),
             n,
@@ -97,17 +93,7 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         Ok(())
     }
 
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        euler_init_noise_sigma(&self.sigmas, self.spacing())
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        scale_by_sigma(sample, self.sigmas[self.index(timestep)?])
-    }
+    euler_schedule_accessors!();
 
     fn needs_noise(&self) -> bool {
         true
@@ -121,16 +107,10 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         noise: Option<&Tensor>,
     ) -> Result<Tensor> {
         let i = self.index(timestep)?;
-        if i + 1 >= self.sigmas.len() {
-            candle_core::bail!(
-                "EulerAncestralDiscreteScheduler: step called after the last timestep"
-            );
-        }
-        let sigma = self.sigmas[i];
+        let sigma = step_sigma(&self.sigmas, i, "EulerAncestralDiscreteScheduler")?;
         let (up, down) = self.next_sigmas(timestep).unwrap_or((0.0, 0.0));
-        let (mo, x) = (f32(model_output)?, f32(sample)?);
-        let x0 = sigma_x0(self.config.prediction_type, &mo, &x, sigma)?;
-        let derivative = (&x - &x0)?.affine(1.0 / sigma, 0.0)?;
+        let (x, derivative) =
+            euler_derivative(self.config.prediction_type, model_output, sample, sigma)?;
         let mut prev = (&x + derivative.affine(down - sigma, 0.0)?)?;
         if up > 0.0 {
             let noise = f32(require_noise(noise, "EulerAncestralDiscreteScheduler")?)?;
@@ -138,9 +118,5 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         }
         self.step_index = Some(i + 1);
         prev.to_dtype(model_output.dtype())
-    }
-
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sigmas)
     }
 }

@@ -94,3 +94,24 @@ pub fn predict_x0_eps(
         ),
     })
 }
+
+/// Checks `1 <= num_inference_steps <= num_train` (the range every scheduler accepts).
+pub fn check_num_steps(num_inference_steps: usize, num_train: usize, who: &str) -> Result<()> {
+    if num_inference_steps == 0 || num_inference_steps > num_train {
+        bail!("{who}: num_inference_steps must be in 1..={num_train}, got {num_inference_steps}");
+    }
+    Ok(())
+}
+
+/// The DDPM / DDIM step prelude in float32: `(sample, x₀ after post-processing, ε)`
+/// predicted from `model_output` at ᾱ_t.
+pub fn step_x0_eps(
+    config: &SchedulerConfig,
+    model_output: &Tensor,
+    sample: &Tensor,
+    alpha_prod_t: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (mo, x) = (f32(model_output)?, f32(sample)?);
+    let (x0, eps) = predict_x0_eps(config.prediction_type, &mo, &x, alpha_prod_t)?;
+    Ok((x, postprocess_x0(x0, config)?, eps))
+}

@@ -34,10 +34,14 @@ pub trait Scheduler: Send {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> candle_core::Result<()>;
     /// The timesteps to feed the model, in order (fractional for Euler).
     fn timesteps(&self) -> &[f64];
-    /// Factor for the initial Gaussian latents.
-    fn init_noise_sigma(&self) -> f64;
+    /// Factor for the initial Gaussian latents (1 unless sigma-based).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
     /// Scales the model input for timestep `timestep` (identity except for Euler-type).
-    fn scale_model_input(&self, sample: &Tensor, timestep: f64) -> candle_core::Result<Tensor>;
+    fn scale_model_input(&self, sample: &Tensor, _timestep: f64) -> candle_core::Result<Tensor> {
+        Ok(sample.clone())
+    }
     /// True when `step` consumes a standard normal `noise` tensor (DDPM, DDIM eta>0, Euler-a).
     fn needs_noise(&self) -> bool;
     /// One denoising step; returns the previous (less noisy) sample. Errors when the step
@@ -167,10 +171,6 @@ impl Scheduler for Unavailable {
 
     fn timesteps(&self) -> &[f64] {
         &[]
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
     }
 
     fn scale_model_input(&self, _sample: &Tensor, _timestep: f64) -> candle_core::Result<Tensor> {

@@ -1,6 +1,6 @@
 //! NumPy-exact timestep spacings and sigma helpers shared by the schedulers.
 
-use super::config::TimestepSpacing;
+use super::config::{SchedulerConfig, TimestepSpacing};
 
 /// `np.linspace(start, stop, n)` (float64): `i·step + start`, last value exactly `stop`.
 pub fn np_linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
@@ -165,6 +165,18 @@ pub fn index_for_timestep(schedule: &[f64], timestep: f64) -> Option<usize> {
         .map(|(i, _)| i);
     let first = hits.next()?;
     Some(hits.next().unwrap_or(first))
+}
+
+/// The integer timesteps DDIM / DDPM run: `spacing` over the training range, offset by
+/// `steps_offset` (diffusers' `set_timesteps` of the discrete schedulers).
+pub fn discrete_timesteps(config: &SchedulerConfig, num_inference_steps: usize) -> Vec<f64> {
+    spaced_timesteps(
+        config.spacing_or(TimestepSpacing::Leading),
+        config.num_train_timesteps,
+        num_inference_steps,
+        config.steps_offset,
+        true,
+    )
 }
 
 #[cfg(test)]

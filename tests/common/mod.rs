@@ -2,7 +2,7 @@
 //! fixture models, tensor comparisons, LoRA-set comparisons, and running the binaries.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -336,4 +336,30 @@ pub fn expect_failure(o: &Output, needles: &[&str]) -> String {
         assert!(err.contains(n), "error lacks {n:?}: {err}");
     }
     err
+}
+
+// ---- structure (key-set) checks ----
+
+/// Asserts that a model requested exactly the `(key, shape)` pairs of a structure fixture,
+/// printing the count and both differences under `label` (e.g. `sd15 vae`).
+pub fn assert_requested_keys(
+    label: &str,
+    want: &BTreeMap<String, Vec<usize>>,
+    got: &BTreeMap<String, Vec<usize>>,
+) {
+    let missing: Vec<_> = want
+        .iter()
+        .filter(|(k, s)| got.get(*k) != Some(s))
+        .collect();
+    let extra: Vec<_> = got
+        .iter()
+        .filter(|(k, s)| want.get(*k) != Some(s))
+        .collect();
+    eprintln!(
+        "{label}: {} keys expected, {} requested; not requested as expected: {missing:?}; \
+         requested but not expected: {extra:?}",
+        want.len(),
+        got.len()
+    );
+    assert!(missing.is_empty() && extra.is_empty());
 }

@@ -25,6 +25,32 @@ fn resnet(vb: VarBuilder, cin: usize, cout: usize, groups: usize) -> Result<Resn
     ResnetBlock2D::new(vb, &cfg)
 }
 
+/// `num_layers` resnets `resnets.{i}` under `vb`: the first maps `cin` to `cout` channels,
+/// the others `cout` to `cout`.
+fn resnet_stack(
+    vb: &VarBuilder,
+    cin: usize,
+    cout: usize,
+    num_layers: usize,
+    groups: usize,
+) -> Result<Vec<ResnetBlock2D>> {
+    (0..num_layers)
+        .map(|i| {
+            let c = if i == 0 { cin } else { cout };
+            resnet(vb.pp("resnets").pp(i), c, cout, groups)
+        })
+        .collect()
+}
+
+/// Runs `x` through `resnets` in order (no time embedding).
+fn run_resnets(resnets: &[ResnetBlock2D], x: &Tensor) -> Result<Tensor> {
+    let mut h = x.clone();
+    for r in resnets {
+        h = r.forward(&h, None)?;
+    }
+    Ok(h)
+}
+
 /// `UNetMidBlock2D` as the VAE uses it: resnet, (single-head attention with group norm and
 /// residual connection), resnet; no time embedding.
 #[derive(Debug, Clone)]
@@ -41,10 +67,7 @@ impl VaeMidBlock {
         groups: usize,
         add_attention: bool,
     ) -> Result<Self> {
-        let resnets = vec![
-            resnet(vb.pp("resnets").pp(0), channels, channels, groups)?,
-            resnet(vb.pp("resnets").pp(1), channels, channels, groups)?,
-        ];
+        let resnets = resnet_stack(&vb, channels, channels, 2, groups)?;
         let attention = if add_attention {
             let cfg = AttentionConfig {
                 query_dim: channels,
@@ -98,12 +121,7 @@ impl DownEncoderBlock2D {
         groups: usize,
         add_downsample: bool,
     ) -> Result<Self> {
-        let resnets = (0..num_layers)
-            .map(|i| {
-                let c = if i == 0 { cin } else { cout };
-                resnet(vb.pp("resnets").pp(i), c, cout, groups)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let resnets = resnet_stack(&vb, cin, cout, num_layers, groups)?;
         let downsampler = if add_downsample {
             Some(Downsample2D::new(
                 vb.pp("downsamplers").pp(0),
@@ -122,10 +140,7 @@ impl DownEncoderBlock2D {
 
     /// Applies the block to `x` `[B, C, H, W]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = x.clone();
-        for r in &self.resnets {
-            h = r.forward(&h, None)?;
-        }
+        let h = run_resnets(&self.resnets, x)?;
         match &self.downsampler {
             Some(d) => d.forward(&h),
             None => Ok(h),
@@ -150,12 +165,7 @@ impl UpDecoderBlock2D {
         groups: usize,
         add_upsample: bool,
     ) -> Result<Self> {
-        let resnets = (0..num_layers)
-            .map(|i| {
-                let c = if i == 0 { cin } else { cout };
-                resnet(vb.pp("resnets").pp(i), c, cout, groups)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let resnets = resnet_stack(&vb, cin, cout, num_layers, groups)?;
         let upsampler = if add_upsample {
             Some(Upsample2D::new(vb.pp("upsamplers").pp(0), cout, cout)?)
         } else {
@@ -166,10 +176,7 @@ impl UpDecoderBlock2D {
 
     /// Applies the block to `x` `[B, C, H, W]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = x.clone();
-        for r in &self.resnets {
-            h = r.forward(&h, None)?;
-        }
+        let h = run_resnets(&self.resnets, x)?;
         match &self.upsampler {
             Some(u) => u.forward(&h, None),
             None => Ok(h),
