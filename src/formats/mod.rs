@@ -279,10 +279,29 @@ pub fn write(
     if set.layers.is_empty() {
         bail!("cannot write {}: the LoRA has no layers", path.display());
     }
-    let enc = format
-        .codec()
-        .encode(set, opts.arch)
+    let tensors = encode_tensors(set, format, opts)
         .with_context(|| format!("cannot write {} as {format}", path.display()))?;
+    crate::tensor_file::write(path, tensors.0, &tensors.1, opts.force)
+}
+
+/// The bytes of `set` as a safetensors file in `format` (deterministic: equal sets give equal
+/// bytes).
+pub fn encode_bytes(set: &LoraSet, format: Format, opts: &WriteOptions) -> anyhow::Result<Vec<u8>> {
+    let (tensors, metadata) = encode_tensors(set, format, opts)?;
+    crate::tensor_file::to_bytes(tensors, &metadata)
+}
+
+/// The tensors (cast to the output dtype) and metadata `format` writes for `set`.
+#[allow(clippy::type_complexity)]
+fn encode_tensors(
+    set: &LoraSet,
+    format: Format,
+    opts: &WriteOptions,
+) -> anyhow::Result<(
+    Vec<(String, crate::tensor_file::OutTensor<'static>)>,
+    BTreeMap<String, String>,
+)> {
+    let enc = format.codec().encode(set, opts.arch)?;
     let dtype = match opts.dtype {
         Some(d) => d,
         None => set
@@ -301,7 +320,7 @@ pub fn write(
         let t = OutTensor::from_tensor(&t).with_context(|| format!("tensor {k}"))?;
         tensors.push((k, t));
     }
-    crate::tensor_file::write(path, tensors, &enc.metadata, opts.force)
+    Ok((tensors, enc.metadata))
 }
 
 /// The factors and alpha of one layer as found in a file, before validation.

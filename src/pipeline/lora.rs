@@ -101,7 +101,8 @@ pub fn fuse_into_weights(
         return Ok(weights.clone());
     }
     let shapes = weights.file_shapes();
-    let mut fused: HashMap<String, Tensor> = HashMap::new();
+    // Fused weights in f32, each with the dtype it is stored in.
+    let mut fused: HashMap<String, (Tensor, DType)> = HashMap::new();
     let mut problems = vec![];
     for (set, scale) in loras {
         for (key, l) in &set.layers {
@@ -126,14 +127,15 @@ pub fn fuse_into_weights(
                 ));
                 continue;
             };
-            let base = match fused.remove(&wkey) {
-                Some(t) => t,
+            let (base, stored) = match fused.remove(&wkey) {
+                Some(entry) => entry,
                 None => {
-                    let files = weights.load_one(&wkey)?;
-                    files.to_dtype(DType::F32)?
+                    let w = weights.load_one(&wkey)?;
+                    let stored = w.dtype();
+                    (w.to_dtype(DType::F32)?, stored)
                 }
             };
-            fused.insert(wkey, (base + (delta * *scale)?)?);
+            fused.insert(wkey, ((base + (delta * *scale)?)?, stored));
         }
     }
     if !problems.is_empty() {
@@ -143,16 +145,9 @@ pub fn fuse_into_weights(
             problems.join("\n  ")
         );
     }
-    let stored: HashMap<String, DType> = fused
-        .keys()
-        .map(|k| Ok((k.clone(), weights.load_one(k)?.dtype())))
-        .collect::<anyhow::Result<_>>()?;
     let fused = fused
         .into_iter()
-        .map(|(k, t)| {
-            let dt = stored[&k];
-            Ok((k, t.to_dtype(dt)?))
-        })
+        .map(|(k, (t, stored))| Ok((k, t.to_dtype(stored)?)))
         .collect::<anyhow::Result<HashMap<_, _>>>()
         .context("cannot convert fused weights")?;
     weights.with_replacements(fused)

@@ -7,7 +7,6 @@ use crate::models::unet::UNet2DConditionModel;
 use crate::models::weights::ModelWeights;
 use crate::pipeline::StableDiffusion;
 use crate::rng::Rng;
-use crate::tensor_file::{out_tensors, to_bytes};
 use anyhow::{bail, Context};
 use candle_core::{Tensor, Var};
 use std::collections::{BTreeMap, HashMap};
@@ -256,12 +255,14 @@ pub fn lora_file_bytes(
     set: &LoraSet,
     metadata: &BTreeMap<String, String>,
 ) -> anyhow::Result<Vec<u8>> {
-    let mut tensors = BTreeMap::new();
-    for (key, w) in &set.layers {
-        let dev = w.down.device();
-        tensors.insert(format!("{key}.lora_down.weight"), w.down.clone());
-        tensors.insert(format!("{key}.lora_up.weight"), w.up.clone());
-        tensors.insert(format!("{key}.alpha"), Tensor::new(w.alpha as f32, dev)?);
-    }
-    to_bytes(out_tensors(&tensors)?, metadata)
+    let set = LoraSet {
+        layers: set.layers.clone(),
+        metadata: metadata.clone(),
+    };
+    let opts = crate::formats::WriteOptions {
+        dtype: None,
+        force: false,
+        arch: None,
+    };
+    crate::formats::encode_bytes(&set, crate::formats::Format::Ours, &opts)
 }

@@ -5,8 +5,6 @@ use super::checkpoint::{self, Checkpoint, TrainerState};
 use super::model::lora_file_bytes;
 use super::plot::write_loss_log;
 use super::trainer::Trainer;
-use crate::formats::ours;
-use crate::lora::LoraSet;
 use crate::pipeline::image_io::{save_png, to_rgb8};
 use crate::pipeline::GenerateParams;
 use anyhow::Context;
@@ -37,7 +35,7 @@ impl Trainer {
         if let Some(set) = self.model.lora_set()? {
             extra.push((
                 "lora.safetensors",
-                lora_file_bytes(&set, &self.metadata(&set)?)?,
+                lora_file_bytes(&set, &self.metadata()?)?,
             ));
         }
         let dir = checkpoint::save(&self.out_dir, &ckpt, &extra)?;
@@ -47,13 +45,10 @@ impl Trainer {
     }
 
     /// The metadata of the LoRA file.
-    pub fn metadata(&self, set: &LoraSet) -> anyhow::Result<BTreeMap<String, String>> {
+    pub fn metadata(&self) -> anyhow::Result<BTreeMap<String, String>> {
         let c = &self.cfg;
+        // The format version, rank, alpha and targets are added by the `ours` encoder.
         Ok([
-            (ours::FORMAT_KEY, ours::VERSION.to_string()),
-            ("rank", c.rank.to_string()),
-            ("alpha", c.alpha().to_string()),
-            ("targets", serde_json::to_string(&ours::targets(set))?),
             ("base_model", self.sd.source.describe()),
             ("training_args", c.training_args().to_string()),
         ]
@@ -90,7 +85,7 @@ impl Trainer {
         match self.model.lora_set()? {
             Some(set) => {
                 let path = self.out_dir.join("lora.safetensors");
-                let bytes = lora_file_bytes(&set, &self.metadata(&set)?)?;
+                let bytes = lora_file_bytes(&set, &self.metadata()?)?;
                 crate::pipeline::image_io::write_atomic(&path, true, |tmp| {
                     std::fs::write(tmp, &bytes)
                         .with_context(|| format!("cannot write {}", path.display()))
