@@ -29,13 +29,9 @@ pub fn to_rgb8(images: &Tensor) -> anyhow::Result<Vec<RgbImage>> {
         .collect()
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder, then renames it.
-/// Refuses to replace an existing file unless `force`.
-pub fn write_atomic(
-    path: &Path,
-    force: bool,
-    write: impl FnOnce(&Path) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
+/// The temporary file beside `path` that [`write_atomic`] writes first; errors when `path`
+/// exists (unless `force`) or its folder does not.
+fn temp_path(path: &Path, force: bool) -> anyhow::Result<PathBuf> {
     if path.exists() && !force {
         bail!(
             "{} already exists; pass --force to overwrite it",
@@ -58,7 +54,17 @@ pub fn write_atomic(
         .with_context(|| format!("{} is not a file path", path.display()))?
         .to_string_lossy()
         .to_string();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    Ok(dir.join(format!(".{name}.{}.tmp", std::process::id())))
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder, then renames it.
+/// Refuses to replace an existing file unless `force`.
+pub fn write_atomic(
+    path: &Path,
+    force: bool,
+    write: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let tmp = temp_path(path, force)?;
     let result = write(&tmp).and_then(|_| {
         std::fs::rename(&tmp, path)
             .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
@@ -70,31 +76,13 @@ pub fn write_atomic(
 }
 
 /// Checks early (before any long work) that `path` can be created: its folder exists and is
-/// writable, and it does not exist unless `force`.
+/// writable, and it does not exist unless `force`. Leaves nothing behind.
 pub fn check_writable(path: &Path, force: bool) -> anyhow::Result<()> {
-    let probe = |tmp: &Path| {
-        std::fs::write(tmp, b"").with_context(|| format!("cannot write output {}", path.display()))
-    };
-    write_atomic(path, force, |tmp| {
-        probe(tmp)?;
-        // Leave nothing behind: the probe file is removed and the rename is skipped.
-        std::fs::remove_file(tmp).ok();
-        Err(anyhow::anyhow!(ProbeDone))
-    })
-    .or_else(|e| if e.is::<ProbeDone>() { Ok(()) } else { Err(e) })
+    let tmp = temp_path(path, force)?;
+    std::fs::write(&tmp, b"").with_context(|| format!("cannot write output {}", path.display()))?;
+    std::fs::remove_file(&tmp).ok();
+    Ok(())
 }
-
-/// Marks the end of a successful writability probe.
-#[derive(Debug)]
-struct ProbeDone;
-
-impl std::fmt::Display for ProbeDone {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("probe done")
-    }
-}
-
-impl std::error::Error for ProbeDone {}
 
 /// Saves one RGB image as PNG (atomically).
 pub fn save_png(img: &RgbImage, path: &Path, force: bool) -> anyhow::Result<()> {
