@@ -293,7 +293,7 @@ fn scale_enable_and_remove_at_run_time() {
         0.0,
         "removed == base"
     );
-    assert!(unet.lora_layers().iter().all(|l| l.adapters().is_empty()));
+    assert!(unet.lora_layers().iter().all(|l| l.residuals().is_empty()));
     apply_lora_set(&unet, "unet", &set, 1.0).unwrap();
     assert_eq!(remove_all(&unet), 110);
 }
@@ -327,9 +327,9 @@ fn two_loras_on_the_same_layers_add_up() {
         );
         a.set_multiplier([0.8, -0.5][i]);
         let one = Linear::from_tensors(w.clone(), Some(b.clone()), "one");
-        one.adapters().push(a.clone());
+        one.residuals().push(a.clone());
         singles.push((one.forward(&x).unwrap() - &base).unwrap());
-        layer.adapters().push(a);
+        layer.residuals().push(a);
     }
     let both = (layer.forward(&x).unwrap() - &base).unwrap();
     let d = max_abs_diff(&both, &(&singles[0] + &singles[1]).unwrap());
@@ -338,7 +338,7 @@ fn two_loras_on_the_same_layers_add_up() {
     let w2 = collapse(&collapse(&w, &loras[0], 0.8).unwrap(), &loras[1], -0.5).unwrap();
     let merged = Linear::from_tensors(w2, Some(b), "m").forward(&x).unwrap();
     assert!(max_abs_diff(&merged, &layer.forward(&x).unwrap()) <= 1e-5);
-    assert_eq!(layer.adapters().remove_owner(10), 1);
+    assert_eq!(layer.residuals().remove_owner(10), 1);
     assert!(max_abs_diff(&(layer.forward(&x).unwrap() - &base).unwrap(), &singles[1]) <= 1e-6);
 
     // Whole UNet: two loaded LoRAs, each with its own handle and scale.
@@ -395,7 +395,7 @@ fn rank_too_large_and_empty_targets_are_clear_errors() {
         "{e}"
     );
     // Nothing was attached by the failed calls.
-    assert!(unet.lora_layers().iter().all(|l| l.adapters().is_empty()));
+    assert!(unet.lora_layers().iter().all(|l| l.residuals().is_empty()));
     let e = error("text-attn", 4, 4.0, 0.0);
     assert!(
         e.contains("match no layer") && e.contains("text-attn"),
@@ -436,7 +436,7 @@ fn loaded_lora_errors_name_keys_and_shapes() {
         !e.contains("text_encoder.text_model"),
         "other components are not this call's business: {e}"
     );
-    assert!(unet.lora_layers().iter().all(|l| l.adapters().is_empty()));
+    assert!(unet.lora_layers().iter().all(|l| l.residuals().is_empty()));
 }
 
 #[test]

@@ -34,7 +34,7 @@ fn collapsed_weight_equals_the_adapter_on_single_layers() {
         1,
     )
     .unwrap();
-    layer.adapters().push(Arc::new(a));
+    layer.residuals().push(Arc::new(a));
     let merged = Linear::from_tensors(collapse(&w, &lora, 1.0).unwrap(), Some(b), "m");
     let d = max_abs_diff(&layer.forward(&x).unwrap(), &merged.forward(&x).unwrap());
     eprintln!("linear collapse vs adapter max abs diff {d:e}");
@@ -76,7 +76,7 @@ fn collapsed_weight_equals_the_adapter_on_single_layers() {
                 LoraAdapter::frozen(lora.down.clone(), lora.up.clone(), 2.0, kind, 1).unwrap()
             };
             a.set_multiplier(0.7);
-            layer.adapters().push(Arc::new(a));
+            layer.residuals().push(Arc::new(a));
             let d = max_abs_diff(&layer.forward(&x).unwrap(), &want);
             eprintln!("conv k{k} s{stride} p{padding} (trainable {trainable}) collapse max abs diff {d:e}");
             assert!(d <= 1e-5);

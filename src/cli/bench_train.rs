@@ -10,12 +10,13 @@
 //! workloads) in the same invocation and prints the ratios.
 
 use super::bench::{median, peak_rss_mb, reset_peak_rss, run_torch_script, time_runs};
-use crate::lora::{inject_trainable, LayerRef, LoraHost, LoraTargets};
+use crate::lora::{inject_trainable, LoraHost, LoraTargets};
 use crate::models::blocks::{
-    Projection, ResnetBlock2D, ResnetBlock2DConfig, Transformer2DConfig, Transformer2DModel,
+    ResnetBlock2D, ResnetBlock2DConfig, Transformer2DConfig, Transformer2DModel,
 };
 use crate::models::presets::SD15_UNET_CONFIG;
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::models::walk::{LayerRef, LayerWalk};
 use crate::models::weights::ModelWeights;
 use crate::rng::Rng;
 use crate::train::model::lora_file_bytes;
@@ -82,31 +83,10 @@ impl BlockSlice {
     }
 }
 
-impl LoraHost for BlockSlice {
-    fn lora_layers(&self) -> Vec<LayerRef<'_>> {
-        let r = &self.resnet;
-        let mut out = vec![LayerRef::Conv2d(r.conv1())];
-        out.extend(r.time_emb_proj().map(LayerRef::Linear));
-        out.push(LayerRef::Conv2d(r.conv2()));
-        out.push(proj(self.attn.proj_in()));
-        for b in self.attn.transformer_blocks() {
-            for a in [b.attn1(), b.attn2()] {
-                for l in [a.to_q(), a.to_k(), a.to_v(), a.to_out()] {
-                    out.push(LayerRef::Linear(l));
-                }
-            }
-            out.push(LayerRef::Linear(b.ff().geglu().proj()));
-            out.push(LayerRef::Linear(b.ff().out()));
-        }
-        out.push(proj(self.attn.proj_out()));
-        out
-    }
-}
-
-fn proj(p: &Projection) -> LayerRef<'_> {
-    match p {
-        Projection::Conv(c) => LayerRef::Conv2d(c),
-        Projection::Linear(l) => LayerRef::Linear(l),
+impl LayerWalk for BlockSlice {
+    fn walk<'a>(&'a self, f: &mut dyn FnMut(LayerRef<'a>)) {
+        self.resnet.walk(f);
+        self.attn.walk(f);
     }
 }
 

@@ -1,23 +1,26 @@
-//! One LoRA adapter on one layer ([`LoraAdapter`]) and the per-layer list of adapters
-//! ([`AdapterSlot`]) that `Linear` and `Conv2d` carry.
+//! One LoRA adapter on one layer ([`LoraAdapter`]): the [`LayerResidual`] that LoRA attaches
+//! to the [`crate::models::residual::ResidualSlot`] of a `Linear` or `Conv2d`.
 //!
 //! An adapter adds `scale · up(dropout(down(x)))` to its layer's output, with
 //! `scale = multiplier · alpha / rank`. Linear: `down` [r, in], `up` [out, r]. Conv2d: `down`
 //! is a convolution with the layer's kernel size, stride and padding into r channels
 //! ([r, in, k, k]), `up` a 1×1 convolution r → out ([out, r, 1, 1]).
 //!
-//! Trainable adapters hold candle [`Var`]s and use candle's differentiable matmul / conv2d;
-//! frozen adapters (a loaded LoRA) go through [`crate::ops::frozen_linear`] /
-//! [`crate::ops::FrozenConv2d`], which never compute gradients for the adapter weights.
+//! The factors are our own `Linear` / `Conv2d` layers (no bias), built after the adapted
+//! layer's type: trainable factors hold candle [`Var`]s (differentiable matmul / conv2d),
+//! frozen ones (a loaded LoRA) take the layers' frozen path, which never computes gradients
+//! for the factor weights.
 
+use std::any::Any;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{Device, Result, Tensor, Var};
 
 use crate::lora::LoraWeights;
-use crate::models::layers::matmul;
-use crate::ops::{frozen_linear, Conv2dParams, FrozenConv2d};
+use crate::models::layers::{Conv2d, Layer, Linear};
+use crate::models::residual::LayerResidual;
+use crate::models::walk::LayerRef;
 use crate::rng::Rng;
 
 /// The kind of layer an adapter belongs to, with the convolution geometry.
@@ -34,6 +37,19 @@ pub enum AdapterKind {
     },
 }
 
+impl AdapterKind {
+    /// The kind (with the convolution geometry) of an adapter on `layer`.
+    pub fn of(layer: &LayerRef) -> Self {
+        match layer {
+            LayerRef::Linear(_) => Self::Linear,
+            LayerRef::Conv2d(c) => Self::Conv2d {
+                stride: c.stride(),
+                padding: c.padding(),
+            },
+        }
+    }
+}
+
 /// The dropout of a trainable adapter: probability and the shared generator it draws from.
 #[derive(Clone)]
 pub struct Dropout {
@@ -45,8 +61,8 @@ pub struct Dropout {
 
 /// A low-rank residual on one layer (see the module docs).
 pub struct LoraAdapter {
-    down: Tensor,
-    up: Tensor,
+    down: Layer,
+    up: Layer,
     vars: Option<(Var, Var)>,
     alpha: f64,
     kind: AdapterKind,
@@ -55,14 +71,13 @@ pub struct LoraAdapter {
     enabled: AtomicBool,
     training: AtomicBool,
     dropout: Option<Dropout>,
-    frozen_convs: OnceLock<(FrozenConv2d, FrozenConv2d)>,
 }
 
 impl std::fmt::Debug for LoraAdapter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LoraAdapter")
-            .field("down", &self.down.shape())
-            .field("up", &self.up.shape())
+            .field("down", &self.down().shape())
+            .field("up", &self.up().shape())
             .field("alpha", &self.alpha)
             .field("kind", &self.kind)
             .field("owner", &self.owner)
@@ -150,6 +165,22 @@ impl LoraAdapter {
         owner: u64,
         dropout: Option<Dropout>,
     ) -> Self {
+        let (down, up) = match kind {
+            AdapterKind::Linear => (
+                Layer::Linear(Linear::from_tensors(down, None, "lora_down")),
+                Layer::Linear(Linear::from_tensors(up, None, "lora_up")),
+            ),
+            AdapterKind::Conv2d { stride, padding } => (
+                Layer::Conv2d(Conv2d::from_tensors(
+                    down,
+                    None,
+                    stride,
+                    padding,
+                    "lora_down",
+                )),
+                Layer::Conv2d(Conv2d::from_tensors(up, None, 1, 0, "lora_up")),
+            ),
+        };
         Self {
             down,
             up,
@@ -161,18 +192,17 @@ impl LoraAdapter {
             enabled: AtomicBool::new(true),
             training: AtomicBool::new(true),
             dropout,
-            frozen_convs: OnceLock::new(),
         }
     }
 
     /// The down factor (a view of the variable for trainable adapters).
     pub fn down(&self) -> &Tensor {
-        &self.down
+        self.down.weight()
     }
 
     /// The up factor.
     pub fn up(&self) -> &Tensor {
-        &self.up
+        self.up.weight()
     }
 
     /// The `(down, up)` variables of a trainable adapter.
@@ -187,7 +217,7 @@ impl LoraAdapter {
 
     /// The rank r.
     pub fn rank(&self) -> usize {
-        self.down.dims()[0]
+        self.down().dims()[0]
     }
 
     /// alpha (the nominal scale is alpha / rank).
@@ -248,8 +278,8 @@ impl LoraAdapter {
     /// A snapshot of the factors (copies, detached from any variable) and alpha.
     pub fn weights(&self) -> Result<LoraWeights> {
         Ok(LoraWeights {
-            down: self.down.detach().copy()?,
-            up: self.up.detach().copy()?,
+            down: self.down().detach().copy()?,
+            up: self.up().detach().copy()?,
             alpha: self.alpha,
         })
     }
@@ -257,56 +287,10 @@ impl LoraAdapter {
     /// The residual `effective_scale · up(dropout(down(x)))` for layer input `x`, in `x`'s dtype.
     pub fn residual(&self, x: &Tensor) -> Result<Tensor> {
         let xdt = x.dtype();
-        let x = x.to_dtype(self.down.dtype())?;
-        let y = match self.kind {
-            AdapterKind::Linear => self.residual_linear(&x)?,
-            AdapterKind::Conv2d { stride, padding } => self.residual_conv(&x, stride, padding)?,
-        };
-        y.to_dtype(xdt)
-    }
-
-    fn residual_linear(&self, x: &Tensor) -> Result<Tensor> {
-        let (r, in_dim) = self.down.dims2()?;
-        let out_dim = self.up.dim(0)?;
-        let dims = x.dims();
-        if dims.last().copied() != Some(in_dim) {
-            candle_core::bail!("LoRA adapter: input {dims:?} does not end in {in_dim}");
-        }
-        let rows = x.elem_count() / in_dim;
-        let x2 = x.reshape((rows, in_dim))?;
-        let h = linear(&x2, &self.down)?;
+        let x = x.to_dtype(self.down().dtype())?;
+        let h = self.down.forward(&x)?;
         let h = self.dropout(h)?.affine(self.effective_scale(), 0.0)?;
-        debug_assert_eq!(h.dims(), [rows, r]);
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("checked non-empty") = out_dim;
-        linear(&h, &self.up)?.reshape(out_dims)
-    }
-
-    fn residual_conv(&self, x: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-        let scale = self.effective_scale();
-        if self.is_trainable() {
-            let h = conv2d(x, &self.down, stride, padding)?;
-            let h = self.dropout(h)?.affine(scale, 0.0)?;
-            conv2d(&h, &self.up, 1, 0)
-        } else {
-            let (fd, fu) = self.frozen_convs(stride, padding)?;
-            fu.forward(&fd.forward(x)?.affine(scale, 0.0)?)
-        }
-    }
-
-    fn frozen_convs(&self, stride: usize, padding: usize) -> Result<&(FrozenConv2d, FrozenConv2d)> {
-        if let Some(c) = self.frozen_convs.get() {
-            return Ok(c);
-        }
-        let p = Conv2dParams {
-            stride,
-            padding,
-            ..Default::default()
-        };
-        let fd = FrozenConv2d::new(&self.down, None, p)?;
-        let fu = FrozenConv2d::new(&self.up, None, Conv2dParams::default())?;
-        let _ = self.frozen_convs.set((fd, fu));
-        Ok(self.frozen_convs.get().expect("just set"))
+        self.up.forward(&h)?.to_dtype(xdt)
     }
 
     /// Inverted dropout on the hidden activation (training mode and p > 0 only).
@@ -338,118 +322,34 @@ impl LoraAdapter {
     }
 }
 
-/// `x @ wᵀ` for 2-D `x`: differentiable in `w` when `w` is a variable, frozen otherwise.
-fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if w.is_variable() {
-        matmul(x, &w.t()?)
-    } else {
-        frozen_linear(x, w, None)
-    }
-}
-
-/// A differentiable conv2d (dilation 1, one group); bf16 on the CPU is computed in f32.
-fn conv2d(x: &Tensor, k: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    if x.dtype() == DType::BF16 && x.device().is_cpu() {
-        x.to_dtype(DType::F32)?
-            .conv2d(&k.to_dtype(DType::F32)?, padding, stride, 1, 1)?
-            .to_dtype(DType::BF16)
-    } else {
-        x.conv2d(k, padding, stride, 1, 1)
-    }
-}
-
-/// The adapters attached to one layer, shared between clones of the layer.
-#[derive(Clone, Default)]
-pub struct AdapterSlot(Arc<RwLock<Vec<Arc<LoraAdapter>>>>);
-
-impl std::fmt::Debug for AdapterSlot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "AdapterSlot({} adapters)", self.len())
-    }
-}
-
-impl AdapterSlot {
-    /// An empty slot.
-    pub fn new() -> Self {
-        Self::default()
+impl LayerResidual for LoraAdapter {
+    fn owner(&self) -> u64 {
+        self.owner
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<LoraAdapter>>> {
-        self.0.read().unwrap_or_else(|e| e.into_inner())
+    fn is_active(&self) -> bool {
+        LoraAdapter::is_active(self)
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Arc<LoraAdapter>>> {
-        self.0.write().unwrap_or_else(|e| e.into_inner())
+    fn residual(&self, x: &Tensor) -> Result<Tensor> {
+        LoraAdapter::residual(self, x)
     }
 
-    /// A snapshot of the attached adapters, in attach order.
-    pub fn adapters(&self) -> Vec<Arc<LoraAdapter>> {
-        self.read().clone()
-    }
-
-    /// Number of attached adapters.
-    pub fn len(&self) -> usize {
-        self.read().len()
-    }
-
-    /// Whether no adapter is attached.
-    pub fn is_empty(&self) -> bool {
-        self.read().is_empty()
-    }
-
-    /// Attaches an adapter (after the existing ones).
-    pub fn push(&self, adapter: Arc<LoraAdapter>) {
-        self.write().push(adapter);
-    }
-
-    /// Detaches every adapter of LoRA `owner`; returns how many were removed.
-    pub fn remove_owner(&self, owner: u64) -> usize {
-        let mut v = self.write();
-        let before = v.len();
-        v.retain(|a| a.owner() != owner);
-        before - v.len()
-    }
-
-    /// Detaches every adapter; returns how many were removed.
-    pub fn clear(&self) -> usize {
-        let mut v = self.write();
-        let n = v.len();
-        v.clear();
-        n
-    }
-
-    /// Whether two slots are the same shared list.
-    pub fn same(&self, other: &AdapterSlot) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-
-    /// `base + Σ residual_i(x)` over the active adapters, in attach order; `base` itself
-    /// (untouched) when none is active.
-    pub fn apply(&self, x: &Tensor, base: Tensor) -> Result<Tensor> {
-        let adapters = {
-            let v = self.read();
-            if v.is_empty() {
-                return Ok(base);
-            }
-            v.clone()
-        };
-        let mut y = base;
-        for a in adapters.iter().filter(|a| a.is_active()) {
-            y = (y + a.residual(x)?)?;
-        }
-        Ok(y)
+    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
+        self
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
 
     #[test]
     fn models_with_adapters_stay_send_and_sync() {
         fn check<T: Send + Sync>() {}
         check::<LoraAdapter>();
-        check::<AdapterSlot>();
+        check::<crate::models::residual::ResidualSlot>();
         check::<crate::models::unet::UNet2DConditionModel>();
         check::<crate::models::clip::ClipTextModel>();
     }
@@ -460,9 +360,9 @@ mod tests {
         let down = Tensor::new(&[[1f32, 2.0]], &dev).unwrap();
         let up = Tensor::new(&[[3f32], [4.0]], &dev).unwrap();
         let a = Arc::new(LoraAdapter::frozen(down, up, 2.0, AdapterKind::Linear, 7).unwrap());
-        let slot = AdapterSlot::new();
+        let slot = crate::models::residual::ResidualSlot::new();
         let clone = slot.clone();
-        clone.push(a.clone());
+        clone.push(a.clone() as Arc<dyn LayerResidual>);
         assert!(slot.same(&clone) && slot.len() == 1);
         let x = Tensor::new(&[[1f32, 1.0]], &dev).unwrap();
         let base = Tensor::new(&[[10f32, 20.0]], &dev).unwrap();

@@ -11,10 +11,11 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::lora::adapter::{AdapterSlot, Dropout, LoraAdapter};
+use crate::lora::adapter::{AdapterKind, Dropout, LoraAdapter};
 use crate::lora::host::{LayerRef, LoraHost};
 use crate::lora::targets::{LoraTargets, TEXT_ENCODER, UNET};
 use crate::lora::{LoraSet, LoraWeights};
+use crate::models::residual::{LayerResidual, ResidualSlot};
 use crate::rng::Rng;
 
 /// The components a [`LoraSet`] key may start with.
@@ -38,7 +39,7 @@ fn list(items: &[String]) -> String {
 #[derive(Clone)]
 struct Entry {
     path: String,
-    slot: AdapterSlot,
+    slot: ResidualSlot,
     adapter: Arc<LoraAdapter>,
 }
 
@@ -354,16 +355,16 @@ pub fn inject_trainable<H: LoraHost + ?Sized>(
         params.push((format!("{name}.lora_down.weight"), down.clone()));
         params.push((format!("{name}.lora_up.weight"), up.clone()));
         let adapter =
-            LoraAdapter::trainable(down, up, alpha, l.adapter_kind(), owner, drop.clone())
+            LoraAdapter::trainable(down, up, alpha, AdapterKind::of(l), owner, drop.clone())
                 .with_context(|| format!("LoRA for {name}"))?;
         entries.push(Entry {
             path: l.path().to_string(),
-            slot: l.adapters().clone(),
+            slot: l.residuals().clone(),
             adapter: Arc::new(adapter),
         });
     }
     for e in &entries {
-        e.slot.push(e.adapter.clone());
+        e.slot.push(e.adapter.clone() as Arc<dyn LayerResidual>);
     }
     Ok(InjectedLora {
         handle: LoraHandle {
@@ -475,17 +476,17 @@ pub fn apply_lora_set<H: LoraHost + ?Sized>(
         let (dt, dev) = (layer.dtype(), layer.weight().device());
         let d = d.to_dtype(dt)?.to_device(dev)?;
         let u = u.to_dtype(dt)?.to_device(dev)?;
-        let adapter = LoraAdapter::frozen(d, u, alpha, layer.adapter_kind(), owner)
+        let adapter = LoraAdapter::frozen(d, u, alpha, AdapterKind::of(&layer), owner)
             .with_context(|| format!("LoRA for {component}.{path}"))?;
         adapter.set_multiplier(scale);
         entries.push(Entry {
             path: path.to_string(),
-            slot: layer.adapters().clone(),
+            slot: layer.residuals().clone(),
             adapter: Arc::new(adapter),
         });
     }
     for e in &entries {
-        e.slot.push(e.adapter.clone());
+        e.slot.push(e.adapter.clone() as Arc<dyn LayerResidual>);
     }
     Ok(LoraHandle {
         owner,
@@ -499,7 +500,7 @@ pub fn apply_lora_set<H: LoraHost + ?Sized>(
 pub fn extract<H: LoraHost + ?Sized>(host: &H, component: &str) -> anyhow::Result<LoraSet> {
     let mut layers = BTreeMap::new();
     for l in host.lora_layers() {
-        let adapters = l.adapters().adapters();
+        let adapters = l.residuals().attached_as::<LoraAdapter>();
         match adapters.as_slice() {
             [] => {}
             [a] => {
@@ -522,8 +523,8 @@ pub fn extract<H: LoraHost + ?Sized>(host: &H, component: &str) -> anyhow::Resul
 /// Sets the runtime multiplier of every adapter on `host`.
 pub fn set_scale<H: LoraHost + ?Sized>(host: &H, multiplier: f64) {
     for l in host.lora_layers() {
-        l.adapters()
-            .adapters()
+        l.residuals()
+            .attached_as::<LoraAdapter>()
             .iter()
             .for_each(|a| a.set_multiplier(multiplier));
     }
@@ -532,8 +533,8 @@ pub fn set_scale<H: LoraHost + ?Sized>(host: &H, multiplier: f64) {
 /// Enables or disables every adapter on `host`.
 pub fn set_enabled<H: LoraHost + ?Sized>(host: &H, on: bool) {
     for l in host.lora_layers() {
-        l.adapters()
-            .adapters()
+        l.residuals()
+            .attached_as::<LoraAdapter>()
             .iter()
             .for_each(|a| a.set_enabled(on));
     }
@@ -543,6 +544,6 @@ pub fn set_enabled<H: LoraHost + ?Sized>(host: &H, on: bool) {
 pub fn remove_all<H: LoraHost + ?Sized>(host: &H) -> usize {
     host.lora_layers()
         .iter()
-        .map(|l| l.adapters().clear())
+        .map(|l| l.residuals().clear())
         .sum()
 }

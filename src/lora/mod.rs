@@ -17,7 +17,7 @@ pub mod inject;
 pub mod merge;
 pub mod targets;
 
-pub use adapter::{AdapterKind, AdapterSlot, LoraAdapter};
+pub use adapter::{AdapterKind, LoraAdapter};
 pub use host::{LayerRef, LoraHost};
 pub use inject::{
     apply_lora_set, extract, inject_trainable, remove_all, set_enabled, set_scale, InjectedLora,

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use std::path::Path;
 
 use crate::models::layers::{LayerNorm, Linear};
+use crate::models::walk::{LayerRef, LayerWalk};
 
 /// The activation of the CLIP MLP (`hidden_act` in `config.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -213,11 +214,6 @@ impl ClipAttention {
         })
     }
 
-    /// The projections in the order `q_proj`, `k_proj`, `v_proj`, `out_proj`.
-    pub fn linears(&self) -> [&Linear; 4] {
-        [&self.q_proj, &self.k_proj, &self.v_proj, &self.out_proj]
-    }
-
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         x.reshape((b, l, self.heads, self.head_dim))?
@@ -257,11 +253,6 @@ impl ClipMlp {
             fc2: Linear::new(vb.pp("fc2"), cfg.intermediate_size, cfg.hidden_size, true)?,
             act: cfg.hidden_act,
         })
-    }
-
-    /// The two layers, `fc1` then `fc2`.
-    pub fn linears(&self) -> [&Linear; 2] {
-        [&self.fc1, &self.fc2]
     }
 
     /// Applies the MLP to `x` `[..., D]`.
@@ -370,18 +361,6 @@ impl ClipTextModel {
         &self.layers
     }
 
-    /// Every `Linear` of the model (q, k, v, out, fc1, fc2 of each layer, in layer order).
-    pub fn linears(&self) -> Vec<&Linear> {
-        self.layers
-            .iter()
-            .flat_map(|l| {
-                let mut v: Vec<&Linear> = l.self_attn.linears().to_vec();
-                v.extend(l.mlp.linears());
-                v
-            })
-            .collect()
-    }
-
     /// Checks `input_ids` `[B, L]` (any integer dtype) and returns them as u32.
     fn check_ids(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (_, len) = input_ids.dims2()?;
@@ -449,5 +428,37 @@ impl ClipTextModel {
         }
         let h = self.hidden_state_after(input_ids, n - clip_skip)?;
         self.final_layer_norm.forward(&h)
+    }
+}
+
+impl LayerWalk for ClipAttention {
+    /// transformers' `CLIPAttention` registers `k_proj`, `v_proj`, `q_proj`, `out_proj`.
+    fn walk<'a>(&'a self, f: &mut dyn FnMut(LayerRef<'a>)) {
+        for l in [&self.k_proj, &self.v_proj, &self.q_proj, &self.out_proj] {
+            l.walk(f);
+        }
+    }
+}
+
+impl LayerWalk for ClipMlp {
+    /// `fc1`, `fc2`.
+    fn walk<'a>(&'a self, f: &mut dyn FnMut(LayerRef<'a>)) {
+        self.fc1.walk(f);
+        self.fc2.walk(f);
+    }
+}
+
+impl LayerWalk for ClipEncoderLayer {
+    /// `self_attn`, `mlp` (the layer norms have no weights a LoRA adapts).
+    fn walk<'a>(&'a self, f: &mut dyn FnMut(LayerRef<'a>)) {
+        self.self_attn.walk(f);
+        self.mlp.walk(f);
+    }
+}
+
+impl LayerWalk for ClipTextModel {
+    /// `text_model.encoder.layers.*`.
+    fn walk<'a>(&'a self, f: &mut dyn FnMut(LayerRef<'a>)) {
+        self.layers.walk(f);
     }
 }

@@ -6,9 +6,8 @@
 //! `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`), so adapters can find layers
 //! by name. Fields are private; use the accessors.
 //!
-//! Both carry an [`AdapterSlot`]: LoRA adapters attached there add their residual to the
-//! layer's output (`base + Σ scale_i · up_i(down_i(x))`). The slot is shared between clones
-//! of a layer. The base product uses the frozen ops of [`crate::ops`] (input gradient only)
+//! Both carry a [`ResidualSlot`]: residuals attached there (LoRA adapters) are added to the
+//! layer's output (`base + Σ residual_i(x)`). The slot is shared between clones of a layer. The base product uses the frozen ops of [`crate::ops`] (input gradient only)
 //! unless the weight is a candle `Var` (full fine-tuning), where candle's matmul / conv2d
 //! provide the weight gradient too.
 //!
@@ -18,11 +17,11 @@
 
 use std::sync::{Arc, OnceLock};
 
-use candle_core::{DType, Module, Result, Shape, Tensor};
+use candle_core::{Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::lora::adapter::AdapterSlot;
-use crate::ops::{frozen_linear, Conv2dParams, FrozenConv2d};
+use super::residual::ResidualSlot;
+use crate::ops::{frozen_linear, matmul, Conv2dParams, FrozenConv2d};
 
 /// Loads `weight` of `shape` and, when `bias`, `bias` `[out]` from `vb` (in that order).
 fn load_weight_bias(
@@ -41,7 +40,7 @@ fn load_weight_bias(
 }
 
 /// The accessors [`Linear`] and [`Conv2d`] share (fields `weight`, `bias`, `path`,
-/// `adapters`), with the three given doc lines for `weight`, `bias` and `path`.
+/// `residuals`), with the three given doc lines for `weight`, `bias` and `path`.
 macro_rules! adapted_layer_accessors {
     ($weight_doc:literal, $bias_doc:literal, $path_doc:literal) => {
         #[doc = $weight_doc]
@@ -59,9 +58,9 @@ macro_rules! adapted_layer_accessors {
             &self.path
         }
 
-        /// The LoRA adapters attached to this layer.
-        pub fn adapters(&self) -> &AdapterSlot {
-            &self.adapters
+        /// The residuals (LoRA adapters) attached to this layer.
+        pub fn residuals(&self) -> &ResidualSlot {
+            &self.residuals
         }
 
         /// Whether the weight or bias is a trainable `Var` (full fine-tuning).
@@ -77,7 +76,7 @@ pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
     path: String,
-    adapters: AdapterSlot,
+    residuals: ResidualSlot,
 }
 
 impl Linear {
@@ -93,7 +92,7 @@ impl Linear {
             weight,
             bias,
             path: path.into(),
-            adapters: AdapterSlot::new(),
+            residuals: ResidualSlot::new(),
         }
     }
 
@@ -126,7 +125,7 @@ impl Linear {
         }
         if !self.is_trainable() {
             let base = frozen_linear(x, &self.weight, self.bias.as_ref())?;
-            return self.adapters.apply(x, base);
+            return self.residuals.apply(x, base);
         }
         let y = if dims.len() == 2 {
             matmul(x, &self.weight.t()?)?
@@ -140,7 +139,7 @@ impl Linear {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
-        self.adapters.apply(x, base)
+        self.residuals.apply(x, base)
     }
 }
 
@@ -158,7 +157,7 @@ pub struct Conv2d {
     stride: usize,
     padding: usize,
     path: String,
-    adapters: AdapterSlot,
+    residuals: ResidualSlot,
     frozen: Arc<OnceLock<FrozenConv2d>>,
 }
 
@@ -198,7 +197,7 @@ impl Conv2d {
             stride,
             padding,
             path: path.into(),
-            adapters: AdapterSlot::new(),
+            residuals: ResidualSlot::new(),
             frozen: Arc::new(OnceLock::new()),
         }
     }
@@ -238,21 +237,14 @@ impl Conv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if !self.is_trainable() {
             let base = self.frozen_op()?.forward(x)?;
-            return self.adapters.apply(x, base);
+            return self.residuals.apply(x, base);
         }
-        let y = if cpu_bf16(x) {
-            let w = self.weight.to_dtype(DType::F32)?;
-            x.to_dtype(DType::F32)?
-                .conv2d(&w, self.padding, self.stride, 1, 1)?
-                .to_dtype(DType::BF16)?
-        } else {
-            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
-        };
+        let y = crate::ops::conv2d(x, &self.weight, self.padding, self.stride, 1, 1)?;
         let base = match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?,
             None => y,
         };
-        self.adapters.apply(x, base)
+        self.residuals.apply(x, base)
     }
 
     /// The frozen-weight convolution op, built on first use and kept across calls.
@@ -274,6 +266,34 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Conv2d::forward(self, x)
+    }
+}
+
+/// A `Linear` or a `Conv2d` layer (a projection that is one or the other by config, or a
+/// LoRA factor shaped after the layer it adapts).
+#[derive(Debug, Clone)]
+pub enum Layer {
+    /// A fully connected layer on `[..., features]`.
+    Linear(Linear),
+    /// A 2D convolution on `[B, C, H, W]`.
+    Conv2d(Conv2d),
+}
+
+impl Layer {
+    /// Applies the layer.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Linear(l) => l.forward(x),
+            Self::Conv2d(c) => c.forward(x),
+        }
+    }
+
+    /// The weight (`[out, in]` or `[out, in, k, k]`).
+    pub fn weight(&self) -> &Tensor {
+        match self {
+            Self::Linear(l) => l.weight(),
+            Self::Conv2d(c) => c.weight(),
+        }
     }
 }
 
@@ -367,23 +387,6 @@ impl LayerNorm {
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         LayerNorm::forward(self, x)
-    }
-}
-
-/// Whether `x` is bf16 on the CPU, where candle 0.11 has no bf16 matmul / conv kernels.
-fn cpu_bf16(x: &Tensor) -> bool {
-    x.dtype() == DType::BF16 && x.device().is_cpu()
-}
-
-/// Batched matrix product; bf16 on the CPU is computed in f32 (candle has no CPU bf16 gemm)
-/// and cast back.
-pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if cpu_bf16(a) {
-        a.to_dtype(DType::F32)?
-            .matmul(&b.to_dtype(DType::F32)?)?
-            .to_dtype(DType::BF16)
-    } else {
-        a.matmul(b)
     }
 }
 

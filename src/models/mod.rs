@@ -4,6 +4,8 @@ pub mod blocks;
 pub mod clip;
 pub mod layers;
 pub mod presets;
+pub mod residual;
 pub mod unet;
 pub mod vae;
+pub mod walk;
 pub mod weights;

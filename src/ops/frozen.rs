@@ -11,6 +11,7 @@
 
 use super::bias::add_bias_owned;
 use super::bridge::attach;
+use super::dense::{self, cpu_bf16, matmul};
 use candle_core::{DType, Result, Tensor};
 use std::sync::{Arc, OnceLock};
 
@@ -38,21 +39,7 @@ impl Default for Conv2dParams {
     }
 }
 
-/// bf16 on the CPU is computed in f32 (candle has no CPU bf16 gemm / conv).
-fn cpu_bf16(x: &Tensor) -> bool {
-    x.dtype() == DType::BF16 && x.device().is_cpu()
-}
-
-fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if cpu_bf16(a) {
-        a.to_dtype(DType::F32)?
-            .matmul(&b.to_dtype(DType::F32)?)?
-            .to_dtype(DType::BF16)
-    } else {
-        a.matmul(b)
-    }
-}
-
+/// The frozen forward conv: im2col + one gemm where it serves, candle's conv2d elsewhere.
 fn conv2d(
     x: &Tensor,
     k: &Tensor,
@@ -60,20 +47,10 @@ fn conv2d(
     stride: usize,
     p: &Conv2dParams,
 ) -> Result<Tensor> {
-    if cpu_bf16(x) {
-        x.to_dtype(DType::F32)?
-            .conv2d(
-                &k.to_dtype(DType::F32)?,
-                padding,
-                stride,
-                p.dilation,
-                p.groups,
-            )?
-            .to_dtype(DType::BF16)
-    } else if super::im2col::supported(x, p.groups) {
+    if !cpu_bf16(x) && super::im2col::supported(x, p.groups) {
         super::im2col::conv2d_cpu(x, k, padding, stride, p.dilation)
     } else {
-        x.conv2d(k, padding, stride, p.dilation, p.groups)
+        dense::conv2d(x, k, padding, stride, p.dilation, p.groups)
     }
 }
 

@@ -23,6 +23,7 @@ mod activation;
 mod attention;
 mod bias;
 mod bridge;
+mod dense;
 mod frozen;
 mod group_norm;
 mod im2col;
@@ -32,6 +33,7 @@ mod softmax;
 mod upsample;
 
 pub use attention::{attention, attention_with};
+pub use dense::{conv2d, matmul};
 pub use frozen::{
     conv2d_input_grad, conv2d_input_grad_flipped, frozen_conv2d, frozen_linear, Conv2dParams,
     FrozenConv2d,

@@ -5,6 +5,7 @@ use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::models::layers::{GroupNorm, Linear};
+use crate::models::walk::{LayerRef, LayerWalk};
 
 /// Construction parameters of an [`Attention`] (diffusers' `Attention.__init__` arguments).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -217,5 +218,14 @@ impl Attention {
             v.clone()
         };
         crate::ops::attention(&q, &k, &v, self.scale, None)?.to_dtype(dtype)
+    }
+}
+
+impl LayerWalk for Attention {
+    /// `to_q`, `to_k`, `to_v`, `to_out.0`.
+    fn walk<'a>(&'a self, f: &mut dyn FnMut(LayerRef<'a>)) {
+        for l in [&self.to_q, &self.to_k, &self.to_v, &self.to_out] {
+            l.walk(f);
+        }
     }
 }

@@ -4,6 +4,7 @@ use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::models::layers::{silu, Linear};
+use crate::models::walk::{LayerRef, LayerWalk};
 
 /// diffusers' `get_timestep_embedding`: `[N]` timesteps (any float values) -> `[N, dim]` in f32.
 ///
@@ -68,5 +69,13 @@ impl TimestepEmbedding {
     /// Maps a projected timestep `[N, in_channels]` to `[N, time_embed_dim]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.linear_2.forward(&silu(&self.linear_1.forward(x)?)?)
+    }
+}
+
+impl LayerWalk for TimestepEmbedding {
+    /// `linear_1`, `linear_2`.
+    fn walk<'a>(&'a self, f: &mut dyn FnMut(LayerRef<'a>)) {
+        self.linear_1().walk(f);
+        self.linear_2().walk(f);
     }
 }

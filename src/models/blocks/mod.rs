@@ -11,5 +11,5 @@ pub use embeddings::{timestep_embedding, TimestepEmbedding};
 pub use resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 pub use sampling::{Downsample2D, Upsample2D};
 pub use transformer::{
-    BasicTransformerBlock, FeedForward, GeGlu, Projection, Transformer2DConfig, Transformer2DModel,
+    BasicTransformerBlock, FeedForward, GeGlu, Transformer2DConfig, Transformer2DModel,
 };

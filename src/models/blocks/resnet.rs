@@ -4,6 +4,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::models::layers::{silu, Conv2d, GroupNorm, Linear};
+use crate::models::walk::{LayerRef, LayerWalk};
 
 /// Construction parameters of a [`ResnetBlock2D`] (diffusers' `ResnetBlock2D.__init__` arguments).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -131,5 +132,15 @@ impl ResnetBlock2D {
         } else {
             out.affine(1.0 / self.output_scale_factor, 0.0)
         }
+    }
+}
+
+impl LayerWalk for ResnetBlock2D {
+    /// `conv1`, `time_emb_proj`, `conv2`, `conv_shortcut`.
+    fn walk<'a>(&'a self, f: &mut dyn FnMut(LayerRef<'a>)) {
+        self.conv1().walk(f);
+        self.time_emb_proj.walk(f);
+        self.conv2().walk(f);
+        self.conv_shortcut.walk(f);
     }
 }

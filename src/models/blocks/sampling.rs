@@ -4,6 +4,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::models::layers::Conv2d;
+use crate::models::walk::{LayerRef, LayerWalk};
 
 /// diffusers' `Downsample2D(use_conv=True)`: a 3×3 convolution with stride 2 named `conv`.
 /// With `padding == 0` (the VAE encoder) the input is first zero-padded by one on the right
@@ -68,5 +69,19 @@ impl Upsample2D {
         let (th, tw) = output_size.unwrap_or((2 * h, 2 * w));
         let x = crate::ops::upsample_nearest2d(x, th, tw)?;
         self.conv.forward(&x)
+    }
+}
+
+impl LayerWalk for Downsample2D {
+    /// `conv`.
+    fn walk<'a>(&'a self, f: &mut dyn FnMut(LayerRef<'a>)) {
+        self.conv().walk(f);
+    }
+}
+
+impl LayerWalk for Upsample2D {
+    /// `conv`.
+    fn walk<'a>(&'a self, f: &mut dyn FnMut(LayerRef<'a>)) {
+        self.conv().walk(f);
     }
 }

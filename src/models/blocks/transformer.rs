@@ -5,7 +5,8 @@ use candle_core::{Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::models::blocks::attention::{Attention, AttentionConfig};
-use crate::models::layers::{gelu, Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::models::layers::{gelu, Conv2d, GroupNorm, Layer, LayerNorm, Linear};
+use crate::models::walk::{LayerRef, LayerWalk};
 
 /// Construction parameters of a [`Transformer2DModel`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -158,23 +159,14 @@ impl BasicTransformerBlock {
     }
 }
 
-/// `proj_in` / `proj_out`: a 1×1 convolution or a Linear layer.
-#[derive(Debug, Clone)]
-pub enum Projection {
-    /// 1×1 convolution on `[B, C, H, W]` (SD 1.x).
-    Conv(Conv2d),
-    /// Linear layer on tokens `[B, HW, C]` (SD 2.x).
-    Linear(Linear),
-}
-
 /// diffusers' `Transformer2DModel` for continuous inputs: group `norm`, `proj_in`,
 /// `transformer_blocks`, `proj_out`, plus the input as residual.
 #[derive(Debug, Clone)]
 pub struct Transformer2DModel {
     norm: GroupNorm,
-    proj_in: Projection,
+    proj_in: Layer,
     transformer_blocks: Vec<BasicTransformerBlock>,
-    proj_out: Projection,
+    proj_out: Layer,
 }
 
 impl Transformer2DModel {
@@ -185,13 +177,13 @@ impl Transformer2DModel {
         let norm = GroupNorm::new(vb.pp("norm"), cfg.norm_num_groups, c, 1e-6)?;
         let (proj_in, proj_out) = if cfg.use_linear_projection {
             (
-                Projection::Linear(Linear::new(vb.pp("proj_in"), c, inner, true)?),
-                Projection::Linear(Linear::new(vb.pp("proj_out"), inner, c, true)?),
+                Layer::Linear(Linear::new(vb.pp("proj_in"), c, inner, true)?),
+                Layer::Linear(Linear::new(vb.pp("proj_out"), inner, c, true)?),
             )
         } else {
             (
-                Projection::Conv(Conv2d::new(vb.pp("proj_in"), c, inner, 1, 1, 0, true)?),
-                Projection::Conv(Conv2d::new(vb.pp("proj_out"), inner, c, 1, 1, 0, true)?),
+                Layer::Conv2d(Conv2d::new(vb.pp("proj_in"), c, inner, 1, 1, 0, true)?),
+                Layer::Conv2d(Conv2d::new(vb.pp("proj_out"), inner, c, 1, 1, 0, true)?),
             )
         };
         let vb_t = vb.pp("transformer_blocks");
@@ -206,13 +198,13 @@ impl Transformer2DModel {
         })
     }
 
-    /// `proj_in`.
-    pub fn proj_in(&self) -> &Projection {
+    /// `proj_in` (a 1×1 convolution, or a Linear layer with `use_linear_projection`).
+    pub fn proj_in(&self) -> &Layer {
         &self.proj_in
     }
 
     /// `proj_out`.
-    pub fn proj_out(&self) -> &Projection {
+    pub fn proj_out(&self) -> &Layer {
         &self.proj_out
     }
 
@@ -230,8 +222,8 @@ impl Transformer2DModel {
             t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch))
         };
         let mut tokens = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
-            Projection::Linear(lin) => lin.forward(&to_tokens(&normed)?)?,
+            Layer::Conv2d(conv) => to_tokens(&conv.forward(&normed)?)?,
+            Layer::Linear(lin) => lin.forward(&to_tokens(&normed)?)?,
         };
         for block in &self.transformer_blocks {
             tokens = block.forward(&tokens, context)?;
@@ -243,10 +235,42 @@ impl Transformer2DModel {
                 .contiguous()
         };
         let out = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(&from_tokens(&tokens)?)?,
-            Projection::Linear(lin) => from_tokens(&lin.forward(&tokens)?)?,
+            Layer::Conv2d(conv) => conv.forward(&from_tokens(&tokens)?)?,
+            Layer::Linear(lin) => from_tokens(&lin.forward(&tokens)?)?,
         };
         debug_assert_eq!(out.dim(1).ok(), Some(c));
         out + x
+    }
+}
+
+impl LayerWalk for GeGlu {
+    fn walk<'a>(&'a self, f: &mut dyn FnMut(LayerRef<'a>)) {
+        self.proj.walk(f);
+    }
+}
+
+impl LayerWalk for FeedForward {
+    /// `net.0.proj`, `net.2`.
+    fn walk<'a>(&'a self, f: &mut dyn FnMut(LayerRef<'a>)) {
+        self.geglu().walk(f);
+        self.out().walk(f);
+    }
+}
+
+impl LayerWalk for BasicTransformerBlock {
+    /// `attn1`, `attn2`, `ff` (diffusers registers the norms between them).
+    fn walk<'a>(&'a self, f: &mut dyn FnMut(LayerRef<'a>)) {
+        self.attn1().walk(f);
+        self.attn2().walk(f);
+        self.ff().walk(f);
+    }
+}
+
+impl LayerWalk for Transformer2DModel {
+    /// `proj_in`, `transformer_blocks`, `proj_out`.
+    fn walk<'a>(&'a self, f: &mut dyn FnMut(LayerRef<'a>)) {
+        self.proj_in.walk(f);
+        self.transformer_blocks.walk(f);
+        self.proj_out.walk(f);
     }
 }

@@ -1,6 +1,7 @@
 //! The UNet's down, mid and up blocks (diffusers' `CrossAttnDownBlock2D` / `DownBlock2D`,
 //! `UNetMidBlock2DCrossAttn`, `CrossAttnUpBlock2D` / `UpBlock2D`).
 
+use crate::models::walk::{LayerRef, LayerWalk};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -320,5 +321,31 @@ impl UpBlock {
             Some(up) => up.forward(&h, upsample_size),
             None => Ok(h),
         }
+    }
+}
+
+impl LayerWalk for DownBlock {
+    /// `attentions`, `resnets`, `downsamplers.0` (diffusers registers attentions first).
+    fn walk<'a>(&'a self, f: &mut dyn FnMut(LayerRef<'a>)) {
+        self.attentions.walk(f);
+        self.resnets.walk(f);
+        self.downsampler.walk(f);
+    }
+}
+
+impl LayerWalk for UpBlock {
+    /// `attentions`, `resnets`, `upsamplers.0`.
+    fn walk<'a>(&'a self, f: &mut dyn FnMut(LayerRef<'a>)) {
+        self.attentions.walk(f);
+        self.resnets.walk(f);
+        self.upsampler.walk(f);
+    }
+}
+
+impl LayerWalk for MidBlock {
+    /// `attentions`, `resnets`.
+    fn walk<'a>(&'a self, f: &mut dyn FnMut(LayerRef<'a>)) {
+        self.attentions.walk(f);
+        self.resnets.walk(f);
     }
 }

@@ -12,6 +12,7 @@ pub use config::{PerBlock, ResolvedUNetConfig, UNet2DConditionConfig};
 
 use crate::models::blocks::{timestep_embedding, TimestepEmbedding};
 use crate::models::layers::{silu, Conv2d, GroupNorm};
+use crate::models::walk::{LayerRef, LayerWalk};
 
 /// The conditional denoising UNet: `time_proj` + `time_embedding`, `conv_in`, `down_blocks`,
 /// `mid_block`, `up_blocks`, `conv_norm_out`, SiLU, `conv_out`.
@@ -264,5 +265,18 @@ impl UNet2DConditionModel {
     ) -> Result<Tensor> {
         let ts = Tensor::new(&[t as f32], sample.device())?;
         self.forward(sample, &ts, encoder_hidden_states)
+    }
+}
+
+impl LayerWalk for UNet2DConditionModel {
+    /// diffusers registers `conv_in`, `time_embedding`, `down_blocks`, `up_blocks`,
+    /// `mid_block`, `conv_out`.
+    fn walk<'a>(&'a self, f: &mut dyn FnMut(LayerRef<'a>)) {
+        self.conv_in().walk(f);
+        self.time_embedding().walk(f);
+        self.down_blocks().walk(f);
+        self.up_blocks().walk(f);
+        self.mid_block.walk(f);
+        self.conv_out().walk(f);
     }
 }

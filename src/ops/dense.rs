@@ -1,0 +1,39 @@
+//! Differentiable matmul and conv2d on candle's kernels, for every dtype and device: bf16 on
+//! the CPU (where candle 0.11 has no bf16 gemm / conv) is computed in f32 and cast back.
+
+use candle_core::{DType, Result, Tensor};
+
+/// Whether `x` is bf16 on the CPU.
+pub(crate) fn cpu_bf16(x: &Tensor) -> bool {
+    x.dtype() == DType::BF16 && x.device().is_cpu()
+}
+
+/// Batched matrix product `a @ b`, differentiable in both operands.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if cpu_bf16(a) {
+        a.to_dtype(DType::F32)?
+            .matmul(&b.to_dtype(DType::F32)?)?
+            .to_dtype(DType::BF16)
+    } else {
+        a.matmul(b)
+    }
+}
+
+/// 2D convolution of `x` `[N, C, H, W]` with kernel `k` (candle's `conv2d` argument order),
+/// differentiable in both operands.
+pub fn conv2d(
+    x: &Tensor,
+    k: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    if cpu_bf16(x) {
+        x.to_dtype(DType::F32)?
+            .conv2d(&k.to_dtype(DType::F32)?, padding, stride, dilation, groups)?
+            .to_dtype(DType::BF16)
+    } else {
+        x.conv2d(k, padding, stride, dilation, groups)
+    }
+}
