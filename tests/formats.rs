@@ -194,14 +194,14 @@ fn cloneofsimo_order_is_the_pre_015_traversal() {
         formats::read_with(&lora_fixture("cloneofsimo_geglu.safetensors"), Some(&arch)).unwrap();
     assert_eq!(set.layers.len(), 99);
     for (k, w) in &set.layers {
-        assert_eq!(w.alpha, w.rank() as f64);
+        assert_eq!(w.alpha(), w.rank() as f64);
         assert_eq!(
-            max_abs_diff(&w.down, &exp[&format!("geglu.{k}.down")]),
+            max_abs_diff(&w.down(), &exp[&format!("geglu.{k}.down")]),
             0.0,
             "{k}"
         );
         assert_eq!(
-            max_abs_diff(&w.up, &exp[&format!("geglu.{k}.up")]),
+            max_abs_diff(&w.up(), &exp[&format!("geglu.{k}.up")]),
             0.0,
             "{k}"
         );
@@ -215,16 +215,18 @@ fn varied() -> LoraSet {
     let w = set.layers[&k].clone();
     set.layers.insert(
         k,
-        LoraWeights {
-            down: w.down.narrow(0, 0, 2).unwrap(),
-            up: w.up.narrow(1, 0, 2).unwrap(),
-            alpha: 1.5,
-        },
+        LoraWeights::new(
+            w.down().narrow(0, 0, 2).unwrap(),
+            w.up().narrow(1, 0, 2).unwrap(),
+            1.5,
+        )
+        .unwrap(),
     );
-    set.layers
+    let v = set
+        .layers
         .get_mut("text_encoder.text_model.encoder.layers.1.self_attn.v_proj")
-        .unwrap()
-        .alpha = 3.0;
+        .unwrap();
+    *v = v.clone().with_alpha(3.0);
     set
 }
 
@@ -288,7 +290,7 @@ fn conversions_round_trip() {
     let c = write_read(&set, Format::Cloneofsimo, dir.path(), opts, Some(&arch));
     let d = same_deltas(&set, &c, 1e-6);
     eprintln!("ours -> cloneofsimo -> ours: max ΔW diff {d:e}");
-    assert!(c.layers.values().all(|w| w.alpha == w.rank() as f64));
+    assert!(c.layers.values().all(|w| w.alpha() == w.rank() as f64));
     // f16 / bf16 output.
     for dt in [DType::F16, DType::BF16] {
         let h = write_read(
@@ -302,10 +304,10 @@ fn conversions_round_trip() {
             None,
         );
         for (k, w) in &h.layers {
-            assert_eq!(w.down.dtype(), dt);
-            assert_eq!(w.alpha, set.layers[k].alpha);
+            assert_eq!(w.down().dtype(), dt);
+            assert_eq!(w.alpha(), set.layers[k].alpha());
             assert_eq!(
-                max_abs_diff(&w.up, &set.layers[k].up.to_dtype(dt).unwrap()),
+                max_abs_diff(&w.up(), &set.layers[k].up().to_dtype(dt).unwrap()),
                 0.0
             );
         }
@@ -366,14 +368,8 @@ fn resnet_lora(arch: &Architecture) -> LoraSet {
         up_shape.extend(std::iter::repeat_n(1, s.len() - 2));
         let down = rng.randn(down_shape, &Device::Cpu).unwrap();
         let up = rng.randn(up_shape, &Device::Cpu).unwrap();
-        set.layers.insert(
-            k.clone(),
-            LoraWeights {
-                down,
-                up,
-                alpha: 1.0,
-            },
-        );
+        set.layers
+            .insert(k.clone(), LoraWeights::new(down, up, 1.0).unwrap());
     }
     set
 }
@@ -385,7 +381,7 @@ fn conv_layers_round_trip_in_every_format() {
     assert!(set
         .layers
         .values()
-        .any(|w| w.is_conv() && w.down.dims()[2] == 3));
+        .any(|w| w.is_conv() && w.down().dims()[2] == 3));
     formats::check_against(&set, &arch).unwrap();
     let dir = tempfile::tempdir().unwrap();
     for f in [Format::Ours, Format::Kohya, Format::Diffusers, Format::Peft] {
@@ -407,7 +403,7 @@ fn conv_layers_round_trip_in_every_format() {
     assert_eq!(
         first,
         set.layers["unet.down_blocks.0.resnets.0.conv1"]
-            .down
+            .down()
             .dims()
             .to_vec()
     );

@@ -103,11 +103,12 @@ fn mismatched_shapes_name_the_layer_and_both_shapes() {
     // Real size: an SD 2 LoRA layer on SD 1.5.
     let k = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k";
     let mut sd2 = LoraSet::default();
-    let w = LoraWeights {
-        down: Tensor::zeros((4, 1024), DType::F32, &Device::Cpu).unwrap(),
-        up: Tensor::zeros((320, 4), DType::F32, &Device::Cpu).unwrap(),
-        alpha: 4.0,
-    };
+    let w = LoraWeights::new(
+        Tensor::zeros((4, 1024), DType::F32, &Device::Cpu).unwrap(),
+        Tensor::zeros((320, 4), DType::F32, &Device::Cpu).unwrap(),
+        4.0,
+    )
+    .unwrap();
     sd2.layers.insert(k.into(), w);
     check_against(&sd2, Architecture::sd21()).unwrap();
     let e = err_text(check_against(&sd2, Architecture::sd15()));

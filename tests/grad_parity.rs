@@ -47,11 +47,7 @@ fn fixture_set(case: &Case, component: &str, alpha: f64) -> LoraSet {
             continue;
         };
         let up = case.tensors[&format!("{prefix}{path}.lora_up.weight")].clone();
-        let w = LoraWeights {
-            down: down.clone(),
-            up,
-            alpha,
-        };
+        let w = LoraWeights::new(down.clone(), up, alpha).unwrap();
         layers.insert(format!("{component}.{path}"), w);
     }
     LoraSet {

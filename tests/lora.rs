@@ -70,11 +70,12 @@ fn random_set(
         .iter()
         .filter(|l| t.matches(comp, l.path()))
     {
-        let w = LoraWeights {
-            down: randn(&mut rng, &l.down_shape(r), 0.3),
-            up: randn(&mut rng, &l.up_shape(r), 0.1),
+        let w = LoraWeights::new(
+            randn(&mut rng, &l.down_shape(r), 0.3),
+            randn(&mut rng, &l.up_shape(r), 0.1),
             alpha,
-        };
+        )
+        .unwrap();
         layers.insert(format!("{comp}.{}", l.path()), w);
     }
     LoraSet {
@@ -281,11 +282,11 @@ fn scale_enable_and_remove_at_run_time() {
     for (k, w) in &set.layers {
         let g = &got.layers[k];
         assert_eq!(
-            max_abs_diff(&g.down, &w.down) + max_abs_diff(&g.up, &w.up),
+            max_abs_diff(&g.down(), &w.down()) + max_abs_diff(&g.up(), &w.up()),
             0.0,
             "{k}"
         );
-        assert_eq!(g.alpha, w.alpha);
+        assert_eq!(g.alpha(), w.alpha());
     }
     assert_eq!(h.remove(), 110);
     assert_eq!(
@@ -305,10 +306,13 @@ fn two_loras_on_the_same_layers_add_up() {
     let x = randn(&mut rng, &[5, 16], 1.0);
     let loras: Vec<LoraWeights> = [(2, 2.0), (5, 1.0)]
         .iter()
-        .map(|&(r, alpha)| LoraWeights {
-            down: randn(&mut rng, &[r, 16], 0.3),
-            up: randn(&mut rng, &[24, r], 0.3),
-            alpha,
+        .map(|&(r, alpha)| {
+            LoraWeights::new(
+                randn(&mut rng, &[r, 16], 0.3),
+                randn(&mut rng, &[24, r], 0.3),
+                alpha,
+            )
+            .unwrap()
         })
         .collect();
     let layer = Linear::from_tensors(w.clone(), Some(b.clone()), "l");
@@ -317,9 +321,9 @@ fn two_loras_on_the_same_layers_add_up() {
     for (i, l) in loras.iter().enumerate() {
         let a = Arc::new(
             LoraAdapter::frozen(
-                l.down.clone(),
-                l.up.clone(),
-                l.alpha,
+                l.down().clone(),
+                l.up().clone(),
+                l.alpha(),
                 AdapterKind::Linear,
                 10 + i as u64,
             )
@@ -410,7 +414,10 @@ fn loaded_lora_errors_name_keys_and_shapes() {
     let unet = load_unet("sd1", DType::F32);
     let mut set = random_set(&unet, "unet", "attn", 4, 4.0, 11);
     let q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
-    set.layers.get_mut(q).unwrap().down = Tensor::zeros((4, 31), DType::F32, &CPU).unwrap();
+    let old = set.layers[q].clone();
+    let bad_down = Tensor::zeros((4, 31), DType::F32, &CPU).unwrap();
+    let bad = LoraWeights::new(bad_down, old.up().clone(), old.alpha()).unwrap();
+    set.layers.insert(q.to_string(), bad);
     let w = set.layers[q].clone();
     set.layers
         .insert("unet.down_blocks.9.nonexistent".into(), w.clone());
@@ -447,8 +454,7 @@ fn linear_shaped_lora_fits_a_1x1_conv_and_back() {
     let conv_set = random_set(&unet, "unet", "proj", 4, 4.0, 12);
     let mut lin_set = conv_set.clone();
     for w in lin_set.layers.values_mut() {
-        w.down = w.down.squeeze(3).unwrap().squeeze(2).unwrap();
-        w.up = w.up.squeeze(3).unwrap().squeeze(2).unwrap();
+        *w = w.map(|t| t.squeeze(3)?.squeeze(2)).unwrap();
     }
     let h = apply_lora_set(&unet, "unet", &conv_set, 1.0).unwrap();
     let a = run_unet(&unet, "sd1");

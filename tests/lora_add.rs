@@ -260,11 +260,12 @@ fn upl_bad_input_gives_clear_errors_and_writes_nothing() {
     let mut set = lora_diffusion::lora::LoraSet::default();
     set.layers.insert(
         "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k".into(),
-        lora_diffusion::lora::LoraWeights {
-            down: rng.randn((4, 48), &Device::Cpu).unwrap(),
-            up: rng.randn((32, 4), &Device::Cpu).unwrap(),
-            alpha: 4.0,
-        },
+        lora_diffusion::lora::LoraWeights::new(
+            rng.randn((4, 48), &Device::Cpu).unwrap(),
+            rng.randn((32, 4), &Device::Cpu).unwrap(),
+            4.0,
+        )
+        .unwrap(),
     );
     formats::write(
         &set,
@@ -395,11 +396,12 @@ fn upl_fuses_convolution_layers() {
     let dev = Device::Cpu;
     let mut set = lora_diffusion::lora::LoraSet::default();
     let mut add = |name: &str, down: &[usize], up: &[usize], alpha: f64| {
-        let layer = lora_diffusion::lora::LoraWeights {
-            down: rng.randn(down, &dev).unwrap(),
-            up: rng.randn(up, &dev).unwrap(),
+        let layer = lora_diffusion::lora::LoraWeights::new(
+            rng.randn(down, &dev).unwrap(),
+            rng.randn(up, &dev).unwrap(),
             alpha,
-        };
+        )
+        .unwrap();
         set.layers.insert(name.to_string(), layer);
     };
     add(

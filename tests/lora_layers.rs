@@ -19,16 +19,17 @@ fn collapsed_weight_equals_the_adapter_on_single_layers() {
     let mut rng = Rng::new(4);
     // Linear 32 -> 48 with bias, 3-d input.
     let (w, b) = (randn(&mut rng, &[48, 32], 0.2), randn(&mut rng, &[48], 0.1));
-    let lora = LoraWeights {
-        down: randn(&mut rng, &[3, 32], 0.3),
-        up: randn(&mut rng, &[48, 3], 0.3),
-        alpha: 5.0,
-    };
+    let lora = LoraWeights::new(
+        randn(&mut rng, &[3, 32], 0.3),
+        randn(&mut rng, &[48, 3], 0.3),
+        5.0,
+    )
+    .unwrap();
     let x = randn(&mut rng, &[2, 7, 32], 1.0);
     let layer = Linear::from_tensors(w.clone(), Some(b.clone()), "l");
     let a = LoraAdapter::frozen(
-        lora.down.clone(),
-        lora.up.clone(),
+        lora.down().clone(),
+        lora.up().clone(),
         5.0,
         AdapterKind::Linear,
         1,
@@ -40,7 +41,7 @@ fn collapsed_weight_equals_the_adapter_on_single_layers() {
     eprintln!("linear collapse vs adapter max abs diff {d:e}");
     assert!(d <= 1e-5);
     // delta_weight = (alpha / r) up down.
-    let manual = (lora.up.matmul(&lora.down).unwrap() * (5.0 / 3.0)).unwrap();
+    let manual = (lora.up().matmul(&lora.down()).unwrap() * (5.0 / 3.0)).unwrap();
     assert!(max_abs_diff(&delta_weight(&lora).unwrap(), &manual) <= 1e-6);
 
     // Conv 3x3, stride 2, padding 1 and a 1x1 conv; trainable and frozen adapters.
@@ -49,11 +50,12 @@ fn collapsed_weight_equals_the_adapter_on_single_layers() {
             randn(&mut rng, &[16, 8, k, k], 0.2),
             randn(&mut rng, &[16], 0.1),
         );
-        let lora = LoraWeights {
-            down: randn(&mut rng, &[4, 8, k, k], 0.3),
-            up: randn(&mut rng, &[16, 4, 1, 1], 0.3),
-            alpha: 2.0,
-        };
+        let lora = LoraWeights::new(
+            randn(&mut rng, &[4, 8, k, k], 0.3),
+            randn(&mut rng, &[16, 4, 1, 1], 0.3),
+            2.0,
+        )
+        .unwrap();
         let x = randn(&mut rng, &[2, 8, 9, 9], 1.0);
         let kind = AdapterKind::Conv2d { stride, padding };
         let merged = Conv2d::from_tensors(
@@ -68,12 +70,12 @@ fn collapsed_weight_equals_the_adapter_on_single_layers() {
             let layer = Conv2d::from_tensors(w.clone(), Some(b.clone()), stride, padding, "c");
             let a = if trainable {
                 let (d, u) = (
-                    Var::from_tensor(&lora.down).unwrap(),
-                    Var::from_tensor(&lora.up).unwrap(),
+                    Var::from_tensor(&lora.down()).unwrap(),
+                    Var::from_tensor(&lora.up()).unwrap(),
                 );
                 LoraAdapter::trainable(d, u, 2.0, kind, 1, None).unwrap()
             } else {
-                LoraAdapter::frozen(lora.down.clone(), lora.up.clone(), 2.0, kind, 1).unwrap()
+                LoraAdapter::frozen(lora.down().clone(), lora.up().clone(), 2.0, kind, 1).unwrap()
             };
             a.set_multiplier(0.7);
             layer.residuals().push(Arc::new(a));

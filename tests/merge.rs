@@ -38,11 +38,7 @@ fn layer(
             rng.randn((out, rank, 1, 1), &dev).unwrap(),
         ),
     };
-    LoraWeights {
-        down: (down * 0.3).unwrap(),
-        up: (up * 0.2).unwrap(),
-        alpha,
-    }
+    LoraWeights::new((down * 0.3).unwrap(), (up * 0.2).unwrap(), alpha).unwrap()
 }
 
 fn set(layers: Vec<(&str, LoraWeights)>) -> LoraSet {
@@ -111,14 +107,14 @@ fn ljl_is_the_exact_weighted_sum() {
         if alpha != 1.0 {
             assert_eq!(m.layers[Q].rank(), 12);
             assert_eq!(m.layers[CONV].rank(), 6);
-            assert_eq!(m.layers[CONV].down.dims(), &[6, 8, 3, 3]);
-            assert_eq!(m.layers[CONV].up.dims(), &[16, 6, 1, 1]);
+            assert_eq!(m.layers[CONV].down().dims(), &[6, 8, 3, 3]);
+            assert_eq!(m.layers[CONV].up().dims(), &[16, 6, 1, 1]);
         } else {
             // Weight 0 for the second LoRA: its factors are left out, the first's kept.
             assert_eq!(m.layers[Q].rank(), 4);
         }
         // A layer only in the first LoRA keeps its alpha; the weight is folded into up.
-        assert_eq!(m.layers[TE].alpha, 4.0);
+        assert_eq!(m.layers[TE].alpha(), 4.0);
     }
 }
 
@@ -168,7 +164,7 @@ fn svd_at_full_rank_is_exact_and_lower_rank_is_eckart_young() {
                 e.name
             );
             assert!((e.fraction() - (1.0 - tail / total)).abs() < 1e-9);
-            assert_eq!(low.layers[&e.name].alpha, k as f64);
+            assert_eq!(low.layers[&e.name].alpha(), k as f64);
         }
     }
     assert!(svd_join(&a, &b, 0.5, 0).is_err());
@@ -196,7 +192,10 @@ fn lpl_follows_the_original_rule_and_reports_its_error() {
     assert_eq!(report.folded, 0);
     for name in [Q, CONV] {
         let (la, lb, lm) = (&a.layers[name], &b.layers[name], &m.layers[name]);
-        for (got, x, y) in [(&lm.up, &la.up, &lb.up), (&lm.down, &la.down, &lb.down)] {
+        for (got, x, y) in [
+            (&lm.up(), &la.up(), &lb.up()),
+            (&lm.down(), &la.down(), &lb.down()),
+        ] {
             let want: Vec<f64> = to_f64s(x)
                 .iter()
                 .zip(to_f64s(y))
@@ -209,7 +208,7 @@ fn lpl_follows_the_original_rule_and_reports_its_error() {
                 .fold(0.0, f64::max);
             assert!(d < 1e-6, "{name}: factor differs from the rule by {d}");
         }
-        assert_eq!(lm.alpha, la.alpha);
+        assert_eq!(lm.alpha(), la.alpha());
     }
     // The reported error equals a direct computation from the written factors.
     let (mut e2, mut n2) = (0.0, 0.0);
@@ -258,13 +257,13 @@ fn lpl_with_different_scales_folds_them_first() {
     let (m, report) = lpl(&a, &b, alpha).unwrap();
     assert_eq!(report.folded, 1);
     let (la, lb, lm) = (&a.layers[Q], &b.layers[Q], &m.layers[Q]);
-    assert_eq!(lm.alpha, 4.0, "scale 1 after folding");
-    let want: Vec<f64> = to_f64s(&la.up)
+    assert_eq!(lm.alpha(), 4.0, "scale 1 after folding");
+    let want: Vec<f64> = to_f64s(&la.up())
         .iter()
-        .zip(to_f64s(&lb.up))
+        .zip(to_f64s(&lb.up()))
         .map(|(x, y)| alpha * la.scale() * x + (1.0 - alpha) * lb.scale() * y)
         .collect();
-    let d = to_f64s(&lm.up)
+    let d = to_f64s(&lm.up())
         .iter()
         .zip(&want)
         .map(|(g, w)| (g - w).abs())
@@ -363,9 +362,9 @@ fn cli_ljl_and_svd_on_files_of_two_formats() {
     for (n, l) in &j.layers {
         let l2 = &j2.layers[n];
         assert!(
-            l.alpha == l2.alpha
-                && to_f64s(&l.up) == to_f64s(&l2.up)
-                && to_f64s(&l.down) == to_f64s(&l2.down),
+            l.alpha() == l2.alpha()
+                && to_f64s(&l.up()) == to_f64s(&l2.up())
+                && to_f64s(&l.down()) == to_f64s(&l2.down()),
             "{n}"
         );
     }
@@ -385,7 +384,7 @@ fn cli_ljl_and_svd_on_files_of_two_formats() {
     assert!(sv
         .layers
         .values()
-        .all(|l| l.rank() <= 2 && l.down.dtype() == DType::F16));
+        .all(|l| l.rank() <= 2 && l.down().dtype() == DType::F16));
     let (mut err_sq, mut tail, mut total) = (0.0, 0.0, 0.0);
     for n in &names {
         let target = exact(&a, &b, n, 0.5);
@@ -419,8 +418,9 @@ fn cli_lpl_prints_the_true_error_and_refuses_mismatches() {
     let mut rng = Rng::new(77);
     let mut b = a.clone();
     for l in b.layers.values_mut() {
-        l.down = (rng.randn(l.down.dims(), &Device::Cpu).unwrap() * 0.3).unwrap();
-        l.up = (rng.randn(l.up.dims(), &Device::Cpu).unwrap() * 0.3).unwrap();
+        let down = (rng.randn(l.down().dims(), &Device::Cpu).unwrap() * 0.3).unwrap();
+        let up = (rng.randn(l.up().dims(), &Device::Cpu).unwrap() * 0.3).unwrap();
+        *l = LoraWeights::new(down, up, l.alpha()).unwrap();
     }
     let p2 = dir.path().join("other.safetensors");
     lora_diffusion::formats::write(
@@ -457,8 +457,12 @@ fn cli_lpl_prints_the_true_error_and_refuses_mismatches() {
     );
     let written = lora_diffusion::formats::read(&out).unwrap();
     for (name, l) in &written.layers {
-        assert_eq!(to_f64s(&l.up), to_f64s(&m.layers[name].up), "{name}");
-        assert_eq!(to_f64s(&l.down), to_f64s(&m.layers[name].down), "{name}");
+        assert_eq!(to_f64s(&l.up()), to_f64s(&m.layers[name].up()), "{name}");
+        assert_eq!(
+            to_f64s(&l.down()),
+            to_f64s(&m.layers[name].down()),
+            "{name}"
+        );
     }
 
     // Different ranks: refused with the list, nothing written.

@@ -224,8 +224,7 @@ fn measure<M: LoraHost>(
         let mut set = lora.to_lora_set()?;
         f.lora_file_bytes_f32 = lora_file_bytes(&set, &BTreeMap::new())?.len();
         for w in set.layers.values_mut() {
-            w.down = w.down.to_dtype(DType::F16)?;
-            w.up = w.up.to_dtype(DType::F16)?;
+            *w = w.map(|t| t.to_dtype(DType::F16))?;
         }
         f.lora_file_bytes_f16 = lora_file_bytes(&set, &BTreeMap::new())?.len();
         let mut opt = adamw();

@@ -11,6 +11,7 @@ use crate::hub::ModelSource;
 use crate::models::clip::{ClipActivation, ClipTextConfig, ClipTextModel};
 use crate::models::presets::SD15_UNET_CONFIG;
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::models::walk::LayerWalk;
 use crate::models::weights::ModelWeights;
 use anyhow::Context;
 use candle_core::{DType, Device};
@@ -56,26 +57,17 @@ fn clip_config(
     }
 }
 
-/// True for a state-dict entry that is the weight of a Linear or Conv2d layer.
-fn is_layer_weight(key: &str, shape: &[usize]) -> bool {
-    key.ends_with(".weight") && matches!(shape.len(), 2 | 4) && !key.contains("embeddings.")
-}
-
 impl Architecture {
-    /// An architecture from state-dict shapes of one component (`unet` or `text_encoder`):
-    /// every `<path>.weight` of rank 2 (Linear) or 4 (Conv2d), embeddings excluded.
-    pub fn from_weight_shapes(
-        name: &str,
-        component: &str,
-        shapes: &BTreeMap<String, Vec<usize>>,
-    ) -> Self {
-        let layers = shapes
+    /// The layers of one built model part under `component` (`unet` or `text_encoder`), from
+    /// its layer walk.
+    fn from_walk(name: &str, component: &str, model: &dyn LayerWalk) -> Self {
+        let layers = model
+            .walk_layers()
             .iter()
-            .filter(|(k, s)| is_layer_weight(k, s))
-            .map(|(k, s)| {
+            .map(|l| {
                 (
-                    format!("{component}.{}", &k[..k.len() - ".weight".len()]),
-                    s.clone(),
+                    format!("{component}.{}", l.path()),
+                    l.weight().dims().to_vec(),
                 )
             })
             .collect();
@@ -105,20 +97,17 @@ impl Architecture {
         };
         if let Some(cfg) = unet {
             let w = ModelWeights::structure_only("unet");
-            UNet2DConditionModel::new(w.var_builder(DType::F32, &Device::Cpu), cfg)
+            let unet = UNet2DConditionModel::new(w.var_builder(DType::F32, &Device::Cpu), cfg)
                 .with_context(|| format!("cannot build the UNet of {name} from its config"))?;
-            arch = arch.merge(&Self::from_weight_shapes(name, "unet", &w.requested()));
+            arch = arch.merge(&Self::from_walk(name, "unet", &unet));
         }
         if let Some(cfg) = text_encoder {
             let w = ModelWeights::structure_only("text_encoder");
-            ClipTextModel::new(w.var_builder(DType::F32, &Device::Cpu), cfg).with_context(
-                || format!("cannot build the text encoder of {name} from its config"),
-            )?;
-            arch = arch.merge(&Self::from_weight_shapes(
-                name,
-                "text_encoder",
-                &w.requested(),
-            ));
+            let te = ClipTextModel::new(w.var_builder(DType::F32, &Device::Cpu), cfg)
+                .with_context(|| {
+                    format!("cannot build the text encoder of {name} from its config")
+                })?;
+            arch = arch.merge(&Self::from_walk(name, "text_encoder", &te));
         }
         Ok(arch)
     }

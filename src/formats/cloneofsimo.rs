@@ -369,14 +369,14 @@ impl LoraFormat for Cloneofsimo {
                 .insert(c.name().into(), serde_json::to_string(&targets)?);
             for (i, layer) in order.iter().enumerate() {
                 let w = &set.layers[layer];
-                let up = (w.up.to_dtype(DType::F32)? * w.scale())?;
+                let up = (w.up().to_dtype(DType::F32)? * w.scale())?;
                 let key = |p| {
                     format_key(&CLONEOFSIMO, layer, p, Some(i))
                         .with_context(|| format!("cannot name {layer}"))
                 };
                 enc.tensors.push((key(Part::Up)?, up, Cast::Weight));
                 enc.tensors
-                    .push((key(Part::Down)?, w.down.clone(), Cast::Weight));
+                    .push((key(Part::Down)?, w.down().clone(), Cast::Weight));
                 enc.metadata
                     .insert(format!("{}:{i}:rank", c.name()), w.rank().to_string());
             }

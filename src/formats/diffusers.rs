@@ -48,7 +48,7 @@ impl LoraFormat for Diffusers {
             .insert(METADATA_KEY.into(), Value::Object(meta).to_string());
         enc.metadata.insert("format".into(), "pt".into());
         for (layer, w) in &set.layers {
-            for (part, t) in [(Part::Down, &w.down), (Part::Up, &w.up)] {
+            for (part, t) in [(Part::Down, w.down()), (Part::Up, w.up())] {
                 let key = format_key(&DIFFUSERS, layer, part, None)
                     .with_context(|| format!("cannot name {layer} in diffusers keys"))?;
                 enc.tensors.push((key, t.clone(), Cast::Weight));

@@ -54,10 +54,10 @@ impl LoraFormat for Kohya {
                 sub.layers.insert(i.to_string(), l.clone());
             }
             let r = common(&sub, |l| l.rank());
-            let a = common(&sub, |l| ord_f64(l.alpha)).and_then(|a| {
+            let a = common(&sub, |l| ord_f64(l.alpha())).and_then(|a| {
                 sub.layers
                     .values()
-                    .map(|l| l.alpha)
+                    .map(|l| l.alpha())
                     .find(|x| ord_f64(*x) == a)
             });
             (r, a)
@@ -65,7 +65,7 @@ impl LoraFormat for Kohya {
         let (linear, conv): (Vec<_>, Vec<_>) = set
             .layers
             .values()
-            .partition(|l| !(l.is_conv() && l.down.dims()[2] * l.down.dims()[3] > 1));
+            .partition(|l| !(l.is_conv() && l.down().dims()[2] * l.down().dims()[3] > 1));
         let m = &mut enc.metadata;
         m.insert("ss_network_module".into(), "networks.lora".into());
         let (r, a) = alpha_of(if linear.is_empty() {
@@ -109,12 +109,12 @@ impl LoraFormat for Kohya {
                     .with_context(|| format!("cannot name layer {layer} in kohya keys"))
             };
             enc.tensors
-                .push((name(Part::Down)?, w.down.clone(), Cast::Weight));
+                .push((name(Part::Down)?, w.down().clone(), Cast::Weight));
             enc.tensors
-                .push((name(Part::Up)?, w.up.clone(), Cast::Weight));
+                .push((name(Part::Up)?, w.up().clone(), Cast::Weight));
             enc.tensors.push((
                 name(Part::Alpha)?,
-                Tensor::new(w.alpha as f32, &Device::Cpu)?,
+                Tensor::new(w.alpha() as f32, &Device::Cpu)?,
                 Cast::Keep,
             ));
         }

@@ -308,7 +308,7 @@ fn encode_tensors(
             .layers
             .values()
             .next()
-            .map(|l| l.down.dtype())
+            .map(|l| l.down().dtype())
             .unwrap_or(DType::F32),
     };
     let mut tensors = Vec::with_capacity(enc.tensors.len());
@@ -429,16 +429,18 @@ pub(crate) fn finish(
                 continue;
             }
         };
-        if let Err(e) = check_factors(&down, &up) {
-            problems.push(format!("{layer}: {e}"));
-            continue;
-        }
-        let rank = down.dims()[0];
+        let w = match LoraWeights::new(down, up, 1.0) {
+            Ok(w) => w,
+            Err(e) => {
+                problems.push(format!("{layer}: {e}"));
+                continue;
+            }
+        };
         let alpha = match r.alpha {
             Some(a) => a,
-            None => default_alpha(&layer, rank)?,
+            None => default_alpha(&layer, w.rank())?,
         };
-        out.insert(layer, LoraWeights { down, up, alpha });
+        out.insert(layer, w.with_alpha(alpha));
     }
     if !problems.is_empty() {
         bail!(
@@ -452,20 +454,6 @@ pub(crate) fn finish(
         layers: out,
         metadata: file.metadata.clone(),
     })
-}
-
-/// Checks that a down and an up factor form a Linear or Conv2d LoRA.
-pub(crate) fn check_factors(down: &Tensor, up: &Tensor) -> anyhow::Result<()> {
-    let (d, u) = (down.dims(), up.dims());
-    let ok = match (d.len(), u.len()) {
-        (2, 2) => d[0] == u[1],
-        (4, 4) => d[0] == u[1] && u[2] == 1 && u[3] == 1,
-        _ => false,
-    };
-    if !ok || d[0] == 0 {
-        bail!("down {d:?} and up {u:?} do not form a LoRA (expected down [r, in(, k, k)], up [out, r(, 1, 1)])");
-    }
-    Ok(())
 }
 
 /// Metadata keys that describe a file's own format and are not carried into another file.

@@ -108,11 +108,11 @@ impl LoraFormat for Ours {
         if let Some(r) = common(set, |l| l.rank()) {
             m.insert("rank".into(), r.to_string());
         }
-        if let Some(a) = common(set, |l| ord_f64(l.alpha)) {
+        if let Some(a) = common(set, |l| ord_f64(l.alpha())) {
             let alpha = set
                 .layers
                 .values()
-                .map(|l| l.alpha)
+                .map(|l| l.alpha())
                 .find(|x| ord_f64(*x) == a)
                 .unwrap_or(0.0);
             m.insert("alpha".into(), fmt_alpha(alpha));
@@ -129,10 +129,10 @@ impl LoraFormat for Ours {
                     .with_context(|| format!("cannot name layer {layer}"))
             };
             enc.tensors
-                .push((name(Part::Down)?, w.down.clone(), Cast::Weight));
+                .push((name(Part::Down)?, w.down().clone(), Cast::Weight));
             enc.tensors
-                .push((name(Part::Up)?, w.up.clone(), Cast::Weight));
-            let alpha = Tensor::new(w.alpha as f32, &Device::Cpu)?;
+                .push((name(Part::Up)?, w.up().clone(), Cast::Weight));
+            let alpha = Tensor::new(w.alpha() as f32, &Device::Cpu)?;
             enc.tensors.push((name(Part::Alpha)?, alpha, Cast::Keep));
         }
         Ok(enc)

@@ -136,11 +136,11 @@ pub fn config_json(set: &LoraSet, component: Component) -> Option<Map<String, Va
         sub.layers.insert(p.to_string(), (*w).clone());
     }
     let r = common(&sub, |l| l.rank())?;
-    let a = common(&sub, |l| ord_f64(l.alpha))? as f64 / 1e6;
+    let a = common(&sub, |l| ord_f64(l.alpha()))? as f64 / 1e6;
     let alpha = sub
         .layers
         .values()
-        .map(|l| l.alpha)
+        .map(|l| l.alpha())
         .find(|x| ord_f64(*x) as f64 / 1e6 == a)
         .unwrap_or(a);
     let mut rank_pattern = Map::new();
@@ -149,8 +149,8 @@ pub fn config_json(set: &LoraSet, component: Component) -> Option<Map<String, Va
         if w.rank() != r {
             rank_pattern.insert(p.to_string(), json!(w.rank()));
         }
-        if ord_f64(w.alpha) != ord_f64(alpha) {
-            alpha_pattern.insert(p.to_string(), json!(w.alpha));
+        if ord_f64(w.alpha()) != ord_f64(alpha) {
+            alpha_pattern.insert(p.to_string(), json!(w.alpha()));
         }
     }
     let targets: Vec<Value> = layers.iter().map(|(p, _)| json!(p)).collect();
@@ -219,7 +219,7 @@ impl LoraFormat for Peft {
         enc.metadata
             .insert(METADATA_KEY.into(), Value::Object(cfg).to_string());
         for (layer, w) in &set.layers {
-            for (part, t) in [(Part::Down, &w.down), (Part::Up, &w.up)] {
+            for (part, t) in [(Part::Down, w.down()), (Part::Up, w.up())] {
                 let key = format_key(&PEFT, layer, part, None)
                     .with_context(|| format!("cannot name {layer} in PEFT keys"))?;
                 enc.tensors.push((key, t.clone(), Cast::Weight));

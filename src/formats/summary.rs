@@ -73,15 +73,15 @@ pub fn summarize(path: &Path, model: Option<&Architecture>) -> anyhow::Result<Su
         *s.ranks.entry(w.rank()).or_default() += 1;
         *s.alphas
             .entry((
-                fmt_alpha(w.alpha),
+                fmt_alpha(w.alpha()),
                 fmt_alpha((w.scale() * 1e6).round() / 1e6),
             ))
             .or_default() += 1;
         s.dtypes
-            .insert(format!("{:?}", w.down.dtype()).to_lowercase());
+            .insert(format!("{:?}", w.down().dtype()).to_lowercase());
         s.dtypes
-            .insert(format!("{:?}", w.up.dtype()).to_lowercase());
-        s.parameters += w.down.elem_count() + w.up.elem_count();
+            .insert(format!("{:?}", w.up().dtype()).to_lowercase());
+        s.parameters += w.down().elem_count() + w.up().elem_count();
     }
     Ok(s)
 }

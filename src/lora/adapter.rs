@@ -88,31 +88,17 @@ impl std::fmt::Debug for LoraAdapter {
     }
 }
 
-/// Checks the factor shapes for `kind`; returns the rank.
-fn check_shapes(down: &Tensor, up: &Tensor, kind: AdapterKind) -> Result<usize> {
-    let (d, u) = (down.dims(), up.dims());
-    let ok = match kind {
-        AdapterKind::Linear => d.len() == 2 && u.len() == 2 && u[1] == d[0],
-        AdapterKind::Conv2d { .. } => {
-            d.len() == 4 && u.len() == 4 && u[1] == d[0] && u[2] == 1 && u[3] == 1
-        }
-    };
-    if !ok || d[0] == 0 {
+/// Checks the factors through [`LoraWeights::new`] and that they fit a layer of `kind`.
+fn check_factors(down: &Tensor, up: &Tensor, kind: AdapterKind) -> Result<()> {
+    let w = LoraWeights::new(down.clone(), up.clone(), 1.0)?;
+    if w.is_conv() != matches!(kind, AdapterKind::Conv2d { .. }) {
         candle_core::bail!(
-            "LoRA factors do not fit a {kind:?} layer: down {d:?}, up {u:?} (expected \
-             down [r, in{}], up [out, r{}], r > 0)",
-            if d.len() == 4 { ", k, k" } else { "" },
-            if d.len() == 4 { ", 1, 1" } else { "" }
+            "LoRA factors do not fit a {kind:?} layer: down {:?}, up {:?}",
+            down.dims(),
+            up.dims()
         );
     }
-    if down.dtype() != up.dtype() || !down.device().same_device(up.device()) {
-        candle_core::bail!(
-            "LoRA factors differ in dtype or device: down {:?}, up {:?}",
-            down.dtype(),
-            up.dtype()
-        );
-    }
-    Ok(d[0])
+    Ok(())
 }
 
 impl LoraAdapter {
@@ -125,7 +111,7 @@ impl LoraAdapter {
         owner: u64,
         dropout: Option<Dropout>,
     ) -> Result<Self> {
-        check_shapes(down.as_tensor(), up.as_tensor(), kind)?;
+        check_factors(down.as_tensor(), up.as_tensor(), kind)?;
         if let Some(d) = &dropout {
             if !(0.0..1.0).contains(&d.p) {
                 candle_core::bail!("LoRA dropout must be in [0, 1), got {}", d.p);
@@ -151,7 +137,7 @@ impl LoraAdapter {
         kind: AdapterKind,
         owner: u64,
     ) -> Result<Self> {
-        check_shapes(&down, &up, kind)?;
+        check_factors(&down, &up, kind)?;
         let (down, up) = (down.detach(), up.detach());
         Ok(Self::build(down, up, None, alpha, kind, owner, None))
     }
@@ -277,11 +263,11 @@ impl LoraAdapter {
 
     /// A snapshot of the factors (copies, detached from any variable) and alpha.
     pub fn weights(&self) -> Result<LoraWeights> {
-        Ok(LoraWeights {
-            down: self.down().detach().copy()?,
-            up: self.up().detach().copy()?,
-            alpha: self.alpha,
-        })
+        Ok(LoraWeights::new(
+            self.down().detach().copy()?,
+            self.up().detach().copy()?,
+            self.alpha,
+        )?)
     }
 
     /// The residual `effective_scale · up(dropout(down(x)))` for layer input `x`, in `x`'s dtype.

@@ -4,7 +4,6 @@
 //! Every computation runs in f64 on the CPU. ΔW of a layer is `scale · up · down` with
 //! `scale = alpha / rank`, seen as an `out × (in·kh·kw)` matrix for convolutions.
 
-use super::merge::factor_dims;
 use super::svd::{svd_of_product, Mat};
 use super::{LoraSet, LoraWeights};
 use anyhow::{bail, Context};
@@ -13,7 +12,6 @@ use std::collections::BTreeMap;
 
 /// A layer's factors as matrices: `up` out×r and `down` r×(in·kh·kw), scale not applied.
 pub fn factor_mats(l: &LoraWeights) -> candle_core::Result<(Mat, Mat)> {
-    factor_dims(l)?;
     let up = Mat::from_tensor(&l.up)?;
     let down = Mat::from_tensor(&l.down)?;
     Ok((up, down))
@@ -40,11 +38,11 @@ pub fn layer_from_mats(
     down_shape[0] = r;
     let mut up_shape = like.up.dims().to_vec();
     up_shape[1] = r;
-    Ok(LoraWeights {
-        down: down.to_tensor(&down_shape, dtype, &Device::Cpu)?,
-        up: up.to_tensor(&up_shape, dtype, &Device::Cpu)?,
+    Ok(LoraWeights::new(
+        down.to_tensor(&down_shape, dtype, &Device::Cpu)?,
+        up.to_tensor(&up_shape, dtype, &Device::Cpu)?,
         alpha,
-    })
+    )?)
 }
 
 /// Checks that both sides adapt a layer of the same shape.

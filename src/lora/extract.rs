@@ -155,11 +155,11 @@ pub fn extract(
             down_shape.extend_from_slice(&shape[1..]);
             let mut up_shape = vec![shape[0], r];
             up_shape.extend(std::iter::repeat_n(1, shape.len() - 2));
-            let layer = LoraWeights {
-                down: down.to_tensor(&down_shape, opts.dtype, &cpu)?,
-                up: up.to_tensor(&up_shape, opts.dtype, &cpu)?,
-                alpha: r as f64,
-            };
+            let layer = LoraWeights::new(
+                down.to_tensor(&down_shape, opts.dtype, &cpu)?,
+                up.to_tensor(&up_shape, opts.dtype, &cpu)?,
+                r as f64,
+            )?;
             let energy = LayerEnergy {
                 name: name.clone(),
                 rank_in: shape[0].min(shape[1..].iter().product()),

@@ -1,33 +1,20 @@
 //! Folding a LoRA into the weight it adapts: `W' = W + multiplier · (alpha / r) · up · down`.
-//!
-//! NOTE (from the lora_add engineer): this file was accidentally overwritten while both of us
-//! were assigned `src/lora/merge.rs`; what follows is a reconstruction of `delta_weight` and
-//! `collapse` from the agreed signatures. The LoRA joins (lpl / ljl / svd) live in
-//! `src/lora/combine.rs`. Replace this file with the original if it differs.
+//! The LoRA joins (lpl / ljl / svd) live in `src/lora/combine.rs`.
 
 use super::LoraWeights;
 use candle_core::{DType, Result, Tensor};
 
-/// ΔW as a matrix product: `(out, r, in·kh·kw)` for `up` (out×r) · `down` (r×(in·kh·kw));
-/// an error unless `up` is `[out, r, 1…]` with as many dims as `down`.
-pub fn factor_dims(l: &LoraWeights) -> Result<(usize, usize, usize)> {
-    let (ud, dd) = (l.up.dims(), l.down.dims());
-    let r = dd.first().copied().unwrap_or(0);
-    let up_ok =
-        ud.len() == dd.len() && ud.len() >= 2 && ud[1] == r && ud[2..].iter().all(|&d| d == 1);
-    if !up_ok {
-        candle_core::bail!(
-            "LoRA factors do not fit: up {ud:?}, down {dd:?} (expected up [out, {r}, 1…])"
-        );
-    }
-    Ok((ud[0], r, dd[1..].iter().product()))
+/// ΔW as a matrix product: `(out, r, in·kh·kw)` for `up` (out×r) · `down` (r×(in·kh·kw)).
+pub fn factor_dims(l: &LoraWeights) -> (usize, usize, usize) {
+    let (ud, dd) = (l.up().dims(), l.down().dims());
+    (ud[0], dd[0], dd[1..].iter().product())
 }
 
 /// ΔW = (alpha / r) · up · down, shaped like the adapted weight (`[out, in]` for a linear
 /// layer, `[out, in, kh, kw]` for a convolution), computed in f32 and returned as f32.
 /// [`crate::lora::combine::delta_mat`] is the same product in f64, as a matrix.
 pub fn delta_weight(l: &LoraWeights) -> Result<Tensor> {
-    let (out, r, cols) = factor_dims(l)?;
+    let (out, r, cols) = factor_dims(l);
     let up = l.up.to_dtype(DType::F32)?.reshape((out, r))?;
     let down = l.down.to_dtype(DType::F32)?.reshape((r, cols))?;
     (up.matmul(&down)? * l.scale())?.reshape(l.delta_shape())

@@ -33,17 +33,76 @@ use std::collections::BTreeMap;
 ///
 /// Linear: `down` [r, in], `up` [out, r]. Conv2d: `down` [r, in, k, k] (the original layer's
 /// kernel, stride and padding), `up` [out, r, 1, 1]. ΔW = (alpha / r) · up · down.
+/// [`LoraWeights::new`] is the one place these shapes are checked.
 #[derive(Debug, Clone)]
 pub struct LoraWeights {
-    /// The down projection (applied first).
-    pub down: Tensor,
-    /// The up projection.
-    pub up: Tensor,
-    /// alpha; the scale is alpha / rank.
-    pub alpha: f64,
+    down: Tensor,
+    up: Tensor,
+    alpha: f64,
 }
 
 impl LoraWeights {
+    /// Factors `down` and `up` with `alpha`; an error unless they form a Linear or a Conv2d
+    /// LoRA (shapes above, r > 0) of one dtype on one device.
+    pub fn new(down: Tensor, up: Tensor, alpha: f64) -> candle_core::Result<Self> {
+        let (d, u) = (down.dims(), up.dims());
+        let ok = match (d.len(), u.len()) {
+            (2, 2) => d[0] == u[1],
+            (4, 4) => d[0] == u[1] && u[2] == 1 && u[3] == 1,
+            _ => false,
+        };
+        if !ok || d[0] == 0 {
+            candle_core::bail!(
+                "LoRA factors down {d:?}, up {u:?} do not form a LoRA (expected down \
+                 [r, in(, k, k)], up [out, r(, 1, 1)], r > 0)"
+            );
+        }
+        if down.dtype() != up.dtype() || !down.device().same_device(up.device()) {
+            candle_core::bail!(
+                "LoRA factors differ in dtype or device: down {:?} on {:?}, up {:?} on {:?}",
+                down.dtype(),
+                down.device().location(),
+                up.dtype(),
+                up.device().location()
+            );
+        }
+        Ok(Self { down, up, alpha })
+    }
+
+    /// The down projection (applied first).
+    pub fn down(&self) -> &Tensor {
+        &self.down
+    }
+
+    /// The up projection.
+    pub fn up(&self) -> &Tensor {
+        &self.up
+    }
+
+    /// alpha; the scale is alpha / rank.
+    pub fn alpha(&self) -> f64 {
+        self.alpha
+    }
+
+    /// The same factors with another alpha.
+    pub fn with_alpha(self, alpha: f64) -> Self {
+        Self { alpha, ..self }
+    }
+
+    /// `(down, up, alpha)`.
+    pub fn into_parts(self) -> (Tensor, Tensor, f64) {
+        (self.down, self.up, self.alpha)
+    }
+
+    /// Both factors mapped by `f` (a dtype or device change, a reshape that keeps the
+    /// rules); the result is checked again.
+    pub fn map(
+        &self,
+        mut f: impl FnMut(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Self> {
+        Self::new(f(&self.down)?, f(&self.up)?, self.alpha)
+    }
+
     /// The rank r (rows of `down`).
     pub fn rank(&self) -> usize {
         self.down.dims()[0]
@@ -62,8 +121,8 @@ impl LoraWeights {
     /// The shape of the weight ΔW adapts: `up`'s rows, then `down`'s input dims
     /// (`[out, in]` or `[out, in, kh, kw]`).
     pub fn delta_shape(&self) -> Vec<usize> {
-        let mut s = vec![self.up.dims().first().copied().unwrap_or(0)];
-        s.extend_from_slice(self.down.dims().get(1..).unwrap_or(&[]));
+        let mut s = vec![self.up.dims()[0]];
+        s.extend_from_slice(&self.down.dims()[1..]);
         s
     }
 }
