@@ -151,7 +151,7 @@ fn extract_recovers_a_fused_low_rank_change() {
     let x2 = formats::read(&out2).unwrap();
     let (mut kept, mut total, mut err) = (0.0, 0.0, 0.0);
     for (name, l) in &x2.layers {
-        let d = difference(&base, &tuned, name);
+        let d = difference(&base, &tuned, name.as_str());
         let sv = svd(&d).s;
         kept += sv[..2].iter().map(|v| v * v).sum::<f64>();
         total += d.frob_sq();

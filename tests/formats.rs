@@ -26,8 +26,8 @@ fn expected_json() -> serde_json::Value {
 
 /// Every layer of `a` and `b` has the same ΔW (within `tol`); returns the max difference.
 fn same_deltas(a: &LoraSet, b: &LoraSet, tol: f32) -> f32 {
-    let ka: Vec<&String> = a.layers.keys().collect();
-    let kb: Vec<&String> = b.layers.keys().collect();
+    let ka: Vec<&lora_diffusion::lora::LayerKey> = a.layers.keys().collect();
+    let kb: Vec<&lora_diffusion::lora::LayerKey> = b.layers.keys().collect();
     assert_eq!(ka, kb, "different layers");
     let mut worst = 0f32;
     for (k, w) in &a.layers {
@@ -101,7 +101,9 @@ fn every_file_gives_the_same_delta_as_diffusers() {
 fn pickled_state_dict_of_old_diffusers_reads() {
     let set = formats::read(&lora_fixture("diffusers_old_unet.bin")).unwrap();
     let mut reference = formats::read(&lora_fixture("peft.safetensors")).unwrap();
-    reference.layers.retain(|k, _| k.starts_with("unet."));
+    reference
+        .layers
+        .retain(|k, _| k.as_str().starts_with("unet."));
     let d = same_deltas(&set, &reference, 1e-6);
     eprintln!(
         "diffusers_old_unet.bin: {} UNet layers, max ΔW diff {d:e}",
@@ -212,9 +214,9 @@ fn cloneofsimo_order_is_the_pre_015_traversal() {
 fn varied() -> LoraSet {
     let mut set = formats::read(&lora_fixture("kohya.safetensors")).unwrap();
     let k = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k".to_string();
-    let w = set.layers[&k].clone();
+    let w = set.layers[k.as_str()].clone();
     set.layers.insert(
-        k,
+        k.into(),
         LoraWeights::new(
             w.down().narrow(0, 0, 2).unwrap(),
             w.up().narrow(1, 0, 2).unwrap(),
@@ -358,7 +360,7 @@ fn resnet_lora(arch: &Architecture) -> LoraSet {
     let mut rng = lora_diffusion::rng::Rng::new(7);
     let mut set = LoraSet::default();
     for (k, s) in arch.layers() {
-        if !k.contains(".resnets.") {
+        if !k.as_str().contains(".resnets.") {
             continue;
         }
         let r = 2;

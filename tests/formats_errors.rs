@@ -168,7 +168,8 @@ fn output_exists_needs_force_and_nothing_is_half_written() {
 fn cloneofsimo_rejects_partial_module_classes() {
     let arch = tiny_arch("sd1-tiny");
     let mut set = formats::read(&lora_fixture("kohya.safetensors")).unwrap();
-    set.layers.retain(|k, _| !k.ends_with("attn1.to_v"));
+    set.layers
+        .retain(|k, _| !k.as_str().ends_with("attn1.to_v"));
     let dir = tempfile::tempdir().unwrap();
     let e = err_text(formats::write(
         &set,

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
+use lora_diffusion::lora::Component;
 use lora_diffusion::lora::{inject_trainable, LoraHost, LoraSet, LoraTargets, LoraWeights};
 use lora_diffusion::rng::Rng;
 
@@ -48,7 +49,7 @@ fn fixture_set(case: &Case, component: &str, alpha: f64) -> LoraSet {
         };
         let up = case.tensors[&format!("{prefix}{path}.lora_up.weight")].clone();
         let w = LoraWeights::new(down.clone(), up, alpha).unwrap();
-        layers.insert(format!("{component}.{path}"), w);
+        layers.insert(format!("{component}.{path}").into(), w);
     }
     LoraSet {
         layers,
@@ -68,9 +69,28 @@ fn run(case_name: &str, unet_targets: &str, text_targets: &str) {
     let dev = Device::Cpu;
     let ut = LoraTargets::parse(unet_targets).unwrap();
     let tt = LoraTargets::parse(text_targets).unwrap();
-    let lu = inject_trainable(&unet, "unet", &ut, rank, alpha, 0.0, &mut rng, &dev).unwrap();
-    let lt =
-        inject_trainable(&clip, "text_encoder", &tt, rank, alpha, 0.0, &mut rng, &dev).unwrap();
+    let lu = inject_trainable(
+        &unet,
+        Component::Unet,
+        &ut,
+        rank,
+        alpha,
+        0.0,
+        &mut rng,
+        &dev,
+    )
+    .unwrap();
+    let lt = inject_trainable(
+        &clip,
+        Component::TextEncoder,
+        &tt,
+        rank,
+        alpha,
+        0.0,
+        &mut rng,
+        &dev,
+    )
+    .unwrap();
 
     // Same layers, same (named_modules) order as PEFT.
     let ours: Vec<String> = lu.handle().adapters().map(|(p, _)| p.to_string()).collect();

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
+use lora_diffusion::lora::Component;
 use lora_diffusion::lora::{
     apply_lora_set, collapse, extract, inject_trainable, remove_all, set_enabled, set_scale,
     AdapterKind, InjectedLora, LoraAdapter, LoraHost, LoraSet, LoraTargets, LoraWeights,
@@ -76,7 +77,7 @@ fn random_set(
             alpha,
         )
         .unwrap();
-        layers.insert(format!("{comp}.{}", l.path()), w);
+        layers.insert(format!("{comp}.{}", l.path()).into(), w);
     }
     LoraSet {
         layers,
@@ -90,8 +91,17 @@ fn untrained_injection_is_bit_equal_to_the_base_model() {
         let unet = load_unet(model, DType::F32);
         let base = run_unet(&unet, model);
         let mut rng = Rng::new(1);
-        let inj =
-            inject_trainable(&unet, "unet", &targets(t), 4, 4.0, 0.0, &mut rng, &CPU).unwrap();
+        let inj = inject_trainable(
+            &unet,
+            Component::Unet,
+            &targets(t),
+            4,
+            4.0,
+            0.0,
+            &mut rng,
+            &CPU,
+        )
+        .unwrap();
         let out = run_unet(&unet, model);
         let d = max_abs_diff(&out, &base);
         eprintln!(
@@ -105,8 +115,17 @@ fn untrained_injection_is_bit_equal_to_the_base_model() {
         let ids = clip_ids(model);
         let base = clip.forward(&ids).unwrap();
         let tt = targets("text-attn,text-mlp");
-        let inj =
-            inject_trainable(&clip, "text_encoder", &tt, 4, 8.0, 0.0, &mut rng, &CPU).unwrap();
+        let inj = inject_trainable(
+            &clip,
+            Component::TextEncoder,
+            &tt,
+            4,
+            8.0,
+            0.0,
+            &mut rng,
+            &CPU,
+        )
+        .unwrap();
         assert_eq!(inj.handle().len(), 18);
         let d = max_abs_diff(&clip.forward(&ids).unwrap(), &base);
         eprintln!("{model} clip untrained LoRA max abs diff {d:e}");
@@ -116,7 +135,17 @@ fn untrained_injection_is_bit_equal_to_the_base_model() {
     let unet = load_unet("sd1", DType::BF16);
     let base = run_unet(&unet, "sd1");
     let mut rng = Rng::new(2);
-    inject_trainable(&unet, "unet", &targets("attn"), 4, 4.0, 0.0, &mut rng, &CPU).unwrap();
+    inject_trainable(
+        &unet,
+        Component::Unet,
+        &targets("attn"),
+        4,
+        4.0,
+        0.0,
+        &mut rng,
+        &CPU,
+    )
+    .unwrap();
     assert_eq!(max_abs_diff(&run_unet(&unet, "sd1"), &base), 0.0);
 }
 
@@ -127,7 +156,7 @@ fn injection_names_init_and_parameter_count() {
     let (r, alpha) = (4, 2.0);
     let inj = inject_trainable(
         &unet,
-        "unet",
+        Component::Unet,
         &targets("attn"),
         r,
         alpha,
@@ -196,7 +225,7 @@ fn injection_names_init_and_parameter_count() {
     let unet2 = load_unet("sd1", DType::F32);
     let inj2 = inject_trainable(
         &unet2,
-        "unet",
+        Component::Unet,
         &targets("attn"),
         r,
         alpha,
@@ -213,7 +242,7 @@ fn injection_names_init_and_parameter_count() {
 fn collapsed_unet(model: &str, set: &LoraSet) -> UNet2DConditionModel {
     let mut tensors: HashMap<String, Tensor> = unet_tensors(model);
     for (key, lora) in &set.layers {
-        let wkey = format!("{}.weight", key.strip_prefix("unet.").unwrap());
+        let wkey = format!("{}.weight", key.as_str().strip_prefix("unet.").unwrap());
         let w = tensors.get(&wkey).unwrap().clone();
         tensors.insert(wkey, collapse(&w, lora, 1.0).unwrap());
     }
@@ -226,11 +255,20 @@ fn fully_collapsed_unet_equals_the_adapted_unet() {
         let unet = load_unet(model, DType::F32);
         let base = run_unet(&unet, model);
         let mut rng = Rng::new(5);
-        let inj =
-            inject_trainable(&unet, "unet", &targets("all"), 4, 8.0, 0.0, &mut rng, &CPU).unwrap();
+        let inj = inject_trainable(
+            &unet,
+            Component::Unet,
+            &targets("all"),
+            4,
+            8.0,
+            0.0,
+            &mut rng,
+            &CPU,
+        )
+        .unwrap();
         randomize(&inj, &mut rng);
         let adapted = run_unet(&unet, model);
-        let set = extract(&unet, "unet").unwrap();
+        let set = extract(&unet, Component::Unet).unwrap();
         assert_eq!(set.layers.len(), unet.lora_layers().len());
         let merged = run_unet(&collapsed_unet(model, &set), model);
         let (d, moved) = (
@@ -248,7 +286,7 @@ fn scale_enable_and_remove_at_run_time() {
     let unet = load_unet("sd1", DType::F32);
     let base = run_unet(&unet, "sd1");
     let set = random_set(&unet, "unet", "attn,proj", 4, 4.0, 6);
-    let h = apply_lora_set(&unet, "unet", &set, 1.0).unwrap();
+    let h = apply_lora_set(&unet, Component::Unet, &set, 1.0).unwrap();
     assert_eq!(h.len(), 88 + 22);
     let full = run_unet(&unet, "sd1");
     assert!(max_abs_diff(&full, &base) > 1e-2);
@@ -277,7 +315,7 @@ fn scale_enable_and_remove_at_run_time() {
         "enabled again"
     );
     // Extract gives back exactly what was applied.
-    let got = extract(&unet, "unet").unwrap();
+    let got = extract(&unet, Component::Unet).unwrap();
     assert_eq!(got.layers.len(), set.layers.len());
     for (k, w) in &set.layers {
         let g = &got.layers[k];
@@ -295,7 +333,7 @@ fn scale_enable_and_remove_at_run_time() {
         "removed == base"
     );
     assert!(unet.lora_layers().iter().all(|l| l.residuals().is_empty()));
-    apply_lora_set(&unet, "unet", &set, 1.0).unwrap();
+    apply_lora_set(&unet, Component::Unet, &set, 1.0).unwrap();
     assert_eq!(remove_all(&unet), 110);
 }
 
@@ -351,11 +389,11 @@ fn two_loras_on_the_same_layers_add_up() {
         random_set(&unet, "unet", "attn", 4, 4.0, 8),
         random_set(&unet, "unet", "attn,ff", 2, 1.0, 9),
     );
-    let hb = apply_lora_set(&unet, "unet", &sb, 0.5).unwrap();
+    let hb = apply_lora_set(&unet, Component::Unet, &sb, 0.5).unwrap();
     let only_b = run_unet(&unet, "sd1");
-    let ha = apply_lora_set(&unet, "unet", &sa, 1.0).unwrap();
+    let ha = apply_lora_set(&unet, Component::Unet, &sa, 1.0).unwrap();
     assert!(max_abs_diff(&run_unet(&unet, "sd1"), &only_b) > 1e-2);
-    assert!(extract(&unet, "unet")
+    assert!(extract(&unet, Component::Unet)
         .unwrap_err()
         .to_string()
         .contains("carries 2 LoRAs"));
@@ -373,7 +411,7 @@ fn rank_too_large_and_empty_targets_are_clear_errors() {
     let mut error = |t: &str, rank: usize, alpha: f64, dropout: f64| {
         inject_trainable(
             &unet,
-            "unet",
+            Component::Unet,
             &targets(t),
             rank,
             alpha,
@@ -417,7 +455,7 @@ fn loaded_lora_errors_name_keys_and_shapes() {
     let old = set.layers[q].clone();
     let bad_down = Tensor::zeros((4, 31), DType::F32, &CPU).unwrap();
     let bad = LoraWeights::new(bad_down, old.up().clone(), old.alpha()).unwrap();
-    set.layers.insert(q.to_string(), bad);
+    set.layers.insert(q.to_string().into(), bad);
     let w = set.layers[q].clone();
     set.layers
         .insert("unet.down_blocks.9.nonexistent".into(), w.clone());
@@ -426,7 +464,7 @@ fn loaded_lora_errors_name_keys_and_shapes() {
         "text_encoder.text_model.encoder.layers.0.self_attn.q_proj".into(),
         w,
     );
-    let e = apply_lora_set(&unet, "unet", &set, 1.0)
+    let e = apply_lora_set(&unet, Component::Unet, &set, 1.0)
         .unwrap_err()
         .to_string();
     eprintln!("{e}");
@@ -456,10 +494,10 @@ fn linear_shaped_lora_fits_a_1x1_conv_and_back() {
     for w in lin_set.layers.values_mut() {
         *w = w.map(|t| t.squeeze(3)?.squeeze(2)).unwrap();
     }
-    let h = apply_lora_set(&unet, "unet", &conv_set, 1.0).unwrap();
+    let h = apply_lora_set(&unet, Component::Unet, &conv_set, 1.0).unwrap();
     let a = run_unet(&unet, "sd1");
     h.remove();
-    apply_lora_set(&unet, "unet", &lin_set, 1.0).unwrap();
+    apply_lora_set(&unet, Component::Unet, &lin_set, 1.0).unwrap();
     assert_eq!(max_abs_diff(&run_unet(&unet, "sd1"), &a), 0.0);
 }
 
@@ -469,7 +507,17 @@ fn dropout_only_in_training_and_reproducible() {
     let ids = clip_ids("sd1");
     let mut rng = Rng::new(13);
     let t = targets("text-attn");
-    let inj = inject_trainable(&clip, "text_encoder", &t, 4, 4.0, 0.5, &mut rng, &CPU).unwrap();
+    let inj = inject_trainable(
+        &clip,
+        Component::TextEncoder,
+        &t,
+        4,
+        4.0,
+        0.5,
+        &mut rng,
+        &CPU,
+    )
+    .unwrap();
     randomize(&inj, &mut rng);
     inj.set_training(false);
     let eval = clip.forward(&ids).unwrap();
@@ -491,7 +539,7 @@ fn dropout_only_in_training_and_reproducible() {
     let clip2 = load_clip("sd1", DType::F32);
     let inj2 = inject_trainable(
         &clip2,
-        "text_encoder",
+        Component::TextEncoder,
         &t,
         4,
         4.0,

@@ -134,7 +134,11 @@ fn upl_writes_a_complete_model_that_loads() {
         assert_eq!(ours.metadata, input.metadata, "{comp}: metadata not kept");
         for (k, e) in &input.entries {
             let module = format!("{comp}.{}", k.trim_end_matches(".weight"));
-            match set.layers.get(&module).filter(|_| k.ends_with(".weight")) {
+            match set
+                .layers
+                .get(module.as_str())
+                .filter(|_| k.ends_with(".weight"))
+            {
                 None => assert_eq!(
                     ours.bytes(k).unwrap(),
                     input.bytes(k).unwrap(),
@@ -190,7 +194,7 @@ fn upl_keeps_a_half_precision_model_in_half_precision() {
         assert_eq!(ours.entries[k].dtype, e.dtype, "{k}");
         match set
             .layers
-            .get(&format!("unet.{}", k.trim_end_matches(".weight")))
+            .get(format!("unet.{}", k.trim_end_matches(".weight")).as_str())
         {
             None => assert_eq!(ours.bytes(k).unwrap(), input.bytes(k).unwrap()),
             Some(l) => {
@@ -402,7 +406,7 @@ fn upl_fuses_convolution_layers() {
             alpha,
         )
         .unwrap();
-        set.layers.insert(name.to_string(), layer);
+        set.layers.insert(name.to_string().into(), layer);
     };
     add(
         "unet.down_blocks.0.resnets.0.conv1",
@@ -434,7 +438,7 @@ fn upl_fuses_convolution_layers() {
     );
     let mut worst: f64 = 0.0;
     for (name, l) in &set.layers {
-        let key = format!("{}.weight", name.trim_start_matches("unet."));
+        let key = format!("{}.weight", name.as_str().trim_start_matches("unet."));
         let d = delta_mat(l).unwrap();
         let (w, got) = (input.to_f64(&key).unwrap(), ours.to_f64(&key).unwrap());
         assert_eq!(ours.entries[&key].shape, input.entries[&key].shape);

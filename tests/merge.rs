@@ -43,10 +43,7 @@ fn layer(
 
 fn set(layers: Vec<(&str, LoraWeights)>) -> LoraSet {
     LoraSet {
-        layers: layers
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect(),
+        layers: layers.into_iter().map(|(k, v)| (k.into(), v)).collect(),
         metadata: Default::default(),
     }
 }
@@ -149,7 +146,7 @@ fn svd_at_full_rank_is_exact_and_lower_rank_is_eckart_young() {
             let total: f64 = sv.iter().map(|s| s * s).sum();
             let k = rank.min(e.rank_in);
             let tail: f64 = sv[k..].iter().map(|s| s * s).sum();
-            let got = delta_mat(&low.layers[&e.name]).unwrap();
+            let got = delta_mat(&low.layers[e.name.as_str()]).unwrap();
             let err_sq = got.add_scaled(&target, -1.0).unwrap().frob_sq();
             eprintln!(
                 "svd rank {rank} {}: ‖ΔW_R − ΔW‖² {err_sq:.6e}, Eckart–Young tail {tail:.6e}, energy kept {:.6} (direct {:.6})",
@@ -157,14 +154,14 @@ fn svd_at_full_rank_is_exact_and_lower_rank_is_eckart_young() {
                 e.fraction(),
                 1.0 - tail / total
             );
-            assert_eq!(low.layers[&e.name].rank(), k);
+            assert_eq!(low.layers[e.name.as_str()].rank(), k);
             assert!(
                 (err_sq - tail).abs() <= 1e-5 * total,
                 "{}: {err_sq} vs {tail}",
                 e.name
             );
             assert!((e.fraction() - (1.0 - tail / total)).abs() < 1e-9);
-            assert_eq!(low.layers[&e.name].alpha(), k as f64);
+            assert_eq!(low.layers[e.name.as_str()].alpha(), k as f64);
         }
     }
     assert!(svd_join(&a, &b, 0.5, 0).is_err());
@@ -214,7 +211,7 @@ fn lpl_follows_the_original_rule_and_reports_its_error() {
     let (mut e2, mut n2) = (0.0, 0.0);
     for l in &report.layers {
         let ex = exact(&a, &b, &l.name, alpha);
-        let got = delta_mat(&m.layers[&l.name]).unwrap();
+        let got = delta_mat(&m.layers[l.name.as_str()]).unwrap();
         let direct = got.add_scaled(&ex, -1.0).unwrap().frob_sq().sqrt();
         eprintln!(
             "lpl {}: reported relative error {:.6e}, direct {:.6e}",
@@ -329,12 +326,17 @@ fn cli_ljl_and_svd_on_files_of_two_formats() {
     extra.extend_from_slice(&m);
     expect_success(&run_lora_add(&k, &g, "ljl", &out, &extra));
     let j = lora_diffusion::formats::read(&out).unwrap();
-    let names: std::collections::BTreeSet<&String> =
+    let names: std::collections::BTreeSet<&lora_diffusion::lora::LayerKey> =
         a.layers.keys().chain(b.layers.keys()).collect();
     assert_eq!(j.layers.len(), names.len());
     let worst = names
         .iter()
-        .map(|n| rel_diff(&delta_mat(&j.layers[*n]).unwrap(), &exact(&a, &b, n, 0.3)))
+        .map(|n| {
+            rel_diff(
+                &delta_mat(&j.layers[n.as_str()]).unwrap(),
+                &exact(&a, &b, n.as_str(), 0.3),
+            )
+        })
         .fold(0.0, f64::max);
     eprintln!(
         "ljl from files: {} layers, worst relative ΔW error {worst:.2e}",
@@ -387,11 +389,11 @@ fn cli_ljl_and_svd_on_files_of_two_formats() {
         .all(|l| l.rank() <= 2 && l.down().dtype() == DType::F16));
     let (mut err_sq, mut tail, mut total) = (0.0, 0.0, 0.0);
     for n in &names {
-        let target = exact(&a, &b, n, 0.5);
+        let target = exact(&a, &b, n.as_str(), 0.5);
         let s = svd(&target).s;
         tail += s[2..].iter().map(|x| x * x).sum::<f64>();
         total += target.frob_sq();
-        err_sq += delta_mat(&sv.layers[*n])
+        err_sq += delta_mat(&sv.layers[n.as_str()])
             .unwrap()
             .add_scaled(&target, -1.0)
             .unwrap()
@@ -436,7 +438,7 @@ fn cli_lpl_prints_the_true_error_and_refuses_mismatches() {
     let (m, report) = lpl(&a, &b, 0.25).unwrap();
     let (mut e2, mut n2) = (0.0, 0.0);
     for name in a.layers.keys() {
-        let ex = exact(&a, &b, name, 0.25);
+        let ex = exact(&a, &b, name.as_str(), 0.25);
         e2 += delta_mat(&m.layers[name])
             .unwrap()
             .add_scaled(&ex, -1.0)

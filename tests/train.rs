@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{err_text, expect_failure, fixtures, lora, max_abs_diff, repo, s};
 use lora_diffusion::hub::ModelSource;
 use lora_diffusion::lora::apply_lora_set;
+use lora_diffusion::lora::Component;
 use lora_diffusion::pipeline::StableDiffusion;
 use lora_diffusion::rng::Rng;
 use lora_diffusion::train::data::load_folder;
@@ -127,7 +128,7 @@ fn saved_lora_reloads_and_reproduces_the_trained_unet() {
     let sd = StableDiffusion::load(&source, DType::F32, &Device::Cpu).unwrap();
     let (x, ts, ctx) = fixed_unet_input(&sd);
     let base = sd.unet.forward(&x, &ts, &ctx).unwrap();
-    apply_lora_set(&sd.unet, "unet", &set, 1.0).unwrap();
+    apply_lora_set(&sd.unet, Component::Unet, &set, 1.0).unwrap();
     let reloaded = sd.unet.forward(&x, &ts, &ctx).unwrap();
     let diff = max_abs_diff(&reloaded, &t.unet_out);
     let moved = max_abs_diff(&base, &t.unet_out);
@@ -222,10 +223,9 @@ fn resume_gives_the_same_bytes_as_an_uninterrupted_run() {
     assert_eq!(la, lb);
     // The text encoder was trained too.
     let set = lora_diffusion::formats::read(&straight.join("lora.safetensors")).unwrap();
-    assert!(set
-        .layers
-        .keys()
-        .any(|k| k.starts_with("text_encoder.text_model.encoder.layers.0.self_attn.q_proj")));
+    assert!(set.layers.keys().any(|k| k
+        .as_str()
+        .starts_with("text_encoder.text_model.encoder.layers.0.self_attn.q_proj")));
 
     // Changing a training option on resume is refused with the option named.
     let mut c = resume_cfg(&data, &split);

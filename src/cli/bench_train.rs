@@ -10,7 +10,7 @@
 //! workloads) in the same invocation and prints the ratios.
 
 use super::bench::{median, peak_rss_mb, reset_peak_rss, run_torch_script, time_runs};
-use crate::lora::{inject_trainable, LoraHost, LoraTargets};
+use crate::lora::{inject_trainable, Component, LoraHost, LoraTargets};
 use crate::models::blocks::{
     ResnetBlock2D, ResnetBlock2DConfig, Transformer2DConfig, Transformer2DModel,
 };
@@ -218,7 +218,16 @@ fn measure<M: LoraHost>(
         })?;
         let target = Rng::new(1).randn(fwd(&model)?.dims(), dev)?;
         let targets = LoraTargets::parse("attn")?;
-        let lora = inject_trainable(&model, "unet", &targets, 4, 4.0, 0.0, &mut Rng::new(2), dev)?;
+        let lora = inject_trainable(
+            &model,
+            Component::Unet,
+            &targets,
+            4,
+            4.0,
+            0.0,
+            &mut Rng::new(2),
+            dev,
+        )?;
         let vars = lora.named_vars().to_vec();
         f.lora_params = lora.num_parameters();
         let mut set = lora.to_lora_set()?;

@@ -8,6 +8,7 @@
 //! path unambiguously (kohya's underscores, cloneofsimo's indices) are resolved against it.
 
 use crate::hub::ModelSource;
+use crate::lora::{Component, LayerKey};
 use crate::models::clip::{ClipActivation, ClipTextConfig, ClipTextModel};
 use crate::models::presets::SD15_UNET_CONFIG;
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
@@ -23,7 +24,7 @@ use std::sync::OnceLock;
 pub struct Architecture {
     /// A short name for messages (`SD 1.5`, a model folder, …).
     pub name: String,
-    layers: BTreeMap<String, Vec<usize>>,
+    layers: BTreeMap<LayerKey, Vec<usize>>,
 }
 
 /// `unet/config.json` of Stable Diffusion 2.1 (the fields that shape the layers).
@@ -60,13 +61,13 @@ fn clip_config(
 impl Architecture {
     /// The layers of one built model part under `component` (`unet` or `text_encoder`), from
     /// its layer walk.
-    fn from_walk(name: &str, component: &str, model: &dyn LayerWalk) -> Self {
+    fn from_walk(name: &str, component: Component, model: &dyn LayerWalk) -> Self {
         let layers = model
             .walk_layers()
             .iter()
             .map(|l| {
                 (
-                    format!("{component}.{}", l.path()),
+                    LayerKey::new(component, l.path()),
                     l.weight().dims().to_vec(),
                 )
             })
@@ -99,7 +100,7 @@ impl Architecture {
             let w = ModelWeights::structure_only("unet");
             let unet = UNet2DConditionModel::new(w.var_builder(DType::F32, &Device::Cpu), cfg)
                 .with_context(|| format!("cannot build the UNet of {name} from its config"))?;
-            arch = arch.merge(&Self::from_walk(name, "unet", &unet));
+            arch = arch.merge(&Self::from_walk(name, Component::Unet, &unet));
         }
         if let Some(cfg) = text_encoder {
             let w = ModelWeights::structure_only("text_encoder");
@@ -107,7 +108,7 @@ impl Architecture {
                 .with_context(|| {
                     format!("cannot build the text encoder of {name} from its config")
                 })?;
-            arch = arch.merge(&Self::from_walk(name, "text_encoder", &te));
+            arch = arch.merge(&Self::from_walk(name, Component::TextEncoder, &te));
         }
         Ok(arch)
     }
@@ -152,7 +153,7 @@ impl Architecture {
     }
 
     /// Every layer: component-prefixed module path → weight shape.
-    pub fn layers(&self) -> &BTreeMap<String, Vec<usize>> {
+    pub fn layers(&self) -> &BTreeMap<LayerKey, Vec<usize>> {
         &self.layers
     }
 
@@ -170,7 +171,11 @@ impl Architecture {
     pub fn cross_attention_dim(&self) -> Option<usize> {
         self.layers
             .iter()
-            .find(|(k, s)| k.starts_with("unet.") && k.ends_with(".attn2.to_k") && s.len() == 2)
+            .find(|(k, s)| {
+                k.component() == Some(Component::Unet)
+                    && k.path().ends_with(".attn2.to_k")
+                    && s.len() == 2
+            })
             .map(|(_, s)| s[1])
     }
 
@@ -178,7 +183,10 @@ impl Architecture {
     pub fn text_width(&self) -> Option<usize> {
         self.layers
             .iter()
-            .find(|(k, _)| k.starts_with("text_encoder.") && k.ends_with(".self_attn.q_proj"))
+            .find(|(k, _)| {
+                k.component() == Some(Component::TextEncoder)
+                    && k.path().ends_with(".self_attn.q_proj")
+            })
             .map(|(_, s)| s[1])
     }
 }

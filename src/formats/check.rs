@@ -5,7 +5,7 @@
 
 use super::arch::{base_model_name, Architecture};
 use super::keymap::short_list;
-use crate::lora::LoraSet;
+use crate::lora::{Component, LoraSet};
 use anyhow::bail;
 
 /// The UNet cross-attention width a LoRA was made for (input width of its `attn2.to_k` /
@@ -14,8 +14,8 @@ pub fn lora_cross_attention_dim(set: &LoraSet) -> Option<usize> {
     set.layers
         .iter()
         .find(|(k, w)| {
-            k.starts_with("unet.")
-                && (k.ends_with(".attn2.to_k") || k.ends_with(".attn2.to_v"))
+            k.component() == Some(Component::Unet)
+                && (k.path().ends_with(".attn2.to_k") || k.path().ends_with(".attn2.to_v"))
                 && w.down().rank() == 2
         })
         .map(|(_, w)| w.down().dims()[1])
@@ -26,10 +26,10 @@ pub fn lora_text_width(set: &LoraSet) -> Option<usize> {
     set.layers
         .iter()
         .find(|(k, _)| {
-            k.starts_with("text_encoder.")
+            k.component() == Some(Component::TextEncoder)
                 && [".q_proj", ".k_proj", ".v_proj", ".fc1"]
                     .iter()
-                    .any(|s| k.ends_with(s))
+                    .any(|s| k.path().ends_with(s))
         })
         .map(|(_, w)| w.down().dims()[1])
 }
@@ -56,7 +56,7 @@ pub fn check_against(set: &LoraSet, arch: &Architecture) -> anyhow::Result<()> {
     let mut cross = None;
     let mut text = None;
     for (layer, w) in &set.layers {
-        let Some(want) = arch.get(layer) else {
+        let Some(want) = arch.get(layer.as_str()) else {
             absent.push(layer.clone());
             continue;
         };
@@ -67,12 +67,15 @@ pub fn check_against(set: &LoraSet, arch: &Architecture) -> anyhow::Result<()> {
         mismatched.push(format!("{layer}: LoRA ΔW {got:?}, model weight {want:?}"));
         let in_only = got.len() == want.len() && got[0] == want[0] && got[2..] == want[2..];
         if in_only
-            && layer.starts_with("unet.")
-            && (layer.ends_with(".attn2.to_k") || layer.ends_with(".attn2.to_v"))
+            && layer.component() == Some(Component::Unet)
+            && (layer.path().ends_with(".attn2.to_k") || layer.path().ends_with(".attn2.to_v"))
         {
             cross.get_or_insert((got[1], want[1]));
         }
-        if layer.starts_with("text_encoder.") && got.len() == 2 && layer.ends_with("_proj") {
+        if layer.component() == Some(Component::TextEncoder)
+            && got.len() == 2
+            && layer.path().ends_with("_proj")
+        {
             text.get_or_insert((got[1], want[1]));
         }
     }

@@ -18,7 +18,7 @@ use super::check::{check_against, guess_arch, guess_base};
 use super::io::Container;
 use super::keymap::{format_key, short_list, Component, KeyIndex, Part, CLONEOFSIMO};
 use super::{finish, gather, Cast, Encoded, Format, LoraFile, LoraFormat, ReadContext};
-use crate::lora::LoraSet;
+use crate::lora::{LayerKey, LoraSet};
 use anyhow::{anyhow, bail, Context};
 use candle_core::{DType, Tensor};
 use regex::Regex;
@@ -88,11 +88,10 @@ pub fn module_order(
             ),
         }
     }
-    let prefix = format!("{}.", component.name());
     let layers: Vec<(&str, &Vec<usize>)> = arch
         .layers()
         .iter()
-        .filter_map(|(k, s)| k.strip_prefix(&prefix).map(|p| (p, s)))
+        .filter_map(|(k, s)| k.path_in(component).map(|p| (p, s)))
         .filter(|(_, s)| s.len() == 2 || (conv && s.len() == 4))
         .collect();
     let mut ancestors = BTreeSet::new();
@@ -120,7 +119,7 @@ pub fn module_order(
         under.sort_by_cached_key(|p| traversal_key(p));
         for p in under {
             if seen.insert(p) {
-                out.push(format!("{prefix}{p}"));
+                out.push(format!("{}.{p}", component.name()));
             }
         }
     }
@@ -357,8 +356,8 @@ impl LoraFormat for Cloneofsimo {
             let mine: BTreeSet<&str> = set
                 .layers
                 .keys()
-                .map(String::as_str)
-                .filter(|k| Component::of_layer(k).map(|x| x.0) == Some(c))
+                .filter(|k| k.component() == Some(c))
+                .map(|k| k.as_str())
                 .collect();
             if mine.is_empty() {
                 continue;
@@ -368,10 +367,10 @@ impl LoraFormat for Cloneofsimo {
             enc.metadata
                 .insert(c.name().into(), serde_json::to_string(&targets)?);
             for (i, layer) in order.iter().enumerate() {
-                let w = &set.layers[layer];
+                let w = &set.layers[layer.as_str()];
                 let up = (w.up().to_dtype(DType::F32)? * w.scale())?;
                 let key = |p| {
-                    format_key(&CLONEOFSIMO, layer, p, Some(i))
+                    format_key(&CLONEOFSIMO, &LayerKey::from(layer.as_str()), p, Some(i))
                         .with_context(|| format!("cannot name {layer}"))
                 };
                 enc.tensors.push((key(Part::Up)?, up, Cast::Weight));

@@ -9,46 +9,17 @@
 //! Each format is one [`KeyScheme`] row set below; [`parse_key`] and [`format_key`] serve them all.
 
 use super::arch::{traversal_key, Architecture};
+use crate::lora::LayerKey;
 use std::collections::{BTreeMap, HashMap};
 
-/// The model component a layer belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Component {
-    /// The denoising UNet (`unet.`).
-    Unet,
-    /// The CLIP text encoder (`text_encoder.`).
-    TextEncoder,
-}
+pub use crate::lora::Component;
 
-impl Component {
-    /// Both components, UNet first.
-    pub const ALL: [Component; 2] = [Component::Unet, Component::TextEncoder];
-
-    /// The prefix of our layer keys (`unet`, `text_encoder`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Component::Unet => "unet",
-            Component::TextEncoder => "text_encoder",
-        }
-    }
-
-    /// The component of a component-prefixed layer key.
-    pub fn of_layer(layer: &str) -> Option<(Component, &str)> {
-        Self::ALL.into_iter().find_map(|c| {
-            layer
-                .strip_prefix(c.name())
-                .and_then(|r| r.strip_prefix('.'))
-                .map(|p| (c, p))
-        })
-    }
-
-    /// The component a bare module path belongs to (`text_model.…` is the text encoder).
-    fn infer(path: &str) -> Component {
-        if path.starts_with("text_model.") {
-            Component::TextEncoder
-        } else {
-            Component::Unet
-        }
+/// The component a bare module path belongs to (`text_model.…` is the text encoder).
+fn infer_component(path: &str) -> Component {
+    if path.starts_with("text_model.") {
+        Component::TextEncoder
+    } else {
+        Component::Unet
     }
 }
 
@@ -274,7 +245,8 @@ impl KeyIndex {
         let mut underscored: HashMap<(Component, String), Vec<String>> = HashMap::new();
         for arch in archs {
             for layer in arch.layers().keys() {
-                if let Some((c, path)) = Component::of_layer(layer) {
+                if let Some(c) = layer.component() {
+                    let path = layer.path();
                     let paths = underscored.entry((c, path.replace('.', "_"))).or_default();
                     if !paths.iter().any(|p| p == path) {
                         paths.push(path.to_string());
@@ -309,8 +281,8 @@ impl KeyIndex {
 /// A key resolved to our naming.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParsedKey {
-    /// Component-prefixed module path (a key of `LoraSet::layers`).
-    pub layer: String,
+    /// The layer (a key of `LoraSet::layers`).
+    pub layer: LayerKey,
     /// The tensor the key holds.
     pub part: Part,
 }
@@ -328,7 +300,7 @@ pub fn parse_key(scheme: &KeyScheme, key: &str, index: &KeyIndex) -> Option<Pars
             if body.is_empty() {
                 continue;
             }
-            let component = comp.unwrap_or_else(|| Component::infer(body));
+            let component = comp.unwrap_or_else(|| infer_component(body));
             let tail = if s.tails.is_empty() {
                 ""
             } else {
@@ -350,16 +322,16 @@ pub fn parse_key(scheme: &KeyScheme, key: &str, index: &KeyIndex) -> Option<Pars
                         continue;
                     };
                     match index.ordered.get(&component).and_then(|v| v.get(i)) {
-                        Some(layer) => match Component::of_layer(layer) {
-                            Some((c, p)) if c == component => p.to_string(),
-                            _ => continue,
+                        Some(layer) => match LayerKey::from(layer.as_str()).path_in(component) {
+                            Some(p) => p.to_string(),
+                            None => continue,
                         },
                         None => continue,
                     }
                 }
             };
             return Some(ParsedKey {
-                layer: format!("{}.{path}", component.name()),
+                layer: LayerKey::new(component, &path),
                 part: s.part,
             });
         }
@@ -371,11 +343,11 @@ pub fn parse_key(scheme: &KeyScheme, key: &str, index: &KeyIndex) -> Option<Pars
 /// schemes `index_of` gives the position. `None` when the scheme cannot name it.
 pub fn format_key(
     scheme: &KeyScheme,
-    layer: &str,
+    layer: &LayerKey,
     part: Part,
     index_of: Option<usize>,
 ) -> Option<String> {
-    let (component, path) = Component::of_layer(layer)?;
+    let (component, path) = (layer.component()?, layer.path());
     let prefix = scheme
         .prefixes
         .iter()
@@ -406,7 +378,7 @@ pub fn sort_traversal(layers: &mut [String]) {
 }
 
 /// Items one per line, at most `max` of them, for error messages.
-pub fn short_list(items: &[String], max: usize) -> String {
+pub fn short_list(items: &[impl std::fmt::Display], max: usize) -> String {
     let mut s: Vec<String> = items
         .iter()
         .take(max)

@@ -51,7 +51,7 @@ impl LoraFormat for Kohya {
         let alpha_of = |layers: Vec<&crate::lora::LoraWeights>| {
             let mut sub = LoraSet::default();
             for (i, l) in layers.into_iter().enumerate() {
-                sub.layers.insert(i.to_string(), l.clone());
+                sub.layers.insert(i.to_string().into(), l.clone());
             }
             let r = common(&sub, |l| l.rank());
             let a = common(&sub, |l| ord_f64(l.alpha())).and_then(|a| {

@@ -28,7 +28,7 @@ pub use arch::Architecture;
 pub use check::check_against;
 pub use io::LoraFile;
 
-use crate::lora::{LoraSet, LoraWeights};
+use crate::lora::{LayerKey, LoraSet, LoraWeights};
 use crate::tensor_file::OutTensor;
 use anyhow::{bail, Context};
 use candle_core::{DType, Tensor};
@@ -347,8 +347,8 @@ pub(crate) fn gather(
     scheme: &KeyScheme,
     index: &KeyIndex,
     skip: impl Fn(&str) -> bool,
-) -> anyhow::Result<BTreeMap<String, RawLayer>> {
-    let mut layers: BTreeMap<String, RawLayer> = BTreeMap::new();
+) -> anyhow::Result<BTreeMap<LayerKey, RawLayer>> {
+    let mut layers: BTreeMap<LayerKey, RawLayer> = BTreeMap::new();
     let mut unknown = vec![];
     let mut dup = vec![];
     for (key, t) in &file.tensors {
@@ -413,8 +413,8 @@ pub(crate) fn gather(
 /// consistent; alpha from the file, else `default_alpha(layer, rank)`), with the file's metadata.
 pub(crate) fn finish(
     file: &LoraFile,
-    raw: BTreeMap<String, RawLayer>,
-    default_alpha: impl Fn(&str, usize) -> anyhow::Result<f64>,
+    raw: BTreeMap<LayerKey, RawLayer>,
+    default_alpha: impl Fn(&LayerKey, usize) -> anyhow::Result<f64>,
 ) -> anyhow::Result<LoraSet> {
     let mut out = BTreeMap::new();
     let mut problems = vec![];

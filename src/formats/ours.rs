@@ -73,7 +73,7 @@ pub fn target_name(layer: &str) -> String {
 pub fn targets(set: &LoraSet) -> Vec<String> {
     set.layers
         .keys()
-        .map(|l| target_name(l))
+        .map(|l| target_name(l.as_str()))
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect()

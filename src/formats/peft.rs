@@ -12,7 +12,7 @@ use super::{
     common, finish, gather, ord_f64, Architecture, Cast, Encoded, Format, LoraFile, LoraFormat,
     ReadContext,
 };
-use crate::lora::LoraSet;
+use crate::lora::{LayerKey, LoraSet};
 use anyhow::{bail, Context};
 use regex::Regex;
 use serde_json::{json, Map, Value};
@@ -106,11 +106,15 @@ pub fn scales_from_metadata(
 }
 
 /// The alpha of `layer` (component-prefixed) given per-component scales; scale 1 without one.
-pub fn alpha_from_scales(scales: &BTreeMap<Component, PeftScale>, layer: &str, r: usize) -> f64 {
-    match Component::of_layer(layer) {
-        Some((c, path)) => scales
+pub fn alpha_from_scales(
+    scales: &BTreeMap<Component, PeftScale>,
+    layer: &LayerKey,
+    r: usize,
+) -> f64 {
+    match layer.component() {
+        Some(c) => scales
             .get(&c)
-            .map(|s| s.alpha_for(path, r))
+            .map(|s| s.alpha_for(layer.path(), r))
             .unwrap_or(r as f64),
         None => r as f64,
     }
@@ -122,18 +126,14 @@ pub fn config_json(set: &LoraSet, component: Component) -> Option<Map<String, Va
     let layers: Vec<(&str, &crate::lora::LoraWeights)> = set
         .layers
         .iter()
-        .filter_map(|(k, w)| {
-            Component::of_layer(k)
-                .filter(|(c, _)| *c == component)
-                .map(|(_, p)| (p, w))
-        })
+        .filter_map(|(k, w)| k.path_in(component).map(|p| (p, w)))
         .collect();
     if layers.is_empty() {
         return None;
     }
     let mut sub = LoraSet::default();
     for (p, w) in &layers {
-        sub.layers.insert(p.to_string(), (*w).clone());
+        sub.layers.insert((*p).into(), (*w).clone());
     }
     let r = common(&sub, |l| l.rank())?;
     let a = common(&sub, |l| ord_f64(l.alpha()))? as f64 / 1e6;

@@ -67,7 +67,7 @@ pub fn summarize(path: &Path, model: Option<&Architecture>) -> anyhow::Result<Su
         metadata: set.metadata.clone(),
     };
     for (k, w) in &set.layers {
-        let comp = k.split('.').next().unwrap_or_default().to_string();
+        let comp = k.prefix().to_string();
         *s.layers.entry(comp).or_default() += 1;
         s.conv_layers += w.is_conv() as usize;
         *s.ranks.entry(w.rank()).or_default() += 1;

@@ -5,7 +5,7 @@
 //! `scale = alpha / rank`, seen as an `out × (in·kh·kw)` matrix for convolutions.
 
 use super::svd::{svd_of_product, Mat};
-use super::{LoraSet, LoraWeights};
+use super::{LayerKey, LoraSet, LoraWeights};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use std::collections::BTreeMap;
@@ -160,7 +160,7 @@ pub fn lpl(a: &LoraSet, b: &LoraSet, alpha: f64) -> anyhow::Result<(LoraSet, Lpl
             .add_scaled(&ub.matmul(&db)?, (1.0 - alpha) * sb)?;
         let error = got.add_scaled(&exact, -1.0)?.frob_sq().sqrt();
         report.layers.push(LayerError {
-            name: name.clone(),
+            name: name.to_string(),
             error,
             exact_norm: exact.frob_sq().sqrt(),
         });
@@ -173,12 +173,12 @@ pub fn lpl(a: &LoraSet, b: &LoraSet, alpha: f64) -> anyhow::Result<(LoraSet, Lpl
 
 /// Lists every way two LoRAs differ in targets, ranks or shapes (one error).
 fn check_lpl_compatible(a: &LoraSet, b: &LoraSet) -> anyhow::Result<()> {
-    let only_a: Vec<&String> = a
+    let only_a: Vec<&LayerKey> = a
         .layers
         .keys()
         .filter(|k| !b.layers.contains_key(*k))
         .collect();
-    let only_b: Vec<&String> = b
+    let only_b: Vec<&LayerKey> = b
         .layers
         .keys()
         .filter(|k| !a.layers.contains_key(*k))
@@ -243,7 +243,7 @@ pub fn ljl(a: &LoraSet, b: &LoraSet, alpha: f64) -> anyhow::Result<LoraSet> {
     for (name, j) in join_mats(a, b, alpha)? {
         let layer = layer_from_mats(&j.up, &j.down, j.alpha, j.like, dtype)
             .with_context(|| format!("ljl on layer {name}"))?;
-        out.layers.insert(name, layer);
+        out.layers.insert(name.into(), layer);
     }
     out.metadata = merge_metadata("ljl", alpha, None);
     Ok(out)
@@ -263,8 +263,8 @@ fn join_mats<'a>(
     a: &'a LoraSet,
     b: &'a LoraSet,
     alpha: f64,
-) -> anyhow::Result<Vec<(String, Joined<'a>)>> {
-    let names: std::collections::BTreeSet<&String> =
+) -> anyhow::Result<Vec<(LayerKey, Joined<'a>)>> {
+    let names: std::collections::BTreeSet<&LayerKey> =
         a.layers.keys().chain(b.layers.keys()).collect();
     let (wa, wb) = (alpha, 1.0 - alpha);
     let mut out = vec![];
@@ -286,7 +286,7 @@ fn join_mats<'a>(
                 }
             }
             [(l1, w1), (l2, w2)] => {
-                check_same_shape(name, l1, l2)?;
+                check_same_shape(name.as_str(), l1, l2)?;
                 let (u1, d1) = factor_mats(l1).with_context(ctx)?;
                 let (u2, d2) = factor_mats(l2).with_context(ctx)?;
                 let up = u1
@@ -381,10 +381,16 @@ pub fn svd_join(
     let mut report = EnergyReport::default();
     for (name, j) in join_mats(a, b, alpha)? {
         let scale = j.alpha / j.down.rows as f64;
-        let (layer, energy) =
-            compress_layer(&name, &j.up.scaled(scale), &j.down, j.like, rank, dtype)?;
+        let (layer, energy) = compress_layer(
+            name.as_str(),
+            &j.up.scaled(scale),
+            &j.down,
+            j.like,
+            rank,
+            dtype,
+        )?;
         report.layers.push(energy);
-        out.layers.insert(name, layer);
+        out.layers.insert(name.into(), layer);
     }
     out.metadata = merge_metadata("svd", alpha, Some(rank));
     Ok((out, report))
@@ -402,8 +408,14 @@ pub fn compress(set: &LoraSet, rank: usize) -> anyhow::Result<(LoraSet, EnergyRe
     let mut report = EnergyReport::default();
     for (name, l) in &set.layers {
         let (up, down) = factor_mats(l).with_context(|| format!("SVD of layer {name}"))?;
-        let (layer, energy) =
-            compress_layer(name, &up.scaled(l.scale()), &down, l, rank, l.up.dtype())?;
+        let (layer, energy) = compress_layer(
+            name.as_str(),
+            &up.scaled(l.scale()),
+            &down,
+            l,
+            rank,
+            l.up.dtype(),
+        )?;
         report.layers.push(energy);
         out.layers.insert(name.clone(), layer);
     }

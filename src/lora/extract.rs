@@ -170,7 +170,7 @@ pub fn extract(
             };
             on_layer(&energy);
             report.energy.layers.push(energy);
-            set.layers.insert(name, layer);
+            set.layers.insert(name.into(), layer);
         }
     }
     if set.layers.is_empty() {

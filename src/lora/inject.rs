@@ -13,13 +13,10 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use crate::lora::adapter::{AdapterKind, Dropout, LoraAdapter};
 use crate::lora::host::{LayerRef, LoraHost};
-use crate::lora::targets::{LoraTargets, TEXT_ENCODER, UNET};
-use crate::lora::{LoraSet, LoraWeights};
+use crate::lora::targets::LoraTargets;
+use crate::lora::{Component, LayerKey, LoraSet, LoraWeights};
 use crate::models::residual::{LayerResidual, ResidualSlot};
 use crate::rng::Rng;
-
-/// The components a [`LoraSet`] key may start with.
-pub const COMPONENTS: &[&str] = &[UNET, TEXT_ENCODER];
 
 static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
 
@@ -47,7 +44,7 @@ struct Entry {
 #[derive(Clone)]
 pub struct LoraHandle {
     owner: u64,
-    component: String,
+    component: Component,
     entries: Vec<Entry>,
 }
 
@@ -67,9 +64,9 @@ impl LoraHandle {
         self.owner
     }
 
-    /// The component (`unet` / `text_encoder`) it is attached to.
-    pub fn component(&self) -> &str {
-        &self.component
+    /// The component it is attached to.
+    pub fn component(&self) -> Component {
+        self.component
     }
 
     /// Number of adapted layers.
@@ -122,8 +119,7 @@ impl LoraHandle {
         let mut set = LoraSet::default();
         for e in &self.entries {
             let w = e.adapter.weights()?;
-            set.layers
-                .insert(format!("{}.{}", self.component, e.path), w);
+            set.layers.insert(LayerKey::new(self.component, &e.path), w);
         }
         Ok(set)
     }
@@ -207,11 +203,11 @@ impl InjectedLora {
     /// Overwrites the variables with the factors of `set` (resuming a run). Every adapted
     /// layer must be present with the same shapes; alpha must agree.
     pub fn load_weights(&self, set: &LoraSet) -> anyhow::Result<()> {
-        let comp = &self.handle.component;
+        let comp = self.handle.component;
         let mut problems = Vec::new();
         let mut updates = Vec::new();
         for (path, a) in self.handle.adapters() {
-            let key = format!("{comp}.{path}");
+            let key = LayerKey::new(comp, path);
             let Some(w) = set.layers.get(&key) else {
                 problems.push(format!("{key}: missing"));
                 continue;
@@ -240,10 +236,9 @@ impl InjectedLora {
             updates.push((dv.clone(), w.down.clone()));
             updates.push((uv.clone(), w.up.clone()));
         }
-        let prefix = format!("{comp}.");
         let known: std::collections::HashSet<&str> = self.handle.adapters().map(|a| a.0).collect();
         for key in set.layers.keys() {
-            if let Some(p) = key.strip_prefix(&prefix) {
+            if let Some(p) = key.path_in(comp) {
                 if !known.contains(p) {
                     problems.push(format!("{key}: not a layer of this run"));
                 }
@@ -266,12 +261,12 @@ impl InjectedLora {
 /// The layers of `host` selected by `targets` for `component`.
 pub fn target_layers<'a, H: LoraHost + ?Sized>(
     host: &'a H,
-    component: &str,
+    component: Component,
     targets: &LoraTargets,
 ) -> Vec<LayerRef<'a>> {
     host.lora_layers()
         .into_iter()
-        .filter(|l| targets.matches(component, l.path()))
+        .filter(|l| targets.matches(component.name(), l.path()))
         .collect()
 }
 
@@ -282,7 +277,7 @@ pub fn target_layers<'a, H: LoraHost + ?Sized>(
 #[allow(clippy::too_many_arguments)]
 pub fn inject_trainable<H: LoraHost + ?Sized>(
     host: &H,
-    component: &str,
+    component: Component,
     targets: &LoraTargets,
     rank: usize,
     alpha: f64,
@@ -303,7 +298,7 @@ pub fn inject_trainable<H: LoraHost + ?Sized>(
     let layers: Vec<LayerRef> = all
         .iter()
         .copied()
-        .filter(|l| targets.matches(component, l.path()))
+        .filter(|l| targets.matches(component.name(), l.path()))
         .collect();
     if layers.is_empty() {
         let examples: Vec<String> = all.iter().take(8).map(|l| l.path().to_string()).collect();
@@ -351,7 +346,7 @@ pub fn inject_trainable<H: LoraHost + ?Sized>(
         let down = (rng.randn(l.down_shape(rank), device)? * (1.0 / rank as f64))?;
         let up = Tensor::zeros(l.up_shape(rank), DType::F32, device)?;
         let (down, up) = (Var::from_tensor(&down)?, Var::from_tensor(&up)?);
-        let name = format!("{component}.{}", l.path());
+        let name = LayerKey::new(component, l.path());
         params.push((format!("{name}.lora_down.weight"), down.clone()));
         params.push((format!("{name}.lora_up.weight"), up.clone()));
         let adapter =
@@ -369,7 +364,7 @@ pub fn inject_trainable<H: LoraHost + ?Sized>(
     Ok(InjectedLora {
         handle: LoraHandle {
             owner,
-            component: component.to_string(),
+            component,
             entries,
         },
         params,
@@ -414,18 +409,17 @@ fn fit_factors(layer: &LayerRef, w: &LoraWeights) -> Option<(Tensor, Tensor)> {
 /// no known component) or a factor's shape does not fit its layer.
 pub fn apply_lora_set<H: LoraHost + ?Sized>(
     host: &H,
-    component: &str,
+    component: Component,
     set: &LoraSet,
     scale: f64,
 ) -> anyhow::Result<LoraHandle> {
     let layers = host.lora_layers();
     let by_path: HashMap<&str, &LayerRef> = layers.iter().map(|l| (l.path(), l)).collect();
-    let prefix = format!("{component}.");
     let mut problems = Vec::new();
     let mut found = Vec::new();
     for (key, w) in &set.layers {
-        let Some(path) = key.strip_prefix(&prefix) else {
-            if !COMPONENTS.iter().any(|c| key.starts_with(&format!("{c}."))) {
+        let Some(path) = key.path_in(component) else {
+            if key.component().is_none() {
                 problems.push(format!(
                     "{key}: no known component (expected unet. or text_encoder.)"
                 ));
@@ -490,21 +484,21 @@ pub fn apply_lora_set<H: LoraHost + ?Sized>(
     }
     Ok(LoraHandle {
         owner,
-        component: component.to_string(),
+        component,
         entries,
     })
 }
 
 /// The factors and alpha of every adapter on `host`, keyed `<component>.<path>`. A layer
 /// carrying several LoRAs is an error (extract them one by one with [`LoraHandle::extract`]).
-pub fn extract<H: LoraHost + ?Sized>(host: &H, component: &str) -> anyhow::Result<LoraSet> {
+pub fn extract<H: LoraHost + ?Sized>(host: &H, component: Component) -> anyhow::Result<LoraSet> {
     let mut layers = BTreeMap::new();
     for l in host.lora_layers() {
         let adapters = l.residuals().attached_as::<LoraAdapter>();
         match adapters.as_slice() {
             [] => {}
             [a] => {
-                layers.insert(format!("{component}.{}", l.path()), a.weights()?);
+                layers.insert(LayerKey::new(component, l.path()), a.weights()?);
             }
             many => bail!(
                 "layer {component}.{} carries {} LoRAs; extract them one by one through \

@@ -14,6 +14,7 @@ pub mod upl;
 pub mod adapter;
 pub mod host;
 pub mod inject;
+pub mod key;
 pub mod merge;
 pub mod targets;
 
@@ -23,6 +24,7 @@ pub use inject::{
     apply_lora_set, extract, inject_trainable, remove_all, set_enabled, set_scale, InjectedLora,
     LoraHandle,
 };
+pub use key::{Component, LayerKey};
 pub use merge::{collapse, delta_weight};
 pub use targets::LoraTargets;
 
@@ -130,8 +132,8 @@ impl LoraWeights {
 /// A complete LoRA: every adapted layer plus the file's metadata.
 #[derive(Debug, Clone, Default)]
 pub struct LoraSet {
-    /// Adapted layers by component-prefixed module path (`unet.…`, `text_encoder.…`).
-    pub layers: BTreeMap<String, LoraWeights>,
+    /// Adapted layers by key (`unet.…`, `text_encoder.…`).
+    pub layers: BTreeMap<LayerKey, LoraWeights>,
     /// Free-form metadata (the safetensors header's `__metadata__`).
     pub metadata: BTreeMap<String, String>,
 }

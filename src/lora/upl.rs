@@ -115,7 +115,7 @@ pub fn fuse_into_model(
 fn plan(source: &ModelSource, index: &ModelIndex, lora: &LoraSet) -> anyhow::Result<Vec<FilePlan>> {
     let mut by_comp: BTreeMap<&str, Vec<(String, &LoraWeights)>> = BTreeMap::new();
     for (path, l) in &lora.layers {
-        let (comp, module) = path.split_once('.').with_context(|| {
+        let (comp, module) = path.as_str().split_once('.').with_context(|| {
             format!("LoRA layer {path} has no component prefix (unet. / text_encoder.)")
         })?;
         by_comp

@@ -2,7 +2,7 @@
 
 use super::lora::fuse_into_weights;
 use crate::hub::ModelSource;
-use crate::lora::LoraSet;
+use crate::lora::{Component, LoraSet};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
@@ -101,7 +101,10 @@ fn build<M>(
 ) -> anyhow::Result<M> {
     let files = source.component_weights(component)?;
     let weights = ModelWeights::from_files(component, &files)?;
-    let weights = fuse_into_weights(&weights, component, fuse)?;
+    let weights = match Component::from_name(component) {
+        Some(part) => fuse_into_weights(&weights, part, fuse)?,
+        None => weights,
+    };
     let model = build(weights.var_builder(dtype, device))
         .map_err(|e| anyhow::anyhow!("cannot build {component} of {}: {e}", source.describe()))?;
     weights.finish()?;

@@ -4,7 +4,7 @@
 use super::StableDiffusion;
 use crate::formats::{self, Architecture};
 use crate::hub::ModelSource;
-use crate::lora::{apply_lora_set, delta_weight, LoraHandle, LoraSet};
+use crate::lora::{apply_lora_set, delta_weight, Component, LoraHandle, LoraSet};
 use crate::models::weights::ModelWeights;
 use anyhow::{bail, Context};
 use candle_core::{DType, Tensor};
@@ -72,11 +72,15 @@ impl StableDiffusion {
     /// Attaches a LoRA to the UNet and text encoder as run-time adapters at `scale`; the
     /// returned handles change its scale or remove it.
     pub fn add_lora(&self, set: &LoraSet, scale: f64) -> anyhow::Result<Vec<LoraHandle>> {
-        let mut handles = vec![apply_lora_set(&self.unet, "unet", set, scale)?];
-        if set.layers.keys().any(|k| k.starts_with("text_encoder.")) {
+        let mut handles = vec![apply_lora_set(&self.unet, Component::Unet, set, scale)?];
+        if set
+            .layers
+            .keys()
+            .any(|k| k.component() == Some(Component::TextEncoder))
+        {
             handles.push(apply_lora_set(
                 &self.text_encoder,
-                "text_encoder",
+                Component::TextEncoder,
                 set,
                 scale,
             )?);
@@ -90,13 +94,12 @@ impl StableDiffusion {
 /// reported together.
 pub fn fuse_into_weights(
     weights: &ModelWeights,
-    component: &str,
+    component: Component,
     loras: &[(LoraSet, f64)],
 ) -> anyhow::Result<ModelWeights> {
-    let prefix = format!("{component}.");
     if !loras
         .iter()
-        .any(|(s, _)| s.layers.keys().any(|k| k.starts_with(&prefix)))
+        .any(|(s, _)| s.layers.keys().any(|k| k.component() == Some(component)))
     {
         return Ok(weights.clone());
     }
@@ -106,7 +109,7 @@ pub fn fuse_into_weights(
     let mut problems = vec![];
     for (set, scale) in loras {
         for (key, l) in &set.layers {
-            let Some(path) = key.strip_prefix(&prefix) else {
+            let Some(path) = key.path_in(component) else {
                 continue;
             };
             let wkey = format!("{path}.weight");

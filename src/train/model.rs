@@ -2,7 +2,9 @@
 //! weight (`--full`); their named variables, snapshots for checkpoints and samples, and the
 //! final output files.
 
-use crate::lora::{apply_lora_set, inject_trainable, InjectedLora, LoraSet, LoraTargets};
+use crate::lora::{
+    apply_lora_set, inject_trainable, Component, InjectedLora, LoraHandle, LoraSet, LoraTargets,
+};
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::weights::ModelWeights;
 use crate::pipeline::StableDiffusion;
@@ -48,7 +50,7 @@ impl Trainable {
         let dev = &sd.device;
         let unet = inject_trainable(
             &sd.unet,
-            "unet",
+            Component::Unet,
             spec.targets,
             spec.rank,
             spec.alpha,
@@ -61,7 +63,7 @@ impl Trainable {
             Some(t) => Some(
                 inject_trainable(
                     &sd.text_encoder,
-                    "text_encoder",
+                    Component::TextEncoder,
                     t,
                     spec.rank,
                     spec.alpha,
@@ -205,24 +207,23 @@ impl Trainable {
     ) -> anyhow::Result<T> {
         match self {
             Self::Lora { unet, text } => {
-                let mut handles = vec![];
-                let parts =
-                    std::iter::once((unet, "unet")).chain(text.iter().map(|t| (t, "text_encoder")));
-                for (lora, comp) in parts {
+                let mut guard = SnapshotGuard(vec![]);
+                for lora in std::iter::once(unet).chain(text.iter()) {
                     let set = lora.to_lora_set()?;
                     lora.handle().set_enabled(false);
-                    let h = if comp == "unet" {
-                        apply_lora_set(&sd.unet, comp, &set, 1.0)?
-                    } else {
-                        apply_lora_set(&sd.text_encoder, comp, &set, 1.0)?
+                    guard.0.push((lora, None));
+                    let h = match lora.handle().component() {
+                        Component::Unet => apply_lora_set(&sd.unet, Component::Unet, &set, 1.0)?,
+                        Component::TextEncoder => {
+                            apply_lora_set(&sd.text_encoder, Component::TextEncoder, &set, 1.0)?
+                        }
                     };
-                    handles.push((lora, h));
+                    if let Some(last) = guard.0.last_mut() {
+                        last.1 = Some(h);
+                    }
                 }
                 let out = f(sd);
-                for (lora, h) in handles {
-                    h.remove();
-                    lora.handle().set_enabled(true);
-                }
+                drop(guard);
                 out
             }
             Self::Full { vars } => {
@@ -245,6 +246,21 @@ impl Trainable {
                 sd.unet = trained;
                 out
             }
+        }
+    }
+}
+
+/// Puts the trainable LoRAs back when a snapshot ends, however it ends: removes each frozen
+/// copy and re-enables the trained adapters.
+struct SnapshotGuard<'a>(Vec<(&'a InjectedLora, Option<LoraHandle>)>);
+
+impl Drop for SnapshotGuard<'_> {
+    fn drop(&mut self) {
+        for (lora, copy) in self.0.drain(..) {
+            if let Some(h) = copy {
+                h.remove();
+            }
+            lora.handle().set_enabled(true);
         }
     }
 }
