@@ -235,7 +235,7 @@ impl Default for Limits {
             max_values: 20_000_000,
             max_memo: 10_000_000,
             max_pickle_bytes: 1 << 30,
-            max_visits: 5_000_000,
+            max_visits: 1_000_000,
         }
     }
 }

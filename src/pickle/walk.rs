@@ -45,7 +45,7 @@ impl Pickle {
         // Each frame: a dict, the key path leading to it, and the next item to look at.
         let mut frames: Vec<(ObjId, String, usize)> = vec![(root, String::new(), 0)];
         while let Some(frame) = frames.last_mut() {
-            let (id, prefix, i) = (frame.0, frame.1.clone(), frame.2);
+            let (id, i) = (frame.0, frame.2);
             let Object::Dict(items) = &self.objects[id] else {
                 frames.pop();
                 continue;
@@ -55,12 +55,16 @@ impl Pickle {
                 continue;
             };
             frame.2 += 1;
+            let prefix = &frame.1;
             visits += 1;
             if visits > limits.max_visits {
                 return Err(format!(
                     "walking the dicts takes more than {} steps (shared or repeated sub-dicts?)",
                     limits.max_visits
                 ));
+            }
+            if !matches!(self.object(v), Some(Object::Tensor(_) | Object::Dict(_))) {
+                continue;
             }
             let key = match k {
                 Value::Str(s) => s.to_string(),
