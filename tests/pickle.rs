@@ -158,7 +158,10 @@ fn deep_nesting_is_an_error_not_a_stack_overflow() {
     };
     let parsed = pickle::parse(&tuples, "tuples", &limits).unwrap();
     assert_eq!(parsed.objects.len(), 1_000_000);
-    assert!(parsed.tensor_list().unwrap_err().contains("item 0 is a tuple"));
+    assert!(parsed
+        .tensor_list()
+        .unwrap_err()
+        .contains("item 0 is a tuple"));
     drop(parsed);
 }
 
