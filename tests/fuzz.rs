@@ -169,7 +169,7 @@ fn small_tokenizer() -> Vec<Seed> {
         serde_json::from_slice(&std::fs::read(dir.join("vocab.json")).unwrap()).unwrap();
     let small: serde_json::Map<String, serde_json::Value> = vocab
         .into_iter()
-        .filter(|(_, id)| id.as_u64().is_some_and(|i| i < 1000 || i >= 49406))
+        .filter(|(_, id)| id.as_u64().is_some_and(|i| !(1000..49406).contains(&i)))
         .collect();
     let merges = std::fs::read_to_string(dir.join("merges.txt")).unwrap();
     let merges: Vec<&str> = merges.lines().take(1 + 1000 - 512).collect();

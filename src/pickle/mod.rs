@@ -232,8 +232,8 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_depth: 512,
-            max_values: 20_000_000,
-            max_memo: 10_000_000,
+            max_values: 10_000_000,
+            max_memo: 2_000_000,
             max_pickle_bytes: 1 << 30,
             max_visits: 1_000_000,
         }

@@ -60,7 +60,7 @@ impl Machine<'_> {
     }
 
     pub(super) fn pairs(&self, items: Vec<Value>) -> Result<Items> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(self.err(format!(
                 "{} values cannot form key/value pairs",
                 items.len()
@@ -102,9 +102,11 @@ impl Machine<'_> {
         Ok(())
     }
 
+    /// The first items of a tuple or list (at most one more than [`MAX_DIMS`], all any caller
+    /// needs), so that a huge memoized tuple is never copied whole.
     fn items_of(&self, v: &Value, what: &str) -> Result<Vec<Value>> {
         match self.object(v) {
-            Some(Object::Tuple(t) | Object::List(t)) => Ok(t.clone()),
+            Some(Object::Tuple(t) | Object::List(t)) => Ok(t[..t.len().min(MAX_DIMS + 1)].to_vec()),
             _ => Err(self.err(format!("{what} is {}, not a tuple", self.kind(v)))),
         }
     }
@@ -176,7 +178,7 @@ impl Machine<'_> {
     fn dims(&self, v: &Value, what: &str) -> Result<Vec<usize>> {
         let items = self.items_of(v, what)?;
         if items.len() > MAX_DIMS {
-            return Err(self.err(format!("{what} has {} dimensions", items.len())));
+            return Err(self.err(format!("{what} has more than {MAX_DIMS} dimensions")));
         }
         items.iter().map(|i| self.usize_of(i, what)).collect()
     }
