@@ -12,7 +12,7 @@ mod common;
 mod pickle_bytes;
 
 use common::{fixtures, lora_fixture};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -490,7 +490,9 @@ fn fuzz_every_reader_without_panic_or_abort() {
             ));
         }
     }
-    println!(
+    // Written to the process's stderr directly, so the summary shows without --nocapture.
+    let _ = writeln!(
+        std::io::stderr(),
         "fuzz: {total} mutations over {} readers in {:.1} s",
         readers.len(),
         start.elapsed().as_secs_f64()
