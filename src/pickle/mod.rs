@@ -185,15 +185,7 @@ impl Pickle {
 
     /// A short description of `v` for error messages.
     pub fn kind(&self, v: &Value) -> &'static str {
-        match v {
-            Value::None => "None",
-            Value::Bool(_) => "a bool",
-            Value::Int(_) | Value::BigInt(_) => "an int",
-            Value::Float(_) => "a float",
-            Value::Str(_) => "a string",
-            Value::Bytes(_) => "bytes",
-            Value::Obj(_) => self.object(v).map_or("a dangling reference", Object::kind),
-        }
+        kind_in(&self.objects, v)
     }
 
     /// The tensor view `v` refers to, if it is a tensor.
@@ -237,5 +229,20 @@ impl Default for Limits {
             max_pickle_bytes: 1 << 30,
             max_visits: 1_000_000,
         }
+    }
+}
+
+/// A short description of `v`, whose objects live in `objects`, for error messages.
+fn kind_in(objects: &[Object], v: &Value) -> &'static str {
+    match v {
+        Value::None => "None",
+        Value::Bool(_) => "a bool",
+        Value::Int(_) | Value::BigInt(_) => "an int",
+        Value::Float(_) => "a float",
+        Value::Str(_) => "a string",
+        Value::Bytes(_) => "bytes",
+        Value::Obj(id) => objects
+            .get(*id)
+            .map_or("a dangling reference", Object::kind),
     }
 }

@@ -23,15 +23,7 @@ impl Machine<'_> {
     }
 
     pub(super) fn kind(&self, v: &Value) -> &'static str {
-        match v {
-            Value::Obj(_) => self.object(v).map_or("a dangling reference", Object::kind),
-            Value::None => "None",
-            Value::Bool(_) => "a bool",
-            Value::Int(_) | Value::BigInt(_) => "an int",
-            Value::Float(_) => "a float",
-            Value::Str(_) => "a string",
-            Value::Bytes(_) => "bytes",
-        }
+        super::kind_in(&self.objects, v)
     }
 
     pub(super) fn line(&mut self) -> Result<Rc<str>> {
