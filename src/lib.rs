@@ -9,6 +9,7 @@ pub mod hub;
 pub mod lora;
 pub mod models;
 pub mod ops;
+pub mod pickle;
 pub mod pipeline;
 pub mod rng;
 pub mod schedulers;

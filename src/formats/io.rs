@@ -1,14 +1,13 @@
 //! Reading the containers LoRAs come in: safetensors (tensors + string metadata, through
 //! [`crate::tensor_file`], which also writes them) and PyTorch zip pickles holding a flat list
-//! of tensors (cloneofsimo's `.pt`), the latter parsed with candle's pickle reader, which
-//! interprets opcodes and never executes code.
+//! of tensors (cloneofsimo's `.pt`), the latter parsed with [`crate::pickle`], a bounded reader
+//! that interprets opcodes and never executes code.
 
+use crate::pickle::TorchFile;
 use crate::tensor_file::TensorFile;
-use anyhow::{anyhow, bail, Context};
-use candle_core::pickle::{Object, Stack};
-use candle_core::{DType, Device, Tensor};
+use anyhow::bail;
+use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
-use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
 /// The container a LoRA file uses.
@@ -97,142 +96,19 @@ pub fn read_pickle_list(path: &Path) -> anyhow::Result<Vec<Tensor>> {
 }
 
 /// Reads a PyTorch zip file holding a flat list of tensors (named `0`, `1`, …; `true`) or a
-/// flat dict of tensors (`false`).
+/// dict of tensors (`false`; nested dicts such as `.ckpt`'s `state_dict` joined with `.`).
 pub fn read_pickle(path: &Path) -> anyhow::Result<(Vec<(String, Tensor)>, bool)> {
-    let what = || format!("PyTorch file {}", path.display());
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", what()))?;
-    let mut zip = zip::ZipArchive::new(BufReader::new(file)).map_err(|e| {
-        anyhow!("{} is not a zip-format torch.save file (truncated, corrupt, or the legacy pre-1.6 format): {e}", what())
-    })?;
-    let pkl = zip
-        .file_names()
-        .filter_map(|n| n.ok().map(|n| n.into_owned()))
-        .find(|n| n.ends_with("data.pkl"))
-        .ok_or_else(|| anyhow!("{} holds no data.pkl", what()))?;
-    let dir = PathBuf::from(pkl.trim_end_matches(".pkl"));
-    let obj = {
-        let entry = zip
-            .by_name(&pkl)
-            .map_err(|e| anyhow!("{}: cannot read {pkl}: {e}", what()))?;
-        let mut reader = BufReader::new(entry);
-        let mut stack = Stack::empty();
-        stack
-            .read_loop(&mut reader)
-            .map_err(|e| anyhow!("{}: cannot parse the pickle (corrupt?): {e}", what()))?;
-        stack
-            .finalize()
-            .map_err(|e| anyhow!("{}: cannot parse the pickle: {e}", what()))?
-    };
-    let (items, is_list): (Vec<(String, Object)>, bool) = match obj {
-        Object::List(items) => (
-            items
-                .into_iter()
+    let file = TorchFile::open(path)?;
+    if file.pickle().root_is_list() {
+        let list = file.tensor_list()?;
+        Ok((
+            list.into_iter()
                 .enumerate()
-                .map(|(i, o)| (i.to_string(), o))
+                .map(|(i, t)| (i.to_string(), t))
                 .collect(),
             true,
-        ),
-        Object::Dict(items) => {
-            let mut named = Vec::with_capacity(items.len());
-            for (k, v) in items {
-                match k {
-                    Object::Unicode(k) => named.push((k, v)),
-                    other => bail!(
-                        "{} holds a dict with a non-string key ({})",
-                        what(),
-                        object_kind(&other)
-                    ),
-                }
-            }
-            (named, false)
-        }
-        other => bail!(
-            "{} holds neither a list nor a dict of tensors (found {})",
-            what(),
-            object_kind(&other)
-        ),
-    };
-    let mut out = Vec::with_capacity(items.len());
-    for (i, item) in items {
-        let info = item
-            .into_tensor_info(Object::Unicode(i.clone()), &dir)
-            .map_err(|e| anyhow!("{}: item {i} is not a tensor: {e}", what()))?
-            .ok_or_else(|| anyhow!("{}: item {i} is not a tensor", what()))?;
-        let mut bytes = Vec::new();
-        zip.by_name(&info.path)
-            .map_err(|e| {
-                anyhow!(
-                    "{}: storage {} of item {i} is missing: {e}",
-                    what(),
-                    info.path
-                )
-            })?
-            .read_to_end(&mut bytes)
-            .map_err(|e| {
-                anyhow!(
-                    "{}: cannot read storage {} (truncated?): {e}",
-                    what(),
-                    info.path
-                )
-            })?;
-        let t = tensor_from_storage(&bytes, info.dtype, &info.layout)
-            .map_err(|e| anyhow!("{}: item {i}: {e}", what()))?;
-        out.push((i, t));
+        ))
+    } else {
+        Ok((file.state_dict()?, false))
     }
-    Ok((out, is_list))
-}
-
-fn object_kind(o: &Object) -> &'static str {
-    match o {
-        Object::Dict(_) => "a dict",
-        Object::Tuple(_) => "a tuple",
-        Object::Reduce { .. } | Object::Build { .. } => "an object",
-        _ => "a scalar",
-    }
-}
-
-/// A tensor from a PyTorch storage blob and the (shape, element strides, byte offset) layout
-/// candle's pickle reader records.
-fn tensor_from_storage(
-    bytes: &[u8],
-    dtype: DType,
-    layout: &candle_core::Layout,
-) -> anyhow::Result<Tensor> {
-    let size = dtype.size_in_bytes();
-    if !bytes.len().is_multiple_of(size) {
-        bail!(
-            "storage of {} bytes is not a whole number of {dtype:?} values",
-            bytes.len()
-        );
-    }
-    let n = bytes.len() / size;
-    let storage = Tensor::from_raw_buffer(bytes, dtype, &[n], &Device::Cpu)?;
-    let offset = layout.start_offset() / size;
-    let dims = layout.dims().to_vec();
-    let strides = layout.stride().to_vec();
-    let count: usize = dims.iter().product();
-    if layout.is_contiguous() {
-        if offset + count > n {
-            bail!("tensor {dims:?} at offset {offset} reaches past its storage of {n} values (truncated?)");
-        }
-        return Ok(storage.narrow(0, offset, count)?.reshape(dims)?);
-    }
-    let mut idx = Vec::with_capacity(count);
-    let mut pos = vec![0usize; dims.len()];
-    for _ in 0..count {
-        let off = offset + pos.iter().zip(&strides).map(|(p, s)| p * s).sum::<usize>();
-        if off >= n {
-            bail!("layout {dims:?} / strides {strides:?} reaches past its storage of {n} values (truncated?)");
-        }
-        idx.push(off as u32);
-        for d in (0..dims.len()).rev() {
-            pos[d] += 1;
-            if pos[d] < dims[d] {
-                break;
-            }
-            pos[d] = 0;
-        }
-    }
-    let idx = Tensor::from_vec(idx, count, &Device::Cpu)?;
-    Ok(storage.index_select(&idx, 0)?.reshape(dims)?)
 }

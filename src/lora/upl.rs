@@ -206,17 +206,13 @@ fn plan(source: &ModelSource, index: &ModelIndex, lora: &LoraSet) -> anyhow::Res
 /// (name, dtype, shape) of every tensor of a safetensors or PyTorch file, without loading data.
 fn file_entries(p: &Path) -> anyhow::Result<Vec<(String, String, Vec<usize>)>> {
     if p.extension().is_some_and(|e| e == "bin") {
-        let infos = candle_core::pickle::read_pth_tensor_info(p, false, None).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot read PyTorch weights {} (corrupt?): {e}",
-                p.display()
-            )
-        })?;
+        let infos = crate::pickle::read_tensor_info(p)
+            .map_err(|e| anyhow::anyhow!("cannot read PyTorch weights: {e:#}"))?;
         return Ok(infos
             .into_iter()
             .map(|i| {
                 let dtype = format!("{:?}", i.dtype).to_uppercase();
-                (i.name, dtype, i.layout.dims().to_vec())
+                (i.name, dtype, i.shape)
             })
             .collect());
     }
@@ -365,10 +361,8 @@ fn write_model(
         let src = if p.path.extension().is_some_and(|e| e == "bin") {
             let scratch = tmp.join(format!(".{}.converted", p.out_rel.replace('/', "_")));
             let tensors: BTreeMap<String, candle_core::Tensor> =
-                candle_core::pickle::read_all(&p.path)
-                    .map_err(|e| {
-                        anyhow::anyhow!("cannot read PyTorch weights {}: {e}", p.path.display())
-                    })?
+                crate::pickle::read_state_dict(&p.path)
+                    .map_err(|e| anyhow::anyhow!("cannot read PyTorch weights: {e:#}"))?
                     .into_iter()
                     .collect();
             tensor_file::write(&scratch, out_tensors(&tensors)?, &BTreeMap::new(), true)

@@ -130,12 +130,8 @@ impl ModelWeights {
                 if !f.exists() {
                     bail!("weights file {} does not exist", f.display());
                 }
-                let tensors = candle_core::pickle::read_all(f).map_err(|e| {
-                    anyhow::anyhow!(
-                        "cannot read PyTorch weights {} (corrupt or not a state dict?): {e}",
-                        f.display()
-                    )
-                })?;
+                let tensors = crate::pickle::read_state_dict(f)
+                    .map_err(|e| anyhow::anyhow!("cannot read PyTorch weights: {e:#}"))?;
                 if tensors.is_empty() {
                     bail!("PyTorch weights {} hold no tensors", f.display());
                 }
