@@ -177,3 +177,72 @@ impl ModelSource {
         )
     }
 }
+
+/// The parts of model_index.json we check: which class each component is.
+#[derive(Debug, Clone)]
+pub struct ModelIndex {
+    /// `_class_name`, e.g. StableDiffusionPipeline.
+    pub class_name: String,
+    /// component name → (library, class), e.g. unet → (diffusers, UNet2DConditionModel).
+    pub components: Vec<(String, String, String)>,
+}
+
+impl ModelIndex {
+    /// Reads model_index.json of `source`.
+    pub fn read(source: &ModelSource) -> anyhow::Result<Self> {
+        let path = source.require("model_index.json")?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let obj = json
+            .as_object()
+            .with_context(|| format!("{} is not a JSON object", path.display()))?;
+        let class_name = obj
+            .get("_class_name")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string();
+        let mut components = vec![];
+        for (k, v) in obj {
+            if k.starts_with('_') {
+                continue;
+            }
+            if let Some([lib, class]) = v.as_array().map(|a| a.as_slice()) {
+                if let (Some(lib), Some(class)) = (lib.as_str(), class.as_str()) {
+                    components.push((k.clone(), lib.to_string(), class.to_string()));
+                }
+            }
+        }
+        Ok(Self {
+            class_name,
+            components,
+        })
+    }
+
+    /// Errors when a component we need is absent or of a class we do not implement.
+    pub fn check_supported(&self, source: &ModelSource) -> anyhow::Result<()> {
+        let want = [
+            ("unet", &["UNet2DConditionModel"][..]),
+            ("text_encoder", &["CLIPTextModel"][..]),
+            ("vae", &["AutoencoderKL"][..]),
+            ("tokenizer", &["CLIPTokenizer", "CLIPTokenizerFast"][..]),
+        ];
+        for (name, classes) in want {
+            match self.components.iter().find(|c| c.0 == name) {
+                None => bail!(
+                    "model {}: model_index.json lists no `{name}` component (a Stable Diffusion \
+                     pipeline needs unet, text_encoder, vae, tokenizer, scheduler)",
+                    source.describe()
+                ),
+                Some((_, _, class)) if !classes.contains(&class.as_str()) => bail!(
+                    "model {}: component `{name}` is a {class}; supported: {}",
+                    source.describe(),
+                    classes.join(", ")
+                ),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}

@@ -3,6 +3,7 @@
 //! Module paths of the models equal diffusers' state-dict keys, so a checkpoint key
 //! tells where its code lives.
 
+pub mod atomic;
 pub mod cli;
 pub mod formats;
 pub mod hub;

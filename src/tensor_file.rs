@@ -311,7 +311,7 @@ pub fn write(
     metadata: &BTreeMap<String, String>,
     force: bool,
 ) -> anyhow::Result<()> {
-    crate::pipeline::image_io::write_atomic(path, force, |tmp| {
+    crate::atomic::write_file(path, force, |tmp| {
         let f = std::fs::File::create(tmp)
             .with_context(|| format!("cannot create {}", tmp.display()))?;
         let mut w = std::io::BufWriter::new(f);

@@ -1,8 +1,9 @@
 //! `lora generate` and `lora demo`.
 
 use super::common::{parse_device, parse_dtype, progress_bar};
+use crate::atomic::check_writable;
 use crate::hub::{bundled_model_dir, ModelSource};
-use crate::pipeline::image_io::{check_writable, numbered_paths, save_png, to_rgb8};
+use crate::pipeline::image_io::{numbered_paths, save_png, to_rgb8};
 use crate::pipeline::lora::{read_loras, LoraSpec};
 use crate::pipeline::{read_init_latents, GenerateParams, StableDiffusion};
 use crate::schedulers::SchedulerKind;

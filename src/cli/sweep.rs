@@ -1,8 +1,9 @@
 //! `lora sweep`: the same seed at a series of LoRA scales, as a labelled grid PNG and a GIF.
 
 use super::generate::{generate_images, SampleArgs};
+use crate::atomic::check_writable;
 use crate::pipeline::grid::{grid, write_gif};
-use crate::pipeline::image_io::{check_writable, save_png};
+use crate::pipeline::image_io::save_png;
 use crate::pipeline::lora::{read_loras, LoraSpec};
 use anyhow::{bail, Context};
 use clap::Args;

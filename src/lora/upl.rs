@@ -8,8 +8,8 @@
 
 use super::combine::delta_mat;
 use super::{LoraSet, LoraWeights};
+use crate::hub::ModelIndex;
 use crate::hub::ModelSource;
-use crate::pipeline::ModelIndex;
 use crate::tensor_file::{self, encode_f64, out_tensors, TensorFile};
 use anyhow::{bail, Context};
 use std::collections::{BTreeMap, HashMap};
@@ -94,7 +94,7 @@ pub fn fuse_into_model(
     let result = write_model(&tmp, &files, &plans, alpha, on_layer);
     match result {
         Ok(mut report) => {
-            finish_output(&tmp, output)?;
+            crate::atomic::replace_dir(&tmp, output)?;
             let mut per: BTreeMap<String, usize> = BTreeMap::new();
             for p in &plans {
                 let comp = p.rel.split('/').next().unwrap_or("").to_string();
@@ -443,67 +443,5 @@ pub fn begin_output(output: &Path, force: bool, source: &ModelSource) -> anyhow:
             );
         }
     }
-    let parent = match output.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    if !parent.is_dir() {
-        bail!(
-            "cannot write {}: folder {} does not exist",
-            output.display(),
-            parent.display()
-        );
-    }
-    let name = output
-        .file_name()
-        .with_context(|| format!("{} is not a valid output path", output.display()))?
-        .to_string_lossy()
-        .to_string();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)
-            .with_context(|| format!("cannot remove stale {}", tmp.display()))?;
-    }
-    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    Ok(tmp)
-}
-
-/// Moves the finished temporary folder to `output`, replacing what was there (already allowed
-/// by `--force`) only once the new folder is complete.
-pub fn finish_output(tmp: &Path, output: &Path) -> anyhow::Result<()> {
-    let old = if output.exists() || output.is_symlink() {
-        let name = output
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let old = output.with_file_name(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(output, &old)
-            .with_context(|| format!("cannot move the existing {} aside", output.display()))?;
-        Some(old)
-    } else {
-        None
-    };
-    if let Err(e) = std::fs::rename(tmp, output) {
-        if let Some(old) = &old {
-            let _ = std::fs::rename(old, output);
-        }
-        let _ = std::fs::remove_dir_all(tmp);
-        return Err(e)
-            .with_context(|| format!("cannot move {} to {}", tmp.display(), output.display()));
-    }
-    if let Some(old) = old {
-        let r = if old.is_dir() {
-            std::fs::remove_dir_all(&old)
-        } else {
-            std::fs::remove_file(&old)
-        };
-        r.with_context(|| {
-            format!(
-                "wrote {} but cannot remove the replaced copy {}",
-                output.display(),
-                old.display()
-            )
-        })?;
-    }
-    Ok(())
+    crate::atomic::temp_dir(output)
 }

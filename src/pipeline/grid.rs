@@ -117,7 +117,7 @@ pub fn write_gif(
     path: &Path,
     force: bool,
 ) -> anyhow::Result<()> {
-    super::image_io::write_atomic(path, force, |tmp| {
+    crate::atomic::write_file(path, force, |tmp| {
         let file = std::fs::File::create(tmp)
             .with_context(|| format!("cannot write {}", path.display()))?;
         let mut enc = image::codecs::gif::GifEncoder::new_with_speed(file, 10);

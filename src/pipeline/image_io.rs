@@ -1,5 +1,5 @@
 //! Turning image tensors into files: PNG with the same rounding as diffusers' PIL output,
-//! written to a temporary file and renamed so that no half-written file is ever left.
+//! written through [`crate::atomic`] so that no half-written file is ever left.
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Tensor};
@@ -29,64 +29,9 @@ pub fn to_rgb8(images: &Tensor) -> anyhow::Result<Vec<RgbImage>> {
         .collect()
 }
 
-/// The temporary file beside `path` that [`write_atomic`] writes first; errors when `path`
-/// exists (unless `force`) or its folder does not.
-fn temp_path(path: &Path, force: bool) -> anyhow::Result<PathBuf> {
-    if path.exists() && !force {
-        bail!(
-            "{} already exists; pass --force to overwrite it",
-            path.display()
-        );
-    }
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    if !dir.is_dir() {
-        bail!(
-            "cannot write {}: folder {} does not exist",
-            path.display(),
-            dir.display()
-        );
-    }
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} is not a file path", path.display()))?
-        .to_string_lossy()
-        .to_string();
-    Ok(dir.join(format!(".{name}.{}.tmp", std::process::id())))
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same folder, then renames it.
-/// Refuses to replace an existing file unless `force`.
-pub fn write_atomic(
-    path: &Path,
-    force: bool,
-    write: impl FnOnce(&Path) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    let tmp = temp_path(path, force)?;
-    let result = write(&tmp).and_then(|_| {
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// Checks early (before any long work) that `path` can be created: its folder exists and is
-/// writable, and it does not exist unless `force`. Leaves nothing behind.
-pub fn check_writable(path: &Path, force: bool) -> anyhow::Result<()> {
-    let tmp = temp_path(path, force)?;
-    std::fs::write(&tmp, b"").with_context(|| format!("cannot write output {}", path.display()))?;
-    std::fs::remove_file(&tmp).ok();
-    Ok(())
-}
-
 /// Saves one RGB image as PNG (atomically).
 pub fn save_png(img: &RgbImage, path: &Path, force: bool) -> anyhow::Result<()> {
-    write_atomic(path, force, |tmp| {
+    crate::atomic::write_file(path, force, |tmp| {
         img.save_with_format(tmp, image::ImageFormat::Png)
             .with_context(|| format!("cannot write {}", path.display()))
     })

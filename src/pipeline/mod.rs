@@ -5,7 +5,8 @@ pub mod image_io;
 mod load;
 pub mod lora;
 
-pub use load::{load_component_config, ModelIndex};
+pub use crate::hub::ModelIndex;
+pub use load::load_component_config;
 
 use crate::hub::ModelSource;
 use crate::models::clip::ClipTextModel;

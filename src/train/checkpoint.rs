@@ -99,38 +99,29 @@ pub fn save(
     extra: &[(&str, Vec<u8>)],
 ) -> anyhow::Result<PathBuf> {
     let files = CheckpointFiles::for_step(output_dir, ckpt.state.step);
-    let tmp = output_dir.join(format!(".checkpoint-{}.tmp", ckpt.state.step));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)
-            .with_context(|| format!("cannot remove {}", tmp.display()))?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let write = |name: &str, bytes: &[u8]| {
-        let p = tmp.join(name);
-        std::fs::write(&p, bytes).with_context(|| format!("cannot write {}", p.display()))
-    };
     let no_metadata = BTreeMap::new();
-    write(
-        "params.safetensors",
-        &to_bytes(out_tensors(&ckpt.params)?, &no_metadata)?,
-    )?;
-    write(
-        "optimizer.safetensors",
-        &to_bytes(out_tensors(&ckpt.optimizer)?, &no_metadata)?,
-    )?;
-    write(
-        "trainer_state.json",
-        serde_json::to_string_pretty(&ckpt.state)?.as_bytes(),
-    )?;
-    for (name, bytes) in extra {
-        write(name, bytes)?;
-    }
-    if files.dir.exists() {
-        std::fs::remove_dir_all(&files.dir)
-            .with_context(|| format!("cannot replace {}", files.dir.display()))?;
-    }
-    std::fs::rename(&tmp, &files.dir)
-        .with_context(|| format!("cannot move {} to {}", tmp.display(), files.dir.display()))?;
+    crate::atomic::write_dir(&files.dir, |tmp| {
+        let write = |name: &str, bytes: &[u8]| {
+            let p = tmp.join(name);
+            std::fs::write(&p, bytes).with_context(|| format!("cannot write {}", p.display()))
+        };
+        write(
+            "params.safetensors",
+            &to_bytes(out_tensors(&ckpt.params)?, &no_metadata)?,
+        )?;
+        write(
+            "optimizer.safetensors",
+            &to_bytes(out_tensors(&ckpt.optimizer)?, &no_metadata)?,
+        )?;
+        write(
+            "trainer_state.json",
+            serde_json::to_string_pretty(&ckpt.state)?.as_bytes(),
+        )?;
+        for (name, bytes) in extra {
+            write(name, bytes)?;
+        }
+        Ok(())
+    })?;
     Ok(files.dir)
 }
 

@@ -86,7 +86,7 @@ impl Trainer {
             Some(set) => {
                 let path = self.out_dir.join("lora.safetensors");
                 let bytes = lora_file_bytes(&set, &self.metadata()?)?;
-                crate::pipeline::image_io::write_atomic(&path, true, |tmp| {
+                crate::atomic::write_file(&path, true, |tmp| {
                     std::fs::write(tmp, &bytes)
                         .with_context(|| format!("cannot write {}", path.display()))
                 })?;

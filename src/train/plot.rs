@@ -215,7 +215,7 @@ pub fn render(points: &[LossPoint], width: u32, height: u32) -> RgbImage {
 /// Writes `loss.csv` and `loss.png` into `dir` (each through a temporary file).
 pub fn write_loss_log(dir: &Path, points: &[LossPoint]) -> anyhow::Result<()> {
     let csv_path = dir.join("loss.csv");
-    crate::pipeline::image_io::write_atomic(&csv_path, true, |tmp| {
+    crate::atomic::write_file(&csv_path, true, |tmp| {
         std::fs::write(tmp, csv(points))
             .with_context(|| format!("cannot write {}", csv_path.display()))
     })?;
