@@ -139,6 +139,14 @@ impl TensorFile {
             .map_err(|e| anyhow!("{}: cannot load tensor {name}: {e}", self.path.display()))
     }
 
+    /// Every tensor, on `device`, in its stored dtype.
+    pub fn load_all(&self, device: &Device) -> anyhow::Result<BTreeMap<String, Tensor>> {
+        self.entries
+            .keys()
+            .map(|k| Ok((k.clone(), self.load(k, device)?)))
+            .collect()
+    }
+
     /// Tensor `name` as f64 values (float dtypes only).
     pub fn to_f64(&self, name: &str) -> anyhow::Result<Vec<f64>> {
         let e = self
@@ -147,6 +155,54 @@ impl TensorFile {
             .with_context(|| format!("{}: no tensor {name}", self.path.display()))?;
         decode_f64(self.bytes(name)?, e.dtype)
             .with_context(|| format!("{}: tensor {name}", self.path.display()))
+    }
+}
+
+/// The shards of one model component (`*.safetensors`, or the files of a sharded index),
+/// opened together: every tensor name is looked up in the shard that holds it.
+pub struct TensorFiles {
+    files: Vec<TensorFile>,
+    index: BTreeMap<String, usize>,
+}
+
+impl TensorFiles {
+    /// Opens every file; a tensor name held by two files is an error naming both.
+    pub fn open(paths: &[PathBuf]) -> anyhow::Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut index = BTreeMap::new();
+        for (i, p) in paths.iter().enumerate() {
+            let f = TensorFile::open(p)?;
+            for name in f.entries.keys() {
+                if let Some(&j) = index.get(name) {
+                    let other: &TensorFile = &files[j];
+                    bail!(
+                        "tensor {name} is in both {} and {}",
+                        other.path.display(),
+                        p.display()
+                    );
+                }
+                index.insert(name.clone(), i);
+            }
+            files.push(f);
+        }
+        Ok(Self { files, index })
+    }
+
+    /// `(name, shape)` of every tensor of every shard.
+    pub fn shapes(&self) -> impl Iterator<Item = (&str, &[usize])> {
+        self.files.iter().flat_map(|f| {
+            f.entries
+                .iter()
+                .map(|(k, e)| (k.as_str(), e.shape.as_slice()))
+        })
+    }
+
+    /// Tensor `name` on `device`, in its stored dtype.
+    pub fn load(&self, name: &str, device: &Device) -> anyhow::Result<Tensor> {
+        match self.index.get(name) {
+            Some(&i) => self.files[i].load(name, device),
+            None => bail!("no shard holds tensor {name}"),
+        }
     }
 }
 

@@ -36,13 +36,7 @@ pub struct LoraFile {
     pub metadata: BTreeMap<String, String>,
 }
 
-/// True when `path` looks like a PyTorch pickle by name (`.pt`, `.pth`, `.bin`, `.ckpt`).
-pub fn is_pickle_name(path: &Path) -> bool {
-    matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("pt") | Some("pth") | Some("bin") | Some("ckpt")
-    )
-}
+pub use crate::pickle::is_pickle_name;
 
 /// Reads a whole LoRA file: safetensors, or a PyTorch pickle of a tensor list or state dict.
 pub fn read_file(path: &Path) -> anyhow::Result<LoraFile> {

@@ -6,8 +6,9 @@
 //! on and every problem is found in one pass. [`ModelWeights::finish`] then turns the record
 //! into one error that lists them all by name and shape.
 
+use crate::tensor_file::TensorFiles;
 use anyhow::{bail, Context};
-use candle_core::{safetensors::MmapedSafetensors, DType, Device, Shape, Tensor};
+use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -28,7 +29,7 @@ const LEGACY_ALIASES: &[(&str, &str)] = &[
 /// Where tensors come from.
 enum Source {
     /// Memory-mapped safetensors files.
-    Safetensors(MmapedSafetensors),
+    Safetensors(TensorFiles),
     /// Tensors read from PyTorch pickles (loaded eagerly, on the CPU).
     Loaded(HashMap<String, Tensor>),
     /// No file at all: every request is answered with a placeholder (structure checks).
@@ -94,13 +95,6 @@ fn random_tensor(
         .to_device(dev)
 }
 
-fn is_pickle(path: &Path) -> bool {
-    matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("bin") | Some("pt") | Some("pth") | Some("ckpt")
-    )
-}
-
 /// Reads the shapes of every tensor of one safetensors file, with an error naming the file.
 fn check_safetensors(path: &Path) -> anyhow::Result<()> {
     let meta = std::fs::metadata(path)
@@ -124,7 +118,7 @@ impl ModelWeights {
             bail!("no weight files given for {component}");
         }
         let mut shapes = BTreeMap::new();
-        let source = if files.iter().all(|f| is_pickle(f)) {
+        let source = if files.iter().all(|f| crate::pickle::is_pickle_name(f)) {
             let mut map = HashMap::new();
             for f in &files {
                 if !f.exists() {
@@ -141,23 +135,15 @@ impl ModelWeights {
                 }
             }
             Source::Loaded(map)
-        } else if files.iter().any(|f| is_pickle(f)) {
+        } else if files.iter().any(|f| crate::pickle::is_pickle_name(f)) {
             bail!("cannot mix safetensors and PyTorch pickle files for {component}");
         } else {
             for f in &files {
                 check_safetensors(f)?;
             }
-            // SAFETY: the files are mapped read-only; like every mmap user we assume they are
-            // not modified while the model is loaded.
-            let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| {
-                let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-                anyhow::anyhow!(
-                    "cannot read safetensors {} (corrupt or truncated?): {e}",
-                    names.join(", ")
-                )
-            })?;
-            for (name, view) in st.tensors() {
-                shapes.insert(name, view.shape().to_vec());
+            let st = TensorFiles::open(&files)?;
+            for (name, shape) in st.shapes() {
+                shapes.insert(name.to_string(), shape.to_vec());
             }
             Source::Safetensors(st)
         };
@@ -180,7 +166,9 @@ impl ModelWeights {
             .keys()
             .map(|k| {
                 let t = match &self.inner.source {
-                    Source::Safetensors(st) => st.load(k, &Device::Cpu)?,
+                    Source::Safetensors(st) => {
+                        st.load(k, &Device::Cpu).map_err(candle_core::Error::wrap)?
+                    }
                     Source::Loaded(map) => map[k].clone(),
                     Source::Nothing | Source::Random(_) => unreachable!("no shapes without files"),
                 };
@@ -358,7 +346,9 @@ impl ModelWeights {
 
     fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let t = match &self.inner.source {
-            Source::Safetensors(st) => st.load(name, &Device::Cpu)?,
+            Source::Safetensors(st) => st
+                .load(name, &Device::Cpu)
+                .map_err(candle_core::Error::wrap)?,
             Source::Loaded(map) => match map.get(name) {
                 Some(t) => t.clone(),
                 None => candle_core::bail!("no tensor {name}"),

@@ -18,6 +18,14 @@ pub use globals::{lookup_global, Global, GlobalKind};
 pub use machine::parse;
 pub use torch::{read_state_dict, read_tensor_info, read_tensor_list, TensorInfo, TorchFile};
 
+/// True when `path` names a PyTorch pickle by its extension (`.pt`, `.pth`, `.bin`, `.ckpt`).
+pub fn is_pickle_name(path: &std::path::Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("pt") | Some("pth") | Some("bin") | Some("ckpt")
+    )
+}
+
 use std::rc::Rc;
 
 /// Index of an object in a [`Pickle`]'s arena.

@@ -274,7 +274,8 @@ impl StableDiffusion {
 
 /// Reads the tensor `latents` from a safetensors file (for `--init-latents`).
 pub fn read_init_latents(path: &std::path::Path) -> anyhow::Result<Tensor> {
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+    let tensors = crate::tensor_file::TensorFile::open(path)
+        .and_then(|f| f.load_all(&Device::Cpu))
         .with_context(|| format!("cannot read --init-latents file {}", path.display()))?;
     match tensors.get("latents") {
         Some(t) => Ok(t.clone()),

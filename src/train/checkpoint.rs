@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 
 /// Reads every tensor of a safetensors file onto `device`; the error names the file.
 pub fn read_safetensors(path: &Path, device: &Device) -> anyhow::Result<BTreeMap<String, Tensor>> {
-    let map = candle_core::safetensors::load(path, device)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(map.into_iter().collect())
+    crate::tensor_file::TensorFile::open(path)
+        .and_then(|f| f.load_all(device))
+        .with_context(|| format!("cannot read {}", path.display()))
 }
 
 /// The order in which training items are visited: a permutation per epoch, drawn from the
