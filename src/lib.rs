@@ -4,6 +4,7 @@
 //! tells where its code lives.
 
 pub mod atomic;
+pub mod bench;
 pub mod cli;
 pub mod formats;
 pub mod hub;

@@ -1,8 +1,6 @@
 //! The `lora` command line: thin wrappers over the library.
 
 pub mod add;
-mod bench;
-mod bench_train;
 mod common;
 mod convert;
 mod demo;
@@ -31,7 +29,7 @@ enum Command {
     /// Run the main job on the bundled model (no download needed).
     Demo(demo::DemoArgs),
     /// Benchmarks (speed, memory).
-    Bench(bench::BenchArgs),
+    Bench(crate::bench::BenchArgs),
     /// Fine-tune a LoRA (DreamBooth, optional prior preservation) or the full UNet.
     Train(train::TrainArgs),
     /// Fuse a LoRA into a model (upl) or join two LoRAs (lpl, ljl, svd); same as `lora_add`.
@@ -52,7 +50,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Demo(a) => demo::run(a),
-        Command::Bench(a) => bench::run(a),
+        Command::Bench(a) => crate::bench::run(a),
         Command::Train(a) => train::run(a),
         Command::Add(a) => add::run(a),
         Command::Extract(a) => extract::run(a),

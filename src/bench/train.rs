@@ -9,7 +9,7 @@
 //! `--torch-python` runs scripts/bench_train.py (PyTorch + diffusers + PEFT, the same
 //! workloads) in the same invocation and prints the ratios.
 
-use super::bench::{median, peak_rss_mb, reset_peak_rss, run_torch_script, time_runs};
+use super::{median, peak_rss_mb, reset_peak_rss, run_torch_script, time_runs};
 use crate::lora::{inject_trainable, Component, LoraHost, LoraTargets};
 use crate::models::blocks::{
     ResnetBlock2D, ResnetBlock2DConfig, Transformer2DConfig, Transformer2DModel,

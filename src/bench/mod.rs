@@ -1,10 +1,12 @@
 //! `lora bench`: speed and memory, side by side with the PyTorch reference when available.
 
-use super::common::parse_device;
+pub mod train;
+
 use crate::models::presets::SD15_UNET_CONFIG;
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::weights::ModelWeights;
 use crate::rng::Rng;
+use crate::sys::parse_device;
 use anyhow::Context;
 use candle_core::{DType, Tensor};
 use clap::{Args, Subcommand};
@@ -24,7 +26,7 @@ enum BenchWhat {
     /// random weights, fp32.
     Unet(UnetBench),
     /// Training speed: forward, LoRA step and full step (ms) and peak RSS, fp32 CPU.
-    Train(super::bench_train::TrainBench),
+    Train(train::TrainBench),
 }
 
 #[derive(Args, Debug)]
@@ -50,7 +52,7 @@ struct UnetBench {
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     match a.what {
         BenchWhat::Unet(b) => unet(b),
-        BenchWhat::Train(b) => super::bench_train::run(b),
+        BenchWhat::Train(b) => train::run(b),
     }
 }
 
