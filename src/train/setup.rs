@@ -2,13 +2,16 @@
 //! trainable parameters, optimizer, and the state of a checkpoint with `--resume`.
 
 use super::batch::{Augment, EmbeddingCache, ImageSet};
-use super::checkpoint::{self, Checkpoint, DataOrder};
+use super::checkpoint::{self, Checkpoint};
 use super::config::TrainConfig;
 use super::data::load_folder;
+use super::hooks::TrainHooks;
 use super::model::{LoraSpec, Trainable};
 use super::optim::{AdamW, AdamWParams};
 use super::prior::{ensure_class_images, ClassGen};
-use super::trainer::{note, TrainHooks, Trainer};
+use super::source::BatchSource;
+use super::state::{RunState, CACHE_STREAM};
+use super::trainer::{TrainedModel, Trainer};
 use crate::hub::{bundled_model_dir, ModelSource};
 use crate::lora::LoraTargets;
 use crate::pipeline::StableDiffusion;
@@ -20,9 +23,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Seeds of the independent random streams, derived from `--seed`.
-pub(super) const DATA_STREAM: u64 = 0xD47A_5EED;
-pub(super) const NOISE_STREAM: u64 = 0x0015_E5EE;
-pub(super) const CACHE_STREAM: u64 = 0xCAC4_E5EE;
 
 /// Checks the output folder: a new or empty folder is fine, a non-empty one needs `--force`
 /// (or `--resume`).
@@ -98,7 +98,7 @@ impl Trainer {
             cfg.skip_bad_images,
             "instance",
         )?;
-        folder.warnings.iter().for_each(|w| note(&hooks, w));
+        folder.warnings.iter().for_each(|w| hooks.note(w));
         let mut instance = ImageSet::new(folder.images);
         let source = match &cfg.model {
             Some(m) => ModelSource::parse(m)?,
@@ -107,14 +107,11 @@ impl Trainer {
         let t0 = Instant::now();
         let mut sd = StableDiffusion::load(&source, dtype, &device)
             .with_context(|| format!("cannot load model {}", source.describe()))?;
-        note(
-            &hooks,
-            format!(
-                "loaded {} in {:.1}s",
-                source.describe(),
-                t0.elapsed().as_secs_f64()
-            ),
-        );
+        hooks.note(format!(
+            "loaded {} in {:.1}s",
+            source.describe(),
+            t0.elapsed().as_secs_f64()
+        ));
         sd.latent_size(cfg.resolution, cfg.resolution)
             .context("--resolution")?;
 
@@ -129,17 +126,18 @@ impl Trainer {
                 guidance: cfg.sample_guidance,
                 seed: cfg.seed,
             };
-            let pb = progress(&hooks, cfg.num_class_images as u64, "class images");
+            let pb = hooks.progress(cfg.num_class_images as u64, "class images");
             let made = ensure_class_images(&sd, &dir, &g, &mut |i, n| {
                 pb.set_length(n as u64);
                 pb.set_position(i as u64);
             })?;
             pb.finish_and_clear();
             if !made.is_empty() {
-                note(
-                    &hooks,
-                    format!("generated {} class images in {}", made.len(), dir.display()),
-                );
+                hooks.note(format!(
+                    "generated {} class images in {}",
+                    made.len(),
+                    dir.display()
+                ));
             }
             let f = load_folder(
                 &dir,
@@ -148,7 +146,7 @@ impl Trainer {
                 cfg.skip_bad_images,
                 "class",
             )?;
-            f.warnings.iter().for_each(|w| note(&hooks, w));
+            f.warnings.iter().for_each(|w| hooks.note(w));
             let mut images = f.images;
             images.truncate(cfg.num_class_images);
             class = Some(ImageSet::new(images));
@@ -203,68 +201,43 @@ impl Trainer {
         let sched = DdpmScheduler::new(&sd.scheduler_config)?;
         let prediction = sd.scheduler_config.prediction_type;
         let mut t = Self {
-            data_rng: Rng::new(cfg.seed ^ DATA_STREAM),
-            noise_rng: Rng::new(cfg.seed ^ NOISE_STREAM),
-            order: DataOrder {
-                perm: vec![],
-                cursor: 0,
-                epoch: 0,
-            },
-            step: 0,
-            losses: vec![],
+            state: RunState::new(cfg.seed),
             out_dir,
             last_checkpoint: None,
             cfg,
             hooks,
-            sd,
-            model,
-            opt,
-            sched,
-            prediction,
-            instance,
-            class,
-            aug,
-            emb: EmbeddingCache::default(),
+            model: TrainedModel {
+                sd,
+                params: model,
+                opt,
+                sched,
+                prediction,
+            },
+            data: BatchSource {
+                instance,
+                class,
+                aug,
+                emb: EmbeddingCache::default(),
+            },
         };
         if let Some(c) = ckpt {
             t.restore(c)?;
-            note(
-                &t.hooks,
-                format!(
-                    "resumed from {} at step {}",
-                    resume_dir.unwrap_or_default().display(),
-                    t.step
-                ),
-            );
+            t.hooks.note(format!(
+                "resumed from {} at step {}",
+                resume_dir.unwrap_or_default().display(),
+                t.state.step
+            ));
         }
         Ok(t)
     }
 
     fn restore(&mut self, c: Checkpoint) -> anyhow::Result<()> {
-        self.model.restore(&c.params)?;
-        self.opt.load_state(&c.optimizer, c.state.step as u64)?;
-        self.model.set_dropout_states(&c.state.dropout_rng);
-        self.data_rng = Rng::from_state(c.state.data_rng);
-        self.noise_rng = Rng::from_state(c.state.noise_rng);
-        self.order = c.state.order;
-        self.step = c.state.step;
-        self.losses = c.state.losses;
+        self.model.params.restore(&c.params)?;
+        self.model
+            .opt
+            .load_state(&c.optimizer, c.state.step as u64)?;
+        self.model.params.set_dropout_states(&c.state.dropout_rng);
+        self.state = RunState::from_checkpoint(&c.state);
         Ok(())
     }
-}
-
-/// A progress bar (hidden when quiet) with step, loss, rate and ETA.
-pub(super) fn progress(hooks: &TrainHooks, len: u64, what: &str) -> indicatif::ProgressBar {
-    if hooks.quiet {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(len);
-    let style = indicatif::ProgressStyle::with_template(
-        "{msg} [{bar:30}] step {pos}/{len} {per_sec} ETA {eta}",
-    )
-    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-    .progress_chars("=> ");
-    pb.set_style(style);
-    pb.set_message(what.to_string());
-    pb
 }

@@ -1,32 +1,26 @@
 //! The training loop: steps with gradient accumulation / clipping / AdamW / schedule,
 //! checkpoints and samples on schedule, NaN and Ctrl-C handling, and the final outputs. Set-up
 //! is in `setup.rs`, writing files in `outputs.rs`.
+//!
+//! A [`Trainer`] is made of what it is: the model being trained ([`TrainedModel`]), where its
+//! batches come from ([`BatchSource`]), the state a checkpoint saves ([`RunState`]), the
+//! options and the caller's hooks.
 
-use super::batch::{encode_captions, latents_for, next_item, Augment, EmbeddingCache, ImageSet};
-use super::checkpoint::DataOrder;
 use super::config::TrainConfig;
+use super::hooks::TrainHooks;
 use super::loss::{dreambooth_loss, min_snr_weights, noise_batch};
 use super::model::Trainable;
 use super::optim::{clip_grad_norm, lr_factor, AdamW};
 use super::plot::{write_loss_log, LossPoint};
-use super::setup::progress;
+use super::source::BatchSource;
+use super::state::RunState;
 use crate::pipeline::StableDiffusion;
-use crate::rng::Rng;
 use crate::schedulers::{DdpmScheduler, PredictionType};
 use candle_core::Tensor;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
-
-#[derive(Clone, Default)]
-pub struct TrainHooks {
-    /// Set (e.g. by a Ctrl-C handler) to stop after the current step with a checkpoint.
-    pub interrupt: Arc<AtomicBool>,
-    /// Print nothing (no progress bar, no notes).
-    pub quiet: bool,
-}
 
 /// What a finished (or interrupted) run produced.
 #[derive(Debug, Clone)]
@@ -49,43 +43,41 @@ pub struct TrainOutcome {
     pub train_seconds: f64,
 }
 
+/// The model being trained: the pipeline with its trainable part, the optimizer over that
+/// part, and the noise schedule the loss is computed under.
+pub struct TrainedModel {
+    /// The pipeline the trained parameters are attached to.
+    pub sd: StableDiffusion,
+    /// The trained parameters (LoRA adapters or the whole UNet).
+    pub params: Trainable,
+    /// AdamW over `params`.
+    pub opt: AdamW,
+    /// The training noise schedule.
+    pub sched: DdpmScheduler,
+    /// What the UNet predicts (epsilon, v).
+    pub prediction: PredictionType,
+}
+
 /// A prepared training run.
 pub struct Trainer {
     pub(super) cfg: TrainConfig,
     pub(super) hooks: TrainHooks,
-    pub(super) sd: StableDiffusion,
-    pub(super) model: Trainable,
-    pub(super) opt: AdamW,
-    pub(super) sched: DdpmScheduler,
-    pub(super) prediction: PredictionType,
-    pub(super) instance: ImageSet,
-    pub(super) class: Option<ImageSet>,
-    pub(super) aug: Augment,
-    pub(super) emb: EmbeddingCache,
-    pub(super) data_rng: Rng,
-    pub(super) noise_rng: Rng,
-    pub(super) order: DataOrder,
-    pub(super) step: usize,
-    pub(super) losses: Vec<LossPoint>,
+    pub(super) model: TrainedModel,
+    pub(super) data: BatchSource,
+    pub(super) state: RunState,
     pub(super) out_dir: PathBuf,
     pub(super) last_checkpoint: Option<PathBuf>,
-}
-
-pub(super) fn note(hooks: &TrainHooks, msg: impl AsRef<str>) {
-    if !hooks.quiet {
-        eprintln!("{}", msg.as_ref());
-    }
 }
 
 impl Trainer {
     /// The model with the trained parameters attached.
     pub fn sd(&self) -> &StableDiffusion {
-        &self.sd
+        &self.model.sd
     }
 
     /// The trained parameters.
     pub fn trainable(&self) -> &Trainable {
-        &self.model
+        &self.model.params
     }
 
     /// The configuration.
@@ -93,82 +85,29 @@ impl Trainer {
         &self.cfg
     }
 
-    /// Number of training items per epoch (instance images, or more class images).
-    fn n_items(&self) -> usize {
-        let nc = self.class.as_ref().map_or(0, |c| c.len());
-        self.instance.len().max(nc)
-    }
-
     /// Loss of one micro-batch (differentiable).
     fn micro_batch_loss(&mut self) -> anyhow::Result<Tensor> {
         let b = self.cfg.batch_size;
-        let n = self.n_items();
-        let items: Vec<usize> = (0..b)
-            .map(|_| next_item(&mut self.order, n, &mut self.data_rng))
-            .collect();
-        let dev = self.sd.device.clone();
-        let dtype = self.sd.dtype;
-        let inst_idx: Vec<usize> = items.iter().map(|i| i % self.instance.len()).collect();
-        let mut latents = vec![latents_for(
-            &self.instance,
-            &inst_idx,
-            &self.sd.vae,
-            dtype,
-            self.aug,
-            &mut self.data_rng,
-            &mut self.noise_rng,
-            &dev,
-        )?];
-        let mut captions: Vec<String> = inst_idx
-            .iter()
-            .map(|&i| self.instance.images()[i].caption.clone())
-            .collect();
-        if let Some(class) = &self.class {
-            let idx: Vec<usize> = items.iter().map(|i| i % class.len()).collect();
-            latents.push(latents_for(
-                class,
-                &idx,
-                &self.sd.vae,
-                dtype,
-                self.aug,
-                &mut self.data_rng,
-                &mut self.noise_rng,
-                &dev,
-            )?);
-            captions.extend(idx.iter().map(|&i| class.images()[i].caption.clone()));
-        }
-        let latents = Tensor::cat(&latents, 0)?;
-        let context = if self.cfg.train_text_encoder {
-            let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
-            encode_captions(&refs, &self.sd.tokenizer, &self.sd.text_encoder, &dev)?
-        } else {
-            let mut embs = Vec::with_capacity(captions.len());
-            for c in &captions {
-                embs.push(
-                    self.emb
-                        .get(c, &self.sd.tokenizer, &self.sd.text_encoder, &dev)?,
-                );
-            }
-            Tensor::cat(&embs, 0)?
-        };
+        let m = &self.model;
+        let batch = self
+            .data
+            .next(&mut self.state, &m.sd, b, self.cfg.train_text_encoder)?;
+        let dev = m.sd.device.clone();
+        let (latents, context) = (batch.latents, batch.context);
         let nb = noise_batch(
-            &self.sched,
-            self.prediction,
+            &m.sched,
+            m.prediction,
             &latents,
             self.cfg.noise_offset,
-            &mut self.noise_rng,
+            &mut self.state.noise_rng,
         )?;
         let ts: Vec<f32> = nb.timesteps.iter().map(|&t| t as f32).collect();
         let ts = Tensor::from_vec(ts, nb.timesteps.len(), &dev)?;
-        let pred = self.sd.unet.forward(&nb.noisy, &ts, &context)?;
-        let weights = self.cfg.min_snr_gamma.map(|g| {
-            min_snr_weights(
-                self.sched.alphas_cumprod(),
-                &nb.timesteps,
-                g,
-                self.prediction,
-            )
-        });
+        let pred = m.sd.unet.forward(&nb.noisy, &ts, &context)?;
+        let weights = self
+            .cfg
+            .min_snr_gamma
+            .map(|g| min_snr_weights(m.sched.alphas_cumprod(), &nb.timesteps, g, m.prediction));
         Ok(dreambooth_loss(
             &pred,
             &nb.target,
@@ -181,10 +120,10 @@ impl Trainer {
     /// One optimizer step (with gradient accumulation); returns the mean loss.
     fn train_step(&mut self) -> anyhow::Result<f64> {
         let accum = self.cfg.gradient_accumulation_steps;
-        let vars = self.model.named_vars();
+        let vars = self.model.params.named_vars();
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss_sum = 0f64;
-        let step = self.step + 1;
+        let step = self.state.step + 1;
         for _ in 0..accum {
             let loss = self.micro_batch_loss()?;
             let v = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
@@ -215,14 +154,14 @@ impl Trainer {
         }
         let f = lr_factor(
             self.cfg.lr_scheduler,
-            self.step,
+            self.state.step,
             self.cfg.lr_warmup_steps,
             self.cfg.max_train_steps,
         );
-        self.opt.step(&grads, f)?;
-        self.step = step;
+        self.model.opt.step(&grads, f)?;
+        self.state.step = step;
         let loss = loss_sum / accum as f64;
-        self.losses.push(LossPoint {
+        self.state.losses.push(LossPoint {
             step,
             loss,
             lr: self.cfg.learning_rate * f,
@@ -232,7 +171,7 @@ impl Trainer {
 
     /// The error for a non-finite loss or gradient at `step`.
     fn diverged(&self, step: usize, why: &str) -> anyhow::Error {
-        let _ = write_loss_log(&self.out_dir, &self.losses);
+        let _ = write_loss_log(&self.out_dir, &self.state.losses);
         let ckpt = match &self.last_checkpoint {
             Some(p) => format!("the last good checkpoint is {} (resume with --resume {} and a lower learning rate)", p.display(), p.display()),
             None => "no checkpoint was written before (use --save-steps to keep some)".to_string(),
@@ -248,41 +187,42 @@ impl Trainer {
     /// Runs the remaining steps, then writes the outputs.
     pub fn run(&mut self) -> anyhow::Result<TrainOutcome> {
         let total = self.cfg.max_train_steps;
-        let pb = progress(&self.hooks, total as u64, "training");
-        pb.set_position(self.step as u64);
+        let pb = self.hooks.progress(total as u64, "training");
+        pb.set_position(self.state.step as u64);
         pb.reset_eta();
         let t0 = Instant::now();
-        let start_step = self.step;
+        let start_step = self.state.step;
         let mut interrupted = false;
-        while self.step < total {
-            if self.hooks.interrupt.load(Ordering::SeqCst) || self.cfg.stop_after == Some(self.step)
+        while self.state.step < total {
+            if self.hooks.interrupt.load(Ordering::SeqCst)
+                || self.cfg.stop_after == Some(self.state.step)
             {
                 interrupted = true;
                 break;
             }
             let loss = self.train_step()?;
-            pb.set_position(self.step as u64);
+            pb.set_position(self.state.step as u64);
             pb.set_message(format!("training (loss {loss:.4})"));
-            if self.cfg.save_steps > 0 && self.step.is_multiple_of(self.cfg.save_steps) {
+            if self.cfg.save_steps > 0 && self.state.step.is_multiple_of(self.cfg.save_steps) {
                 let d = self.save_checkpoint()?;
                 pb.suspend(|| {
-                    note(
-                        &self.hooks,
-                        format!("step {}: checkpoint {}", self.step, d.display()),
-                    )
+                    self.hooks.note(format!(
+                        "step {}: checkpoint {}",
+                        self.state.step,
+                        d.display()
+                    ))
                 });
             }
-            let at_end = self.step == total;
+            let at_end = self.state.step == total;
             if self.cfg.sample_prompt.is_some()
-                && ((self.cfg.sample_every > 0 && self.step.is_multiple_of(self.cfg.sample_every))
+                && ((self.cfg.sample_every > 0
+                    && self.state.step.is_multiple_of(self.cfg.sample_every))
                     || at_end)
             {
                 let p = self.sample()?;
                 pb.suspend(|| {
-                    note(
-                        &self.hooks,
-                        format!("step {}: sample {}", self.step, p.display()),
-                    )
+                    self.hooks
+                        .note(format!("step {}: sample {}", self.state.step, p.display()))
                 });
             }
         }
@@ -291,34 +231,31 @@ impl Trainer {
         let mut output = None;
         if interrupted {
             let d = self.save_checkpoint()?;
-            note(
-                &self.hooks,
-                format!(
-                    "interrupted at step {}: checkpoint {}",
-                    self.step,
-                    d.display()
-                ),
-            );
+            self.hooks.note(format!(
+                "interrupted at step {}: checkpoint {}",
+                self.state.step,
+                d.display()
+            ));
         } else {
             output = Some(self.save_final()?);
             if self.cfg.save_steps > 0
                 && self
                     .last_checkpoint
                     .as_ref()
-                    .is_none_or(|p| !p.ends_with(format!("checkpoint-{}", self.step)))
+                    .is_none_or(|p| !p.ends_with(format!("checkpoint-{}", self.state.step)))
             {
                 self.save_checkpoint()?;
             }
-            write_loss_log(&self.out_dir, &self.losses)?;
+            write_loss_log(&self.out_dir, &self.state.losses)?;
         }
         Ok(TrainOutcome {
-            steps: self.step,
-            losses: self.losses.clone(),
+            steps: self.state.step,
+            losses: self.state.losses.clone(),
             output,
             checkpoint: self.last_checkpoint.clone(),
             interrupted,
-            steps_this_run: self.step - start_step,
-            trained_params: self.opt.num_params(),
+            steps_this_run: self.state.step - start_step,
+            trained_params: self.model.opt.num_params(),
             train_seconds,
         })
     }
