@@ -9,13 +9,10 @@
 //! `lora_linear_layer.down/up`) with `lora_adapter_metadata` carrying r, lora_alpha, the
 //! targeted module paths and per-layer rank/alpha patterns, so diffusers loads the scale.
 
-use super::keymap::{format_key, Component, KeyIndex, Part, DIFFUSERS};
+use super::keymap::{Component, KeyIndex, DIFFUSERS};
 use super::peft::{alpha_from_scales, config_json, scales_from_metadata, METADATA_KEY};
-use super::{
-    finish, gather, Architecture, Cast, Encoded, Format, LoraFile, LoraFormat, ReadContext,
-};
+use super::{finish, gather, Architecture, Encoded, Format, LoraFile, LoraFormat, ReadContext};
 use crate::lora::LoraSet;
-use anyhow::Context;
 use serde_json::{Map, Value};
 
 /// The diffusers format.
@@ -48,11 +45,7 @@ impl LoraFormat for Diffusers {
             .insert(METADATA_KEY.into(), Value::Object(meta).to_string());
         enc.metadata.insert("format".into(), "pt".into());
         for (layer, w) in &set.layers {
-            for (part, t) in [(Part::Down, w.down()), (Part::Up, w.up())] {
-                let key = format_key(&DIFFUSERS, layer, part, None)
-                    .with_context(|| format!("cannot name {layer} in diffusers keys"))?;
-                enc.tensors.push((key, t.clone(), Cast::Weight));
-            }
+            enc.push_layer(&DIFFUSERS, layer, w, false)?;
         }
         Ok(enc)
     }

@@ -11,14 +11,13 @@
 //! layers), `ss_v2` / `ss_base_model_version` when the shapes tell, `ss_sd_model_name`.
 
 use super::check::{lora_cross_attention_dim, lora_text_width};
-use super::keymap::{format_key, KeyIndex, Part, KOHYA};
+use super::keymap::{KeyIndex, KOHYA};
 use super::{
-    common, finish, fmt_alpha, gather, ord_f64, Architecture, Cast, Encoded, Format, LoraFile,
+    common, finish, fmt_alpha, gather, ord_f64, Architecture, Encoded, Format, LoraFile,
     LoraFormat, ReadContext,
 };
 use crate::lora::LoraSet;
-use anyhow::{bail, Context};
-use candle_core::{Device, Tensor};
+use anyhow::bail;
 
 /// The kohya format.
 pub struct Kohya;
@@ -104,19 +103,7 @@ impl LoraFormat for Kohya {
                 .or_insert_with(|| b.clone());
         }
         for (layer, w) in &set.layers {
-            let name = |p| {
-                format_key(&KOHYA, layer, p, None)
-                    .with_context(|| format!("cannot name layer {layer} in kohya keys"))
-            };
-            enc.tensors
-                .push((name(Part::Down)?, w.down().clone(), Cast::Weight));
-            enc.tensors
-                .push((name(Part::Up)?, w.up().clone(), Cast::Weight));
-            enc.tensors.push((
-                name(Part::Alpha)?,
-                Tensor::new(w.alpha() as f32, &Device::Cpu)?,
-                Cast::Keep,
-            ));
+            enc.push_layer(&KOHYA, layer, w, true)?;
         }
         Ok(enc)
     }

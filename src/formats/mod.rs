@@ -480,6 +480,31 @@ pub(crate) fn is_format_key(k: &str, v: &str) -> bool {
 }
 
 impl Encoded {
+    /// Adds `layer`'s down and up factors under `scheme`'s keys, then, with `with_alpha`, its
+    /// alpha as a 0-d f32 tensor.
+    pub(crate) fn push_layer(
+        &mut self,
+        scheme: &keymap::KeyScheme,
+        layer: &LayerKey,
+        w: &LoraWeights,
+        with_alpha: bool,
+    ) -> anyhow::Result<()> {
+        let key = |p| {
+            keymap::format_key(scheme, layer, p, None)
+                .with_context(|| format!("cannot name layer {layer} in {} keys", scheme.name))
+        };
+        self.tensors
+            .push((key(keymap::Part::Down)?, w.down().clone(), Cast::Weight));
+        self.tensors
+            .push((key(keymap::Part::Up)?, w.up().clone(), Cast::Weight));
+        if with_alpha {
+            let alpha = Tensor::new(w.alpha() as f32, &candle_core::Device::Cpu)?;
+            self.tensors
+                .push((key(keymap::Part::Alpha)?, alpha, Cast::Keep));
+        }
+        Ok(())
+    }
+
     /// No tensors yet; the metadata of `set` that another format should carry over.
     pub(crate) fn carrying(set: &LoraSet) -> Self {
         let metadata = set

@@ -22,14 +22,12 @@
 //! - `training_args`: JSON of the training settings, when known;
 //! - any other metadata of the source file (e.g. kohya's training `ss_*` entries) carried over.
 
-use super::keymap::{format_key, KeyIndex, Part, OURS};
+use super::keymap::{KeyIndex, OURS};
 use super::{
-    common, finish, fmt_alpha, gather, ord_f64, Architecture, Cast, Encoded, Format, LoraFile,
+    common, finish, fmt_alpha, gather, ord_f64, Architecture, Encoded, Format, LoraFile,
     LoraFormat, ReadContext,
 };
 use crate::lora::LoraSet;
-use anyhow::Context;
-use candle_core::{Device, Tensor};
 use std::collections::BTreeSet;
 
 /// The metadata key naming our format version.
@@ -124,16 +122,7 @@ impl LoraFormat for Ours {
             }
         }
         for (layer, w) in &set.layers {
-            let name = |p| {
-                format_key(&OURS, layer, p, None)
-                    .with_context(|| format!("cannot name layer {layer}"))
-            };
-            enc.tensors
-                .push((name(Part::Down)?, w.down().clone(), Cast::Weight));
-            enc.tensors
-                .push((name(Part::Up)?, w.up().clone(), Cast::Weight));
-            let alpha = Tensor::new(w.alpha() as f32, &Device::Cpu)?;
-            enc.tensors.push((name(Part::Alpha)?, alpha, Cast::Keep));
+            enc.push_layer(&OURS, layer, w, true)?;
         }
         Ok(enc)
     }

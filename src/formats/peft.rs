@@ -7,9 +7,9 @@
 //! the file; without either the scale is 1. Written files use `base_model.model.` keys and an
 //! unprefixed config (per-layer deviations in `rank_pattern` / `alpha_pattern`).
 
-use super::keymap::{format_key, Component, KeyIndex, Part, PEFT};
+use super::keymap::{Component, KeyIndex, PEFT};
 use super::{
-    common, finish, gather, ord_f64, Architecture, Cast, Encoded, Format, LoraFile, LoraFormat,
+    common, finish, gather, ord_f64, Architecture, Encoded, Format, LoraFile, LoraFormat,
     ReadContext,
 };
 use crate::lora::{LayerKey, LoraSet};
@@ -219,11 +219,7 @@ impl LoraFormat for Peft {
         enc.metadata
             .insert(METADATA_KEY.into(), Value::Object(cfg).to_string());
         for (layer, w) in &set.layers {
-            for (part, t) in [(Part::Down, w.down()), (Part::Up, w.up())] {
-                let key = format_key(&PEFT, layer, part, None)
-                    .with_context(|| format!("cannot name {layer} in PEFT keys"))?;
-                enc.tensors.push((key, t.clone(), Cast::Weight));
-            }
+            enc.push_layer(&PEFT, layer, w, false)?;
         }
         Ok(enc)
     }

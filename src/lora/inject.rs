@@ -514,24 +514,24 @@ pub fn extract<H: LoraHost + ?Sized>(host: &H, component: Component) -> anyhow::
     })
 }
 
-/// Sets the runtime multiplier of every adapter on `host`.
-pub fn set_scale<H: LoraHost + ?Sized>(host: &H, multiplier: f64) {
+/// Calls `f` on every LoRA adapter attached to `host`.
+fn for_each_adapter<H: LoraHost + ?Sized>(host: &H, f: impl Fn(&LoraAdapter)) {
     for l in host.lora_layers() {
         l.residuals()
             .attached_as::<LoraAdapter>()
             .iter()
-            .for_each(|a| a.set_multiplier(multiplier));
+            .for_each(|a| f(a));
     }
+}
+
+/// Sets the runtime multiplier of every adapter on `host`.
+pub fn set_scale<H: LoraHost + ?Sized>(host: &H, multiplier: f64) {
+    for_each_adapter(host, |a| a.set_multiplier(multiplier));
 }
 
 /// Enables or disables every adapter on `host`.
 pub fn set_enabled<H: LoraHost + ?Sized>(host: &H, on: bool) {
-    for l in host.lora_layers() {
-        l.residuals()
-            .attached_as::<LoraAdapter>()
-            .iter()
-            .for_each(|a| a.set_enabled(on));
-    }
+    for_each_adapter(host, |a| a.set_enabled(on));
 }
 
 /// Detaches every adapter from `host`; returns how many were removed.

@@ -143,12 +143,6 @@ impl Linear {
     }
 }
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Linear::forward(self, x)
-    }
-}
-
 /// A 2D convolution (dilation 1, groups 1) with weight `[out, in, k, k]` and optional bias.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -263,12 +257,6 @@ impl Conv2d {
     }
 }
 
-impl Module for Conv2d {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Conv2d::forward(self, x)
-    }
-}
-
 /// A `Linear` or a `Conv2d` layer (a projection that is one or the other by config, or a
 /// LoRA factor shaped after the layer it adapts).
 #[derive(Debug, Clone)]
@@ -346,12 +334,6 @@ impl GroupNorm {
     }
 }
 
-impl Module for GroupNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        GroupNorm::forward(self, x)
-    }
-}
-
 /// Layer normalisation over the last dimension with affine `weight` and `bias`.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
@@ -384,12 +366,6 @@ impl LayerNorm {
     }
 }
 
-impl Module for LayerNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        LayerNorm::forward(self, x)
-    }
-}
-
 /// SiLU activation `x · sigmoid(x)`.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     crate::ops::silu(x)
@@ -399,3 +375,16 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     crate::ops::gelu_erf(x)
 }
+
+/// `candle_nn::Module` for layers whose inherent `forward(&self, x)` is the whole forward.
+macro_rules! module_by_forward {
+    ($($t:ty),+) => {
+        $(impl Module for $t {
+            fn forward(&self, x: &Tensor) -> Result<Tensor> {
+                <$t>::forward(self, x)
+            }
+        })+
+    };
+}
+
+module_by_forward!(Linear, Conv2d, GroupNorm, LayerNorm);

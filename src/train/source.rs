@@ -48,25 +48,12 @@ impl BatchSource {
             .map(|_| next_item(&mut state.order, n, &mut state.data_rng))
             .collect();
         let dev = sd.device.clone();
-        let inst_idx: Vec<usize> = items.iter().map(|i| i % self.instance.len()).collect();
-        let mut latents = vec![latents_for(
-            &self.instance,
-            &inst_idx,
-            &sd.vae,
-            sd.dtype,
-            self.aug,
-            &mut state.data_rng,
-            &mut state.noise_rng,
-            &dev,
-        )?];
-        let mut captions: Vec<String> = inst_idx
-            .iter()
-            .map(|&i| self.instance.images()[i].caption.clone())
-            .collect();
-        if let Some(class) = &self.class {
-            let idx: Vec<usize> = items.iter().map(|i| i % class.len()).collect();
+        let sets = std::iter::once(&self.instance).chain(self.class.as_ref());
+        let (mut latents, mut captions) = (vec![], vec![]);
+        for set in sets {
+            let idx: Vec<usize> = items.iter().map(|i| i % set.len()).collect();
             latents.push(latents_for(
-                class,
+                set,
                 &idx,
                 &sd.vae,
                 sd.dtype,
@@ -75,7 +62,7 @@ impl BatchSource {
                 &mut state.noise_rng,
                 &dev,
             )?);
-            captions.extend(idx.iter().map(|&i| class.images()[i].caption.clone()));
+            captions.extend(idx.iter().map(|&i| set.images()[i].caption.clone()));
         }
         let latents = Tensor::cat(&latents, 0)?;
         let context = if train_text_encoder {
