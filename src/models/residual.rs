@@ -1,6 +1,6 @@
 //! The residual hook of `Linear` and `Conv2d`: values attached to a layer's
 //! [`ResidualSlot`] add `residual(x)` to the layer's output. Models only define the hook;
-//! LoRA adapters (`crate::lora`) implement it.
+//! LoRA adapters implement it.
 
 use std::any::Any;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
