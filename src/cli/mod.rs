@@ -10,7 +10,7 @@ mod inspect;
 mod sweep;
 mod train;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 
 /// Fast LoRA fine-tuning and inference for Stable Diffusion.
@@ -46,12 +46,16 @@ enum Command {
 
 /// Runs the command line; errors are printed with their causes and give exit code 1.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => crate::bench::run(a),
-        Command::Train(a) => train::run(a),
+        Command::Train(a) => {
+            let sub = matches.subcommand_matches("train");
+            train::run(a, sub.unwrap_or(&matches))
+        }
         Command::Add(a) => add::run(a),
         Command::Extract(a) => extract::run(a),
         Command::Convert(a) => convert::run(a),

@@ -1,220 +1,50 @@
 //! `lora train`: DreamBooth LoRA (or full) fine-tuning from flags and/or a TOML file.
 
-use crate::train::{LrScheduler, TrainConfig, TrainHooks, Trainer};
+use crate::train::{TrainConfig, TrainHooks, Trainer};
 use anyhow::bail;
-use clap::Args;
-use serde::Serialize;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
-fn is_false(b: &bool) -> bool {
-    !*b
-}
-
-/// Arguments of `lora train`. Every option can also be given in the `--config` TOML file under
-/// its name with `_` (e.g. `learning_rate = 1e-4`); flags override the file.
-#[derive(Args, Debug, Serialize, Default)]
+/// Arguments of `lora train`: every [`TrainConfig`] option as a flag, plus `--config`. Every
+/// option can also be given in the `--config` TOML file under its name with `_` (e.g.
+/// `learning_rate = 1e-4`); flags given on the command line override the file.
+#[derive(Args, Debug)]
 pub struct TrainArgs {
     /// A TOML file with training options (keys = option names with `_`).
     #[arg(long)]
-    #[serde(skip)]
     config: Option<PathBuf>,
-    /// Base model: a diffusers folder or Hugging Face id [default: the bundled tiny model].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    model: Option<String>,
-    /// Folder of training images; `name.txt` beside `name.png` is that image's caption.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    instance_data_dir: Option<PathBuf>,
-    /// Prompt of every instance image without a caption file, e.g. "a photo of sks dog".
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    instance_prompt: Option<String>,
-    /// Training resolution (square) [default: 512].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    resolution: Option<usize>,
-    /// Center crop (default: random crop) after resizing the shorter side to the resolution.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "is_false")]
-    center_crop: bool,
-    /// Flip images horizontally at random.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "is_false")]
-    random_flip: bool,
-    /// Encode every image with the VAE once before training (random crops are then drawn once).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "is_false")]
-    cache_latents: bool,
-    /// Skip unreadable or too small images with a warning instead of stopping.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "is_false")]
-    skip_bad_images: bool,
-    /// DreamBooth prior preservation with class images.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "is_false")]
-    with_prior_preservation: bool,
-    /// Folder of class images (missing ones are generated with the base model).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    class_data_dir: Option<PathBuf>,
-    /// Prompt of the class images, e.g. "a photo of a dog".
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    class_prompt: Option<String>,
-    /// Number of class images [default: 100].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    num_class_images: Option<usize>,
-    /// Weight of the prior-preservation loss [default: 1.0].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    prior_loss_weight: Option<f64>,
-    /// LoRA rank [default: 4].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    rank: Option<usize>,
-    /// LoRA alpha; the scale is alpha / rank [default: the rank].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    lora_alpha: Option<f64>,
-    /// Dropout on the LoRA hidden activation [default: 0].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    dropout: Option<f64>,
-    /// UNet LoRA targets: presets attn, ff, proj, resnet, extended or module-path patterns,
-    /// comma-separated [default: attn].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    targets: Option<String>,
-    /// Also train a LoRA on the text encoder.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "is_false")]
-    train_text_encoder: bool,
-    /// Text-encoder LoRA targets: text-attn, text-mlp [default: text-attn].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    text_targets: Option<String>,
-    /// Learning rate of the text-encoder LoRA [default: 5e-6].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    learning_rate_text: Option<f64>,
-    /// Learning rate [default: 1e-4].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    learning_rate: Option<f64>,
-    /// AdamW beta1 [default: 0.9].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    adam_beta1: Option<f64>,
-    /// AdamW beta2 [default: 0.999].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    adam_beta2: Option<f64>,
-    /// AdamW weight decay [default: 0.01].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    adam_weight_decay: Option<f64>,
-    /// AdamW epsilon [default: 1e-8].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    adam_epsilon: Option<f64>,
-    /// Learning-rate schedule: constant, linear or cosine [default: constant].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    lr_scheduler: Option<LrScheduler>,
-    /// Linear warm-up steps [default: 0].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    lr_warmup_steps: Option<usize>,
-    /// Optimizer steps [default: 500].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_train_steps: Option<usize>,
-    /// Instance images per micro-batch [default: 1].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    batch_size: Option<usize>,
-    /// Micro-batches per optimizer step [default: 1].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    gradient_accumulation_steps: Option<usize>,
-    /// Clip the global gradient norm (0: off) [default: 1.0].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_grad_norm: Option<f64>,
-    /// Min-SNR loss weighting gamma (typical: 5) [default: off].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    min_snr_gamma: Option<f64>,
-    /// Offset-noise strength (typical: 0.05) [default: 0].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    noise_offset: Option<f64>,
-    /// Random seed (runs are bit-reproducible on the CPU) [default: 0].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    seed: Option<u64>,
-    /// Output folder: lora.safetensors, checkpoint-<step>/, loss.csv, loss.png, samples/.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    output_dir: Option<PathBuf>,
-    /// Write into a non-empty output folder (files of the same name are replaced).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "is_false")]
-    force: bool,
-    /// Save a checkpoint every N steps (0: only on Ctrl-C) [default: 0].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    save_steps: Option<usize>,
-    /// Continue from a checkpoint folder, or `latest` (the newest in --output-dir).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    resume: Option<String>,
-    /// Prompt of sample images drawn during training (and at the end).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    sample_prompt: Option<String>,
-    /// Draw a sample every N steps [default: only at the end].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    sample_every: Option<usize>,
-    /// Denoising steps of samples and generated class images [default: 20].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    sample_steps: Option<usize>,
-    /// Guidance scale of samples and generated class images [default: 7.5].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    sample_guidance: Option<f64>,
-    /// Fine-tune every UNet weight (the DreamBooth baseline) instead of LoRA.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "is_false")]
-    full: bool,
-    /// Weight dtype: f32, f16 or bf16 [default: f32].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    dtype: Option<String>,
-    /// Device: cpu, cuda:N or metal [default: cpu].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    device: Option<String>,
-    /// Testing aid: stop as Ctrl-C would after this many steps.
-    #[arg(long, hide = true)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stop_after: Option<usize>,
+    #[command(flatten)]
+    options: TrainConfig,
 }
 
-/// The configuration from `--config` plus the flags.
-pub fn config_from(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
-    let flags = serde_json::to_value(a)?;
-    TrainConfig::from_sources(a.config.as_deref(), flags)
+/// The configuration from `--config` plus the flags given on the command line (`matches`
+/// tells which were given; the others keep the file's value, else the default).
+pub fn config_from(a: &TrainArgs, matches: &ArgMatches) -> anyhow::Result<TrainConfig> {
+    let all = serde_json::to_value(&a.options)?;
+    let given: serde_json::Map<String, serde_json::Value> = all
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| {
+            matches!(
+                matches
+                    .try_get_raw(k)
+                    .ok()
+                    .flatten()
+                    .and(matches.value_source(k)),
+                Some(ValueSource::CommandLine)
+            )
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    TrainConfig::from_sources(a.config.as_deref(), serde_json::Value::Object(given))
 }
 
 /// Runs `lora train`.
-pub fn run(a: TrainArgs) -> anyhow::Result<()> {
-    let cfg = config_from(&a)?;
+pub fn run(a: TrainArgs, matches: &ArgMatches) -> anyhow::Result<()> {
+    let cfg = config_from(&a, matches)?;
     let hooks = TrainHooks::default();
     let flag = hooks.interrupt.clone();
     // First Ctrl-C: finish the step, save a checkpoint, exit. Second: exit at once.

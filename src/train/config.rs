@@ -32,6 +32,11 @@ impl std::str::FromStr for LrScheduler {
     }
 }
 
+/// `--lr-scheduler` for clap (the [`LrScheduler`] names, plus `constant_with_warmup`).
+fn parse_lr_scheduler(s: &str) -> Result<LrScheduler, String> {
+    s.parse().map_err(|e: anyhow::Error| e.to_string())
+}
+
 fn d_resolution() -> usize {
     512
 }
@@ -88,145 +93,191 @@ fn d_cpu() -> String {
 }
 
 /// The complete training configuration (see `lora train --help` for each option).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    /// Base model: a diffusers folder or Hugging Face id; `None` = the bundled tiny model.
+    /// Base model: a diffusers folder or Hugging Face id [default: the bundled tiny model].
+    #[arg(long)]
     #[serde(default)]
     pub model: Option<String>,
     /// Folder of training images (png, jpg, jpeg, gif), captions in `img.txt` beside `img.png`.
+    #[arg(long)]
     #[serde(default)]
     pub instance_data_dir: Option<PathBuf>,
     /// Prompt of every instance image without a caption file.
+    #[arg(long)]
     #[serde(default)]
     pub instance_prompt: Option<String>,
     /// Training resolution (square), a multiple of the VAE factor.
+    #[arg(long, default_value_t = d_resolution())]
     #[serde(default = "d_resolution")]
     pub resolution: usize,
     /// Center crop (else a random crop) after resizing the shorter side to the resolution.
+    #[arg(long)]
     #[serde(default)]
     pub center_crop: bool,
     /// Flip images horizontally with probability 1/2.
+    #[arg(long)]
     #[serde(default)]
     pub random_flip: bool,
     /// Encode every image with the VAE once, before training.
+    #[arg(long)]
     #[serde(default)]
     pub cache_latents: bool,
     /// Skip unreadable / too small images with a warning instead of stopping.
+    #[arg(long)]
     #[serde(default)]
     pub skip_bad_images: bool,
     /// DreamBooth prior preservation with class images.
+    #[arg(long)]
     #[serde(default)]
     pub with_prior_preservation: bool,
     /// Folder of class images (missing ones are generated with the base model).
+    #[arg(long)]
     #[serde(default)]
     pub class_data_dir: Option<PathBuf>,
     /// Prompt of the class images.
+    #[arg(long)]
     #[serde(default)]
     pub class_prompt: Option<String>,
     /// How many class images to use (generated when the folder has fewer).
+    #[arg(long, default_value_t = d_num_class_images())]
     #[serde(default = "d_num_class_images")]
     pub num_class_images: usize,
     /// Weight of the prior-preservation loss.
+    #[arg(long, default_value_t = d_one())]
     #[serde(default = "d_one")]
     pub prior_loss_weight: f64,
     /// LoRA rank.
+    #[arg(long, default_value_t = d_rank())]
     #[serde(default = "d_rank")]
     pub rank: usize,
     /// LoRA alpha (scale = alpha / rank); default: the rank.
+    #[arg(long)]
     #[serde(default)]
     pub lora_alpha: Option<f64>,
     /// Dropout on the LoRA input during training.
+    #[arg(long, default_value_t = 0.0)]
     #[serde(default)]
     pub dropout: f64,
     /// UNet LoRA targets: comma-separated presets attn, ff, proj, resnet.
+    #[arg(long, default_value_t = d_targets())]
     #[serde(default = "d_targets")]
     pub targets: String,
     /// Also train LoRA on the text encoder.
+    #[arg(long)]
     #[serde(default)]
     pub train_text_encoder: bool,
     /// Text-encoder LoRA targets: text-attn, text-mlp.
+    #[arg(long, default_value_t = d_text_targets())]
     #[serde(default = "d_text_targets")]
     pub text_targets: String,
     /// Learning rate of the text-encoder LoRA.
+    #[arg(long, default_value_t = d_lr_text())]
     #[serde(default = "d_lr_text")]
     pub learning_rate_text: f64,
     /// Learning rate (UNet).
+    #[arg(long, default_value_t = d_lr())]
     #[serde(default = "d_lr")]
     pub learning_rate: f64,
     /// AdamW beta1.
+    #[arg(long, default_value_t = d_beta1())]
     #[serde(default = "d_beta1")]
     pub adam_beta1: f64,
     /// AdamW beta2.
+    #[arg(long, default_value_t = d_beta2())]
     #[serde(default = "d_beta2")]
     pub adam_beta2: f64,
     /// AdamW decoupled weight decay.
+    #[arg(long, default_value_t = d_wd())]
     #[serde(default = "d_wd")]
     pub adam_weight_decay: f64,
     /// AdamW epsilon.
+    #[arg(long, default_value_t = d_eps())]
     #[serde(default = "d_eps")]
     pub adam_epsilon: f64,
     /// Learning-rate schedule.
+    #[arg(long, default_value = "constant", value_parser = parse_lr_scheduler)]
     #[serde(default)]
     pub lr_scheduler: LrScheduler,
     /// Linear warm-up steps (from 0 to the base rate).
+    #[arg(long, default_value_t = 0)]
     #[serde(default)]
     pub lr_warmup_steps: usize,
     /// Number of optimizer steps.
+    #[arg(long, default_value_t = d_steps())]
     #[serde(default = "d_steps")]
     pub max_train_steps: usize,
     /// Instance images per micro-batch (plus as many class images with prior preservation).
+    #[arg(long, default_value_t = d_one_usize())]
     #[serde(default = "d_one_usize")]
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = d_one_usize())]
     #[serde(default = "d_one_usize")]
     pub gradient_accumulation_steps: usize,
     /// Clip the global gradient norm to this (0: no clipping).
+    #[arg(long, default_value_t = d_one())]
     #[serde(default = "d_one")]
     pub max_grad_norm: f64,
     /// Min-SNR loss weighting with this gamma (typical 5).
+    #[arg(long)]
     #[serde(default)]
     pub min_snr_gamma: Option<f64>,
     /// Offset noise strength (per-channel constant noise added to the noise).
+    #[arg(long, default_value_t = 0.0)]
     #[serde(default)]
     pub noise_offset: f64,
     /// Seed of every random draw.
+    #[arg(long, default_value_t = 0)]
     #[serde(default)]
     pub seed: u64,
     /// Where the LoRA, checkpoints, loss log and samples go.
+    #[arg(long)]
     #[serde(default)]
     pub output_dir: Option<PathBuf>,
     /// Allow a non-empty output folder (files of a previous run are replaced).
+    #[arg(long)]
     #[serde(default)]
     pub force: bool,
     /// Save a checkpoint every this many steps (0: only at the end / on Ctrl-C).
+    #[arg(long, default_value_t = 0)]
     #[serde(default)]
     pub save_steps: usize,
     /// Resume from a checkpoint folder, or `latest` (the newest in the output folder).
+    #[arg(long)]
     #[serde(default)]
     pub resume: Option<String>,
     /// Prompt of the sample images drawn during training.
+    #[arg(long)]
     #[serde(default)]
     pub sample_prompt: Option<String>,
     /// Draw a sample every this many steps (0: never; with a prompt and no value: at the end).
+    #[arg(long, default_value_t = 0)]
     #[serde(default)]
     pub sample_every: usize,
     /// Denoising steps of samples and of generated class images.
+    #[arg(long, default_value_t = d_sample_steps())]
     #[serde(default = "d_sample_steps")]
     pub sample_steps: usize,
     /// Guidance scale of samples and of generated class images.
+    #[arg(long, default_value_t = d_guidance())]
     #[serde(default = "d_guidance")]
     pub sample_guidance: f64,
     /// Full fine-tuning of every UNet weight instead of LoRA (the DreamBooth baseline).
+    #[arg(long)]
     #[serde(default)]
     pub full: bool,
     /// Weight dtype: f32, f16 or bf16 (training math runs in this dtype; f32 recommended).
+    #[arg(long, default_value_t = d_f32())]
     #[serde(default = "d_f32")]
     pub dtype: String,
     /// Device: cpu, cuda:N or metal.
+    #[arg(long, default_value_t = d_cpu())]
     #[serde(default = "d_cpu")]
     pub device: String,
     /// Test hook: behave as if Ctrl-C arrived after this many optimizer steps.
+    #[arg(long, hide = true)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_after: Option<usize>,
 }
