@@ -18,36 +18,11 @@ pub struct SampleArgs {
     /// A diffusers folder or Hugging Face id (default: the bundled tiny model).
     #[arg(long)]
     pub model: Option<String>,
-    /// The prompt.
-    #[arg(long)]
-    pub prompt: String,
-    /// The negative prompt (empty when absent).
-    #[arg(long, default_value = "")]
-    pub negative_prompt: String,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 30)]
-    pub steps: usize,
-    /// Classifier-free guidance scale (1 turns guidance off).
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance: f64,
+    #[command(flatten)]
+    pub params: GenerateParams,
     /// Sampler: ddim, euler, euler-a, dpm++2m or ddpm.
     #[arg(long, default_value = "ddim")]
     pub scheduler: String,
-    /// DDIM eta (0: deterministic).
-    #[arg(long, default_value_t = 0.0)]
-    pub eta: f64,
-    /// Random seed.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Image height (default: the model's native size).
-    #[arg(long)]
-    pub height: Option<usize>,
-    /// Image width (default: the model's native size).
-    #[arg(long)]
-    pub width: Option<usize>,
-    /// Use the text encoder layer this many before the last.
-    #[arg(long, default_value_t = 0)]
-    pub clip_skip: usize,
     /// Weight dtype: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
@@ -65,18 +40,9 @@ impl SampleArgs {
     /// Generation parameters for `num_images` images.
     pub fn params(&self, num_images: usize) -> anyhow::Result<GenerateParams> {
         Ok(GenerateParams {
-            prompt: self.prompt.clone(),
-            negative_prompt: self.negative_prompt.clone(),
-            steps: self.steps,
-            guidance: self.guidance,
-            scheduler: self.scheduler.parse::<SchedulerKind>()?,
-            seed: self.seed,
-            height: self.height,
-            width: self.width,
             num_images,
-            init_latents: None,
-            clip_skip: self.clip_skip,
-            eta: self.eta,
+            scheduler: self.scheduler.parse::<SchedulerKind>()?,
+            ..self.params.clone()
         })
     }
 

@@ -40,33 +40,52 @@ pub struct StableDiffusion {
     pub source: ModelSource,
 }
 
-/// What to generate.
-#[derive(Debug, Clone)]
+/// What to generate; also the sampling flags of `lora generate` / `lora sweep`.
+#[derive(Debug, Clone, clap::Args)]
 pub struct GenerateParams {
     /// The prompt.
+    #[arg(long)]
     pub prompt: String,
     /// The negative prompt (the unconditional branch of classifier-free guidance).
+    #[arg(long, default_value = "")]
     pub negative_prompt: String,
     /// Number of denoising steps.
+    #[arg(long, default_value_t = Self::STEPS)]
     pub steps: usize,
     /// Classifier-free guidance scale; guidance is off at 1.0 or below.
+    #[arg(long, default_value_t = Self::GUIDANCE)]
     pub guidance: f64,
-    /// The sampler.
+    /// The sampler (the command line names it by `--scheduler`, parsed with the model).
+    #[arg(skip = SchedulerKind::Ddim)]
     pub scheduler: SchedulerKind,
     /// Seed of the initial latents and of stochastic samplers.
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Image height in pixels (None: the UNet's sample_size times the VAE factor).
+    /// Image height in pixels (default: the UNet's sample_size times the VAE factor).
+    #[arg(long)]
     pub height: Option<usize>,
-    /// Image width in pixels.
+    /// Image width in pixels (default: as for the height).
+    #[arg(long)]
     pub width: Option<usize>,
     /// How many images.
+    #[arg(skip = 1usize)]
     pub num_images: usize,
     /// Initial latents [num_images, C, H/f, W/f] used like diffusers' `latents=` argument.
+    #[arg(skip)]
     pub init_latents: Option<Tensor>,
     /// Use the output of the layer `clip_skip` before the last (0: the last layer).
+    #[arg(long, default_value_t = 0)]
     pub clip_skip: usize,
     /// DDIM's eta (0: deterministic).
+    #[arg(long, default_value_t = 0.0)]
     pub eta: f64,
+}
+
+impl GenerateParams {
+    /// Default number of denoising steps.
+    pub const STEPS: usize = 30;
+    /// Default classifier-free guidance scale.
+    pub const GUIDANCE: f64 = 7.5;
 }
 
 impl Default for GenerateParams {
@@ -74,8 +93,8 @@ impl Default for GenerateParams {
         Self {
             prompt: String::new(),
             negative_prompt: String::new(),
-            steps: 30,
-            guidance: 7.5,
+            steps: Self::STEPS,
+            guidance: Self::GUIDANCE,
             scheduler: SchedulerKind::Ddim,
             seed: 0,
             height: None,
