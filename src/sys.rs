@@ -40,3 +40,29 @@ pub fn tune_allocator() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
+
+/// Memory the system can still give this process, in bytes (Linux `MemAvailable`; `None`
+/// where it cannot be read).
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// An error when a workload estimated at `need` bytes cannot fit in the available memory
+/// (with headroom for the model itself); `what` names it in the message.
+pub fn check_memory(need: u64, what: &str) -> anyhow::Result<()> {
+    let Some(avail) = available_memory() else {
+        return Ok(());
+    };
+    if need > avail {
+        bail!(
+            "{what} needs ~{:.1} GB of activations, {:.1} GB available; choose a smaller size \
+             or fewer images",
+            need as f64 / 1e9,
+            avail as f64 / 1e9
+        );
+    }
+    Ok(())
+}

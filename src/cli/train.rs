@@ -39,6 +39,20 @@ pub fn config_from(a: &TrainArgs, matches: &ArgMatches) -> anyhow::Result<TrainC
         })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    // A given number that JSON cannot hold (NaN, inf) would otherwise fall back to the default.
+    if let Some((k, _)) = given.iter().find(|(_, v)| v.is_null()) {
+        let raw: Vec<String> = matches
+            .get_raw(k)
+            .into_iter()
+            .flatten()
+            .map(|v| v.to_string_lossy().to_string())
+            .collect();
+        bail!(
+            "--{} {}: must be a finite number",
+            k.replace('_', "-"),
+            raw.join(" ")
+        );
+    }
     TrainConfig::from_sources(a.config.as_deref(), serde_json::Value::Object(given))
 }
 

@@ -198,8 +198,28 @@ impl StableDiffusion {
         if p.num_images == 0 {
             bail!("--num-images must be at least 1");
         }
+        if !p.guidance.is_finite() || !p.eta.is_finite() || !(0.0..=1.0).contains(&p.eta) {
+            bail!(
+                "--guidance {} / --eta {}: guidance must be a finite number and eta in [0, 1]",
+                p.guidance,
+                p.eta
+            );
+        }
         let (dh, dw) = self.default_size();
         let (h, w) = (p.height.unwrap_or(dh), p.width.unwrap_or(dw));
+        // The decoder's last block holds a few full-resolution maps of its widest channel count.
+        let c0 = self
+            .vae
+            .config()
+            .block_out_channels
+            .first()
+            .copied()
+            .unwrap_or(128) as u64;
+        let need = (p.num_images as u64)
+            .saturating_mul(4 * 4 * c0)
+            .saturating_mul(h as u64)
+            .saturating_mul(w as u64);
+        crate::sys::check_memory(need, &format!("generating {h}x{w} x{}", p.num_images))?;
         let (lh, lw) = self.latent_size(h, w)?;
         let n = p.num_images;
         let c = self.unet_config.in_channels;
