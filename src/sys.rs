@@ -1,21 +1,21 @@
 //! Process-level settings: allocator tuning, and the compute device and weight dtype named on
 //! the command line or in a training config.
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 
 /// Parses `cpu`, `cuda`, `cuda:N` or `metal`.
 pub fn parse_device(s: &str) -> anyhow::Result<Device> {
     let dev = match s {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0)?,
-        "metal" => Device::new_metal(0)?,
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0),
+        "metal" => Device::new_metal(0),
         _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => Device::new_cuda(n)?,
+            Some(Ok(n)) => Device::new_cuda(n),
             _ => bail!("--device {s}: expected cpu, cuda, cuda:N or metal"),
         },
     };
-    Ok(dev)
+    dev.with_context(|| format!("--device {s}: cannot open the device"))
 }
 
 /// Parses `f32`, `f16` or `bf16` (also `fp32`, `float32`, `fp16`, `float16`, `bfloat16`).
