@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
+use lora_diffusion::lora::Component;
 use lora_diffusion::lora::{inject_trainable, LoraSet, LoraTargets, LoraWeights};
 use lora_diffusion::models::clip::{ClipTextConfig, ClipTextModel};
 use lora_diffusion::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
@@ -250,12 +251,8 @@ fn factors(case: &GradCase, component: &str) -> Res<LoraSet> {
             .tensors
             .get(&up_key)
             .ok_or_else(|| anyhow::anyhow!("fixture lacks {up_key}"))?;
-        let w = LoraWeights {
-            down: down.clone(),
-            up: up.clone(),
-            alpha: case.alpha,
-        };
-        layers.insert(format!("{component}.{path}"), w);
+        let w = LoraWeights::new(down.clone(), up.clone(), case.alpha).unwrap();
+        layers.insert(format!("{component}.{path}").into(), w);
     }
     Ok(LoraSet {
         layers,
@@ -295,8 +292,17 @@ fn lora_grads(case: &GradCase, targets: (&str, &str), dev: &Device) -> Res<Vec<(
         LoraTargets::parse(targets.1)?,
     );
     let (rank, alpha) = (case.rank, case.alpha);
-    let lu = inject_trainable(&unet, "unet", &ut, rank, alpha, 0.0, &mut rng, dev)?;
-    let lt = inject_trainable(&clip, "text_encoder", &tt, rank, alpha, 0.0, &mut rng, dev)?;
+    let lu = inject_trainable(&unet, Component::Unet, &ut, rank, alpha, 0.0, &mut rng, dev)?;
+    let lt = inject_trainable(
+        &clip,
+        Component::TextEncoder,
+        &tt,
+        rank,
+        alpha,
+        0.0,
+        &mut rng,
+        dev,
+    )?;
     lu.load_weights(&factors(case, "unet")?)?;
     lt.load_weights(&factors(case, "text_encoder")?)?;
 
