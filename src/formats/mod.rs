@@ -313,10 +313,14 @@ fn encode_tensors(
     };
     let mut tensors = Vec::with_capacity(enc.tensors.len());
     for (k, t, cast) in enc.tensors {
+        crate::tensor_file::check_finite(&t, &format!("tensor {k}"))
+            .context("refusing to write it")?;
         let t = match cast {
             Cast::Weight => t.to_dtype(dtype)?,
             Cast::Keep => t,
         };
+        crate::tensor_file::check_finite(&t, &format!("tensor {k} in {dtype:?}"))
+            .with_context(|| format!("its values overflow {dtype:?}; write f32 or bf16"))?;
         let t = OutTensor::from_tensor(&t).with_context(|| format!("tensor {k}"))?;
         tensors.push((k, t));
     }
@@ -429,6 +433,12 @@ pub(crate) fn finish(
                 continue;
             }
         };
+        let finite = crate::tensor_file::check_finite(&down, &format!("{layer} down"))
+            .and_then(|_| crate::tensor_file::check_finite(&up, &format!("{layer} up")));
+        if let Err(e) = finite {
+            problems.push(e.to_string());
+            continue;
+        }
         let w = match LoraWeights::new(down, up, 1.0) {
             Ok(w) => w,
             Err(e) => {
@@ -440,6 +450,10 @@ pub(crate) fn finish(
             Some(a) => a,
             None => default_alpha(&layer, w.rank())?,
         };
+        if !alpha.is_finite() {
+            problems.push(format!("{layer}: alpha is {alpha}"));
+            continue;
+        }
         out.insert(layer, w.with_alpha(alpha));
     }
     if !problems.is_empty() {

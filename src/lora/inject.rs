@@ -308,6 +308,17 @@ pub fn inject_trainable<H: LoraHost + ?Sized>(
             list(&examples)
         );
     }
+    let paths: Vec<&str> = all.iter().map(|l| l.path()).collect();
+    let unmatched = targets.unmatched(component.name(), &paths);
+    if !unmatched.is_empty() {
+        let examples: Vec<String> = all.iter().take(8).map(|l| l.path().to_string()).collect();
+        bail!(
+            "LoRA target(s) {} match no layer of the {component} (presets: {}; layers are e.g.:{})",
+            unmatched.join(", "),
+            LoraTargets::preset_names().join(", "),
+            list(&examples)
+        );
+    }
     let too_small: Vec<String> = layers
         .iter()
         .filter(|l| rank > l.max_rank())

@@ -59,6 +59,14 @@ impl LoraWeights {
                  [r, in(, k, k)], up [out, r(, 1, 1)], r > 0)"
             );
         }
+        for t in [&down, &up] {
+            if !t.dtype().is_float() {
+                candle_core::bail!(
+                    "LoRA factors must be floating point, got {:?} (down {d:?}, up {u:?})",
+                    t.dtype()
+                );
+            }
+        }
         if down.dtype() != up.dtype() || !down.device().same_device(up.device()) {
             candle_core::bail!(
                 "LoRA factors differ in dtype or device: down {:?} on {:?}, up {:?} on {:?}",

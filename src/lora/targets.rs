@@ -82,6 +82,8 @@ const PRESETS: &[(&str, &str, &[&str], &str)] = &[
 struct Pattern {
     component: Option<String>,
     glob: String,
+    /// Written by the user (not expanded from a preset).
+    explicit: bool,
 }
 
 impl Pattern {
@@ -143,6 +145,7 @@ impl LoraTargets {
                     patterns.push(Pattern {
                         component: component.clone(),
                         glob: p.to_string(),
+                        explicit: false,
                     });
                 }
                 continue;
@@ -161,7 +164,11 @@ impl LoraTargets {
                 }
                 _ => (None, item.to_string()),
             };
-            patterns.push(Pattern { component, glob });
+            patterns.push(Pattern {
+                component,
+                glob,
+                explicit: true,
+            });
         }
         if patterns.is_empty() {
             anyhow::bail!(
@@ -205,6 +212,20 @@ impl LoraTargets {
         self.patterns
             .iter()
             .any(|p| p.component.as_deref().is_none_or(|c| c == component))
+    }
+
+    /// The patterns written by the user (not presets) that can apply to `component` but match
+    /// none of its layer `paths`, as written (e.g. a typo).
+    pub fn unmatched(&self, component: &str, paths: &[&str]) -> Vec<String> {
+        self.patterns
+            .iter()
+            .filter(|p| p.explicit && p.component.as_deref().is_none_or(|c| c == component))
+            .filter(|p| !paths.iter().any(|path| p.matches(component, path)))
+            .map(|p| match &p.component {
+                Some(c) => format!("{c}.{}", p.glob),
+                None => p.glob.clone(),
+            })
+            .collect()
     }
 
     /// The normalised comma list this was parsed from (for metadata).

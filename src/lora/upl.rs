@@ -387,6 +387,18 @@ fn write_model(
                 );
             }
             w.iter_mut().zip(&d.data).for_each(|(w, d)| *w += alpha * d);
+            let limit = match entry.dtype {
+                safetensors::Dtype::F16 => 65504.0,
+                _ => f64::MAX,
+            };
+            if let Some((i, v)) = w.iter().enumerate().find(|(_, v)| !(v.abs() <= limit)) {
+                bail!(
+                    "{}/{key}: the fused weight holds {v} at flat index {i}, which {:?} cannot \
+                     store; refusing to write it (check the LoRA and --alpha)",
+                    p.rel,
+                    entry.dtype
+                );
+            }
             replace.insert(key.clone(), encode_f64(&w, entry.dtype)?);
             on_layer();
         }

@@ -280,6 +280,19 @@ impl StableDiffusion {
                 None
             };
             latents = scheduler.step(&noise_pred, t, &latents, noise.as_ref())?;
+            // A NaN or infinity anywhere makes the f32 sum non-finite.
+            let finite = latents
+                .to_dtype(DType::F32)?
+                .abs()?
+                .sum_all()?
+                .to_scalar::<f32>()?;
+            if !finite.is_finite() {
+                bail!(
+                    "denoising step {} of {total} (timestep {t}) made the latents non-finite: \
+                     check the model weights, LoRA scales and --guidance",
+                    i + 1
+                );
+            }
             progress(i + 1, total);
         }
         self.decode(&latents)
@@ -317,7 +330,11 @@ pub fn read_init_latents(path: &std::path::Path) -> anyhow::Result<Tensor> {
         .and_then(|f| f.load_all(&Device::Cpu))
         .with_context(|| format!("cannot read --init-latents file {}", path.display()))?;
     match tensors.get("latents") {
-        Some(t) => Ok(t.clone()),
+        Some(t) => {
+            let what = format!("--init-latents file {} (tensor latents)", path.display());
+            crate::tensor_file::check_finite(t, &what)?;
+            Ok(t.clone())
+        }
         None => {
             let mut names: Vec<&String> = tensors.keys().collect();
             names.sort();

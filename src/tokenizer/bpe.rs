@@ -59,6 +59,12 @@ impl ClipBpe {
                     vocab_path.display()
                 )
             })?;
+        if encoder.is_empty() {
+            bail!(
+                "{} is an empty vocabulary (a CLIP vocab.json maps 49408 tokens to ids)",
+                vocab_path.display()
+            );
+        }
         let merges_text = std::fs::read_to_string(merges_path)
             .with_context(|| format!("cannot read BPE merges {}", merges_path.display()))?;
         let mut ranks = HashMap::new();

@@ -221,6 +221,15 @@ impl Trainer {
             },
         };
         if let Some(c) = ckpt {
+            if c.state.step > t.cfg.max_train_steps {
+                bail!(
+                    "--resume {}: the checkpoint is at step {}, beyond --max-train-steps {}; \
+                     raise --max-train-steps to continue training",
+                    resume_dir.unwrap_or_default().display(),
+                    c.state.step,
+                    t.cfg.max_train_steps
+                );
+            }
             t.restore(c)?;
             t.hooks.note(format!(
                 "resumed from {} at step {}",

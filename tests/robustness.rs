@@ -1,0 +1,206 @@
+//! Inputs that used to crash or pass silently: each gives a clear error naming what is wrong.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use lora_diffusion::formats::{self, Format, WriteOptions};
+use lora_diffusion::lora::{inject_trainable, Component, LoraSet, LoraTargets, LoraWeights};
+use lora_diffusion::rng::Rng;
+use lora_diffusion::tokenizer::ClipTokenizer;
+use std::collections::BTreeMap;
+
+const Q: &str = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
+
+fn one_layer(down: Tensor, up: Tensor) -> LoraSet {
+    let mut set = LoraSet::default();
+    set.layers
+        .insert(Q.into(), LoraWeights::new(down, up, 4.0).unwrap());
+    set
+}
+
+#[test]
+fn a_target_pattern_that_matches_nothing_is_an_error() {
+    let unet = load_unet("sd1", DType::F32);
+    let targets = LoraTargets::parse("attn,to_qq").unwrap();
+    let r = inject_trainable(
+        &unet,
+        Component::Unet,
+        &targets,
+        4,
+        4.0,
+        0.0,
+        &mut Rng::new(0),
+        &Device::Cpu,
+    );
+    let e = err_text(r);
+    assert!(e.contains("to_qq") && e.contains("match no layer"), "{e}");
+    // Presets whose patterns all exist still work.
+    let ok = LoraTargets::parse("attn,attn2.to_k").unwrap();
+    let r = inject_trainable(
+        &unet,
+        Component::Unet,
+        &ok,
+        4,
+        4.0,
+        0.0,
+        &mut Rng::new(0),
+        &Device::Cpu,
+    );
+    assert!(r.is_ok());
+}
+
+#[test]
+fn non_finite_and_integer_lora_factors_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, d_in, d_out) = (4, 32, 32);
+    let mut rng = Rng::new(3);
+    let down = rng.randn((r, d_in), &Device::Cpu).unwrap();
+    let up = rng.randn((d_out, r), &Device::Cpu).unwrap();
+    // A NaN in a file: reading names the layer.
+    let mut bad = down.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    bad[5] = f32::NAN;
+    let bad = Tensor::from_vec(bad, (r, d_in), &Device::Cpu).unwrap();
+    let raw: BTreeMap<String, Tensor> = [
+        (format!("{Q}.lora_down.weight"), bad),
+        (format!("{Q}.lora_up.weight"), up.clone()),
+    ]
+    .into_iter()
+    .collect();
+    let p = dir.path().join("nan.safetensors");
+    let out = lora_diffusion::tensor_file::out_tensors(&raw).unwrap();
+    lora_diffusion::tensor_file::write(&p, out, &BTreeMap::new(), false).unwrap();
+    let e = err_text(formats::read(&p));
+    assert!(
+        e.contains(Q) && e.contains("non-finite") && e.contains("index 5"),
+        "{e}"
+    );
+    // Integer factors are not a LoRA.
+    let ints = down.to_dtype(DType::I64).unwrap();
+    let e = err_text(LoraWeights::new(
+        ints,
+        up.to_dtype(DType::I64).unwrap(),
+        4.0,
+    ));
+    assert!(e.contains("floating point") && e.contains("I64"), "{e}");
+    // Values f16 cannot hold are refused when writing f16, accepted in f32.
+    let big = (up.clone() * 1e6).unwrap();
+    let set = one_layer(down.clone(), big);
+    let f16 = WriteOptions {
+        dtype: Some(DType::F16),
+        ..Default::default()
+    };
+    let out = dir.path().join("big.safetensors");
+    let e = err_text(formats::write(&set, &out, Format::Kohya, &f16));
+    assert!(e.contains("overflow") && e.contains("F16"), "{e}");
+    assert!(!out.exists());
+    formats::write(&set, &out, Format::Kohya, &WriteOptions::default()).unwrap();
+}
+
+#[test]
+fn cli_numbers_must_be_finite() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = repo().join("assets/demo-data");
+    for (flag, v) in [("--learning-rate", "NaN"), ("--max-grad-norm", "inf")] {
+        let o = lora(&[
+            "train",
+            flag,
+            v,
+            "--instance-data-dir",
+            s(&data),
+            "--instance-prompt",
+            "sks toy",
+            "--output-dir",
+            s(&dir.path().join("out")),
+        ]);
+        expect_failure(&o, &[flag, v, "finite"]);
+    }
+    let png = dir.path().join("x.png");
+    let o = lora(&[
+        "generate",
+        "--prompt",
+        "x",
+        "--guidance",
+        "NaN",
+        "--out",
+        s(&png),
+    ]);
+    expect_failure(&o, &["--guidance", "NaN"]);
+    let o = lora(&[
+        "generate", "--prompt", "x", "--height", "100000", "--width", "4000000",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "--out is required");
+    let o = lora(&[
+        "generate",
+        "--prompt",
+        "x",
+        "--height",
+        "100000",
+        "--width",
+        "4000000",
+        "--out",
+        s(&png),
+    ]);
+    expect_failure(&o, &["100000x4000000", "GB", "available"]);
+    assert!(!png.exists());
+}
+
+#[test]
+fn non_finite_init_latents_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut v = vec![0f32; 4 * 8 * 8];
+    v[7] = f32::INFINITY;
+    let t = Tensor::from_vec(v, (1, 4, 8, 8), &Device::Cpu).unwrap();
+    let p = dir.path().join("lat.safetensors");
+    let m: BTreeMap<String, Tensor> = [("latents".to_string(), t)].into_iter().collect();
+    let out = lora_diffusion::tensor_file::out_tensors(&m).unwrap();
+    lora_diffusion::tensor_file::write(&p, out, &BTreeMap::new(), false).unwrap();
+    let e = err_text(lora_diffusion::pipeline::read_init_latents(&p));
+    assert!(
+        e.contains("lat.safetensors") && e.contains("non-finite"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_empty_vocabulary_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = fixtures().join("sd1-tiny/tokenizer");
+    copy_dir(&tok, dir.path());
+    std::fs::write(dir.path().join("vocab.json"), "{}").unwrap();
+    let e = err_text(ClipTokenizer::from_dir(dir.path()).map(|_| ()));
+    assert!(e.contains("vocab.json") && e.contains("empty"), "{e}");
+}
+
+#[test]
+fn resuming_past_max_train_steps_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let data = repo().join("assets/demo-data");
+    let mut args = vec![
+        "train",
+        "--instance-data-dir",
+        s(&data),
+        "--instance-prompt",
+        "sks toy",
+        "--resolution",
+        "64",
+        "--output-dir",
+        s(&out),
+        "--save-steps",
+        "2",
+        "--max-train-steps",
+        "2",
+    ];
+    expect_success(&lora(&args));
+    args.truncate(args.len() - 1);
+    args.extend(["1", "--resume", "latest"]);
+    expect_failure(
+        &lora(&args),
+        &[
+            "step 2",
+            "beyond --max-train-steps 1",
+            "raise --max-train-steps",
+        ],
+    );
+}
