@@ -204,3 +204,48 @@ fn resuming_past_max_train_steps_is_an_error() {
         ],
     );
 }
+
+/// CRC-32 (IEEE) as PNG chunks use it.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = 0xFFFF_FFFFu32;
+    for &b in bytes {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+#[test]
+fn a_png_declaring_a_huge_size_is_refused_before_decoding() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let img = image::RgbImage::from_pixel(64, 64, image::Rgb([200, 10, 10]));
+    let p = data.join("huge.png");
+    img.save(&p).unwrap();
+    let mut b = std::fs::read(&p).unwrap();
+    assert_eq!(&b[12..16], b"IHDR");
+    b[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+    b[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+    let crc = crc32(&b[12..29]);
+    b[29..33].copy_from_slice(&crc.to_be_bytes());
+    std::fs::write(&p, &b).unwrap();
+    let o = lora(&[
+        "train",
+        "--instance-data-dir",
+        s(&data),
+        "--instance-prompt",
+        "x",
+        "--resolution",
+        "64",
+        "--output-dir",
+        s(&dir.path().join("out")),
+    ]);
+    expect_failure(&o, &["huge.png", "100000x100000"]);
+}

@@ -76,7 +76,13 @@ pub fn list_images(dir: &Path, what: &str) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Decodes `path` with its EXIF orientation applied; the error names the file.
+/// The largest width or height of a training image that is decoded.
+const MAX_SIDE: u32 = 16384;
+/// The largest decoded size of a training image (a 16384² RGBA image at 8 bits).
+const MAX_DECODED_BYTES: u64 = 1 << 30;
+
+/// Decodes `path` with its EXIF orientation applied, refusing images whose header declares
+/// more than [`MAX_SIDE`] pixels a side or [`MAX_DECODED_BYTES`]; the error names the file.
 pub fn decode(path: &Path) -> anyhow::Result<DynamicImage> {
     let reader = ImageReader::open(path)
         .with_context(|| format!("cannot open image {}", path.display()))?
@@ -88,6 +94,16 @@ pub fn decode(path: &Path) -> anyhow::Result<DynamicImage> {
             path.display()
         )
     })?;
+    let (w, h) = decoder.dimensions();
+    if w > MAX_SIDE || h > MAX_SIDE || decoder.total_bytes() > MAX_DECODED_BYTES {
+        bail!(
+            "{} declares {w}x{h} pixels ({} MB decoded); training images are limited to \
+             {MAX_SIDE} pixels a side and {} MB",
+            path.display(),
+            decoder.total_bytes() / 1_000_000,
+            MAX_DECODED_BYTES / 1_000_000
+        );
+    }
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
