@@ -410,6 +410,24 @@ pub fn rewrite(
     write(dst, out, &src.metadata, true)
 }
 
+/// An error naming `what` when `t` holds a NaN or an infinity (the first one and its index).
+pub fn check_finite(t: &Tensor, what: &str) -> anyhow::Result<()> {
+    if !t.dtype().is_float() {
+        return Ok(());
+    }
+    let v: Vec<f32> = t
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
+    if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+        bail!(
+            "{what} holds a non-finite value ({x} at flat index {i} of shape {:?})",
+            t.dims()
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,22 +499,4 @@ mod tests {
         );
         Ok(())
     }
-}
-
-/// An error naming `what` when `t` holds a NaN or an infinity (the first one and its index).
-pub fn check_finite(t: &Tensor, what: &str) -> anyhow::Result<()> {
-    if !t.dtype().is_float() {
-        return Ok(());
-    }
-    let v: Vec<f32> = t
-        .to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1()?;
-    if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
-        bail!(
-            "{what} holds a non-finite value ({x} at flat index {i} of shape {:?})",
-            t.dims()
-        );
-    }
-    Ok(())
 }

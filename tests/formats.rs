@@ -198,12 +198,12 @@ fn cloneofsimo_order_is_the_pre_015_traversal() {
     for (k, w) in &set.layers {
         assert_eq!(w.alpha(), w.rank() as f64);
         assert_eq!(
-            max_abs_diff(&w.down(), &exp[&format!("geglu.{k}.down")]),
+            max_abs_diff(w.down(), &exp[&format!("geglu.{k}.down")]),
             0.0,
             "{k}"
         );
         assert_eq!(
-            max_abs_diff(&w.up(), &exp[&format!("geglu.{k}.up")]),
+            max_abs_diff(w.up(), &exp[&format!("geglu.{k}.up")]),
             0.0,
             "{k}"
         );
@@ -309,7 +309,7 @@ fn conversions_round_trip() {
             assert_eq!(w.down().dtype(), dt);
             assert_eq!(w.alpha(), set.layers[k].alpha());
             assert_eq!(
-                max_abs_diff(&w.up(), &set.layers[k].up().to_dtype(dt).unwrap()),
+                max_abs_diff(w.up(), &set.layers[k].up().to_dtype(dt).unwrap()),
                 0.0
             );
         }

@@ -320,7 +320,7 @@ fn scale_enable_and_remove_at_run_time() {
     for (k, w) in &set.layers {
         let g = &got.layers[k];
         assert_eq!(
-            max_abs_diff(&g.down(), &w.down()) + max_abs_diff(&g.up(), &w.up()),
+            max_abs_diff(g.down(), w.down()) + max_abs_diff(g.up(), w.up()),
             0.0,
             "{k}"
         );

@@ -41,7 +41,7 @@ fn collapsed_weight_equals_the_adapter_on_single_layers() {
     eprintln!("linear collapse vs adapter max abs diff {d:e}");
     assert!(d <= 1e-5);
     // delta_weight = (alpha / r) up down.
-    let manual = (lora.up().matmul(&lora.down()).unwrap() * (5.0 / 3.0)).unwrap();
+    let manual = (lora.up().matmul(lora.down()).unwrap() * (5.0 / 3.0)).unwrap();
     assert!(max_abs_diff(&delta_weight(&lora).unwrap(), &manual) <= 1e-6);
 
     // Conv 3x3, stride 2, padding 1 and a 1x1 conv; trainable and frozen adapters.
@@ -70,8 +70,8 @@ fn collapsed_weight_equals_the_adapter_on_single_layers() {
             let layer = Conv2d::from_tensors(w.clone(), Some(b.clone()), stride, padding, "c");
             let a = if trainable {
                 let (d, u) = (
-                    Var::from_tensor(&lora.down()).unwrap(),
-                    Var::from_tensor(&lora.up()).unwrap(),
+                    Var::from_tensor(lora.down()).unwrap(),
+                    Var::from_tensor(lora.up()).unwrap(),
                 );
                 LoraAdapter::trainable(d, u, 2.0, kind, 1, None).unwrap()
             } else {

@@ -255,12 +255,12 @@ fn lpl_with_different_scales_folds_them_first() {
     assert_eq!(report.folded, 1);
     let (la, lb, lm) = (&a.layers[Q], &b.layers[Q], &m.layers[Q]);
     assert_eq!(lm.alpha(), 4.0, "scale 1 after folding");
-    let want: Vec<f64> = to_f64s(&la.up())
+    let want: Vec<f64> = to_f64s(la.up())
         .iter()
-        .zip(to_f64s(&lb.up()))
+        .zip(to_f64s(lb.up()))
         .map(|(x, y)| alpha * la.scale() * x + (1.0 - alpha) * lb.scale() * y)
         .collect();
-    let d = to_f64s(&lm.up())
+    let d = to_f64s(lm.up())
         .iter()
         .zip(&want)
         .map(|(g, w)| (g - w).abs())
@@ -365,8 +365,8 @@ fn cli_ljl_and_svd_on_files_of_two_formats() {
         let l2 = &j2.layers[n];
         assert!(
             l.alpha() == l2.alpha()
-                && to_f64s(&l.up()) == to_f64s(&l2.up())
-                && to_f64s(&l.down()) == to_f64s(&l2.down()),
+                && to_f64s(l.up()) == to_f64s(l2.up())
+                && to_f64s(l.down()) == to_f64s(l2.down()),
             "{n}"
         );
     }
@@ -459,12 +459,8 @@ fn cli_lpl_prints_the_true_error_and_refuses_mismatches() {
     );
     let written = lora_diffusion::formats::read(&out).unwrap();
     for (name, l) in &written.layers {
-        assert_eq!(to_f64s(&l.up()), to_f64s(&m.layers[name].up()), "{name}");
-        assert_eq!(
-            to_f64s(&l.down()),
-            to_f64s(&m.layers[name].down()),
-            "{name}"
-        );
+        assert_eq!(to_f64s(l.up()), to_f64s(m.layers[name].up()), "{name}");
+        assert_eq!(to_f64s(l.down()), to_f64s(m.layers[name].down()), "{name}");
     }
 
     // Different ranks: refused with the list, nothing written.

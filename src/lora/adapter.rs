@@ -263,11 +263,11 @@ impl LoraAdapter {
 
     /// A snapshot of the factors (copies, detached from any variable) and alpha.
     pub fn weights(&self) -> Result<LoraWeights> {
-        Ok(LoraWeights::new(
+        LoraWeights::new(
             self.down().detach().copy()?,
             self.up().detach().copy()?,
             self.alpha,
-        )?)
+        )
     }
 
     /// The residual `effective_scale · up(dropout(down(x)))` for layer input `x`, in `x`'s dtype.

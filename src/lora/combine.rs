@@ -38,11 +38,11 @@ pub fn layer_from_mats(
     down_shape[0] = r;
     let mut up_shape = like.up.dims().to_vec();
     up_shape[1] = r;
-    Ok(LoraWeights::new(
+    LoraWeights::new(
         down.to_tensor(&down_shape, dtype, &Device::Cpu)?,
         up.to_tensor(&up_shape, dtype, &Device::Cpu)?,
         alpha,
-    )?)
+    )
 }
 
 /// Checks that both sides adapt a layer of the same shape.
@@ -243,7 +243,7 @@ pub fn ljl(a: &LoraSet, b: &LoraSet, alpha: f64) -> anyhow::Result<LoraSet> {
     for (name, j) in join_mats(a, b, alpha)? {
         let layer = layer_from_mats(&j.up, &j.down, j.alpha, j.like, dtype)
             .with_context(|| format!("ljl on layer {name}"))?;
-        out.layers.insert(name.into(), layer);
+        out.layers.insert(name, layer);
     }
     out.metadata = merge_metadata("ljl", alpha, None);
     Ok(out)
@@ -390,7 +390,7 @@ pub fn svd_join(
             dtype,
         )?;
         report.layers.push(energy);
-        out.layers.insert(name.into(), layer);
+        out.layers.insert(name, layer);
     }
     out.metadata = merge_metadata("svd", alpha, Some(rank));
     Ok((out, report))

@@ -481,7 +481,7 @@ pub fn apply_lora_set<H: LoraHost + ?Sized>(
         let (dt, dev) = (layer.dtype(), layer.weight().device());
         let d = d.to_dtype(dt)?.to_device(dev)?;
         let u = u.to_dtype(dt)?.to_device(dev)?;
-        let adapter = LoraAdapter::frozen(d, u, alpha, AdapterKind::of(&layer), owner)
+        let adapter = LoraAdapter::frozen(d, u, alpha, AdapterKind::of(layer), owner)
             .with_context(|| format!("LoRA for {component}.{path}"))?;
         adapter.set_multiplier(scale);
         entries.push(Entry {

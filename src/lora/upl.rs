@@ -391,7 +391,11 @@ fn write_model(
                 safetensors::Dtype::F16 => 65504.0,
                 _ => f64::MAX,
             };
-            if let Some((i, v)) = w.iter().enumerate().find(|(_, v)| !(v.abs() <= limit)) {
+            if let Some((i, v)) = w
+                .iter()
+                .enumerate()
+                .find(|(_, v)| !v.is_finite() || v.abs() > limit)
+            {
                 bail!(
                     "{}/{key}: the fused weight holds {v} at flat index {i}, which {:?} cannot \
                      store; refusing to write it (check the LoRA and --alpha)",

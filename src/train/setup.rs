@@ -22,8 +22,6 @@ use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// Seeds of the independent random streams, derived from `--seed`.
-
 /// Checks the output folder: a new or empty folder is fine, a non-empty one needs `--force`
 /// (or `--resume`).
 fn check_output_dir(dir: &Path, force: bool, resuming: bool) -> anyhow::Result<()> {

@@ -275,8 +275,8 @@ pub fn identical(a: &LoraSet, b: &LoraSet) {
         let v = &b.layers[k];
         assert_eq!(w.alpha(), v.alpha(), "{k}: alpha");
         assert_eq!(w.down().dtype(), v.down().dtype(), "{k}: dtype");
-        assert_eq!(max_abs_diff(&w.down(), &v.down()), 0.0, "{k}: down");
-        assert_eq!(max_abs_diff(&w.up(), &v.up()), 0.0, "{k}: up");
+        assert_eq!(max_abs_diff(w.down(), v.down()), 0.0, "{k}: down");
+        assert_eq!(max_abs_diff(w.up(), v.up()), 0.0, "{k}: up");
     }
 }
 
