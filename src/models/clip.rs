@@ -139,14 +139,7 @@ impl Default for ClipTextConfig {
 impl ClipTextConfig {
     /// Parses a config from JSON text; `origin` names the source in errors.
     pub fn from_json_str(text: &str, origin: &str) -> anyhow::Result<Self> {
-        let mut value: serde_json::Value =
-            serde_json::from_str(text).with_context(|| format!("{origin} is not valid JSON"))?;
-        // An explicit `null` means "not set": let the default apply.
-        if let Some(obj) = value.as_object_mut() {
-            obj.retain(|_, v| !v.is_null());
-        }
-        let cfg: Self = serde_json::from_value(value)
-            .with_context(|| format!("{origin} is not a valid CLIP text config"))?;
+        let cfg: Self = super::parse_config_json(text, origin, "CLIP text config")?;
         cfg.validate()
             .with_context(|| format!("invalid CLIP text config in {origin}"))?;
         Ok(cfg)
@@ -154,10 +147,7 @@ impl ClipTextConfig {
 
     /// Reads `text_encoder/config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> anyhow::Result<Self> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read CLIP text config {}", path.display()))?;
-        Self::from_json_str(&text, &path.display().to_string())
+        super::read_config(path.as_ref(), "CLIP text config", Self::from_json_str)
     }
 
     /// Checks the sizes the model relies on.

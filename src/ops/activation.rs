@@ -5,7 +5,7 @@
 //! on the CPU:
 //! `silu'(x) = s · (1 + x · (1 - s))` with `s = sigmoid(x)`, `gelu'(x) = Φ(x) + x · φ(x)`.
 
-use super::bridge::{bridge1, bridge2, gpu_fwd_via_any, Backend};
+use super::bridge::{bridge1, bridge2, fwd_via_kernel, Backend};
 use super::par::{contiguous_slice, map_into, par_chunks, Real};
 use super::Kernel;
 use candle_core::backend::BackendStorage;
@@ -171,18 +171,5 @@ impl CustomOp2 for ActivationBwd {
     fn name(&self) -> &'static str {
         "lora-activation-bwd"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        match s1.dtype() {
-            DType::F32 => bwd_kernel::<f32>(self.act, (s1, l1), (s2, l2)),
-            DType::F64 => bwd_kernel::<f64>(self.act, (s1, l1), (s2, l2)),
-            _ => self.any((s1, l1), (s2, l2)),
-        }
-    }
-    gpu_fwd_via_any!(2);
+    fwd_via_kernel!(self, (x, g), T => bwd_kernel::<T>(self.act, x, g));
 }

@@ -27,53 +27,30 @@ pub(crate) trait Backend: BackendStorage {
     fn alloc_like(&self, shape: &Shape, dtype: DType) -> Result<Self>;
 }
 
-impl Backend for CpuStorage {
-    fn into_storage(self) -> Storage {
-        Storage::Cpu(self)
-    }
-    fn view(s: &Storage) -> Option<&Self> {
-        match s {
-            Storage::Cpu(s) => Some(s),
-            _ => None,
+/// Implements [`Backend`] for the storage type of the `Storage` variant `$variant`.
+macro_rules! impl_backend {
+    ($storage:ty, $variant:ident) => {
+        impl Backend for $storage {
+            fn into_storage(self) -> Storage {
+                Storage::$variant(self)
+            }
+            fn view(s: &Storage) -> Option<&Self> {
+                match s {
+                    Storage::$variant(s) => Some(s),
+                    _ => None,
+                }
+            }
+            fn alloc_like(&self, shape: &Shape, dtype: DType) -> Result<Self> {
+                // SAFETY: every caller overwrites the whole buffer with copy_strided_src.
+                unsafe { self.device().alloc_uninit(shape, dtype) }
+            }
         }
-    }
-    fn alloc_like(&self, shape: &Shape, dtype: DType) -> Result<Self> {
-        // SAFETY: every caller overwrites the whole buffer with copy_strided_src.
-        unsafe { self.device().alloc_uninit(shape, dtype) }
-    }
+    };
 }
 
-impl Backend for CudaStorage {
-    fn into_storage(self) -> Storage {
-        Storage::Cuda(self)
-    }
-    fn view(s: &Storage) -> Option<&Self> {
-        match s {
-            Storage::Cuda(s) => Some(s),
-            _ => None,
-        }
-    }
-    fn alloc_like(&self, shape: &Shape, dtype: DType) -> Result<Self> {
-        // SAFETY: every caller overwrites the whole buffer with copy_strided_src.
-        unsafe { self.device().alloc_uninit(shape, dtype) }
-    }
-}
-
-impl Backend for MetalStorage {
-    fn into_storage(self) -> Storage {
-        Storage::Metal(self)
-    }
-    fn view(s: &Storage) -> Option<&Self> {
-        match s {
-            Storage::Metal(s) => Some(s),
-            _ => None,
-        }
-    }
-    fn alloc_like(&self, shape: &Shape, dtype: DType) -> Result<Self> {
-        // SAFETY: every caller overwrites the whole buffer with copy_strided_src.
-        unsafe { self.device().alloc_uninit(shape, dtype) }
-    }
-}
+impl_backend!(CpuStorage, Cpu);
+impl_backend!(CudaStorage, Cuda);
+impl_backend!(MetalStorage, Metal);
 
 /// Copies the view `(s, l)` into a new contiguous, graph-free tensor.
 pub(crate) fn to_tensor<S: Backend>(s: &S, l: &Layout) -> Result<Tensor> {
@@ -304,52 +281,75 @@ pub(crate) fn split_grads(flat: &Tensor, x: &Tensor, c: usize) -> Result<(Tensor
     ))
 }
 
-/// Expands, inside an `impl CustomOp2`/`CustomOp3` block, to `cuda_fwd` and `metal_fwd`
-/// that forward to the op's generic `self.any(..)` (its tensor-op fallback).
-macro_rules! gpu_fwd_via_any {
-    (2) => {
-        fn cuda_fwd(
-            &self,
-            s1: &candle_core::CudaStorage,
-            l1: &candle_core::Layout,
-            s2: &candle_core::CudaStorage,
-            l2: &candle_core::Layout,
-        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-            self.any((s1, l1), (s2, l2))
-        }
-        fn metal_fwd(
-            &self,
-            s1: &candle_core::MetalStorage,
-            l1: &candle_core::Layout,
-            s2: &candle_core::MetalStorage,
-            l2: &candle_core::Layout,
-        ) -> candle_core::Result<(candle_core::MetalStorage, candle_core::Shape)> {
-            self.any((s1, l1), (s2, l2))
-        }
+/// Expands, inside an `impl CustomOp2`/`CustomOp3` block (`$this` names the `self` of the
+/// generated methods), to a `cpu_fwd` that binds the `(storage, layout)` inputs to the
+/// given names and, for f32 / f64 inputs (when the optional guard holds), runs `$kernel`
+/// with `$T` set to that float type; otherwise, and in `cuda_fwd` / `metal_fwd`, it calls
+/// the op's generic `self.any(..)` (its tensor-op fallback).
+macro_rules! fwd_via_kernel {
+    ($this:ident, ($a:ident, $b:ident) $(if $guard:expr)?, $T:ident => $kernel:expr) => {
+        $crate::ops::bridge::fwd_via_kernel!(@cpu $this, [(s1, l1, $a) (s2, l2, $b)]
+            $(if $guard)?, $T => $kernel);
     };
-    (3) => {
-        fn cuda_fwd(
-            &self,
-            s1: &candle_core::CudaStorage,
-            l1: &candle_core::Layout,
-            s2: &candle_core::CudaStorage,
-            l2: &candle_core::Layout,
-            s3: &candle_core::CudaStorage,
-            l3: &candle_core::Layout,
-        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-            self.any((s1, l1), (s2, l2), (s3, l3))
+    ($this:ident, ($a:ident, $b:ident, $c:ident) $(if $guard:expr)?, $T:ident => $kernel:expr) => {
+        $crate::ops::bridge::fwd_via_kernel!(@cpu $this, [(s1, l1, $a) (s2, l2, $b) (s3, l3, $c)]
+            $(if $guard)?, $T => $kernel);
+    };
+    (@cpu $this:ident, [($s0:ident, $l0:ident, $a0:ident) $(($s:ident, $l:ident, $a:ident))+]
+        $(if $guard:expr)?, $T:ident => $kernel:expr) => {
+        fn cpu_fwd(
+            &$this,
+            $s0: &candle_core::CpuStorage,
+            $l0: &candle_core::Layout,
+            $($s: &candle_core::CpuStorage, $l: &candle_core::Layout,)+
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            let ($a0, $($a),+) = (($s0, $l0), $(($s, $l)),+);
+            match $s0.dtype() {
+                candle_core::DType::F32 $(if $guard)? => {
+                    type $T = f32;
+                    $kernel
+                }
+                candle_core::DType::F64 $(if $guard)? => {
+                    type $T = f64;
+                    $kernel
+                }
+                _ => $this.any($a0, $($a),+),
+            }
         }
-        fn metal_fwd(
+        $crate::ops::bridge::fwd_via_kernel!(@gpu cuda_fwd, candle_core::CudaStorage,
+            [($s0, $l0) $(($s, $l))+]);
+        $crate::ops::bridge::fwd_via_kernel!(@gpu metal_fwd, candle_core::MetalStorage,
+            [($s0, $l0) $(($s, $l))+]);
+    };
+    (@gpu $name:ident, $St:ty, [$(($s:ident, $l:ident))+]) => {
+        fn $name(
             &self,
-            s1: &candle_core::MetalStorage,
-            l1: &candle_core::Layout,
-            s2: &candle_core::MetalStorage,
-            l2: &candle_core::Layout,
-            s3: &candle_core::MetalStorage,
-            l3: &candle_core::Layout,
-        ) -> candle_core::Result<(candle_core::MetalStorage, candle_core::Shape)> {
-            self.any((s1, l1), (s2, l2), (s3, l3))
+            $($s: &$St, $l: &candle_core::Layout,)+
+        ) -> candle_core::Result<($St, candle_core::Shape)> {
+            self.any($(($s, $l)),+)
         }
     };
 }
-pub(crate) use gpu_fwd_via_any;
+pub(crate) use fwd_via_kernel;
+
+/// The backward of a norm op on `(x, weight, bias)` for the output gradient `g`: the
+/// graph-free fused op `fused_bwd` on `(x, weight, grad)` when given, else `generic`
+/// `(x, weight, grad) -> (dx, dw, db)`; each gradient is kept only for a tracked input.
+#[allow(clippy::type_complexity)]
+pub(crate) fn norm_grads(
+    [x, w, b]: [&Tensor; 3],
+    g: &Tensor,
+    fused_bwd: Option<&impl CustomOp3>,
+    generic: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor, Tensor)>,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let g = g.to_dtype(x.dtype())?.contiguous()?;
+    let (dx, dw, db) = match fused_bwd {
+        Some(op) => split_grads(&x.apply_op3_no_bwd(w, &g, op)?, x, w.elem_count())?,
+        None => generic(x, w, &g)?,
+    };
+    Ok((
+        x.track_op().then_some(dx),
+        w.track_op().then_some(dw),
+        b.track_op().then_some(db),
+    ))
+}

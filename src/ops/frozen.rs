@@ -54,6 +54,16 @@ fn conv2d(
     }
 }
 
+/// Checks that an optional bias is `[n]` (errors name `who`).
+fn check_bias(bias: Option<&Tensor>, n: usize, who: &str) -> Result<()> {
+    match bias {
+        Some(b) if b.dims() != [n] => {
+            candle_core::bail!("{who}: bias {:?}, expected [{n}]", b.shape())
+        }
+        _ => Ok(()),
+    }
+}
+
 /// `x @ wᵀ + b` over the last dimension of `x` (`w` is `[out, in]`), differentiable w.r.t.
 /// `x` only: the backward is `g @ w`, and `w` / `b` never receive a gradient.
 pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -65,11 +75,7 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
             w.shape()
         );
     }
-    if let Some(b) = b {
-        if b.dims() != [out_f] {
-            candle_core::bail!("frozen_linear: bias {:?}, expected [{out_f}]", b.shape());
-        }
-    }
+    check_bias(b, out_f, "frozen_linear")?;
     let w = w.detach();
     let rows = x.elem_count() / in_f.max(1);
     let mut out_dims = dims.clone();
@@ -109,11 +115,7 @@ impl FrozenConv2d {
                 weight.shape()
             );
         }
-        if let Some(b) = bias {
-            if b.dims() != [out_c] {
-                candle_core::bail!("FrozenConv2d: bias {:?}, expected [{out_c}]", b.shape());
-            }
-        }
+        check_bias(bias, out_c, "FrozenConv2d")?;
         Ok(Self {
             weight: weight.detach(),
             bias: bias.map(|b| b.detach()),

@@ -2,11 +2,11 @@
 //! backward (per group of `M = C/G · S` elements, `x̂ = (x - μ) · rstd`, `ĝ = g · w_c`):
 //! `dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ · x̂))`, `dw_c = Σ g · x̂`, `db_c = Σ g`.
 
-use super::bridge::{bridge3, bridge3_grads, gpu_fwd_via_any, split_grads, Backend};
+use super::bridge::{bridge3, bridge3_grads, fwd_via_kernel, norm_grads, Backend};
 use super::par::{contiguous_slice, mean_rstd, par_for, reduce1, reduce2, Real, SharedMut};
 use super::Kernel;
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 
 /// Per-channel broadcast shape `[1, C, 1, ...]` for an input of rank `rank`.
 fn channel_shape(c: usize, rank: usize) -> Vec<usize> {
@@ -198,23 +198,9 @@ impl CustomOp3 for GroupNorm {
     fn name(&self) -> &'static str {
         "lora-group-norm"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (x, w, b) = ((s1, l1), (s2, l2), (s3, l3));
-        match (self.kernel, s1.dtype()) {
-            (Kernel::Auto, DType::F32) => fwd_kernel::<f32>(x, w, b, self.groups, self.eps),
-            (Kernel::Auto, DType::F64) => fwd_kernel::<f64>(x, w, b, self.groups, self.eps),
-            _ => self.any(x, w, b),
-        }
-    }
-    gpu_fwd_via_any!(3);
+    fwd_via_kernel!(self, (x, w, b) if self.kernel == Kernel::Auto, T => {
+        fwd_kernel::<T>(x, w, b, self.groups, self.eps)
+    });
     #[allow(clippy::type_complexity)]
     fn bwd(
         &self,
@@ -224,22 +210,14 @@ impl CustomOp3 for GroupNorm {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = g.to_dtype(x.dtype())?.contiguous()?;
-        let fused = self.kernel.fused_on(x);
-        let (dx, dw, db) = if fused {
-            let op = GroupNormBwd {
-                groups: self.groups,
-                eps: self.eps,
-            };
-            split_grads(&x.apply_op3_no_bwd(w, &g, &op)?, x, w.elem_count())?
-        } else {
-            generic_bwd(x, w, &g, self.groups, self.eps)?
+        let op = GroupNormBwd {
+            groups: self.groups,
+            eps: self.eps,
         };
-        Ok((
-            x.track_op().then_some(dx),
-            w.track_op().then_some(dw),
-            b.track_op().then_some(db),
-        ))
+        let fused = self.kernel.fused_on(x).then_some(&op);
+        norm_grads([x, w, b], g, fused, |x, w, g| {
+            generic_bwd(x, w, g, self.groups, self.eps)
+        })
     }
 }
 
@@ -266,21 +244,5 @@ impl CustomOp3 for GroupNormBwd {
     fn name(&self) -> &'static str {
         "lora-group-norm-bwd"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (x, w, g) = ((s1, l1), (s2, l2), (s3, l3));
-        match s1.dtype() {
-            DType::F32 => bwd_kernel::<f32>(x, w, g, self.groups, self.eps),
-            DType::F64 => bwd_kernel::<f64>(x, w, g, self.groups, self.eps),
-            _ => self.any(x, w, g),
-        }
-    }
-    gpu_fwd_via_any!(3);
+    fwd_via_kernel!(self, (x, w, g), T => bwd_kernel::<T>(x, w, g, self.groups, self.eps));
 }

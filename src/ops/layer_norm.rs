@@ -3,7 +3,7 @@
 //! `dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ · x̂))`, `dw = Σ g · x̂`, `db = Σ g`
 //! (the sums run over every row).
 
-use super::bridge::{bridge3, bridge3_grads, gpu_fwd_via_any, split_grads, Backend};
+use super::bridge::{bridge3, bridge3_grads, fwd_via_kernel, norm_grads, Backend};
 use super::par::{
     contiguous_slice, mean_rstd, par_for, par_rows, reduce_idx, row_blocks, Real, SharedMut,
 };
@@ -159,23 +159,9 @@ impl CustomOp3 for LayerNorm {
     fn name(&self) -> &'static str {
         "lora-layer-norm"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (x, w, b) = ((s1, l1), (s2, l2), (s3, l3));
-        match (self.kernel, s1.dtype()) {
-            (Kernel::Auto, DType::F32) => fwd_kernel::<f32>(x, w, b, self.eps),
-            (Kernel::Auto, DType::F64) => fwd_kernel::<f64>(x, w, b, self.eps),
-            _ => self.any(x, w, b),
-        }
-    }
-    gpu_fwd_via_any!(3);
+    fwd_via_kernel!(self, (x, w, b) if self.kernel == Kernel::Auto, T => {
+        fwd_kernel::<T>(x, w, b, self.eps)
+    });
     #[allow(clippy::type_complexity)]
     fn bwd(
         &self,
@@ -185,23 +171,14 @@ impl CustomOp3 for LayerNorm {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = g.to_dtype(x.dtype())?.contiguous()?;
-        let want_wb = w.track_op() || b.track_op();
-        let fused = self.kernel.fused_on(x);
-        let (dx, dw, db) = if fused {
-            let op = LayerNormBwd {
-                eps: self.eps,
-                want_wb,
-            };
-            split_grads(&x.apply_op3_no_bwd(w, &g, &op)?, x, w.elem_count())?
-        } else {
-            generic_bwd(x, w, &g, self.eps)?
+        let op = LayerNormBwd {
+            eps: self.eps,
+            want_wb: w.track_op() || b.track_op(),
         };
-        Ok((
-            x.track_op().then_some(dx),
-            w.track_op().then_some(dw),
-            b.track_op().then_some(db),
-        ))
+        let fused = self.kernel.fused_on(x).then_some(&op);
+        norm_grads([x, w, b], g, fused, |x, w, g| {
+            generic_bwd(x, w, g, self.eps)
+        })
     }
 }
 
@@ -226,21 +203,5 @@ impl CustomOp3 for LayerNormBwd {
     fn name(&self) -> &'static str {
         "lora-layer-norm-bwd"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (x, w, g) = ((s1, l1), (s2, l2), (s3, l3));
-        match s1.dtype() {
-            DType::F32 => bwd_kernel::<f32>(x, w, g, self.eps, self.want_wb),
-            DType::F64 => bwd_kernel::<f64>(x, w, g, self.eps, self.want_wb),
-            _ => self.any(x, w, g),
-        }
-    }
-    gpu_fwd_via_any!(3);
+    fwd_via_kernel!(self, (x, w, g), T => bwd_kernel::<T>(x, w, g, self.eps, self.want_wb));
 }

@@ -173,17 +173,25 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 
 /// [`silu`] with an explicit [`Kernel`] choice.
 pub fn silu_with(x: &Tensor, kernel: Kernel) -> Result<Tensor> {
-    let op = activation::Activation {
-        act: activation::Act::Silu,
-        kernel,
-    };
+    activation_with(x, activation::Act::Silu, kernel, Tensor::silu)
+}
+
+/// The activation `act` as a differentiable op; outside a graph, `candle_fallback` (candle's
+/// own kernel) where the fused kernel does not run.
+fn activation_with(
+    x: &Tensor,
+    act: activation::Act,
+    kernel: Kernel,
+    candle_fallback: fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let op = activation::Activation { act, kernel };
     if !x.track_op() {
         // Outside a graph: the fused kernel where it exists (it also takes strided
         // inputs, e.g. GEGLU's gate half, after one contiguous copy), else candle's own.
         if op.fused_on(x) {
             return x.contiguous()?.apply_op1_no_bwd(&op);
         }
-        return x.silu();
+        return candle_fallback(x);
     }
     x.contiguous()?.apply_op1(op)
 }
@@ -197,17 +205,5 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 
 /// [`gelu_erf`] with an explicit [`Kernel`] choice.
 pub fn gelu_erf_with(x: &Tensor, kernel: Kernel) -> Result<Tensor> {
-    let op = activation::Activation {
-        act: activation::Act::GeluErf,
-        kernel,
-    };
-    if !x.track_op() {
-        // Outside a graph: the fused kernel where it exists (it also takes strided
-        // inputs, e.g. GEGLU's gate half, after one contiguous copy), else candle's own.
-        if op.fused_on(x) {
-            return x.contiguous()?.apply_op1_no_bwd(&op);
-        }
-        return x.gelu_erf();
-    }
-    x.contiguous()?.apply_op1(op)
+    activation_with(x, activation::Act::GeluErf, kernel, Tensor::gelu_erf)
 }

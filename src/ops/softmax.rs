@@ -1,7 +1,7 @@
 //! Softmax over the last dimension of `scale · x` with a hand-written backward
 //! `grad_in = scale · y * (g - sum(g * y, -1))` (the scale saves attention a full pass).
 
-use super::bridge::{bridge1, bridge2, gpu_fwd_via_any, Backend};
+use super::bridge::{bridge1, bridge2, fwd_via_kernel, Backend};
 use super::par::{
     contiguous_slice, map_inplace, map_into, max_of, par_rows, reduce1, reduce2, Real,
 };
@@ -192,18 +192,5 @@ impl CustomOp2 for SoftmaxBwd {
     fn name(&self) -> &'static str {
         "lora-softmax-last-dim-bwd"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        match s1.dtype() {
-            DType::F32 => bwd_kernel::<f32>((s1, l1), (s2, l2), self.scale),
-            DType::F64 => bwd_kernel::<f64>((s1, l1), (s2, l2), self.scale),
-            _ => self.any((s1, l1), (s2, l2)),
-        }
-    }
-    gpu_fwd_via_any!(2);
+    fwd_via_kernel!(self, (y, g), T => bwd_kernel::<T>(y, g, self.scale));
 }

@@ -1,10 +1,10 @@
 //! `DDPMScheduler` (Ho et al. 2020), including the training helpers `add_noise` and
 //! `get_velocity`.
 
-use super::config::{alphas_cumprod, SchedulerConfig};
-use super::math::{check_num_steps, f32, integer_timestep, lincomb, require_noise, step_x0_eps};
-use super::schedule::discrete_timesteps;
-use super::Scheduler;
+use super::config::SchedulerConfig;
+use super::discrete::DiscreteSchedule;
+use super::math::{f32, lincomb, step_x0_eps};
+use super::{Scheduler, StepInput};
 use anyhow::bail;
 use candle_core::{Result, Tensor};
 
@@ -19,10 +19,7 @@ enum VarianceType {
 
 /// Denoising diffusion probabilistic model scheduler.
 pub struct DdpmScheduler {
-    config: SchedulerConfig,
-    alphas_cumprod: Vec<f64>,
-    timesteps: Vec<f64>,
-    num_inference_steps: Option<usize>,
+    schedule: DiscreteSchedule,
     variance: VarianceType,
 }
 
@@ -37,19 +34,15 @@ impl DdpmScheduler {
                 "DDPMScheduler: variance_type {other:?} is not supported (fixed_small, fixed_small_log, fixed_large)"
             ),
         };
-        let n = config.num_train_timesteps;
         Ok(Self {
-            config: config.clone(),
-            alphas_cumprod: alphas_cumprod(config),
-            timesteps: (0..n).rev().map(|t| t as f64).collect(),
-            num_inference_steps: None,
+            schedule: DiscreteSchedule::new(config),
             variance,
         })
     }
 
     /// ᾱ_t for every training timestep (float32 values as diffusers holds them).
     pub fn alphas_cumprod(&self) -> &[f64] {
-        &self.alphas_cumprod
+        &self.schedule.alphas_cumprod
     }
 
     /// Per-item (√ᾱ_t, √(1−ᾱ_t)) as [B, 1, …, 1] float32 tensors for `reference`'s rank.
@@ -64,10 +57,10 @@ impl DdpmScheduler {
         let mut sa = Vec::with_capacity(b);
         let mut sb = Vec::with_capacity(b);
         for &t in timesteps {
-            let a = *self.alphas_cumprod.get(t).ok_or_else(|| {
+            let a = *self.schedule.alphas_cumprod.get(t).ok_or_else(|| {
                 candle_core::Error::Msg(format!(
                     "DDPMScheduler: timestep {t} outside [0, {})",
-                    self.alphas_cumprod.len()
+                    self.schedule.alphas_cumprod.len()
                 ))
             })? as f32;
             sa.push(a.sqrt());
@@ -106,10 +99,11 @@ impl DdpmScheduler {
 
     /// The timestep after `t` in the schedule (−1 after the last one).
     fn previous_timestep(&self, t: usize) -> Result<i64> {
-        if self.num_inference_steps.is_none() {
+        if self.schedule.num_inference_steps.is_none() {
             return Ok(t as i64 - 1);
         }
         let idx = self
+            .schedule
             .timesteps
             .iter()
             .position(|&x| x == t as f64)
@@ -118,58 +112,48 @@ impl DdpmScheduler {
                     "DDPMScheduler: timestep {t} is not in the schedule"
                 ))
             })?;
-        Ok(self.timesteps.get(idx + 1).map_or(-1, |&p| p as i64))
+        Ok(self
+            .schedule
+            .timesteps
+            .get(idx + 1)
+            .map_or(-1, |&p| p as i64))
     }
 }
 
 impl Scheduler for DdpmScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        let n = self.config.num_train_timesteps;
-        check_num_steps(num_inference_steps, n, "DDPMScheduler")?;
-        self.timesteps = discrete_timesteps(&self.config, num_inference_steps);
-        self.num_inference_steps = Some(num_inference_steps);
-        Ok(())
+        self.schedule
+            .set_timesteps(num_inference_steps, "DDPMScheduler")
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn needs_noise(&self) -> bool {
         true
     }
 
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        timestep: f64,
-        sample: &Tensor,
-        noise: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let t = integer_timestep(timestep, self.config.num_train_timesteps, "DDPMScheduler")?;
+    fn step_with(&mut self, input: StepInput<'_>) -> Result<Tensor> {
+        let t = self.schedule.integer(input.timestep, "DDPMScheduler")?;
         let prev_t = self.previous_timestep(t)?;
-        let alpha_t = self.alphas_cumprod[t];
-        let alpha_prev = if prev_t >= 0 {
-            self.alphas_cumprod[prev_t as usize]
-        } else {
-            1.0
-        };
+        let (alpha_t, alpha_prev) = self.schedule.alphas(t, prev_t, 1.0);
         let (beta_t, beta_prev) = (1.0 - alpha_t, 1.0 - alpha_prev);
         let current_alpha = alpha_t / alpha_prev;
         let current_beta = 1.0 - current_alpha;
 
-        let (x, x0, _) = step_x0_eps(&self.config, model_output, sample, alpha_t)?;
+        let (mo, sample) = (input.model_output, input.sample);
+        let (x, x0, _) = step_x0_eps(&self.schedule.config, mo, sample, alpha_t)?;
         let c_x0 = alpha_prev.sqrt() * current_beta / beta_t;
         let c_x = current_alpha.sqrt() * beta_prev / beta_t;
         let mut prev = lincomb(&x0, c_x0, &x, c_x)?;
         if t > 0 {
-            let noise = f32(require_noise(noise, "DDPMScheduler")?)?;
             let variance = (beta_prev / beta_t * current_beta).max(1e-20);
             let std = match self.variance {
                 VarianceType::FixedSmall | VarianceType::FixedSmallLog => variance.sqrt(),
                 VarianceType::FixedLarge => current_beta.sqrt(),
             };
-            prev = (prev + noise.affine(std, 0.0)?)?;
+            prev = input.add_noise(prev, std, "DDPMScheduler")?;
         }
         prev.to_dtype(sample.dtype())
     }

@@ -4,13 +4,14 @@
 use super::config::{
     check_sigma_options, BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing,
 };
+use super::discrete::train_timesteps;
 use super::euler::sigma_alphas_cumprod;
-use super::math::{check_num_steps, f32, lincomb, require_noise, threshold_sample};
+use super::math::{check_num_steps, f32, lincomb, threshold_sample};
 use super::schedule::{
-    exponential_sigmas, interp, karras_sigmas, log_sigmas, np_arange, np_linspace, sigma_to_t,
-    train_sigmas,
+    exponential_sigmas, index_for_timestep, interp, karras_sigmas, log_sigmas, np_arange,
+    np_linspace, sigma_to_t, train_sigmas,
 };
-use super::Scheduler;
+use super::{Scheduler, StepInput};
 use anyhow::bail;
 use candle_core::{Result, Tensor};
 
@@ -78,7 +79,7 @@ impl DpmSolverMultistepScheduler {
             alphas_cumprod: ac,
             sigmas: train.clone(),
             train_sigmas: train,
-            timesteps: (0..n).rev().map(|t| t as f64).collect(),
+            timesteps: train_timesteps(n),
             model_outputs: vec![None; config.solver_order],
             lower_order_nums: 0,
             step_index: None,
@@ -138,7 +139,7 @@ impl DpmSolverMultistepScheduler {
     }
 
     /// The step from σ_s (index `i`) to σ_t (index `i + 1`) of the given order.
-    fn update(&self, order: usize, i: usize, x: &Tensor, noise: Option<&Tensor>) -> Result<Tensor> {
+    fn update(&self, order: usize, i: usize, x: &Tensor, input: &StepInput<'_>) -> Result<Tensor> {
         let (alpha_t, sigma_t, lambda_t) = alpha_sigma_lambda(self.sigmas[i + 1]);
         let (alpha_s0, sigma_s0, lambda_s0) = alpha_sigma_lambda(self.sigmas[i]);
         let h = lambda_t - lambda_s0;
@@ -150,13 +151,12 @@ impl DpmSolverMultistepScheduler {
             .collect();
         let m0 = outputs[0];
         let (eh, e2h) = ((-h).exp(), (-2.0 * h).exp());
-        let noise_term = |noise: Option<&Tensor>, coef: f64| -> Result<Option<Tensor>> {
+        let noise_term = |input: &StepInput<'_>, coef: f64| -> Result<Option<Tensor>> {
             if !self.sde {
                 return Ok(None);
             }
             Ok(Some(
-                f32(require_noise(noise, "DPMSolverMultistepScheduler (sde)")?)?
-                    .affine(coef, 0.0)?,
+                input.scaled_noise(coef, "DPMSolverMultistepScheduler (sde)")?,
             ))
         };
         // (coefficient of x, list of (coefficient, D_k)), plus the SDE noise term.
@@ -172,12 +172,12 @@ impl DpmSolverMultistepScheduler {
                 (true, true) => (
                     sigma_t / sigma_s0 * eh,
                     vec![(alpha_t * (1.0 - e2h), d0)],
-                    noise_term(noise, sigma_t * (1.0 - e2h).sqrt())?,
+                    noise_term(input, sigma_t * (1.0 - e2h).sqrt())?,
                 ),
                 (false, true) => (
                     alpha_t / alpha_s0,
                     vec![(-2.0 * sigma_t * (h.exp() - 1.0), d0)],
-                    noise_term(noise, sigma_t * ((2.0 * h).exp() - 1.0).sqrt())?,
+                    noise_term(input, sigma_t * ((2.0 * h).exp() - 1.0).sqrt())?,
                 ),
             }
         } else {
@@ -233,7 +233,7 @@ impl DpmSolverMultistepScheduler {
                     (
                         sigma_t / sigma_s0 * eh,
                         vec![(alpha_t * (1.0 - e2h), d0), (c1, d1)],
-                        noise_term(noise, sigma_t * (1.0 - e2h).sqrt())?,
+                        noise_term(input, sigma_t * (1.0 - e2h).sqrt())?,
                     )
                 }
                 (false, true, None) => {
@@ -245,7 +245,7 @@ impl DpmSolverMultistepScheduler {
                     (
                         alpha_t / alpha_s0,
                         vec![(-2.0 * sigma_t * ep, d0), (c1, d1)],
-                        noise_term(noise, sigma_t * ((2.0 * h).exp() - 1.0).sqrt())?,
+                        noise_term(input, sigma_t * ((2.0 * h).exp() - 1.0).sqrt())?,
                     )
                 }
                 (true, false, Some(d2)) => (
@@ -276,7 +276,7 @@ impl DpmSolverMultistepScheduler {
                             d2,
                         ),
                     ],
-                    noise_term(noise, sigma_t * (1.0 - e2h).sqrt())?,
+                    noise_term(input, sigma_t * (1.0 - e2h).sqrt())?,
                 ),
                 (false, true, Some(_)) => {
                     candle_core::bail!(
@@ -329,6 +329,20 @@ impl Scheduler for DpmSolverMultistepScheduler {
         let train = &self.train_sigmas;
         let logs = log_sigmas(train);
         let round = c.beta_schedule != BetaSchedule::SquaredcosCapV2;
+        // Timesteps of the given sigmas, rounded to integers when `round_t`.
+        let to_t = |sigmas: &[f64], round_t: bool| -> Vec<f64> {
+            sigmas
+                .iter()
+                .map(|&x| {
+                    let t = sigma_to_t(x, &logs);
+                    if round_t {
+                        t.round_ties_even()
+                    } else {
+                        t
+                    }
+                })
+                .collect()
+        };
         let mut sigmas: Vec<f64> = if c.use_karras_sigmas || c.use_exponential_sigmas {
             // `in_sigmas` is the flipped training schedule: [-1] = σ_min, [0] = σ_max.
             let lo = c.sigma_min.unwrap_or(train[0]);
@@ -338,18 +352,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
             } else {
                 exponential_sigmas(lo, hi, steps)
             };
-            let karras_round = c.use_karras_sigmas && round;
-            timesteps = s
-                .iter()
-                .map(|&x| {
-                    let t = sigma_to_t(x, &logs);
-                    if karras_round {
-                        t.round_ties_even()
-                    } else {
-                        t
-                    }
-                })
-                .collect();
+            timesteps = to_t(&s, c.use_karras_sigmas && round);
             s
         } else if c.use_lu_lambdas {
             let (lmin, lmax) = (logs[0], logs[logs.len() - 1]);
@@ -357,17 +360,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
                 .into_iter()
                 .map(|r| (lmax + r * (lmin - lmax)).exp())
                 .collect();
-            timesteps = s
-                .iter()
-                .map(|&x| {
-                    let t = sigma_to_t(x, &logs);
-                    if round {
-                        t.round_ties_even()
-                    } else {
-                        t
-                    }
-                })
-                .collect();
+            timesteps = to_t(&s, round);
             s
         } else {
             timesteps.iter().map(|&t| interp(t, train)).collect()
@@ -395,19 +388,11 @@ impl Scheduler for DpmSolverMultistepScheduler {
         self.sde
     }
 
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        timestep: f64,
-        sample: &Tensor,
-        noise: Option<&Tensor>,
-    ) -> Result<Tensor> {
+    fn step_with(&mut self, input: StepInput<'_>) -> Result<Tensor> {
         let len = self.timesteps.len();
         let i = match self.step_index {
             Some(i) => i,
-            None => {
-                super::schedule::index_for_timestep(&self.timesteps, timestep).unwrap_or(len - 1)
-            }
+            None => index_for_timestep(&self.timesteps, input.timestep).unwrap_or(len - 1),
         };
         if i >= len || i + 1 >= self.sigmas.len() {
             candle_core::bail!("DPMSolverMultistepScheduler: step called after the last timestep (set_timesteps first)");
@@ -417,7 +402,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
         let lower_order_final =
             i == len - 1 && (c.euler_at_final || few || c.final_sigmas_type == "zero");
         let lower_order_second = i + 2 == len && few;
-        let (mo, x) = (f32(model_output)?, f32(sample)?);
+        let (mo, x) = (f32(input.model_output)?, f32(input.sample)?);
         let converted = self.convert_model_output(&mo, &x, self.sigmas[i])?;
         self.model_outputs.remove(0);
         self.model_outputs.push(Some(converted));
@@ -429,12 +414,12 @@ impl Scheduler for DpmSolverMultistepScheduler {
         } else {
             3
         };
-        let prev = self.update(use_order, i, &x, noise)?;
+        let prev = self.update(use_order, i, &x, &input)?;
         if self.lower_order_nums < order {
             self.lower_order_nums += 1;
         }
         self.step_index = Some(i + 1);
-        prev.to_dtype(model_output.dtype())
+        prev.to_dtype(input.model_output.dtype())
     }
 
     fn sigmas(&self) -> Option<&[f64]> {

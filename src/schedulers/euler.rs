@@ -3,12 +3,13 @@
 use super::config::{
     alphas_cumprod, check_sigma_options, PredictionType, SchedulerConfig, TimestepSpacing,
 };
+use super::discrete::train_timesteps;
 use super::math::{check_num_steps, f32};
 use super::schedule::{
     exponential_sigmas, index_for_timestep, interp, karras_sigmas, log_sigmas, sigma_to_t,
     spaced_timesteps, train_sigmas,
 };
-use super::Scheduler;
+use super::{Scheduler, StepInput};
 use anyhow::bail;
 use candle_core::{Result, Tensor};
 
@@ -58,54 +59,118 @@ pub(crate) fn sigma_x0(
     }
 }
 
-/// The step index for `timestep`: the running index once stepping started, else the
-/// timestep's position in `timesteps` (an error naming `who` when it is not there).
-pub(crate) fn sigma_step_index(
-    step_index: Option<usize>,
-    timesteps: &[f64],
-    timestep: f64,
-    who: &str,
-) -> Result<usize> {
-    match step_index {
-        Some(i) => Ok(i),
-        None => index_for_timestep(timesteps, timestep).ok_or_else(|| {
-            candle_core::Error::Msg(format!("{who}: timestep {timestep} is not in the schedule"))
-        }),
+/// The state Euler and Euler-a share: config, training sigmas and the current schedule.
+pub(crate) struct SigmaSchedule {
+    pub config: SchedulerConfig,
+    pub train_sigmas: Vec<f64>,
+    pub timesteps: Vec<f64>,
+    /// σ per timestep, then the final σ.
+    pub sigmas: Vec<f64>,
+    pub step_index: Option<usize>,
+    /// The class name errors start with.
+    who: &'static str,
+}
+
+impl SigmaSchedule {
+    /// The schedule before `set_timesteps`: every training timestep, σ descending then 0.
+    pub fn new(config: &SchedulerConfig, who: &'static str) -> anyhow::Result<Self> {
+        check_sigma_options(config, who)?;
+        let train = train_sigmas(&sigma_alphas_cumprod(config));
+        let mut sigmas: Vec<f64> = train.iter().rev().copied().collect();
+        sigmas.push(0.0);
+        Ok(Self {
+            config: config.clone(),
+            train_sigmas: train,
+            timesteps: train_timesteps(config.num_train_timesteps),
+            sigmas,
+            step_index: None,
+            who,
+        })
+    }
+
+    /// The configured spacing (linspace by default).
+    pub fn spacing(&self) -> TimestepSpacing {
+        self.config.spacing_or(TimestepSpacing::Linspace)
+    }
+
+    /// The step index for `timestep`: the running index once stepping started, else the
+    /// timestep's position in the schedule (an error when it is not there).
+    pub fn index(&self, timestep: f64) -> Result<usize> {
+        match self.step_index {
+            Some(i) => Ok(i),
+            None => index_for_timestep(&self.timesteps, timestep).ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "{}: timestep {timestep} is not in the schedule",
+                    self.who
+                ))
+            }),
+        }
+    }
+
+    /// `init_noise_sigma`: σ_max for linspace / trailing, else √(σ_max²+1).
+    pub fn init_noise_sigma(&self) -> f64 {
+        euler_init_noise_sigma(&self.sigmas, self.spacing())
+    }
+
+    /// `scale_model_input`: `sample / √(σ²+1)` at `timestep`'s σ.
+    pub fn scale_model_input(&self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
+        scale_by_sigma(sample, self.sigmas[self.index(timestep)?])
+    }
+
+    /// The spaced inference timesteps (float32 values) after checking the step count.
+    pub fn spaced_timesteps(&self, num_inference_steps: usize) -> Result<Vec<f64>> {
+        let c = &self.config;
+        let n = c.num_train_timesteps;
+        check_num_steps(num_inference_steps, n, self.who)?;
+        Ok(spaced_timesteps(
+            self.spacing(),
+            n,
+            num_inference_steps,
+            c.steps_offset,
+            false,
+        )
+        .into_iter()
+        .map(|t| f64::from(t as f32))
+        .collect())
+    }
+
+    /// Installs a new schedule and restarts stepping.
+    pub fn reset(&mut self, timesteps: Vec<f64>, sigmas: Vec<f64>) {
+        self.timesteps = timesteps;
+        self.sigmas = sigmas;
+        self.step_index = None;
+    }
+
+    /// The step prelude: (index, σ, sample in float32, Euler derivative).
+    pub fn derivative(&self, input: &StepInput<'_>) -> Result<(usize, f64, Tensor, Tensor)> {
+        let i = self.index(input.timestep)?;
+        if i + 1 >= self.sigmas.len() {
+            candle_core::bail!("{}: step called after the last timestep", self.who);
+        }
+        let sigma = self.sigmas[i];
+        let (mo, x) = (f32(input.model_output)?, f32(input.sample)?);
+        let x0 = sigma_x0(self.config.prediction_type, &mo, &x, sigma)?;
+        let derivative = (&x - &x0)?.affine(1.0 / sigma, 0.0)?;
+        Ok((i, sigma, x, derivative))
+    }
+
+    /// Advances past step `i` and returns `prev` in the model output's dtype.
+    pub fn finish(&mut self, i: usize, prev: Tensor, input: &StepInput<'_>) -> Result<Tensor> {
+        self.step_index = Some(i + 1);
+        prev.to_dtype(input.model_output.dtype())
     }
 }
 
-/// σ of step `i`, or an error naming `who` when no step follows it.
-pub(crate) fn step_sigma(sigmas: &[f64], i: usize, who: &str) -> Result<f64> {
-    if i + 1 >= sigmas.len() {
-        candle_core::bail!("{who}: step called after the last timestep");
-    }
-    Ok(sigmas[i])
-}
-
-/// The Euler ODE derivative `(x - x₀(σ)) / σ` in float32.
-pub(crate) fn euler_derivative(
-    prediction: PredictionType,
-    model_output: &Tensor,
-    sample: &Tensor,
-    sigma: f64,
-) -> Result<(Tensor, Tensor)> {
-    let (mo, x) = (f32(model_output)?, f32(sample)?);
-    let x0 = sigma_x0(prediction, &mo, &x, sigma)?;
-    let derivative = (&x - &x0)?.affine(1.0 / sigma, 0.0)?;
-    Ok((x, derivative))
-}
-
-/// Expands, inside an `impl Scheduler` of Euler / Euler-a (fields `timesteps`, `sigmas`;
-/// methods `spacing`, `index`), to `timesteps`, `init_noise_sigma`, `scale_model_input`
-/// and `sigmas`.
+/// Expands, inside an `impl Scheduler` of Euler / Euler-a (field `schedule`, a
+/// [`SigmaSchedule`]), to `timesteps`, `init_noise_sigma`, `scale_model_input` and `sigmas`.
 macro_rules! euler_schedule_accessors {
     () => {
         fn timesteps(&self) -> &[f64] {
-            &self.timesteps
+            &self.schedule.timesteps
         }
 
         fn init_noise_sigma(&self) -> f64 {
-            $crate::schedulers::euler::euler_init_noise_sigma(&self.sigmas, self.spacing())
+            self.schedule.init_noise_sigma()
         }
 
         fn scale_model_input(
@@ -113,11 +178,11 @@ macro_rules! euler_schedule_accessors {
             sample: &candle_core::Tensor,
             timestep: f64,
         ) -> candle_core::Result<candle_core::Tensor> {
-            $crate::schedulers::euler::scale_by_sigma(sample, self.sigmas[self.index(timestep)?])
+            self.schedule.scale_model_input(sample, timestep)
         }
 
         fn sigmas(&self) -> Option<&[f64]> {
-            Some(&self.sigmas)
+            Some(&self.schedule.sigmas)
         }
     };
 }
@@ -125,18 +190,14 @@ pub(crate) use euler_schedule_accessors;
 
 /// Euler sampler over the Karras-style sigma schedule.
 pub struct EulerDiscreteScheduler {
-    config: SchedulerConfig,
-    train_sigmas: Vec<f64>,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f64>,
-    step_index: Option<usize>,
+    schedule: SigmaSchedule,
     continuous_v: bool,
 }
 
 impl EulerDiscreteScheduler {
     /// Builds the scheduler (its initial schedule covers every training timestep).
     pub fn new(config: &SchedulerConfig) -> anyhow::Result<Self> {
-        check_sigma_options(config, "EulerDiscreteScheduler")?;
+        let mut schedule = SigmaSchedule::new(config, "EulerDiscreteScheduler")?;
         if config.interpolation_type != "linear" {
             bail!(
                 "EulerDiscreteScheduler: interpolation_type {:?} is not supported (linear)",
@@ -154,60 +215,32 @@ impl EulerDiscreteScheduler {
             "continuous" => config.prediction_type == PredictionType::VPrediction,
             other => bail!("EulerDiscreteScheduler: timestep_type must be discrete or continuous, got {other:?}"),
         };
-        let train = train_sigmas(&sigma_alphas_cumprod(config));
-        let mut sigmas: Vec<f64> = train.iter().rev().copied().collect();
-        let n = config.num_train_timesteps;
-        let timesteps = if continuous_v {
-            sigmas
-                .iter()
-                .map(|&s| f64::from(0.25 * (s as f32).ln()))
-                .collect()
-        } else {
-            (0..n).rev().map(|t| t as f64).collect()
-        };
-        sigmas.push(0.0);
+        if continuous_v {
+            schedule.timesteps = continuous_timesteps(&schedule.sigmas);
+        }
         Ok(Self {
-            config: config.clone(),
-            train_sigmas: train,
-            timesteps,
-            sigmas,
-            step_index: None,
+            schedule,
             continuous_v,
         })
     }
+}
 
-    fn spacing(&self) -> TimestepSpacing {
-        self.config.spacing_or(TimestepSpacing::Linspace)
-    }
-
-    fn index(&self, timestep: f64) -> Result<usize> {
-        sigma_step_index(
-            self.step_index,
-            &self.timesteps,
-            timestep,
-            "EulerDiscreteScheduler",
-        )
-    }
+/// Continuous v-prediction timesteps `0.25·ln σ` (float32) for every σ but the final one.
+fn continuous_timesteps(sigmas: &[f64]) -> Vec<f64> {
+    sigmas[..sigmas.len() - 1]
+        .iter()
+        .map(|&s| f64::from(0.25 * (s as f32).ln()))
+        .collect()
 }
 
 impl Scheduler for EulerDiscreteScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        let c = &self.config;
-        let n = c.num_train_timesteps;
-        check_num_steps(num_inference_steps, n, "EulerDiscreteScheduler")?;
-        let mut timesteps: Vec<f64> = spaced_timesteps(
-            self.spacing(),
-            n,
-            num_inference_steps,
-            c.steps_offset,
-            false,
-        )
-        .into_iter()
-        .map(|t| f64::from(t as f32))
-        .collect();
+        let s = &self.schedule;
+        let c = &s.config;
+        let mut timesteps = s.spaced_timesteps(num_inference_steps)?;
         let mut sigmas: Vec<f64> = timesteps
             .iter()
-            .map(|&t| interp(t, &self.train_sigmas))
+            .map(|&t| interp(t, &s.train_sigmas))
             .collect();
         if c.use_karras_sigmas || c.use_exponential_sigmas {
             let lo = c.sigma_min.unwrap_or(sigmas[sigmas.len() - 1]);
@@ -217,28 +250,23 @@ impl Scheduler for EulerDiscreteScheduler {
             } else {
                 exponential_sigmas(lo, hi, num_inference_steps)
             };
-            let logs = log_sigmas(&self.train_sigmas);
+            let logs = log_sigmas(&s.train_sigmas);
             timesteps = sigmas
                 .iter()
                 .map(|&s| f64::from(sigma_to_t(s, &logs) as f32))
                 .collect();
         }
         let last = if c.final_sigmas_type == "sigma_min" {
-            self.train_sigmas[0]
+            s.train_sigmas[0]
         } else {
             0.0
         };
         sigmas.push(last);
         let sigmas: Vec<f64> = sigmas.into_iter().map(|s| f64::from(s as f32)).collect();
         if self.continuous_v {
-            timesteps = sigmas[..sigmas.len() - 1]
-                .iter()
-                .map(|&s| f64::from(0.25 * (s as f32).ln()))
-                .collect();
+            timesteps = continuous_timesteps(&sigmas);
         }
-        self.timesteps = timesteps;
-        self.sigmas = sigmas;
-        self.step_index = None;
+        self.schedule.reset(timesteps, sigmas);
         Ok(())
     }
 
@@ -248,20 +276,10 @@ impl Scheduler for EulerDiscreteScheduler {
         false
     }
 
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        timestep: f64,
-        sample: &Tensor,
-        _noise: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let i = self.index(timestep)?;
-        let sigma = step_sigma(&self.sigmas, i, "EulerDiscreteScheduler")?;
-        let (x, derivative) =
-            euler_derivative(self.config.prediction_type, model_output, sample, sigma)?;
-        let dt = self.sigmas[i + 1] - sigma;
+    fn step_with(&mut self, input: StepInput<'_>) -> Result<Tensor> {
+        let (i, sigma, x, derivative) = self.schedule.derivative(&input)?;
+        let dt = self.schedule.sigmas[i + 1] - sigma;
         let prev = (&x + derivative.affine(dt, 0.0)?)?;
-        self.step_index = Some(i + 1);
-        prev.to_dtype(model_output.dtype())
+        self.schedule.finish(i, prev, &input)
     }
 }

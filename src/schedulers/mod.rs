@@ -8,6 +8,7 @@
 mod config;
 mod ddim;
 mod ddpm;
+mod discrete;
 mod dpm;
 mod euler;
 mod euler_ancestral;
@@ -52,10 +53,44 @@ pub trait Scheduler: Send {
         timestep: f64,
         sample: &Tensor,
         noise: Option<&Tensor>,
-    ) -> candle_core::Result<Tensor>;
+    ) -> candle_core::Result<Tensor> {
+        self.step_with(StepInput {
+            model_output,
+            timestep,
+            sample,
+            noise,
+        })
+    }
+    /// [`Scheduler::step`] with its arguments gathered in a [`StepInput`].
+    fn step_with(&mut self, input: StepInput<'_>) -> candle_core::Result<Tensor>;
     /// The sigmas (length N+1, ending with the final sigma) for sigma-based schedulers.
     fn sigmas(&self) -> Option<&[f64]> {
         None
+    }
+}
+
+/// The arguments of one [`Scheduler::step`].
+#[derive(Debug, Clone, Copy)]
+pub struct StepInput<'a> {
+    /// The model's prediction for `sample` at `timestep`.
+    pub model_output: &'a Tensor,
+    /// The timestep being stepped from.
+    pub timestep: f64,
+    /// The current (noisier) sample.
+    pub sample: &'a Tensor,
+    /// A standard normal tensor shaped like the sample, for the steps that draw noise.
+    pub noise: Option<&'a Tensor>,
+}
+
+impl StepInput<'_> {
+    /// The noise in float32 scaled by `std`; an error naming `who` when none was given.
+    pub fn scaled_noise(&self, std: f64, who: &str) -> candle_core::Result<Tensor> {
+        math::f32(math::require_noise(self.noise, who)?)?.affine(std, 0.0)
+    }
+
+    /// `prev + std·noise` (see [`StepInput::scaled_noise`]).
+    pub fn add_noise(&self, prev: Tensor, std: f64, who: &str) -> candle_core::Result<Tensor> {
+        prev + self.scaled_noise(std, who)?
     }
 }
 
@@ -181,13 +216,7 @@ impl Scheduler for Unavailable {
         false
     }
 
-    fn step(
-        &mut self,
-        _model_output: &Tensor,
-        _timestep: f64,
-        _sample: &Tensor,
-        _noise: Option<&Tensor>,
-    ) -> candle_core::Result<Tensor> {
+    fn step_with(&mut self, _input: StepInput<'_>) -> candle_core::Result<Tensor> {
         Err(candle_core::Error::Msg(self.message.clone()))
     }
 }

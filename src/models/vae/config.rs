@@ -143,13 +143,7 @@ impl AutoencoderKLConfig {
     /// Parses a config from JSON text; `origin` names the source in errors. Explicit `null`
     /// fields take their defaults.
     pub fn from_json_str(text: &str, origin: &str) -> anyhow::Result<Self> {
-        let mut value: serde_json::Value =
-            serde_json::from_str(text).with_context(|| format!("{origin} is not valid JSON"))?;
-        if let Some(obj) = value.as_object_mut() {
-            obj.retain(|_, v| !v.is_null());
-        }
-        let cfg: Self = serde_json::from_value(value)
-            .with_context(|| format!("{origin} is not a valid AutoencoderKL config"))?;
+        let cfg: Self = super::super::parse_config_json(text, origin, "AutoencoderKL config")?;
         cfg.validate()
             .with_context(|| format!("unsupported AutoencoderKL config in {origin}"))?;
         Ok(cfg)
@@ -157,10 +151,7 @@ impl AutoencoderKLConfig {
 
     /// Reads `vae/config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> anyhow::Result<Self> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read VAE config {}", path.display()))?;
-        Self::from_json_str(&text, &path.display().to_string())
+        super::super::read_config(path.as_ref(), "VAE config", Self::from_json_str)
     }
 
     /// Checks that the model can be built: known block types and activation, matching list
