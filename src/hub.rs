@@ -72,6 +72,18 @@ impl ModelSource {
         }
     }
 
+    /// A name for files we write: the folder's base name for a local model (never a local
+    /// path), the id (and revision) for a Hugging Face model.
+    pub fn public_name(&self) -> String {
+        match self {
+            Self::Local(p) => p
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default(),
+            _ => self.describe(),
+        }
+    }
+
     /// The path of a file of the model (e.g. `unet/config.json`), or `None` when the model has
     /// no such file. Hub files come from the HF cache, else are downloaded unless offline.
     pub fn file(&self, rel: &str) -> anyhow::Result<Option<PathBuf>> {

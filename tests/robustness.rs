@@ -249,3 +249,78 @@ fn a_png_declaring_a_huge_size_is_refused_before_decoding() {
     ]);
     expect_failure(&o, &["huge.png", "100000x100000"]);
 }
+
+/// Every file under `dir`, recursively.
+fn all_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            all_files(&p, out);
+        } else {
+            out.push(p);
+        }
+    }
+}
+
+#[test]
+fn written_files_hold_no_local_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("photos");
+    copy_dir(&repo().join("assets/demo-data"), &data);
+    let model = dir.path().join("my-model");
+    copy_dir(&repo().join("assets/tiny-sd"), &model);
+    let out = dir.path().join("run");
+    expect_success(&lora(&[
+        "train",
+        "--model",
+        s(&model),
+        "--instance-data-dir",
+        s(&data),
+        "--instance-prompt",
+        "sks toy",
+        "--resolution",
+        "64",
+        "--output-dir",
+        s(&out),
+        "--save-steps",
+        "2",
+        "--max-train-steps",
+        "2",
+    ]));
+    let lora_file = out.join("lora.safetensors");
+    for to in ["kohya", "diffusers", "peft", "ours"] {
+        let conv = out.join(format!("converted-{to}.safetensors"));
+        expect_success(&lora(&[
+            "convert",
+            s(&lora_file),
+            "--to",
+            to,
+            "--out",
+            s(&conv),
+            "--model",
+            s(&model),
+        ]));
+    }
+    let mut files = vec![];
+    all_files(&out, &mut files);
+    assert!(files.len() >= 8, "{files:?}");
+    let root = dir.path().canonicalize().unwrap();
+    let needles = [
+        dir.path().display().to_string(),
+        root.display().to_string(),
+        repo().display().to_string(),
+    ];
+    for f in &files {
+        let bytes = std::fs::read(f).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        for n in &needles {
+            assert!(
+                !text.contains(n.as_str()),
+                "{} contains the path {n}",
+                f.display()
+            );
+        }
+    }
+    let set = lora_diffusion::formats::read(&lora_file).unwrap();
+    assert_eq!(set.metadata["base_model"], "my-model");
+}

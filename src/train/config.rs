@@ -441,6 +441,17 @@ impl TrainConfig {
             for k in RUN_LOCAL {
                 obj.remove(*k);
             }
+            // Files we write hold base names, never local paths.
+            for k in ["model", "instance_data_dir", "class_data_dir"] {
+                if let Some(serde_json::Value::String(p)) = obj.get_mut(k) {
+                    let path = Path::new(p.as_str());
+                    if path.is_absolute() || path.exists() {
+                        if let Some(name) = path.file_name() {
+                            *p = name.to_string_lossy().to_string();
+                        }
+                    }
+                }
+            }
         }
         v
     }

@@ -42,7 +42,7 @@ impl Trainer {
         let c = &self.cfg;
         // The format version, rank, alpha and targets are added by the `ours` encoder.
         Ok([
-            ("base_model", self.model.sd.source.describe()),
+            ("base_model", self.model.sd.source.public_name()),
             ("training_args", c.training_args().to_string()),
         ]
         .into_iter()
