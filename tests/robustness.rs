@@ -324,3 +324,43 @@ fn written_files_hold_no_local_paths() {
     let set = lora_diffusion::formats::read(&lora_file).unwrap();
     assert_eq!(set.metadata["base_model"], "my-model");
 }
+
+#[test]
+fn configs_with_absurd_sizes_are_refused_before_building() {
+    use lora_diffusion::models::clip::ClipTextConfig;
+    use lora_diffusion::models::unet::UNet2DConditionConfig;
+    use lora_diffusion::models::vae::AutoencoderKLConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let edit = |component: &str, key: &str| {
+        let src = fixtures().join(format!("sd1-tiny/{component}/config.json"));
+        let mut v = read_json(&src);
+        v[key] = serde_json::json!(1_000_000_000u64);
+        let p = dir.path().join(format!("{component}.json"));
+        std::fs::write(&p, v.to_string()).unwrap();
+        p
+    };
+    let e = err_text(UNet2DConditionConfig::from_file(edit(
+        "unet",
+        "layers_per_block",
+    )));
+    assert!(
+        e.contains("layers_per_block") && e.contains("1000000000"),
+        "{e}"
+    );
+    let e = err_text(ClipTextConfig::from_file(edit(
+        "text_encoder",
+        "num_hidden_layers",
+    )));
+    assert!(
+        e.contains("num_hidden_layers") && e.contains("maximum"),
+        "{e}"
+    );
+    let e = err_text(AutoencoderKLConfig::from_file(edit(
+        "vae",
+        "layers_per_block",
+    )));
+    assert!(
+        e.contains("layers_per_block") && e.contains("maximum"),
+        "{e}"
+    );
+}

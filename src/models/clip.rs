@@ -161,6 +161,21 @@ impl ClipTextConfig {
                 self.num_attention_heads
             );
         }
+        use crate::models::limits::{check, LAYERS, TOKENS, WIDTH};
+        for (field, v, max) in [
+            ("num_hidden_layers", self.num_hidden_layers, LAYERS),
+            ("hidden_size", self.hidden_size, WIDTH),
+            ("intermediate_size", self.intermediate_size, 4 * WIDTH),
+            ("projection_dim", self.projection_dim, WIDTH),
+            ("vocab_size", self.vocab_size, TOKENS),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                TOKENS,
+            ),
+        ] {
+            check(field, v, max).map_err(anyhow::Error::msg)?;
+        }
         if self.vocab_size == 0 || self.max_position_embeddings == 0 || self.hidden_size == 0 {
             anyhow::bail!(
                 "vocab_size ({}), max_position_embeddings ({}) and hidden_size ({}) must be > 0",

@@ -38,3 +38,26 @@ pub(crate) fn read_config<T>(
         .with_context(|| format!("cannot read {what} {}", path.display()))?;
     parse(&text, &path.display().to_string())
 }
+
+/// Upper bounds on config sizes: far above every Stable Diffusion model (SDXL included), low
+/// enough that a model built from such a config cannot exhaust memory by its layer count alone.
+pub mod limits {
+    /// Blocks per resolution level, transformer layers per block, text-encoder layers.
+    pub const LAYERS: usize = 64;
+    /// Resolution levels of a UNet or VAE.
+    pub const LEVELS: usize = 8;
+    /// Channels / features of any layer.
+    pub const WIDTH: usize = 16384;
+    /// Tokens of a vocabulary or positions of a text encoder.
+    pub const TOKENS: usize = 1 << 20;
+
+    /// An error naming `field` when `value` exceeds `max`.
+    pub fn check(field: &str, value: usize, max: usize) -> Result<(), String> {
+        if value > max {
+            return Err(format!(
+                "`{field}` = {value} is beyond the supported maximum {max} (corrupt config?)"
+            ));
+        }
+        Ok(())
+    }
+}

@@ -445,6 +445,26 @@ impl UNet2DConditionConfig {
                 )
             })?;
         let tlpb = tlpb.expand(n, "transformer_layers_per_block")?;
+        use crate::models::limits::{check, LAYERS, LEVELS, WIDTH};
+        check("down_block_types", n, LEVELS)?;
+        for (field, values, max) in [
+            ("layers_per_block", &layers, LAYERS),
+            ("transformer_layers_per_block", &tlpb, LAYERS),
+            ("block_out_channels", &self.block_out_channels, WIDTH),
+            ("cross_attention_dim", &cross, WIDTH),
+            (heads_field, &heads, WIDTH),
+        ] {
+            for v in values {
+                check(field, *v, max)?;
+            }
+        }
+        for (field, v) in [
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("time_embedding_dim", self.time_embedding_dim.unwrap_or(0)),
+        ] {
+            check(field, v, WIDTH)?;
+        }
         let mut levels = Vec::with_capacity(n);
         for i in 0..n {
             let channels = self.block_out_channels[i];

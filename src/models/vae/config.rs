@@ -161,6 +161,24 @@ impl AutoencoderKLConfig {
         if n == 0 {
             bail!("block_out_channels is empty");
         }
+        {
+            use crate::models::limits::{check, LAYERS, LEVELS, WIDTH};
+            let mut checks = vec![
+                ("block_out_channels", n, LEVELS),
+                ("layers_per_block", self.layers_per_block, LAYERS),
+                ("in_channels", self.in_channels, WIDTH),
+                ("out_channels", self.out_channels, WIDTH),
+                ("latent_channels", self.latent_channels, WIDTH),
+            ];
+            checks.extend(
+                self.block_out_channels
+                    .iter()
+                    .map(|&c| ("block_out_channels", c, WIDTH)),
+            );
+            for (field, v, max) in checks {
+                check(field, v, max).map_err(anyhow::Error::msg)?;
+            }
+        }
         if self.down_block_types.len() != n || self.up_block_types.len() != n {
             bail!(
                 "down_block_types ({}) and up_block_types ({}) must have one entry per \
