@@ -410,9 +410,47 @@ pub fn rewrite(
     write(dst, out, &src.metadata, true)
 }
 
+/// Index of the first value among raw float bits whose exponent bits (`exp_mask`) are all set,
+/// i.e. the first NaN / infinity. Scans in blocks without early exit inside a block, so the
+/// inner loop vectorises.
+fn first_nonfinite_bits<T: Copy + Into<u32>>(bits: &[T], exp_mask: u32) -> Option<usize> {
+    const BLOCK: usize = 4096;
+    let bad = |x: T| x.into() & exp_mask == exp_mask;
+    for (b, chunk) in bits.chunks(BLOCK).enumerate() {
+        if chunk.iter().fold(false, |acc, &x| acc | bad(x)) {
+            return chunk.iter().position(|&x| bad(x)).map(|j| b * BLOCK + j);
+        }
+    }
+    None
+}
+
+/// The raw bits of a slice of a 16- or 32-bit float type, without copying.
+fn bits_of<F, B>(v: &[F]) -> &[B] {
+    assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<B>());
+    // SAFETY: `F` (f32, half::f16, half::bf16) and `B` (u32, u16) have the same size and
+    // alignment, and every bit pattern is a valid unsigned integer.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const B, v.len()) }
+}
+
+/// Whether a contiguous CPU float tensor holds a NaN or infinity (`Some(index)`), read from
+/// its storage in place; `Err(())` for other tensors (the caller takes the general path).
+fn first_nonfinite_in_place(t: &Tensor) -> Result<Option<usize>, ()> {
+    use candle_core::{CpuStorage, Storage};
+    let (storage, layout) = t.storage_and_layout();
+    let (Some((start, end)), Storage::Cpu(cpu)) = (layout.contiguous_offsets(), &*storage) else {
+        return Err(());
+    };
+    Ok(match cpu {
+        CpuStorage::F32(v) => first_nonfinite_bits::<u32>(bits_of(&v[start..end]), 0x7f80_0000),
+        CpuStorage::F16(v) => first_nonfinite_bits::<u16>(bits_of(&v[start..end]), 0x7c00),
+        CpuStorage::BF16(v) => first_nonfinite_bits::<u16>(bits_of(&v[start..end]), 0x7f80),
+        _ => return Err(()),
+    })
+}
+
 /// An error naming `what` when `t` holds a NaN or an infinity (the first one and its index).
 pub fn check_finite(t: &Tensor, what: &str) -> anyhow::Result<()> {
-    if !t.dtype().is_float() {
+    if !t.dtype().is_float() || first_nonfinite_in_place(t) == Ok(None) {
         return Ok(());
     }
     let v: Vec<f32> = t

@@ -364,3 +364,65 @@ fn configs_with_absurd_sizes_are_refused_before_building() {
         "{e}"
     );
 }
+
+#[test]
+fn scheduler_configs_with_impossible_betas_are_refused() {
+    use lora_diffusion::schedulers::SchedulerConfig;
+    for text in [
+        r#"{"beta_start": 0.02, "beta_end": 0.001}"#,
+        r#"{"beta_start": 0.0001, "beta_end": 1.5}"#,
+    ] {
+        let e = err_text(SchedulerConfig::from_json_str(text));
+        assert!(e.contains("beta_start") && e.contains("beta_end"), "{e}");
+    }
+    assert!(
+        SchedulerConfig::from_json_str(r#"{"beta_start": 0.00085, "beta_end": 0.012}"#).is_ok()
+    );
+}
+
+#[test]
+fn a_non_finite_model_weight_is_named_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    copy_dir(&repo().join("assets/tiny-sd"), &model);
+    let f = model.join("unet/diffusion_pytorch_model.safetensors");
+    let mut t: BTreeMap<String, Tensor> = load_tensors(&f).into_iter().collect();
+    let key = "conv_in.weight".to_string();
+    let w = &t[&key];
+    let mut v = w
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    v[3] = f32::NAN;
+    let bad = Tensor::from_vec(v, w.dims(), &Device::Cpu)
+        .unwrap()
+        .to_dtype(w.dtype())
+        .unwrap();
+    t.insert(key, bad);
+    let out = lora_diffusion::tensor_file::out_tensors(&t).unwrap();
+    lora_diffusion::tensor_file::write(&f, out, &BTreeMap::new(), true).unwrap();
+    let png = dir.path().join("x.png");
+    let o = lora(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--out",
+        s(&png),
+    ]);
+    expect_failure(
+        &o,
+        &[
+            "conv_in.weight",
+            "non-finite",
+            "diffusion_pytorch_model.safetensors",
+        ],
+    );
+    assert!(!png.exists());
+}

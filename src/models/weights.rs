@@ -355,6 +355,9 @@ impl ModelWeights {
             },
             Source::Nothing | Source::Random(_) => candle_core::bail!("no tensor {name}"),
         };
+        let what = format!("weight {name} of {}", self.describe_files());
+        crate::tensor_file::check_finite(&t, &what)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         t.to_dtype(dtype)?.to_device(dev)
     }
 }

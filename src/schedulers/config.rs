@@ -238,7 +238,20 @@ impl SchedulerConfig {
                 self.num_train_timesteps
             );
         }
+        if self.num_train_timesteps > 1_000_000 {
+            bail!(
+                "num_train_timesteps {} is beyond the supported maximum 1000000",
+                self.num_train_timesteps
+            );
+        }
+        let (b0, b1) = (self.beta_start, self.beta_end);
+        if self.trained_betas.is_none() && !(b0 > 0.0 && b0 <= b1 && b1 < 1.0) {
+            bail!("beta_start {b0} and beta_end {b1} must satisfy 0 < beta_start <= beta_end < 1");
+        }
         if let Some(b) = &self.trained_betas {
+            if let Some(x) = b.iter().find(|x| !(**x > 0.0 && **x < 1.0)) {
+                bail!("trained_betas holds {x}; every beta must be in (0, 1)");
+            }
             if b.len() != self.num_train_timesteps {
                 bail!(
                     "trained_betas has {} values, expected num_train_timesteps = {}",
