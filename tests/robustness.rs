@@ -426,3 +426,36 @@ fn a_non_finite_model_weight_is_named_at_load() {
     );
     assert!(!png.exists());
 }
+
+#[test]
+fn convert_refuses_f16_overflow_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::new(5);
+    let down = rng.randn((4, 32), &Device::Cpu).unwrap();
+    let up = (rng.randn((32, 4), &Device::Cpu).unwrap() * 1e6).unwrap();
+    let src = dir.path().join("big.safetensors");
+    formats::write(
+        &one_layer(down, up),
+        &src,
+        Format::Ours,
+        &WriteOptions::default(),
+    )
+    .unwrap();
+    let out = dir.path().join("big-f16.safetensors");
+    let args = [
+        "convert",
+        s(&src),
+        "--to",
+        "kohya",
+        "--dtype",
+        "f16",
+        "--out",
+        s(&out),
+    ];
+    expect_failure(&lora(&args), &["overflow", "F16", "--allow-nonfinite"]);
+    assert!(!out.exists());
+    let mut allowed = args.to_vec();
+    allowed.push("--allow-nonfinite");
+    expect_success(&lora(&allowed));
+    assert!(out.exists());
+}

@@ -49,6 +49,10 @@ pub struct AddArgs {
     /// Replace an existing output.
     #[arg(long)]
     pub force: bool,
+    /// Write NaN / infinite values instead of refusing (values that overflow the output
+    /// dtype included).
+    #[arg(long)]
+    pub allow_nonfinite: bool,
     /// lpl/ljl/svd: dtype of the written factors, f32, f16 or bf16 (default: the first LoRA's).
     #[arg(long)]
     pub dtype: Option<String>,
@@ -172,6 +176,7 @@ pub fn run(a: AddArgs) -> anyhow::Result<()> {
         Mode::Upl => unreachable!("handled above"),
     };
     let opts = WriteOptions {
+        allow_nonfinite: a.allow_nonfinite,
         dtype,
         force: a.force,
         arch: arch.as_ref(),

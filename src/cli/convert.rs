@@ -23,6 +23,10 @@ pub struct ConvertArgs {
     /// Overwrite OUT if it exists.
     #[arg(long)]
     force: bool,
+    /// Write NaN / infinite values instead of refusing (values that overflow the output
+    /// dtype included).
+    #[arg(long)]
+    allow_nonfinite: bool,
     /// The model the LoRA is for (diffusers folder or Hugging Face id): resolves kohya and
     /// cloneofsimo layer names and checks shapes (default: SD 1.x / SD 2.x by shape).
     #[arg(long)]
@@ -49,6 +53,7 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<()> {
         formats::check_against(&set, arch)?;
     }
     let opts = WriteOptions {
+        allow_nonfinite: a.allow_nonfinite,
         dtype,
         force: a.force,
         arch: arch.as_ref(),

@@ -47,6 +47,10 @@ pub struct ExtractArgs {
     /// Replace an existing output file.
     #[arg(long)]
     force: bool,
+    /// Write NaN / infinite values instead of refusing (values that overflow the output
+    /// dtype included).
+    #[arg(long)]
+    allow_nonfinite: bool,
 }
 
 /// Runs `lora extract`.
@@ -97,6 +101,7 @@ pub fn run(a: ExtractArgs) -> anyhow::Result<()> {
     }
     super::add::print_energy(&report.energy);
     let opts = WriteOptions {
+        allow_nonfinite: a.allow_nonfinite,
         dtype: Some(opts.dtype),
         force: a.force,
         arch: None,

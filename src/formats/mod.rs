@@ -152,6 +152,9 @@ pub struct WriteOptions<'a> {
     pub force: bool,
     /// The model architecture (needed by cloneofsimo for non-SD models).
     pub arch: Option<&'a Architecture>,
+    /// Write NaN / infinite values (and values the output dtype turns into infinities)
+    /// instead of refusing.
+    pub allow_nonfinite: bool,
 }
 
 /// Tells the format of a LoRA file from its keys and metadata (header only for safetensors).
@@ -313,14 +316,20 @@ fn encode_tensors(
     };
     let mut tensors = Vec::with_capacity(enc.tensors.len());
     for (k, t, cast) in enc.tensors {
-        crate::tensor_file::check_finite(&t, &format!("tensor {k}"))
-            .context("refusing to write it")?;
+        if !opts.allow_nonfinite {
+            crate::tensor_file::check_finite(&t, &format!("tensor {k}"))
+                .context("refusing to write it (--allow-nonfinite writes it anyway)")?;
+        }
         let t = match cast {
             Cast::Weight => t.to_dtype(dtype)?,
             Cast::Keep => t,
         };
-        crate::tensor_file::check_finite(&t, &format!("tensor {k} in {dtype:?}"))
-            .with_context(|| format!("its values overflow {dtype:?}; write f32 or bf16"))?;
+        if !opts.allow_nonfinite {
+            crate::tensor_file::check_finite(&t, &format!("tensor {k} in {dtype:?}"))
+                .with_context(|| {
+                    format!("its values overflow {dtype:?}; write f32 or bf16 (or pass --allow-nonfinite)")
+                })?;
+        }
         let t = OutTensor::from_tensor(&t).with_context(|| format!("tensor {k}"))?;
         tensors.push((k, t));
     }

@@ -276,6 +276,7 @@ pub fn lora_file_bytes(
         metadata: metadata.clone(),
     };
     let opts = crate::formats::WriteOptions {
+        allow_nonfinite: false,
         dtype: None,
         force: false,
         arch: None,
