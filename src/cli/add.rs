@@ -2,7 +2,7 @@
 //! (`upl`) or join two LoRAs (`lpl`, `ljl`, `svd`). One implementation serves both.
 
 use super::common::{parse_dtype, progress_bar};
-use crate::formats::{self, Architecture, Format, WriteOptions};
+use crate::formats::{self, Architecture, Format};
 use crate::hub::ModelSource;
 use crate::lora::combine::{self, EnergyReport, LplReport};
 use crate::lora::upl::fuse_into_model;
@@ -46,13 +46,8 @@ pub struct AddArgs {
     /// svd: the rank R to re-compress to (required there, refused elsewhere).
     #[arg(long)]
     pub rank: Option<usize>,
-    /// Replace an existing output.
-    #[arg(long)]
-    pub force: bool,
-    /// Write NaN / infinite values instead of refusing (values that overflow the output
-    /// dtype included).
-    #[arg(long)]
-    pub allow_nonfinite: bool,
+    #[command(flatten)]
+    pub write: super::common::WriteFlags,
     /// lpl/ljl/svd: dtype of the written factors, f32, f16 or bf16 (default: the first LoRA's).
     #[arg(long)]
     pub dtype: Option<String>,
@@ -107,7 +102,7 @@ pub fn run(a: AddArgs) -> anyhow::Result<()> {
             mode_name(m)
         ),
     }
-    if a.output_path.exists() && !a.force {
+    if a.output_path.exists() && !a.write.force {
         bail!(
             "{} already exists; pass --force to replace it",
             a.output_path.display()
@@ -175,13 +170,14 @@ pub fn run(a: AddArgs) -> anyhow::Result<()> {
         }
         Mode::Upl => unreachable!("handled above"),
     };
-    let opts = WriteOptions {
-        allow_nonfinite: a.allow_nonfinite,
+    super::common::write_lora(
+        &merged,
+        &a.output_path,
+        format,
         dtype,
-        force: a.force,
-        arch: arch.as_ref(),
-    };
-    formats::write(&merged, &a.output_path, format, &opts)?;
+        arch.as_ref(),
+        a.write,
+    )?;
     println!("wrote {} ({format})", a.output_path.display());
     Ok(())
 }
@@ -245,9 +241,14 @@ fn run_upl(a: &AddArgs) -> anyhow::Result<()> {
         a.alpha
     );
     let pb = progress_bar(lora.layers.len() as u64, "fusing");
-    let report = fuse_into_model(&source, &lora, a.alpha, &a.output_path, a.force, &|| {
-        pb.inc(1)
-    });
+    let report = fuse_into_model(
+        &source,
+        &lora,
+        a.alpha,
+        &a.output_path,
+        a.write.force,
+        &|| pb.inc(1),
+    );
     pb.finish_and_clear();
     let report = report?;
     let fused: Vec<String> = report

@@ -14,3 +14,33 @@ pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
     pb.set_message(what.to_string());
     pb
 }
+
+/// The flags every command that writes a LoRA file shares.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct WriteFlags {
+    /// Replace an existing output.
+    #[arg(long)]
+    pub force: bool,
+    /// Write NaN / infinite values instead of refusing (values that overflow the output
+    /// dtype included).
+    #[arg(long)]
+    pub allow_nonfinite: bool,
+}
+
+/// Writes `set` to `out` in `format` (factors in `dtype`, or as they are).
+pub fn write_lora(
+    set: &crate::lora::LoraSet,
+    out: &std::path::Path,
+    format: crate::formats::Format,
+    dtype: Option<candle_core::DType>,
+    arch: Option<&crate::formats::Architecture>,
+    flags: WriteFlags,
+) -> anyhow::Result<()> {
+    let opts = crate::formats::WriteOptions {
+        dtype,
+        force: flags.force,
+        arch,
+        allow_nonfinite: flags.allow_nonfinite,
+    };
+    crate::formats::write(set, out, format, &opts)
+}

@@ -1,7 +1,7 @@
 //! `lora convert IN --to FORMAT --out OUT`: rewrite a LoRA file in another format.
 
 use super::common::parse_dtype;
-use crate::formats::{self, Architecture, Format, WriteOptions};
+use crate::formats::{self, Architecture, Format};
 use crate::hub::ModelSource;
 use clap::Args;
 use std::path::PathBuf;
@@ -20,13 +20,8 @@ pub struct ConvertArgs {
     /// Output dtype of the factors: f32, f16 or bf16 (default: as read).
     #[arg(long)]
     dtype: Option<String>,
-    /// Overwrite OUT if it exists.
-    #[arg(long)]
-    force: bool,
-    /// Write NaN / infinite values instead of refusing (values that overflow the output
-    /// dtype included).
-    #[arg(long)]
-    allow_nonfinite: bool,
+    #[command(flatten)]
+    write: super::common::WriteFlags,
     /// The model the LoRA is for (diffusers folder or Hugging Face id): resolves kohya and
     /// cloneofsimo layer names and checks shapes (default: SD 1.x / SD 2.x by shape).
     #[arg(long)]
@@ -37,7 +32,7 @@ pub struct ConvertArgs {
 pub fn run(a: ConvertArgs) -> anyhow::Result<()> {
     let to = Format::parse(&a.to)?;
     let dtype = a.dtype.as_deref().map(parse_dtype).transpose()?;
-    if a.out.exists() && !a.force {
+    if a.out.exists() && !a.write.force {
         anyhow::bail!(
             "{} already exists; pass --force to overwrite it",
             a.out.display()
@@ -52,13 +47,7 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<()> {
     if let Some(arch) = &arch {
         formats::check_against(&set, arch)?;
     }
-    let opts = WriteOptions {
-        allow_nonfinite: a.allow_nonfinite,
-        dtype,
-        force: a.force,
-        arch: arch.as_ref(),
-    };
-    formats::write(&set, &a.out, to, &opts)?;
+    super::common::write_lora(&set, &a.out, to, dtype, arch.as_ref(), a.write)?;
     println!(
         "{} ({from}, {} layers) -> {} ({to})",
         a.input.display(),

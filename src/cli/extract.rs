@@ -1,7 +1,7 @@
 //! `lora extract`: a LoRA from the difference of two full models.
 
 use super::common::{parse_dtype, progress_bar};
-use crate::formats::{self, Format, WriteOptions};
+use crate::formats::Format;
 use crate::hub::ModelSource;
 use crate::lora::extract::{count_layers, extract, ExtractOptions};
 use crate::lora::svd::RandomizedOpts;
@@ -44,18 +44,13 @@ pub struct ExtractArgs {
     /// Seed of the randomized SVD.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Replace an existing output file.
-    #[arg(long)]
-    force: bool,
-    /// Write NaN / infinite values instead of refusing (values that overflow the output
-    /// dtype included).
-    #[arg(long)]
-    allow_nonfinite: bool,
+    #[command(flatten)]
+    write: super::common::WriteFlags,
 }
 
 /// Runs `lora extract`.
 pub fn run(a: ExtractArgs) -> anyhow::Result<()> {
-    if a.out.exists() && !a.force {
+    if a.out.exists() && !a.write.force {
         bail!(
             "{} already exists; pass --force to overwrite it",
             a.out.display()
@@ -100,13 +95,7 @@ pub fn run(a: ExtractArgs) -> anyhow::Result<()> {
         );
     }
     super::add::print_energy(&report.energy);
-    let opts = WriteOptions {
-        allow_nonfinite: a.allow_nonfinite,
-        dtype: Some(opts.dtype),
-        force: a.force,
-        arch: None,
-    };
-    formats::write(&set, &a.out, format, &opts)?;
+    super::common::write_lora(&set, &a.out, format, Some(opts.dtype), None, a.write)?;
     println!(
         "wrote {} ({format}, {} layers, rank ≤ {})",
         a.out.display(),

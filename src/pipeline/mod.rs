@@ -185,6 +185,24 @@ impl StableDiffusion {
         Ok((height / f, width / f))
     }
 
+    /// An error when `images` images of `height`×`width` cannot fit in the available memory:
+    /// the VAE holds a few full-resolution maps of its widest channel count per image.
+    pub fn check_activation_memory(
+        &self,
+        height: usize,
+        width: usize,
+        images: usize,
+        what: &str,
+    ) -> anyhow::Result<()> {
+        let cfg = self.vae.config();
+        let c0 = cfg.block_out_channels.first().copied().unwrap_or(128) as u64;
+        let need = (images as u64)
+            .saturating_mul(16 * c0)
+            .saturating_mul(height as u64)
+            .saturating_mul(width as u64);
+        crate::sys::check_memory(need, &format!("{what} {height}x{width} x{images}"))
+    }
+
     /// Runs the denoising loop and decodes: images [num_images, 3, H, W] in [0, 1] (f32).
     /// `progress` is called after each step with (step, total).
     pub fn generate(
@@ -207,19 +225,7 @@ impl StableDiffusion {
         }
         let (dh, dw) = self.default_size();
         let (h, w) = (p.height.unwrap_or(dh), p.width.unwrap_or(dw));
-        // The decoder's last block holds a few full-resolution maps of its widest channel count.
-        let c0 = self
-            .vae
-            .config()
-            .block_out_channels
-            .first()
-            .copied()
-            .unwrap_or(128) as u64;
-        let need = (p.num_images as u64)
-            .saturating_mul(4 * 4 * c0)
-            .saturating_mul(h as u64)
-            .saturating_mul(w as u64);
-        crate::sys::check_memory(need, &format!("generating {h}x{w} x{}", p.num_images))?;
+        self.check_activation_memory(h, w, p.num_images, "generating")?;
         let (lh, lw) = self.latent_size(h, w)?;
         let n = p.num_images;
         let c = self.unet_config.in_channels;

@@ -112,21 +112,9 @@ impl Trainer {
         ));
         sd.latent_size(cfg.resolution, cfg.resolution)
             .context("--resolution")?;
-        // The VAE encodes full-resolution images: a few maps of its widest channel count each.
-        let c0 = sd
-            .vae
-            .config()
-            .block_out_channels
-            .first()
-            .copied()
-            .unwrap_or(128) as u64;
-        let rows = (cfg.batch_size * if cfg.with_prior_preservation { 2 } else { 1 }) as u64;
-        let r = cfg.resolution as u64;
-        let need = rows
-            .saturating_mul(16 * c0)
-            .saturating_mul(r)
-            .saturating_mul(r);
-        crate::sys::check_memory(need, &format!("training at {r}x{r}, {rows} images a step"))?;
+        let rows = cfg.batch_size * if cfg.with_prior_preservation { 2 } else { 1 };
+        let r = cfg.resolution;
+        sd.check_activation_memory(r, r, rows, "training at")?;
 
         let mut class = None;
         if cfg.with_prior_preservation {
