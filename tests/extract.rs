@@ -33,6 +33,7 @@ fn tuned(dir: &Path) -> PathBuf {
         SCALE,
         &out,
         false,
+        false,
         &|| {},
     )
     .unwrap();
@@ -113,6 +114,7 @@ fn extract_recovers_a_fused_low_rank_change() {
         &x,
         1.0,
         &refused,
+        false,
         false,
         &|| {},
     )

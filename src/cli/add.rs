@@ -247,6 +247,7 @@ fn run_upl(a: &AddArgs) -> anyhow::Result<()> {
         a.alpha,
         &a.output_path,
         a.write.force,
+        a.write.allow_nonfinite,
         &|| pb.inc(1),
     );
     pb.finish_and_clear();

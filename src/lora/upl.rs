@@ -77,6 +77,7 @@ pub fn fuse_into_model(
     alpha: f64,
     output: &Path,
     force: bool,
+    allow_nonfinite: bool,
     on_layer: &dyn Fn(),
 ) -> anyhow::Result<UplReport> {
     let index = ModelIndex::read(source)
@@ -91,7 +92,7 @@ pub fn fuse_into_model(
         files.retain(|(_, p)| !p.canonicalize().is_ok_and(|p| p.starts_with(&out)));
     }
     let tmp = begin_output(output, force, source)?;
-    let result = write_model(&tmp, &files, &plans, alpha, on_layer);
+    let result = write_model(&tmp, &files, &plans, alpha, allow_nonfinite, on_layer);
     match result {
         Ok(mut report) => {
             crate::atomic::replace_dir(&tmp, output)?;
@@ -312,6 +313,7 @@ fn write_model(
     files: &[(String, PathBuf)],
     plans: &[FilePlan],
     alpha: f64,
+    allow_nonfinite: bool,
     on_layer: &dyn Fn(),
 ) -> anyhow::Result<UplReport> {
     let mut report = UplReport::default();
@@ -394,11 +396,11 @@ fn write_model(
             if let Some((i, v)) = w
                 .iter()
                 .enumerate()
-                .find(|(_, v)| !v.is_finite() || v.abs() > limit)
+                .find(|(_, v)| !allow_nonfinite && (!v.is_finite() || v.abs() > limit))
             {
                 bail!(
                     "{}/{key}: the fused weight holds {v} at flat index {i}, which {:?} cannot \
-                     store; refusing to write it (check the LoRA and --alpha)",
+                     store; refusing to write it (check the LoRA and --alpha; --allow-nonfinite writes it anyway)",
                     p.rel,
                     entry.dtype
                 );
