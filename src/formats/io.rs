@@ -65,10 +65,7 @@ pub fn read_file(path: &Path) -> anyhow::Result<LoraFile> {
         });
     }
     let file = TensorFile::open(path)?;
-    let mut tensors = BTreeMap::new();
-    for name in file.entries.keys() {
-        tensors.insert(name.clone(), file.load(name, &Device::Cpu)?);
-    }
+    let tensors = file.load_all(&Device::Cpu)?;
     Ok(LoraFile {
         path: path.to_path_buf(),
         container: Container::Safetensors,

@@ -320,11 +320,16 @@ fn encode_tensors(
             crate::tensor_file::check_finite(&t, &format!("tensor {k}"))
                 .context("refusing to write it (--allow-nonfinite writes it anyway)")?;
         }
-        let t = match cast {
-            Cast::Weight => t.to_dtype(dtype)?,
-            Cast::Keep => t,
+        let cast_to = match cast {
+            Cast::Weight if t.dtype() != dtype => Some(dtype),
+            _ => None,
         };
-        if !opts.allow_nonfinite {
+        let t = match cast_to {
+            Some(d) => t.to_dtype(d)?,
+            None => t,
+        };
+        // Only a narrowing cast can turn finite values into infinities.
+        if !opts.allow_nonfinite && cast_to.is_some() {
             crate::tensor_file::check_finite(&t, &format!("tensor {k} in {dtype:?}"))
                 .with_context(|| {
                     format!("its values overflow {dtype:?}; write f32 or bf16 (or pass --allow-nonfinite)")
