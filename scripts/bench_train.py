@@ -5,11 +5,16 @@ Workloads (fp32 CPU, random weights, batch 1), the same as the Rust benchmark:
   block: one SD-1.5 down-block slice, diffusers ResnetBlock2D (320 ch, 1280 time embedding,
          eps 1e-5) then Transformer2DModel (8 heads x 40, 1 layer, context 77x768, conv
          proj_in/out) on a 32x32 latent;
-  unet:  the SD 1.5 UNet on a 32x32 latent (256x256 image), context 77x768, timestep 500.
+  unet:  the SD 1.5 UNet on a (resolution/8)^2 latent (--resolution, default 256), context
+         77x768, timestep 500.
 "LoRA step": PEFT LoRA rank 4, alpha 4 on to_q, to_k, to_v, to_out.0 (everything else frozen),
 MSE loss to a random target, backward, AdamW on the LoRA parameters. "Full step": every
 weight trained with AdamW. Forward runs under torch.no_grad. Attention uses diffusers' default
 processor (scaled_dot_product_attention); --plain-attention switches to AttnProcessor.
+--gradient-checkpointing calls diffusers' enable_gradient_checkpointing() (UNet, or the block's
+Transformer2DModel). --mixed-precision bf16|fp16 casts the frozen model and its inputs to that
+dtype and keeps the LoRA parameters in f32 (PEFT casts activations to and from them), loss in
+f32, fp16 with a GradScaler. (torch.autocast on CPU cannot run group_norm with half weights.) --no-full skips the full step (its peak RSS is then the LoRA phase's).
 
 Prints one JSON line: {"forward_ms", "lora_step_ms", "full_step_ms", "lora_peak_rss_mb",
 "peak_rss_mb", "lora_params", "full_params", "torch", "threads"}. Peak RSS is the process's
@@ -55,18 +60,18 @@ class Block(nn.Module):
         return self.attn(self.resnet(x, temb), encoder_hidden_states=ctx).sample
 
 
-def build(workload):
+def build(workload, latent, dtype=torch.float32):
     torch.manual_seed(0)
     if workload == "block":
         model = Block()
-        inputs = (torch.randn(1, 320, 32, 32), torch.randn(1, 1280), torch.randn(1, 77, 768))
+        inputs = tuple(t.to(dtype) for t in (torch.randn(1, 320, 32, 32), torch.randn(1, 1280), torch.randn(1, 77, 768)))
         run = lambda m: m(*inputs)  # noqa: E731
     else:
         from diffusers import UNet2DConditionModel
         from real_configs import SD15_UNET
 
         model = UNet2DConditionModel.from_config(SD15_UNET)
-        x, ctx, t = torch.randn(1, 4, 32, 32), torch.randn(1, 77, 768), torch.tensor(500)
+        x, ctx, t = torch.randn(1, 4, latent, latent).to(dtype), torch.randn(1, 77, 768).to(dtype), torch.tensor(500)
         run = lambda m: m(x, t, ctx).sample  # noqa: E731
     return model, run
 
@@ -96,41 +101,65 @@ def main():
     p.add_argument("--warmup", type=int, default=None, help="default: 2 (block), 1 (unet)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--plain-attention", action="store_true")
+    p.add_argument("--resolution", type=int, default=256, help="unet workload: image size")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
+    p.add_argument("--no-full", action="store_true")
     args = p.parse_args()
+    latent = args.resolution // 8
+    half = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+
     if args.threads:
         torch.set_num_threads(args.threads)
     warmup = args.warmup if args.warmup is not None else (2 if args.workload == "block" else 1)
     from peft import LoraConfig, inject_adapter_in_model
 
     res = {}
-    model, run = build(args.workload)
+    model, run = build(args.workload, latent, half or torch.float32)
     if args.plain_attention:
         set_plain_attention(model)
+    if half is not None:
+        model.to(half)
     model.eval()
     with torch.no_grad():
         res["forward_ms"] = timed(warmup, args.runs, lambda: run(model))
-        target = torch.randn_like(run(model))
+        target = torch.randn_like(run(model).float())
+    if args.gradient_checkpointing:
+        (model if args.workload == "unet" else model.attn).enable_gradient_checkpointing()
+        model.train()
 
     # LoRA: PEFT adapters on the attention projections, everything else frozen.
     cfg = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     model = inject_adapter_in_model(cfg, model)
     for n, prm in model.named_parameters():
         prm.requires_grad_("lora_" in n)
+        if "lora_" in n:
+            prm.data = prm.data.float()
     params = [prm for prm in model.parameters() if prm.requires_grad]
     res["lora_params"] = sum(prm.numel() for prm in params)
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    scaler = torch.amp.GradScaler("cpu") if args.mixed_precision == "fp16" else None
 
     def step(m, o):
-        loss = torch.nn.functional.mse_loss(run(m), target)
-        loss.backward()
-        o.step()
+        out = run(m)
+        loss = torch.nn.functional.mse_loss(out.float(), target)
+        if scaler is None:
+            loss.backward()
+            o.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(o)
+            scaler.update()
         o.zero_grad(set_to_none=True)
 
     res["lora_step_ms"] = timed(warmup, args.runs, lambda: step(model, opt))
     res["lora_peak_rss_mb"] = peak_rss_mb()
     del model, opt, params
+    if args.no_full:
+        return finish(res, args)
 
-    model, run = build(args.workload)
+    scaler = None
+    model, run = build(args.workload, latent)
     if args.plain_attention:
         set_plain_attention(model)
     model.train()
@@ -138,9 +167,17 @@ def main():
     res["full_params"] = sum(prm.numel() for prm in model.parameters())
     res["full_step_ms"] = timed(warmup, args.runs, lambda: step(model, opt))
     res["peak_rss_mb"] = peak_rss_mb()
+    finish(res, args)
+
+
+def finish(res, args):
+    res.setdefault("peak_rss_mb", res["lora_peak_rss_mb"])
     res = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in res.items()}
     res["torch"] = torch.__version__
     res["threads"] = torch.get_num_threads()
+    res["resolution"] = args.resolution
+    res["gradient_checkpointing"] = args.gradient_checkpointing
+    res["mixed_precision"] = args.mixed_precision
     print(json.dumps(res))
 
 

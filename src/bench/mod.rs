@@ -7,6 +7,7 @@ use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::weights::ModelWeights;
 use crate::rng::Rng;
 use crate::sys::parse_device;
+pub use crate::sys::{peak_rss_mb, reset_peak_rss};
 use anyhow::Context;
 use candle_core::{DType, Tensor};
 use clap::{Args, Subcommand};
@@ -32,7 +33,7 @@ enum BenchWhat {
 #[derive(Args, Debug)]
 struct UnetBench {
     /// Image size in pixels (latent = size / 8).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, alias = "resolution", default_value_t = 256)]
     size: usize,
     /// Timed runs (median reported), after 2 warm-ups.
     #[arg(long, default_value_t = 5)]
@@ -54,25 +55,6 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         BenchWhat::Unet(b) => unet(b),
         BenchWhat::Train(b) => train::run(b),
     }
-}
-
-/// Peak resident memory of this process in MB (Linux; 0 elsewhere).
-pub fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
-}
-
-/// Resets the kernel's peak-RSS counter of this process (Linux; ignored elsewhere).
-pub fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// The median of `v` (NaN when empty).

@@ -1,13 +1,17 @@
 //! `lora bench train`: forward, LoRA step and full step (ms) plus peak RSS for two workloads,
-//! fp32, random weights:
+//! random weights:
 //! - `sd_block`: one SD-1.5 down-block slice (ResnetBlock2D 320 ch with a 1280 time embedding,
 //!   then a Transformer2DModel: 8 heads × 40, context 77×768) on a 32×32 latent, batch 1;
-//! - `sd15_unet_256`: the SD 1.5 UNet at 256×256 (32×32 latent), batch 1, context 77×768.
+//! - `sd15_unet_<resolution>`: the SD 1.5 UNet at `--resolution` (latent = resolution / 8),
+//!   batch 1, context 77×768.
 //!
 //! "LoRA step": rank-4 LoRA on to_q / to_k / to_v / to_out.0 of every attention, MSE loss to a
-//! random target, backward, AdamW on the LoRA parameters. "Full step": every weight trained.
-//! `--torch-python` runs scripts/bench_train.py (PyTorch + diffusers + PEFT, the same
-//! workloads) in the same invocation and prints the ratios.
+//! random target, backward, AdamW on the LoRA parameters. "Full step": every weight trained
+//! (fp32 only; skipped for the UNet above 256 px). `--mixed-precision` runs the frozen model in
+//! bf16/fp16 with f32 LoRA parameters. Every phase of every workload runs in a fresh child
+//! process, so each peak RSS is that phase's own. `--torch-python` runs
+//! scripts/bench_train.py (PyTorch + diffusers + PEFT, the same workloads and switches) in the
+//! same invocation and prints the ratios.
 
 use super::{median, peak_rss_mb, reset_peak_rss, run_torch_script, time_runs};
 use crate::lora::{inject_trainable, Component, LoraHost, LoraTargets};
@@ -19,8 +23,10 @@ use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::walk::{LayerRef, LayerWalk};
 use crate::models::weights::ModelWeights;
 use crate::rng::Rng;
+use crate::train::config::MixedPrecision;
 use crate::train::model::lora_file_bytes;
 use crate::train::optim::{AdamW, AdamWParams};
+use anyhow::Context;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use clap::Args;
@@ -40,6 +46,18 @@ pub struct TrainBench {
     /// Which workloads: all, block or unet.
     #[arg(long, default_value = "all")]
     workload: String,
+    /// Image size of the UNet workload in pixels (256, 512, 768; latent = size / 8).
+    #[arg(long, default_value_t = 256)]
+    resolution: usize,
+    /// Precision of the frozen model: no, bf16 or fp16 (LoRA parameters stay f32).
+    #[arg(long, default_value_t = MixedPrecision::No)]
+    mixed_precision: MixedPrecision,
+    /// Skip the full-fine-tuning step.
+    #[arg(long)]
+    no_full: bool,
+    /// Internal: measure one phase (`block:lora`, `unet:full`, …) in this process, print JSON.
+    #[arg(long, hide = true)]
+    phase: Option<String>,
     /// A Python with torch + diffusers + peft: also runs scripts/bench_train.py and prints ratios.
     #[arg(long)]
     torch_python: Option<PathBuf>,
@@ -91,14 +109,16 @@ impl LayerWalk for BlockSlice {
 }
 
 /// The figures of one workload.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 struct Figures {
     forward_ms: f64,
     lora_step_ms: f64,
     full_step_ms: f64,
-    /// Peak RSS over the forward and LoRA phases.
+    /// Peak RSS of the process that ran the forward and LoRA steps.
     lora_peak_rss_mb: f64,
-    /// Peak RSS over the whole workload (the full step dominates).
+    /// Peak RSS of the process that ran the full steps (0 when skipped).
+    full_peak_rss_mb: f64,
+    /// Peak RSS of the measuring process (a child's own figure).
     peak_rss_mb: f64,
     lora_params: usize,
     /// Size of the rank-4 LoRA in our file format (f32 factors, no metadata).
@@ -151,7 +171,7 @@ fn train_step(
     phases: &mut Phases,
 ) -> anyhow::Result<()> {
     let t0 = Instant::now();
-    let loss = (fwd()? - target)?.sqr()?.mean_all()?;
+    let loss = (fwd()?.to_dtype(DType::F32)? - target)?.sqr()?.mean_all()?;
     let t1 = Instant::now();
     let grads = loss.backward()?;
     let t2 = Instant::now();
@@ -200,104 +220,211 @@ fn var_model<M>(
     Ok((model, vars))
 }
 
-/// Measures one workload: `build` makes the model from a VarBuilder, `fwd` runs it.
+/// Which steps one child process measures.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    /// Forward (no gradients) and the LoRA step.
+    Lora,
+    /// The full-fine-tuning step.
+    Full,
+}
+
+/// Measures one phase of a workload: `build` makes the model from a VarBuilder, `fwd` runs it.
+/// The peak RSS is this process's (one phase per process).
 fn measure<M: LoraHost>(
     build: &dyn Fn(VarBuilder<'static>) -> candle_core::Result<M>,
     fwd: &dyn Fn(&M) -> candle_core::Result<Tensor>,
-    warmup: usize,
-    runs: usize,
+    phase: Phase,
+    s: &Switches,
     dev: &Device,
 ) -> anyhow::Result<Figures> {
+    let (warmup, runs) = (s.warmup, s.runs);
     let mut f = Figures::default();
     reset_peak_rss();
-    {
-        let model = build(ModelWeights::random("bench", 0).var_builder(DType::F32, dev))?;
-        f.forward_ms = time_runs_ms(warmup, runs, || {
-            fwd(&model)?;
-            Ok(())
-        })?;
-        let target = Rng::new(1).randn(fwd(&model)?.dims(), dev)?;
-        let targets = LoraTargets::parse("attn")?;
-        let lora = inject_trainable(
-            &model,
-            Component::Unet,
-            &targets,
-            4,
-            4.0,
-            0.0,
-            &mut Rng::new(2),
-            dev,
-        )?;
-        let vars = lora.named_vars().to_vec();
-        f.lora_params = lora.num_parameters();
-        let mut set = lora.to_lora_set()?;
-        f.lora_file_bytes_f32 = lora_file_bytes(&set, &BTreeMap::new())?.len();
-        for w in set.layers.values_mut() {
-            *w = w.map(|t| t.to_dtype(DType::F16))?;
+    match phase {
+        Phase::Lora => {
+            let dtype = s.mixed_precision.dtype();
+            let model = build(ModelWeights::random("bench", 0).var_builder(dtype, dev))?;
+            f.forward_ms = time_runs_ms(warmup, runs, || {
+                fwd(&model)?;
+                Ok(())
+            })?;
+            let target = Rng::new(1).randn(fwd(&model)?.dims(), dev)?;
+            let targets = LoraTargets::parse("attn")?;
+            let lora = inject_trainable(
+                &model,
+                Component::Unet,
+                &targets,
+                4,
+                4.0,
+                0.0,
+                &mut Rng::new(2),
+                dev,
+            )?;
+            let vars = lora.named_vars().to_vec();
+            f.lora_params = lora.num_parameters();
+            let mut set = lora.to_lora_set()?;
+            f.lora_file_bytes_f32 = lora_file_bytes(&set, &BTreeMap::new())?.len();
+            for w in set.layers.values_mut() {
+                *w = w.map(|t| t.to_dtype(DType::F16))?;
+            }
+            f.lora_file_bytes_f16 = lora_file_bytes(&set, &BTreeMap::new())?.len();
+            let mut opt = adamw();
+            opt.add_group(&vars, 1e-4)?;
+            let mut ph = Phases::default();
+            f.lora_step_ms = time_runs_ms(warmup, runs, || {
+                train_step(|| fwd(&model), &target, &vars, &mut opt, &mut ph)
+            })?;
+            f.lora_phases_ms = ph.medians(warmup);
+            f.lora_peak_rss_mb = peak_rss_mb();
         }
-        f.lora_file_bytes_f16 = lora_file_bytes(&set, &BTreeMap::new())?.len();
-        let mut opt = adamw();
-        opt.add_group(&vars, 1e-4)?;
-        let mut ph = Phases::default();
-        f.lora_step_ms = time_runs_ms(warmup, runs, || {
-            train_step(|| fwd(&model), &target, &vars, &mut opt, &mut ph)
-        })?;
-        f.lora_phases_ms = ph.medians(warmup);
-        f.lora_peak_rss_mb = peak_rss_mb();
-    }
-    {
-        let (model, vars) = var_model(build, dev)?;
-        f.full_params = vars.iter().map(|(_, v)| v.elem_count()).sum();
-        let target = Rng::new(1).randn(fwd(&model)?.dims(), dev)?;
-        let mut opt = adamw();
-        opt.add_group(&vars, 1e-5)?;
-        let mut ph = Phases::default();
-        f.full_step_ms = time_runs_ms(warmup, runs, || {
-            train_step(|| fwd(&model), &target, &vars, &mut opt, &mut ph)
-        })?;
-        f.full_phases_ms = ph.medians(warmup);
+        Phase::Full => {
+            let (model, vars) = var_model(build, dev)?;
+            f.full_params = vars.iter().map(|(_, v)| v.elem_count()).sum();
+            let target = Rng::new(1).randn(fwd(&model)?.dims(), dev)?;
+            let mut opt = adamw();
+            opt.add_group(&vars, 1e-5)?;
+            let mut ph = Phases::default();
+            f.full_step_ms = time_runs_ms(warmup, runs, || {
+                train_step(|| fwd(&model), &target, &vars, &mut opt, &mut ph)
+            })?;
+            f.full_phases_ms = ph.medians(warmup);
+        }
     }
     f.peak_rss_mb = peak_rss_mb();
     Ok(f)
 }
 
-fn block_figures(runs: usize, dev: &Device) -> anyhow::Result<Figures> {
+/// The switches a phase runs under.
+struct Switches {
+    warmup: usize,
+    runs: usize,
+    resolution: usize,
+    mixed_precision: MixedPrecision,
+}
+
+fn block_figures(phase: Phase, s: &Switches, dev: &Device) -> anyhow::Result<Figures> {
     let mut rng = Rng::new(0);
     let x = rng.randn((1, 320, 32, 32), dev)?;
     let temb = rng.randn((1, 1280), dev)?;
     let ctx = rng.randn((1, 77, 768), dev)?;
+    let dt = s.mixed_precision.dtype();
+    let (x, temb, ctx) = (x.to_dtype(dt)?, temb.to_dtype(dt)?, ctx.to_dtype(dt)?);
     measure(
         &|vb| BlockSlice::new(vb),
         &|m: &BlockSlice| m.forward(&x, &temb, &ctx),
-        2,
-        runs,
+        phase,
+        s,
         dev,
     )
 }
 
-fn unet_figures(runs: usize, dev: &Device) -> anyhow::Result<Figures> {
+fn unet_figures(phase: Phase, s: &Switches, dev: &Device) -> anyhow::Result<Figures> {
     let cfg: UNet2DConditionConfig = serde_json::from_str(SD15_UNET_CONFIG)?;
     let mut rng = Rng::new(0);
-    let x = rng.randn((1, 4, 32, 32), dev)?;
+    let l = s.resolution / 8;
+    let x = rng.randn((1, 4, l, l), dev)?;
     let ctx = rng.randn((1, 77, 768), dev)?;
     let ts = Tensor::new(&[500f32], dev)?;
     measure(
         &|vb| UNet2DConditionModel::new(vb, &cfg),
         &|m: &UNet2DConditionModel| m.forward(&x, &ts, &ctx),
-        1,
-        runs,
+        phase,
+        s,
         dev,
     )
 }
 
-/// Runs scripts/bench_train.py for one workload; returns its JSON object.
-fn torch_figures(py: &PathBuf, workload: &str, runs: usize) -> anyhow::Result<serde_json::Value> {
-    let runs = runs.to_string();
-    run_torch_script(
-        py,
-        "bench_train.py",
-        &["--workload", workload, "--runs", &runs],
-    )
+/// Runs one phase in this process and prints its figures as JSON (the child side).
+fn run_phase(b: &TrainBench, spec: &str) -> anyhow::Result<()> {
+    let (workload, phase) = spec
+        .split_once(':')
+        .with_context(|| format!("--phase {spec}: expected <workload>:<lora|full>"))?;
+    let phase = match phase {
+        "lora" => Phase::Lora,
+        "full" => Phase::Full,
+        p => anyhow::bail!("--phase {spec}: unknown phase {p}"),
+    };
+    let unet = workload == "unet";
+    let s = Switches {
+        warmup: if unet { 1 } else { 2 },
+        runs: if unet { b.unet_runs } else { b.runs },
+        resolution: b.resolution,
+        mixed_precision: b.mixed_precision,
+    };
+    let dev = Device::Cpu;
+    let f = match unet {
+        true => unet_figures(phase, &s, &dev)?,
+        false => block_figures(phase, &s, &dev)?,
+    };
+    println!("{}", serde_json::to_string(&f)?);
+    Ok(())
+}
+
+/// Runs `phase` of `workload` in a fresh child process of this executable.
+fn child_figures(b: &TrainBench, workload: &str, phase: &str) -> anyhow::Result<Figures> {
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let out = std::process::Command::new(exe)
+        .args(["bench", "train", "--phase", &format!("{workload}:{phase}")])
+        .args(["--runs", &b.runs.to_string()])
+        .args(["--unet-runs", &b.unet_runs.to_string()])
+        .args(["--resolution", &b.resolution.to_string()])
+        .args(["--mixed-precision", &b.mixed_precision.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot start the benchmark child process")?;
+    if !out.status.success() {
+        anyhow::bail!("the {workload}:{phase} benchmark failed ({})", out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or("");
+    serde_json::from_str(line)
+        .with_context(|| format!("unexpected output of the {workload}:{phase} child: {text}"))
+}
+
+/// Our figures for `workload`: the LoRA phase and (unless skipped) the full phase, each in its
+/// own process.
+fn workload_figures(b: &TrainBench, workload: &str, full: bool) -> anyhow::Result<Figures> {
+    let mut f = child_figures(b, workload, "lora")?;
+    f.peak_rss_mb = f.lora_peak_rss_mb;
+    if full {
+        let g = child_figures(b, workload, "full")?;
+        f.full_params = g.full_params;
+        f.full_step_ms = g.full_step_ms;
+        f.full_phases_ms = g.full_phases_ms;
+        f.full_peak_rss_mb = g.peak_rss_mb;
+    }
+    Ok(f)
+}
+
+/// Runs scripts/bench_train.py for one workload with the same switches; returns its JSON.
+fn torch_figures(
+    py: &PathBuf,
+    b: &TrainBench,
+    workload: &str,
+    full: bool,
+) -> anyhow::Result<serde_json::Value> {
+    let runs = match workload {
+        "unet" => b.unet_runs,
+        _ => b.runs,
+    }
+    .to_string();
+    let res = b.resolution.to_string();
+    let mp = b.mixed_precision.to_string();
+    let mut args = vec![
+        "--workload",
+        workload,
+        "--runs",
+        &runs,
+        "--resolution",
+        &res,
+        "--mixed-precision",
+        &mp,
+    ];
+    if !full {
+        args.push("--no-full");
+    }
+    run_torch_script(py, "bench_train.py", &args)
 }
 
 fn print_text(name: &str, f: &Figures, torch: Option<&serde_json::Value>) {
@@ -307,35 +434,33 @@ fn print_text(name: &str, f: &Figures, torch: Option<&serde_json::Value>) {
         ("forward", "forward_ms", f.forward_ms),
         ("LoRA step", "lora_step_ms", f.lora_step_ms),
         ("full step", "full_step_ms", f.full_step_ms),
+        ("LoRA RSS", "lora_peak_rss_mb", f.lora_peak_rss_mb),
+        ("full RSS", "peak_rss_mb", f.full_peak_rss_mb),
     ] {
+        if ours == 0.0 {
+            continue;
+        }
+        let unit = if label.ends_with("RSS") { "MB" } else { "ms" };
         match t(key) {
             Some(p) => println!(
-                "  {label:<10} {ours:>9.1} ms   PyTorch {p:>9.1} ms   ratio {:.2}x",
+                "  {label:<10} {ours:>9.1} {unit}   PyTorch {p:>9.1} {unit}   ratio {:.2}x",
                 ours / p
             ),
-            None => println!("  {label:<10} {ours:>9.1} ms"),
+            None => println!("  {label:<10} {ours:>9.1} {unit}"),
         }
     }
-    println!(
-        "  LoRA step / forward {:.2}, full step / LoRA step {:.2}",
-        f.lora_step_ms / f.forward_ms,
-        f.full_step_ms / f.lora_step_ms
-    );
+    println!("  LoRA step / forward {:.2}", f.lora_step_ms / f.forward_ms);
     for (label, p) in [
         ("LoRA step", f.lora_phases_ms),
         ("full step", f.full_phases_ms),
     ] {
-        println!(
-            "  {label} phases: forward+loss {:.1} ms, backward {:.1} ms, AdamW {:.1} ms",
-            p[0], p[1], p[2]
-        );
+        if p[0] > 0.0 {
+            println!(
+                "  {label} phases: forward+loss {:.1} ms, backward {:.1} ms, AdamW {:.1} ms",
+                p[0], p[1], p[2]
+            );
+        }
     }
-    println!(
-        "  peak RSS {:.0} MB (forward + LoRA phases {:.0} MB){}",
-        f.peak_rss_mb,
-        f.lora_peak_rss_mb,
-        t("peak_rss_mb").map_or(String::new(), |p| format!("   PyTorch {p:.0} MB"))
-    );
     println!(
         "  rank-4 attention LoRA: {} params, file {:.2} MB (f32) / {:.2} MB (f16); full: {} params",
         f.lora_params,
@@ -347,47 +472,68 @@ fn print_text(name: &str, f: &Figures, torch: Option<&serde_json::Value>) {
 
 /// Runs `lora bench train`.
 pub fn run(b: TrainBench) -> anyhow::Result<()> {
-    let dev = Device::Cpu;
+    if let Some(spec) = &b.phase {
+        return run_phase(&b, spec);
+    }
     let (do_block, do_unet) = match b.workload.as_str() {
         "all" => (true, true),
         "block" => (true, false),
         "unet" => (false, true),
         w => anyhow::bail!("--workload {w}: expected all, block or unet"),
     };
-    // PyTorch first: this process keeps freed memory (see `sys::tune_allocator`), so the
-    // reference must not run beside our own full-UNet step.
-    let mut torch: Vec<Option<serde_json::Value>> = vec![None, None];
-    if let Some(py) = &b.torch_python {
-        if do_block {
-            torch[0] = Some(torch_figures(py, "block", b.runs)?);
-        }
-        if do_unet {
-            torch[1] = Some(torch_figures(py, "unet", b.unet_runs)?);
-        }
+    if b.resolution == 0 || !b.resolution.is_multiple_of(64) {
+        anyhow::bail!("--resolution {}: must be a multiple of 64", b.resolution);
     }
-    let mut results: Vec<(&str, Figures, Option<serde_json::Value>)> = vec![];
+    let fp32 = b.mixed_precision == MixedPrecision::No;
+    let full_block = !b.no_full && fp32;
+    let full_unet = full_block && b.resolution <= 256;
+    let mut results: Vec<(String, Figures, Option<serde_json::Value>)> = vec![];
     if do_block {
-        results.push(("sd_block", block_figures(b.runs, &dev)?, torch[0].take()));
+        let torch = match &b.torch_python {
+            Some(py) => Some(torch_figures(py, &b, "block", full_block)?),
+            None => None,
+        };
+        let f = workload_figures(&b, "block", full_block)?;
+        results.push(("sd_block".into(), f, torch));
     }
     if do_unet {
-        let f = unet_figures(b.unet_runs, &dev)?;
-        results.push(("sd15_unet_256", f, torch[1].take()));
+        let torch = match &b.torch_python {
+            Some(py) => Some(torch_figures(py, &b, "unet", full_unet)?),
+            None => None,
+        };
+        let f = workload_figures(&b, "unet", full_unet)?;
+        results.push((format!("sd15_unet_{}", b.resolution), f, torch));
     }
+    let precision = match b.mixed_precision {
+        MixedPrecision::No => "fp32".to_string(),
+        m => format!("{m} (frozen model), f32 LoRA"),
+    };
     if b.json {
         let mut obj = serde_json::Map::new();
         for (name, f, torch) in &results {
             let mut v = serde_json::to_value(f)?;
             if let Some(t) = torch {
-                for k in ["forward_ms", "lora_step_ms", "full_step_ms"] {
-                    if let Some(p) = t[k].as_f64() {
-                        v[format!("ratio_{k}")] = (v[k].as_f64().unwrap_or(f64::NAN) / p).into();
+                for (k, tk) in [
+                    ("forward_ms", "forward_ms"),
+                    ("lora_step_ms", "lora_step_ms"),
+                    ("full_step_ms", "full_step_ms"),
+                    ("lora_peak_rss_mb", "lora_peak_rss_mb"),
+                    ("full_peak_rss_mb", "peak_rss_mb"),
+                ] {
+                    let ours = v[k].as_f64().unwrap_or(0.0);
+                    if let (Some(p), true) = (t[tk].as_f64(), ours > 0.0) {
+                        v[format!("ratio_{k}")] = (ours / p).into();
                     }
                 }
                 v["torch"] = t.clone();
             }
-            obj.insert(name.to_string(), v);
+            obj.insert(name.clone(), v);
         }
-        obj.insert("dtype".into(), "f32".into());
+        obj.insert(
+            "mixed_precision".into(),
+            b.mixed_precision.to_string().into(),
+        );
+        obj.insert("resolution".into(), b.resolution.into());
         obj.insert(
             "threads".into(),
             candle_core::utils::get_num_threads().into(),
@@ -395,16 +541,21 @@ pub fn run(b: TrainBench) -> anyhow::Result<()> {
         println!("{}", serde_json::Value::Object(obj));
     } else {
         println!(
-            "fp32 CPU, random weights, {} threads",
+            "{precision}, CPU, random weights, {} threads; each phase in a fresh process",
             candle_core::utils::get_num_threads()
         );
         for (name, f, torch) in &results {
-            let title = if *name == "sd_block" {
+            let title = if name == "sd_block" {
                 "SD-block (ResnetBlock2D 320 + transformer block, 32x32 latent, context 77x768)"
+                    .to_string()
             } else {
-                "SD 1.5 UNet, 256x256 (latent 32x32), batch 1, context 77x768"
+                format!(
+                    "SD 1.5 UNet, {0}x{0} (latent {1}x{1}), batch 1, context 77x768",
+                    b.resolution,
+                    b.resolution / 8
+                )
             };
-            print_text(title, f, torch.as_ref());
+            print_text(&title, f, torch.as_ref());
         }
     }
     Ok(())

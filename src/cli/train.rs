@@ -104,6 +104,10 @@ pub fn run(a: TrainArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         outcome.train_seconds,
         outcome.steps_this_run as f64 / outcome.train_seconds.max(1e-9)
     );
+    eprintln!(
+        "peak memory: {:.2} GB resident (whole process)",
+        crate::sys::peak_rss_mb() / 1024.0
+    );
     if let Some(p) = outcome.output {
         let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
         eprintln!("wrote {} ({:.2} MB)", p.display(), size as f64 / 1e6);

@@ -79,7 +79,7 @@ impl StableDiffusion {
             .any(|k| k.component() == Some(Component::TextEncoder))
         {
             handles.push(apply_lora_set(
-                &self.text_encoder,
+                self.text_encoder()?,
                 Component::TextEncoder,
                 set,
                 scale,

@@ -22,8 +22,8 @@ use candle_core::{DType, Device, Tensor};
 pub struct StableDiffusion {
     /// The CLIP tokenizer.
     pub tokenizer: ClipTokenizer,
-    /// The CLIP text encoder.
-    pub text_encoder: ClipTextModel,
+    /// The CLIP text encoder (`None` once released: see [`StableDiffusion::text_encoder`]).
+    text_encoder: Option<ClipTextModel>,
     /// The denoising UNet.
     pub unet: UNet2DConditionModel,
     /// The UNet's config (unet/config.json).
@@ -131,7 +131,7 @@ impl StableDiffusion {
         let scheduler_config = SchedulerConfig::from_file(&path)?;
         Ok(Self {
             tokenizer,
-            text_encoder,
+            text_encoder: Some(text_encoder),
             unet,
             unet_config,
             vae,
@@ -165,11 +165,27 @@ impl StableDiffusion {
         }
     }
 
+    /// The CLIP text encoder; an error once [`release_text_encoder`](Self::release_text_encoder)
+    /// freed it.
+    pub fn text_encoder(&self) -> anyhow::Result<&ClipTextModel> {
+        self.text_encoder.as_ref().context(
+            "the text encoder was released (training cached the prompt embeddings); \
+             this needs it",
+        )
+    }
+
+    /// Frees the text encoder's weights (training with cached prompt embeddings).
+    pub fn release_text_encoder(&mut self) {
+        self.text_encoder = None;
+    }
+
     /// Text embeddings [n, 77, D] of `text`, repeated `n` times.
     pub fn encode_prompt(&self, text: &str, n: usize, clip_skip: usize) -> anyhow::Result<Tensor> {
         let ids = self.tokenizer.encode(text)?;
         let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
-        let emb = self.text_encoder.forward_with_clip_skip(&ids, clip_skip)?;
+        let emb = self
+            .text_encoder()?
+            .forward_with_clip_skip(&ids, clip_skip)?;
         Ok(emb.repeat((n, 1, 1))?)
     }
 

@@ -7,6 +7,7 @@ use super::checkpoint::DataOrder;
 use super::data::{crop_origin, crop_tensor, TrainImage};
 use crate::models::clip::ClipTextModel;
 use crate::models::vae::AutoencoderKL;
+use crate::pipeline::StableDiffusion;
 use crate::rng::Rng;
 use crate::tokenizer::ClipTokenizer;
 use candle_core::{DType, Device, Tensor};
@@ -171,20 +172,38 @@ pub struct EmbeddingCache {
 }
 
 impl EmbeddingCache {
-    /// The embedding of `caption`, computed on first use.
-    pub fn get(
-        &mut self,
-        caption: &str,
-        tok: &ClipTokenizer,
-        te: &ClipTextModel,
-        device: &Device,
-    ) -> anyhow::Result<Tensor> {
+    /// The embedding of `caption`, computed on first use (an error once the text encoder
+    /// was released and `caption` was not cached before).
+    pub fn get(&mut self, caption: &str, sd: &StableDiffusion) -> anyhow::Result<Tensor> {
         if let Some(t) = self.map.get(caption) {
             return Ok(t.clone());
         }
-        let t = encode_captions(&[caption], tok, te, device)?.detach();
+        let te = sd.text_encoder()?;
+        let t = encode_captions(&[caption], &sd.tokenizer, te, &sd.device)?.detach();
         self.map.insert(caption.to_string(), t.clone());
         Ok(t)
+    }
+
+    /// Computes the embedding of every caption not cached yet.
+    pub fn fill<'a>(
+        &mut self,
+        captions: impl IntoIterator<Item = &'a str>,
+        sd: &StableDiffusion,
+    ) -> anyhow::Result<()> {
+        for c in captions {
+            self.get(c, sd)?;
+        }
+        Ok(())
+    }
+
+    /// Number of cached captions.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
     }
 }
 

@@ -4,6 +4,7 @@
 //! [`crate::tensor_file`]'s byte-deterministic writer.
 
 use super::plot::LossPoint;
+use super::scaler::LossScaler;
 use crate::tensor_file::{out_tensors, to_bytes};
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
@@ -49,6 +50,9 @@ pub struct TrainerState {
     pub losses: Vec<LossPoint>,
     /// The training options of the run (`TrainConfig::training_args`).
     pub training_args: serde_json::Value,
+    /// The fp16 loss scaler (`--mixed-precision fp16` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<LossScaler>,
 }
 
 /// The files of one checkpoint folder.

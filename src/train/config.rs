@@ -37,6 +37,69 @@ fn parse_lr_scheduler(s: &str) -> Result<LrScheduler, String> {
     s.parse().map_err(|e: anyhow::Error| e.to_string())
 }
 
+/// `--mixed-precision` (accelerate's and kohya's names; `f32`, `f16`, `bf16` also read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum MixedPrecision {
+    /// Everything in f32.
+    #[default]
+    No,
+    /// Frozen model in f16, with dynamic loss scaling.
+    Fp16,
+    /// Frozen model in bf16.
+    Bf16,
+}
+
+impl MixedPrecision {
+    /// The dtype of the frozen weights and activations.
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Self::No => candle_core::DType::F32,
+            Self::Fp16 => candle_core::DType::F16,
+            Self::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
+impl std::str::FromStr for MixedPrecision {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "no" | "fp32" | "f32" | "float" | "float32" => Ok(Self::No),
+            "fp16" | "f16" | "float16" | "half" => Ok(Self::Fp16),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            _ => Err(format!(
+                "--mixed-precision {s}: expected no, fp16 or bf16 (or f32, f16, bf16)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for MixedPrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::No => "no",
+            Self::Fp16 => "fp16",
+            Self::Bf16 => "bf16",
+        })
+    }
+}
+
+impl TryFrom<String> for MixedPrecision {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<MixedPrecision> for String {
+    fn from(m: MixedPrecision) -> String {
+        m.to_string()
+    }
+}
+
 fn d_resolution() -> usize {
     512
 }
@@ -57,6 +120,9 @@ fn d_text_targets() -> String {
 }
 fn d_lr_text() -> f64 {
     5e-6
+}
+fn d_true() -> bool {
+    true
 }
 fn d_lr() -> f64 {
     1e-4
@@ -84,9 +150,6 @@ fn d_sample_steps() -> usize {
 }
 fn d_guidance() -> f64 {
     7.5
-}
-fn d_f32() -> String {
-    "f32".into()
 }
 fn d_cpu() -> String {
     "cpu".into()
@@ -120,10 +183,15 @@ pub struct TrainConfig {
     #[arg(long)]
     #[serde(default)]
     pub random_flip: bool,
-    /// Encode every image with the VAE once, before training.
+    /// Encode every image with the VAE once, before training (the VAE encoder is then freed).
     #[arg(long)]
     #[serde(default)]
     pub cache_latents: bool,
+    /// With a frozen text encoder: encode every caption once, before training, and free the
+    /// text encoder (kept when samples are drawn during training). `false` to encode per step.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    #[serde(default = "d_true")]
+    pub cache_text_embeddings: bool,
     /// Skip unreadable / too small images with a warning instead of stopping.
     #[arg(long)]
     #[serde(default)]
@@ -268,14 +336,21 @@ pub struct TrainConfig {
     #[arg(long)]
     #[serde(default)]
     pub full: bool,
-    /// Weight dtype: f32, f16 or bf16 (training math runs in this dtype; f32 recommended).
-    #[arg(long, default_value_t = d_f32())]
-    #[serde(default = "d_f32")]
-    pub dtype: String,
+    /// Precision of the frozen model: no (f32), fp16 or bf16. The frozen weights and the
+    /// activations use the half type; LoRA parameters, gradients, optimizer state and the loss
+    /// stay f32; fp16 adds dynamic loss scaling (overflowing steps are skipped). `--dtype
+    /// f32|f16|bf16` is the same option.
+    #[arg(long, alias = "dtype", default_value_t = MixedPrecision::No)]
+    #[serde(default, alias = "dtype")]
+    pub mixed_precision: MixedPrecision,
     /// Device: cpu, cuda:N or metal.
     #[arg(long, default_value_t = d_cpu())]
     #[serde(default = "d_cpu")]
     pub device: String,
+    /// The first fp16 loss scale (default 65536).
+    #[arg(long, hide = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_loss_scale: Option<f64>,
     /// Test hook: behave as if Ctrl-C arrived after this many optimizer steps.
     #[arg(long, hide = true)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -293,6 +368,7 @@ impl Default for TrainConfig {
 /// left out of the training arguments recorded in the LoRA file and compared on resume.
 const RUN_LOCAL: &[&str] = &[
     "output_dir",
+    "cache_text_embeddings",
     "force",
     "resume",
     "stop_after",
@@ -424,13 +500,23 @@ impl TrainConfig {
         if self.sample_every > 0 && self.sample_prompt.is_none() {
             bail!("--sample-every needs --sample-prompt");
         }
-        self.weight_dtype()?;
+        if let Some(s) = self.initial_loss_scale {
+            if !s.is_finite() || s <= 0.0 {
+                bail!("--initial-loss-scale {s}: must be > 0");
+            }
+        }
+        if self.full && self.mixed_precision != MixedPrecision::No {
+            bail!(
+                "--full trains every UNet weight in the model's own dtype, so it has no f32 master \
+                 weights: use --mixed-precision no with --full"
+            );
+        }
         Ok(())
     }
 
-    /// The weight dtype named by `dtype`.
+    /// The dtype of the frozen weights and activations.
     pub fn weight_dtype(&self) -> anyhow::Result<candle_core::DType> {
-        crate::sys::parse_dtype(&self.dtype)
+        Ok(self.mixed_precision.dtype())
     }
 
     /// The options that define the training (everything but output paths and logging

@@ -12,6 +12,7 @@ pub mod optim;
 mod outputs;
 pub mod plot;
 pub mod prior;
+pub mod scaler;
 mod setup;
 pub mod source;
 pub mod state;

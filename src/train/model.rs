@@ -62,7 +62,7 @@ impl Trainable {
         let text = match spec.text_targets {
             Some(t) => Some(
                 inject_trainable(
-                    &sd.text_encoder,
+                    sd.text_encoder()?,
                     Component::TextEncoder,
                     t,
                     spec.rank,
@@ -215,7 +215,7 @@ impl Trainable {
                     let h = match lora.handle().component() {
                         Component::Unet => apply_lora_set(&sd.unet, Component::Unet, &set, 1.0)?,
                         Component::TextEncoder => {
-                            apply_lora_set(&sd.text_encoder, Component::TextEncoder, &set, 1.0)?
+                            apply_lora_set(sd.text_encoder()?, Component::TextEncoder, &set, 1.0)?
                         }
                     };
                     if let Some(last) = guard.0.last_mut() {

@@ -3,12 +3,13 @@
 
 use super::batch::{Augment, EmbeddingCache, ImageSet};
 use super::checkpoint::{self, Checkpoint};
-use super::config::TrainConfig;
+use super::config::{MixedPrecision, TrainConfig};
 use super::data::load_folder;
 use super::hooks::TrainHooks;
 use super::model::{LoraSpec, Trainable};
 use super::optim::{AdamW, AdamWParams};
 use super::prior::{ensure_class_images, ClassGen};
+use super::scaler::{LossScaler, INIT_SCALE};
 use super::source::BatchSource;
 use super::state::{RunState, CACHE_STREAM};
 use super::trainer::{TrainedModel, Trainer};
@@ -164,6 +165,7 @@ impl Trainer {
                 c.build_cache(&sd.vae, dtype, aug, &mut rng, &device)?;
             }
         }
+        let emb = release_unused(&mut sd, &cfg, &instance, class.as_ref(), &hooks)?;
 
         // Trainable parameters.
         let mut init_rng = Rng::new(cfg.seed);
@@ -202,7 +204,13 @@ impl Trainer {
         let sched = DdpmScheduler::new(&sd.scheduler_config)?;
         let prediction = sd.scheduler_config.prediction_type;
         let mut t = Self {
-            state: RunState::new(cfg.seed),
+            state: RunState {
+                loss_scaler: (cfg.mixed_precision == MixedPrecision::Fp16).then(|| LossScaler {
+                    scale: cfg.initial_loss_scale.unwrap_or(INIT_SCALE),
+                    good_steps: 0,
+                }),
+                ..RunState::new(cfg.seed)
+            },
             out_dir,
             last_checkpoint: None,
             cfg,
@@ -218,7 +226,7 @@ impl Trainer {
                 instance,
                 class,
                 aug,
-                emb: EmbeddingCache::default(),
+                emb,
             },
         };
         if let Some(c) = ckpt {
@@ -250,4 +258,41 @@ impl Trainer {
         self.state = RunState::from_checkpoint(&c.state);
         Ok(())
     }
+}
+
+/// Frees the parts of the model that training will not run again: the VAE encoder once
+/// latents are cached, the VAE decoder when no samples are drawn, and a frozen text encoder
+/// once every caption's embedding is cached (`--cache-text-embeddings`, unless samples are
+/// drawn). Returns the embedding cache, filled when the text encoder was freed.
+fn release_unused(
+    sd: &mut StableDiffusion,
+    cfg: &TrainConfig,
+    instance: &ImageSet,
+    class: Option<&ImageSet>,
+    hooks: &TrainHooks,
+) -> anyhow::Result<EmbeddingCache> {
+    let sampling = cfg.sample_prompt.is_some();
+    let mut freed = vec![];
+    if cfg.cache_latents {
+        sd.vae.release_encoder();
+        freed.push("VAE encoder");
+    }
+    if !sampling {
+        sd.vae.release_decoder();
+        freed.push("VAE decoder");
+    }
+    let mut emb = EmbeddingCache::default();
+    if cfg.cache_text_embeddings && !cfg.train_text_encoder && !sampling {
+        let captions = std::iter::once(instance)
+            .chain(class)
+            .flat_map(|s| s.images().iter().map(|i| i.caption.as_str()));
+        emb.fill(captions, sd)?;
+        sd.release_text_encoder();
+        freed.push("text encoder");
+        hooks.note(format!("cached the embeddings of {} caption(s)", emb.len()));
+    }
+    if !freed.is_empty() {
+        hooks.note(format!("freed: {}", freed.join(", ")));
+    }
+    Ok(emb)
 }

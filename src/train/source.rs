@@ -67,11 +67,11 @@ impl BatchSource {
         let latents = Tensor::cat(&latents, 0)?;
         let context = if train_text_encoder {
             let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
-            encode_captions(&refs, &sd.tokenizer, &sd.text_encoder, &dev)?
+            encode_captions(&refs, &sd.tokenizer, sd.text_encoder()?, &dev)?
         } else {
             let mut embs = Vec::with_capacity(captions.len());
             for c in &captions {
-                embs.push(self.emb.get(c, &sd.tokenizer, &sd.text_encoder, &dev)?);
+                embs.push(self.emb.get(c, sd)?);
             }
             Tensor::cat(&embs, 0)?
         };

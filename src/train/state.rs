@@ -3,6 +3,7 @@
 
 use super::checkpoint::{DataOrder, TrainerState};
 use super::plot::LossPoint;
+use super::scaler::LossScaler;
 use crate::rng::Rng;
 
 /// Stream of the data generator (shuffling, crops, flips), xor-ed into the seed.
@@ -25,6 +26,8 @@ pub struct RunState {
     pub noise_rng: Rng,
     /// The order training items are visited in.
     pub order: DataOrder,
+    /// The fp16 loss scaler (`--mixed-precision fp16` only).
+    pub loss_scaler: Option<LossScaler>,
 }
 
 impl RunState {
@@ -40,6 +43,7 @@ impl RunState {
                 cursor: 0,
                 epoch: 0,
             },
+            loss_scaler: None,
         }
     }
 
@@ -58,6 +62,7 @@ impl RunState {
             order: self.order.clone(),
             losses: self.losses.clone(),
             training_args,
+            loss_scaler: self.loss_scaler,
         }
     }
 
@@ -69,6 +74,7 @@ impl RunState {
             data_rng: Rng::from_state(s.data_rng),
             noise_rng: Rng::from_state(s.noise_rng),
             order: s.order.clone(),
+            loss_scaler: s.loss_scaler,
         }
     }
 }

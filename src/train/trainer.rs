@@ -12,6 +12,7 @@ use super::loss::{dreambooth_loss, min_snr_weights, noise_batch};
 use super::model::Trainable;
 use super::optim::{clip_grad_norm, lr_factor, AdamW};
 use super::plot::{write_loss_log, LossPoint};
+use super::scaler::ScaleUpdate;
 use super::source::BatchSource;
 use super::state::RunState;
 use crate::pipeline::StableDiffusion;
@@ -124,15 +125,24 @@ impl Trainer {
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss_sum = 0f64;
         let step = self.state.step + 1;
+        let loss_scale = self.state.loss_scaler.map(|s| s.scale);
+        let mut overflow = false;
         for _ in 0..accum {
             let loss = self.micro_batch_loss()?;
             let v = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             if !v.is_finite() {
-                return Err(self.diverged(step, &format!("the loss is {v}")));
+                if loss_scale.is_none() {
+                    return Err(self.diverged(step, &format!("the loss is {v}")));
+                }
+                // An fp16 forward that overflowed: the step is skipped below. The remaining
+                // micro-batches are still drawn so that the data order stays the same.
+                overflow = true;
+                continue;
             }
             loss_sum += v;
-            let scaled = if accum > 1 {
-                loss.affine(1.0 / accum as f64, 0.0)?
+            let factor = loss_scale.unwrap_or(1.0) / accum as f64;
+            let scaled = if factor != 1.0 {
+                loss.affine(factor, 0.0)?
             } else {
                 loss
             };
@@ -148,7 +158,30 @@ impl Trainer {
                 }
             }
         }
-        let norm = clip_grad_norm(&mut grads, self.cfg.max_grad_norm)?;
+        if let Some(s) = loss_scale {
+            for g in grads.values_mut() {
+                *g = g.affine(1.0 / s, 0.0)?;
+            }
+        }
+        let norm = match overflow {
+            true => f64::INFINITY,
+            false => clip_grad_norm(&mut grads, self.cfg.max_grad_norm)?,
+        };
+        if let Some(scaler) = self.state.loss_scaler.as_mut() {
+            if scaler.update(!norm.is_finite()) == ScaleUpdate::Skipped {
+                let (scale, exhausted) = (scaler.scale, scaler.exhausted());
+                if exhausted {
+                    let why = format!("fp16 gradients overflow even at loss scale {scale:e}");
+                    return Err(self.diverged(step, &why));
+                }
+                self.hooks.note(format!(
+                    "step {step}: fp16 overflow (loss or gradients not finite), step skipped; \
+                     loss scale now {scale}"
+                ));
+                self.state.step = step;
+                return Ok(f64::NAN);
+            }
+        }
         if !norm.is_finite() {
             return Err(self.diverged(step, &format!("the gradient norm is {norm}")));
         }
@@ -202,7 +235,10 @@ impl Trainer {
             }
             let loss = self.train_step()?;
             pb.set_position(self.state.step as u64);
-            pb.set_message(format!("training (loss {loss:.4})"));
+            pb.set_message(match loss.is_nan() {
+                true => "training (step skipped: fp16 overflow)".to_string(),
+                false => format!("training (loss {loss:.4})"),
+            });
             if self.cfg.save_steps > 0 && self.state.step.is_multiple_of(self.cfg.save_steps) {
                 let d = self.save_checkpoint()?;
                 pb.suspend(|| {

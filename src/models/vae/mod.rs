@@ -70,8 +70,8 @@ impl DiagonalGaussian {
 /// diffusers' `AutoencoderKL`: `encoder` + `quant_conv`, `post_quant_conv` + `decoder`.
 #[derive(Debug, Clone)]
 pub struct AutoencoderKL {
-    encoder: Encoder,
-    decoder: Decoder,
+    encoder: Option<Encoder>,
+    decoder: Option<Decoder>,
     quant_conv: Option<Conv2d>,
     post_quant_conv: Option<Conv2d>,
     config: AutoencoderKLConfig,
@@ -105,8 +105,8 @@ impl AutoencoderKL {
             None
         };
         Ok(Self {
-            encoder,
-            decoder,
+            encoder: Some(encoder),
+            decoder: Some(decoder),
             quant_conv,
             post_quant_conv,
             config: cfg.clone(),
@@ -118,14 +118,26 @@ impl AutoencoderKL {
         &self.config
     }
 
-    /// The encoder.
-    pub fn encoder(&self) -> &Encoder {
-        &self.encoder
+    /// The encoder (`None` once released).
+    pub fn encoder(&self) -> Option<&Encoder> {
+        self.encoder.as_ref()
     }
 
-    /// The decoder.
-    pub fn decoder(&self) -> &Decoder {
-        &self.decoder
+    /// The decoder (`None` once released).
+    pub fn decoder(&self) -> Option<&Decoder> {
+        self.decoder.as_ref()
+    }
+
+    /// Frees the encoder's weights (e.g. once training latents are cached); `encode` then fails.
+    pub fn release_encoder(&mut self) {
+        self.encoder = None;
+        self.quant_conv = None;
+    }
+
+    /// Frees the decoder's weights (e.g. when training draws no samples); `decode` then fails.
+    pub fn release_decoder(&mut self) {
+        self.decoder = None;
+        self.post_quant_conv = None;
     }
 
     /// Encodes images `x` `[B, in_channels, H, W]` (values in [-1, 1]) to the latent
@@ -142,7 +154,10 @@ impl AutoencoderKL {
         if h == 0 || w == 0 {
             candle_core::bail!("VAE encode: empty image of shape {:?}", x.dims());
         }
-        let mut moments = self.encoder.forward(x)?;
+        let Some(encoder) = &self.encoder else {
+            candle_core::bail!("VAE encode: the encoder was released (latents were cached)");
+        };
+        let mut moments = encoder.forward(x)?;
         if let Some(q) = &self.quant_conv {
             moments = q.forward(&moments)?;
         }
@@ -162,11 +177,14 @@ impl AutoencoderKL {
         if h == 0 || w == 0 {
             candle_core::bail!("VAE decode: empty latents of shape {:?}", z.dims());
         }
+        let Some(decoder) = &self.decoder else {
+            candle_core::bail!("VAE decode: the decoder was released");
+        };
         let z = match &self.post_quant_conv {
             Some(p) => p.forward(z)?,
             None => z.clone(),
         };
-        self.decoder.forward(&z)
+        decoder.forward(&z)
     }
 
     /// Latents as the UNet sees them: `(z - shift_factor) · scaling_factor`.
