@@ -125,7 +125,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         .map(read_init_latents)
         .transpose()?;
     let loras = read_loras(&a.sample.source()?, &specs)?;
-    let sd = if a.fuse {
+    let mut sd = if a.fuse {
         a.sample.load(&loras)?
     } else {
         let sd = a.sample.load(&[])?;
@@ -135,6 +135,10 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         }
         sd
     };
+    // One prompt pair: encode it now and free what text-to-image does not run again.
+    sd.cache_prompts(&[&params.prompt, &params.negative_prompt], params.clip_skip)?;
+    sd.release_text_encoder();
+    sd.vae.release_encoder();
     for s in &specs {
         eprintln!(
             "LoRA {} at scale {} ({})",

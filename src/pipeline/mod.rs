@@ -17,6 +17,7 @@ use crate::schedulers::{try_build_scheduler, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
 
 /// A loaded Stable Diffusion model: tokenizer, text encoder, UNet, VAE and scheduler config.
 pub struct StableDiffusion {
@@ -38,6 +39,9 @@ pub struct StableDiffusion {
     pub device: Device,
     /// Where the model came from.
     pub source: ModelSource,
+    /// Prompt embeddings `[1, 77, D]` by (prompt, clip skip), kept by
+    /// [`cache_prompts`](StableDiffusion::cache_prompts).
+    prompt_cache: HashMap<(String, usize), Tensor>,
 }
 
 /// What to generate; also the sampling flags of `lora generate` / `lora sweep`.
@@ -132,6 +136,7 @@ impl StableDiffusion {
         Ok(Self {
             tokenizer,
             text_encoder: Some(text_encoder),
+            prompt_cache: HashMap::new(),
             unet,
             unet_config,
             vae,
@@ -179,8 +184,21 @@ impl StableDiffusion {
         self.text_encoder = None;
     }
 
+    /// Encodes `prompts` once and keeps their embeddings, so that generating from them no
+    /// longer runs the text encoder (which may then be released).
+    pub fn cache_prompts(&mut self, prompts: &[&str], clip_skip: usize) -> anyhow::Result<()> {
+        for p in prompts {
+            let e = self.encode_prompt(p, 1, clip_skip)?;
+            self.prompt_cache.insert((p.to_string(), clip_skip), e);
+        }
+        Ok(())
+    }
+
     /// Text embeddings [n, 77, D] of `text`, repeated `n` times.
     pub fn encode_prompt(&self, text: &str, n: usize, clip_skip: usize) -> anyhow::Result<Tensor> {
+        if let Some(e) = self.prompt_cache.get(&(text.to_string(), clip_skip)) {
+            return Ok(e.repeat((n, 1, 1))?);
+        }
         let ids = self.tokenizer.encode(text)?;
         let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
         let emb = self
