@@ -2,9 +2,10 @@
 //! trainable parameters, optimizer, and the state of a checkpoint with `--resume`.
 
 use super::batch::{Augment, EmbeddingCache, ImageSet};
+use super::bucket::{Bucketer, Reso};
 use super::checkpoint::{self, Checkpoint};
 use super::config::TrainConfig;
-use super::data::load_folder;
+use super::data::{load_folder_fit, Fit};
 use super::hooks::TrainHooks;
 use super::model::{LoraSpec, Trainable};
 use super::optim::{AdamW, AdamWParams};
@@ -89,15 +90,36 @@ impl Trainer {
         // Data.
         let prompt = cfg.instance_prompt.clone().unwrap_or_default();
         let inst_dir = cfg.instance_data_dir.clone().unwrap_or_default();
-        let folder = load_folder(
-            &inst_dir,
-            &prompt,
-            cfg.resolution,
-            cfg.skip_bad_images,
-            "instance",
-        )?;
+        let bucketer = match cfg.bucket_spec()? {
+            Some((spec, notes)) => {
+                notes.iter().for_each(|n| hooks.note(format!("note: {n}")));
+                if spec.no_upscale {
+                    hooks.note(
+                        "note: --bucket-no-upscale: buckets come from the image sizes; \
+                         --min-bucket-reso and --max-bucket-reso are not used",
+                    );
+                }
+                Some(Bucketer::new(spec))
+            }
+            None => None,
+        };
+        let fit = match &bucketer {
+            Some(b) => Fit::Bucket(b),
+            None => Fit::Square(cfg.resolution),
+        };
+        let folder = load_folder_fit(&inst_dir, &prompt, fit, cfg.skip_bad_images, "instance")?;
         folder.warnings.iter().for_each(|w| hooks.note(w));
         let mut instance = ImageSet::new(folder.images);
+        let buckets = instance.bucket_table();
+        if let Some(t) = &buckets {
+            let errs: Vec<f64> = instance
+                .images()
+                .iter()
+                .filter_map(|im| im.bucket.map(|b| b.ar_error.abs()))
+                .collect();
+            let mean = errs.iter().sum::<f64>() / errs.len().max(1) as f64;
+            t.describe(mean).iter().for_each(|l| hooks.note(l));
+        }
         let source = match &cfg.model {
             Some(m) => ModelSource::parse(m)?,
             None => ModelSource::Local(bundled_model_dir()),
@@ -114,7 +136,15 @@ impl Trainer {
             .context("--resolution")?;
         let rows = cfg.batch_size * if cfg.with_prior_preservation { 2 } else { 1 };
         let r = cfg.resolution;
-        sd.check_activation_memory(r, r, rows, "training at")?;
+        let (mut w, mut h) = (r, r);
+        if let Some(t) = &buckets {
+            for &(bw, bh) in t.buckets.keys() {
+                sd.latent_size(bh, bw)
+                    .with_context(|| format!("aspect-ratio bucket {bw}x{bh}"))?;
+            }
+            (w, h) = t.largest().unwrap_or((r, r));
+        }
+        sd.check_activation_memory(h, w, rows, "training at")?;
 
         let mut class = None;
         if cfg.with_prior_preservation {
@@ -140,17 +170,22 @@ impl Trainer {
                     dir.display()
                 ));
             }
-            let f = load_folder(
-                &dir,
-                &g.prompt,
-                cfg.resolution,
-                cfg.skip_bad_images,
-                "class",
-            )?;
+            let in_use: Vec<Reso> = buckets
+                .as_ref()
+                .map(|t| t.buckets.keys().copied().collect())
+                .unwrap_or_default();
+            let fit = match &buckets {
+                Some(_) => Fit::Cover(&in_use),
+                None => Fit::Square(cfg.resolution),
+            };
+            let f = load_folder_fit(&dir, &g.prompt, fit, cfg.skip_bad_images, "class")?;
             f.warnings.iter().for_each(|w| hooks.note(w));
             let mut images = f.images;
             images.truncate(cfg.num_class_images);
-            class = Some(ImageSet::new(images));
+            class = Some(match &buckets {
+                Some(_) => ImageSet::fitted(images),
+                None => ImageSet::new(images),
+            });
         }
         let aug = Augment {
             resolution: cfg.resolution,
@@ -219,6 +254,7 @@ impl Trainer {
                 class,
                 aug,
                 emb: EmbeddingCache::default(),
+                buckets,
             },
         };
         if let Some(c) = ckpt {

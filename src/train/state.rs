@@ -25,6 +25,8 @@ pub struct RunState {
     pub noise_rng: Rng,
     /// The order training items are visited in.
     pub order: DataOrder,
+    /// The order class images are drawn in (buckets with prior preservation).
+    pub class_order: DataOrder,
 }
 
 impl RunState {
@@ -35,11 +37,8 @@ impl RunState {
             losses: vec![],
             data_rng: Rng::new(seed ^ DATA_STREAM),
             noise_rng: Rng::new(seed ^ NOISE_STREAM),
-            order: DataOrder {
-                perm: vec![],
-                cursor: 0,
-                epoch: 0,
-            },
+            order: DataOrder::default(),
+            class_order: DataOrder::default(),
         }
     }
 
@@ -56,6 +55,7 @@ impl RunState {
             noise_rng: self.noise_rng.state(),
             dropout_rng,
             order: self.order.clone(),
+            class_order: self.class_order.clone(),
             losses: self.losses.clone(),
             training_args,
         }
@@ -69,6 +69,7 @@ impl RunState {
             data_rng: Rng::from_state(s.data_rng),
             noise_rng: Rng::from_state(s.noise_rng),
             order: s.order.clone(),
+            class_order: s.class_order.clone(),
         }
     }
 }
