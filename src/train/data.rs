@@ -442,6 +442,23 @@ mod tests {
     }
 
     #[test]
+    fn cover_keeps_the_smallest_size_covering_every_bucket() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("a.png");
+        RgbImage::from_fn(80, 60, |x, _| image::Rgb([x as u8, 0, 0])).save(&p)?;
+        // 40/60 (the 24x40 bucket's height) is the largest need: 80x60 -> 54x40.
+        let (img, bucket, notes) = load_fitted(&p, Fit::Cover(&[(24, 40), (40, 24)]))?;
+        assert_eq!((img.width(), img.height()), (54, 40));
+        assert!(bucket.is_none() && notes.is_empty(), "{notes:?}");
+        let (img, _, notes) = load_fitted(&p, Fit::Cover(&[(96, 96)]))?;
+        assert_eq!((img.width(), img.height()), (80, 60));
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        let e = load_fitted(&p, Fit::Cover(&[(200, 200)])).unwrap_err();
+        assert!(format!("{e}").contains("upscaled 3.33x"), "{e}");
+        Ok(())
+    }
+
+    #[test]
     fn alpha_composited_onto_white() {
         let img = image::RgbaImage::from_fn(2, 1, |x, _| {
             image::Rgba([0, 0, 0, if x == 0 { 0 } else { 255 }])
