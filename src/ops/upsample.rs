@@ -83,14 +83,30 @@ impl CustomOp1 for UpsampleNearest {
     }
 }
 
+/// The source index of each of `dst` output positions over `src` inputs: `⌊o · src / dst⌋`
+/// (candle's and PyTorch's `nearest` rule).
+fn nearest_indices(src: usize, dst: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let scale = src as f64 / dst as f64;
+    let idx: Vec<u32> = (0..dst)
+        .map(|o| ((o as f64 * scale) as usize).min(src.saturating_sub(1)) as u32)
+        .collect();
+    Tensor::from_vec(idx, dst, device)
+}
+
 /// Nearest-neighbour upsampling of `x` `[N, C, H, W]` to `[N, C, target_h, target_w]`.
-/// Integer factors are differentiable (sum-pool backward); outside a graph, and for other
-/// sizes (which have no backward), it is candle's own op.
+/// Integer factors are differentiable (sum-pool backward); other sizes (odd latent sizes, e.g.
+/// aspect-ratio buckets) are two index selects, whose backward adds each gradient to its
+/// source; outside a graph it is candle's own op.
 pub fn upsample_nearest2d(x: &Tensor, target_h: usize, target_w: usize) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
-    let integer = h > 0 && w > 0 && target_h.is_multiple_of(h) && target_w.is_multiple_of(w);
-    if !integer || !x.track_op() {
+    if !x.track_op() {
         return x.upsample_nearest2d(target_h, target_w);
+    }
+    let integer = h > 0 && w > 0 && target_h.is_multiple_of(h) && target_w.is_multiple_of(w);
+    if !integer {
+        let ih = nearest_indices(h, target_h, x.device())?;
+        let iw = nearest_indices(w, target_w, x.device())?;
+        return x.index_select(&ih, 2)?.index_select(&iw, 3);
     }
     let op = UpsampleNearest {
         fh: target_h / h,

@@ -20,8 +20,9 @@ pub fn read_safetensors(path: &Path, device: &Device) -> anyhow::Result<BTreeMap
 }
 
 /// The order in which training items are visited: a permutation per epoch, drawn from the
-/// data RNG when the previous one is used up.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// data RNG when the previous one is used up (with buckets: the epoch's images batch after
+/// batch, and the batch lengths).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataOrder {
     /// The current epoch's permutation of item indices.
     pub perm: Vec<usize>,
@@ -29,6 +30,9 @@ pub struct DataOrder {
     pub cursor: usize,
     /// Epochs started so far.
     pub epoch: usize,
+    /// With buckets, the lengths of the epoch's batches, in order (`perm` is cut into them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub batches: Vec<usize>,
 }
 
 /// Everything besides tensors that a resumed run needs (`trainer_state.json`).
@@ -46,6 +50,9 @@ pub struct TrainerState {
     pub dropout_rng: Vec<[u64; 4]>,
     /// The data order.
     pub order: DataOrder,
+    /// With buckets and prior preservation, the order class images are drawn in.
+    #[serde(default)]
+    pub class_order: DataOrder,
     /// The loss log so far.
     pub losses: Vec<LossPoint>,
     /// The training options of the run (`TrainConfig::training_args`).

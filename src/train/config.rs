@@ -2,6 +2,7 @@
 //! (flags win). Field names are the flag names with `_` for `-`, so a TOML file reads like the
 //! command line: `learning_rate = 1e-4`, `instance_data_dir = "photos"`.
 
+use super::bucket::BucketSpec;
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -103,6 +104,15 @@ impl From<MixedPrecision> for String {
 fn d_resolution() -> usize {
     512
 }
+fn d_min_bucket_reso() -> usize {
+    256
+}
+fn d_max_bucket_reso() -> usize {
+    1024
+}
+fn d_bucket_reso_steps() -> usize {
+    64
+}
 fn d_num_class_images() -> usize {
     100
 }
@@ -179,6 +189,27 @@ pub struct TrainConfig {
     #[arg(long)]
     #[serde(default)]
     pub center_crop: bool,
+    /// Aspect-ratio buckets (kohya's): images keep their aspect ratio at about resolution²
+    /// pixels, every batch comes from one bucket.
+    #[arg(long)]
+    #[serde(default)]
+    pub enable_bucket: bool,
+    /// Smallest bucket side in pixels.
+    #[arg(long, default_value_t = d_min_bucket_reso())]
+    #[serde(default = "d_min_bucket_reso")]
+    pub min_bucket_reso: usize,
+    /// Largest bucket side in pixels.
+    #[arg(long, default_value_t = d_max_bucket_reso())]
+    #[serde(default = "d_max_bucket_reso")]
+    pub max_bucket_reso: usize,
+    /// Bucket sides are multiples of this (a multiple of 8).
+    #[arg(long, default_value_t = d_bucket_reso_steps())]
+    #[serde(default = "d_bucket_reso_steps")]
+    pub bucket_reso_steps: usize,
+    /// Buckets from the image sizes, never upscaling (min / max bucket sizes are ignored).
+    #[arg(long)]
+    #[serde(default)]
+    pub bucket_no_upscale: bool,
     /// Flip images horizontally with probability 1/2.
     #[arg(long)]
     #[serde(default)]
@@ -497,6 +528,10 @@ impl TrainConfig {
         if self.full && self.train_text_encoder {
             bail!("--full trains the UNet only; --train-text-encoder is a LoRA option");
         }
+        if self.bucket_no_upscale && !self.enable_bucket {
+            bail!("--bucket-no-upscale needs --enable-bucket");
+        }
+        self.bucket_spec()?;
         if self.sample_every > 0 && self.sample_prompt.is_none() {
             bail!("--sample-every needs --sample-prompt");
         }
@@ -512,6 +547,22 @@ impl TrainConfig {
             );
         }
         Ok(())
+    }
+
+    /// The bucketing options with `--enable-bucket` (min / max rounded to the steps) and the notes
+    /// on their adjustment; `None` without it.
+    pub fn bucket_spec(&self) -> anyhow::Result<Option<(BucketSpec, Vec<String>)>> {
+        if !self.enable_bucket {
+            return Ok(None);
+        }
+        BucketSpec::new(
+            self.resolution,
+            self.min_bucket_reso,
+            self.max_bucket_reso,
+            self.bucket_reso_steps,
+            self.bucket_no_upscale,
+        )
+        .map(Some)
     }
 
     /// The dtype of the frozen weights and activations.
@@ -549,13 +600,19 @@ impl TrainConfig {
         let (Some(now), Some(saved)) = (now.as_object(), saved.as_object()) else {
             return vec![];
         };
+        // Options newer than the checkpoint count as their default.
+        let defaults = Self::default().training_args();
         let mut out = vec![];
         for (k, v) in now {
             // The number of steps may be raised to continue a finished run.
             if k == "max_train_steps" {
                 continue;
             }
-            let old = saved.get(k).cloned().unwrap_or(serde_json::Value::Null);
+            let old = saved
+                .get(k)
+                .or_else(|| defaults.get(k))
+                .cloned()
+                .unwrap_or(serde_json::Value::Null);
             if &old != v {
                 out.push((k.clone(), old.to_string(), v.to_string()));
             }

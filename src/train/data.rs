@@ -1,9 +1,11 @@
 //! Training images: a folder of images with optional captions, decoded, checked, converted to
-//! RGB, resized (shorter side = resolution), then cropped / flipped into `[-1, 1]` tensors.
+//! RGB, resized (shorter side = resolution, or to cover its aspect-ratio bucket), then cropped /
+//! flipped into `[-1, 1]` tensors.
 //!
 //! Policy for unusual files (every message names the file):
-//! - unreadable or corrupt files, and images whose shorter side is below half the resolution
-//!   ("too small"), are errors; with `--skip-bad-images` they are skipped with a warning;
+//! - unreadable or corrupt files, and images that would be upscaled more than twice (shorter side
+//!   below half the resolution; with buckets, below half their bucket's size) ("too small"), are
+//!   errors; with `--skip-bad-images` they are skipped with a warning;
 //! - grayscale images are converted to RGB, 16-bit images to 8-bit, images with an alpha
 //!   channel are composited onto white (kohya and diffusers convert to RGB too; compositing
 //!   keeps transparent areas from turning into arbitrary colours): each with a warning;
@@ -13,6 +15,7 @@
 //! Captions: `name.txt` beside `name.png` replaces the prompt for that image; an empty caption
 //! file falls back to the prompt with a warning.
 
+use super::bucket::{BucketChoice, Bucketer, Reso};
 use crate::rng::Rng;
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
@@ -22,15 +25,29 @@ use std::path::{Path, PathBuf};
 /// File extensions treated as images.
 pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "gif", "webp", "bmp", "tif", "tiff"];
 
-/// One training image, resized so that its shorter side equals the resolution.
+/// One training image, resized as its [`Fit`] says.
 #[derive(Debug, Clone)]
 pub struct TrainImage {
     /// The file it came from.
     pub path: PathBuf,
     /// Its prompt (the caption file's text, or the folder's prompt).
     pub caption: String,
-    /// The RGB pixels, shorter side = resolution.
+    /// The RGB pixels, resized (shorter side = resolution, or covering its bucket).
     pub image: RgbImage,
+    /// Its aspect-ratio bucket (with [`Fit::Bucket`]).
+    pub bucket: Option<BucketChoice>,
+}
+
+/// How the images of a folder are sized when loaded.
+#[derive(Debug, Clone, Copy)]
+pub enum Fit<'a> {
+    /// Shorter side = this resolution (square crops).
+    Square(usize),
+    /// Each image resized to cover its aspect-ratio bucket.
+    Bucket(&'a Bucketer),
+    /// Each image kept at the smallest size (never above its own) that covers every one of these
+    /// buckets: class images, fitted to the bucket of each batch they join.
+    Cover(&'a [Reso]),
 }
 
 /// The images of a folder plus the warnings met while reading it.
@@ -175,6 +192,82 @@ pub fn resize_shorter_side(img: &RgbImage, resolution: usize) -> RgbImage {
     )
 }
 
+/// Resizes to exactly `(w, h)` (bilinear with antialiasing); a clone when the size is already that.
+pub fn resize_to(img: &RgbImage, (w, h): Reso) -> RgbImage {
+    if (img.width() as usize, img.height() as usize) == (w, h) {
+        return img.clone();
+    }
+    image::imageops::resize(
+        img,
+        w as u32,
+        h as u32,
+        image::imageops::FilterType::Triangle,
+    )
+}
+
+/// Loads one image sized as `fit` says; `Err` for unreadable or too small files, otherwise the
+/// image, its bucket (with [`Fit::Bucket`]) and the notes on its conversion.
+pub fn load_fitted(
+    path: &Path,
+    fit: Fit,
+) -> anyhow::Result<(RgbImage, Option<BucketChoice>, Vec<String>)> {
+    let (bucketer, cover): (Option<&Bucketer>, &[Reso]) = match fit {
+        Fit::Square(r) => {
+            let (img, notes) = load_train_image(path, r)?;
+            return Ok((img, None, notes));
+        }
+        Fit::Bucket(b) => (Some(b), &[]),
+        Fit::Cover(buckets) => (None, buckets),
+    };
+    let img = decode(path)?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    // The size the image is stored at, and how much it is (or will be) upscaled.
+    let (target, choice, upscale, what) = match bucketer {
+        Some(b) => {
+            let c = b
+                .select(w, h)
+                .with_context(|| format!("{}", path.display()))?;
+            let what = format!(
+                "its bucket {}x{} (--resolution {})",
+                c.bucket.0, c.bucket.1, b.spec.resolution
+            );
+            (c.resized, Some(c), c.resized.0 as f64 / w as f64, what)
+        }
+        None => {
+            let buckets = cover;
+            let scale = buckets
+                .iter()
+                .map(|&(bw, bh)| (bw as f64 / w as f64).max(bh as f64 / h as f64))
+                .fold(0.0, f64::max);
+            let target = if scale < 1.0 {
+                let side = |x: usize| ((x as f64 * scale).ceil() as usize).clamp(1, x);
+                (side(w), side(h))
+            } else {
+                (w, h)
+            };
+            (
+                target,
+                None,
+                scale,
+                "the largest bucket of the run".to_string(),
+            )
+        }
+    };
+    if upscale > 2.0 {
+        bail!(
+            "{} is too small: {w}x{h} would be upscaled {upscale:.2}x to cover {what}; \
+             at most 2x is allowed",
+            path.display()
+        );
+    }
+    let (rgb, notes) = to_rgb8(img);
+    let mut notes: Vec<String> = notes.into_iter().map(String::from).collect();
+    if upscale > 1.0 {
+        notes.push(format!("{w}x{h} is smaller than {what}, upscaled"));
+    }
+    Ok((resize_to(&rgb, target), choice, notes))
+}
+
 /// Loads one image for training at `resolution`; `Err` for unreadable or too small files,
 /// `Ok((image, notes))` otherwise.
 pub fn load_train_image(path: &Path, resolution: usize) -> anyhow::Result<(RgbImage, Vec<String>)> {
@@ -217,11 +310,23 @@ fn caption_for(image: &Path, prompt: &str, warnings: &mut Vec<String>) -> anyhow
     Ok(text.to_string())
 }
 
-/// Reads every image of `dir` (`what` names the folder in messages, e.g. "instance").
+/// Reads every image of `dir` at `resolution` (`what` names the folder in messages, e.g.
+/// "instance").
 pub fn load_folder(
     dir: &Path,
     prompt: &str,
     resolution: usize,
+    skip_bad: bool,
+    what: &str,
+) -> anyhow::Result<ImageFolder> {
+    load_folder_fit(dir, prompt, Fit::Square(resolution), skip_bad, what)
+}
+
+/// Reads every image of `dir`, sized as `fit` says.
+pub fn load_folder_fit(
+    dir: &Path,
+    prompt: &str,
+    fit: Fit,
     skip_bad: bool,
     what: &str,
 ) -> anyhow::Result<ImageFolder> {
@@ -235,8 +340,8 @@ pub fn load_folder(
     }
     let mut out = ImageFolder::default();
     for path in files {
-        match load_train_image(&path, resolution) {
-            Ok((image, notes)) => {
+        match load_fitted(&path, fit) {
+            Ok((image, bucket, notes)) => {
                 for n in notes {
                     out.warnings
                         .push(format!("warning: {}: {n}", path.display()));
@@ -246,6 +351,7 @@ pub fn load_folder(
                     path,
                     caption,
                     image,
+                    bucket,
                 });
             }
             Err(e) if skip_bad => out.warnings.push(format!("warning: skipped: {e:#}")),
@@ -283,22 +389,34 @@ pub fn crop_origin(w: usize, h: usize, res: usize, center: bool, rng: &mut Rng) 
 /// in `[-1, 1]` (`2·x/255 − 1`, as ToTensor + Normalize(0.5, 0.5)).
 pub fn crop_tensor(
     img: &RgbImage,
-    (left, top): (usize, usize),
+    origin: (usize, usize),
     res: usize,
     flip: bool,
     device: &Device,
 ) -> candle_core::Result<Tensor> {
-    let mut data = vec![0f32; 3 * res * res];
-    for y in 0..res {
-        for x in 0..res {
-            let sx = if flip { left + res - 1 - x } else { left + x };
+    crop_rect_tensor(img, origin, (res, res), flip, device)
+}
+
+/// The `w`×`h` crop at `(left, top)`, optionally mirrored, as a `[3, h, w]` f32 tensor in
+/// `[-1, 1]`.
+pub fn crop_rect_tensor(
+    img: &RgbImage,
+    (left, top): (usize, usize),
+    (w, h): Reso,
+    flip: bool,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let mut data = vec![0f32; 3 * w * h];
+    for y in 0..h {
+        for x in 0..w {
+            let sx = if flip { left + w - 1 - x } else { left + x };
             let p = img.get_pixel(sx as u32, (top + y) as u32).0;
             for c in 0..3 {
-                data[c * res * res + y * res + x] = p[c] as f32 / 255.0 * 2.0 - 1.0;
+                data[c * w * h + y * w + x] = p[c] as f32 / 255.0 * 2.0 - 1.0;
             }
         }
     }
-    Tensor::from_vec(data, (3, res, res), device)
+    Tensor::from_vec(data, (3, h, w), device)
 }
 
 #[cfg(test)]
@@ -320,6 +438,23 @@ mod tests {
         assert_eq!(a, b);
         let blue: Vec<f32> = t.get(2)?.flatten_all()?.to_vec1()?;
         assert!(blue.iter().all(|&v| v == 1.0));
+        Ok(())
+    }
+
+    #[test]
+    fn cover_keeps_the_smallest_size_covering_every_bucket() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("a.png");
+        RgbImage::from_fn(80, 60, |x, _| image::Rgb([x as u8, 0, 0])).save(&p)?;
+        // 40/60 (the 24x40 bucket's height) is the largest need: 80x60 -> 54x40.
+        let (img, bucket, notes) = load_fitted(&p, Fit::Cover(&[(24, 40), (40, 24)]))?;
+        assert_eq!((img.width(), img.height()), (54, 40));
+        assert!(bucket.is_none() && notes.is_empty(), "{notes:?}");
+        let (img, _, notes) = load_fitted(&p, Fit::Cover(&[(96, 96)]))?;
+        assert_eq!((img.width(), img.height()), (80, 60));
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        let e = load_fitted(&p, Fit::Cover(&[(200, 200)])).unwrap_err();
+        assert!(format!("{e}").contains("upscaled 3.33x"), "{e}");
         Ok(())
     }
 

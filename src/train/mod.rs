@@ -2,6 +2,7 @@
 //! preservation, the loop behind `lora train`.
 
 pub mod batch;
+pub mod bucket;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

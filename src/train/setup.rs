@@ -2,9 +2,10 @@
 //! trainable parameters, optimizer, and the state of a checkpoint with `--resume`.
 
 use super::batch::{Augment, EmbeddingCache, ImageSet};
+use super::bucket::{Bucketer, Reso};
 use super::checkpoint::{self, Checkpoint};
 use super::config::{MixedPrecision, TrainConfig};
-use super::data::load_folder;
+use super::data::{load_folder_fit, Fit};
 use super::hooks::TrainHooks;
 use super::model::{LoraSpec, Trainable};
 use super::optim::{AdamW, AdamWParams};
@@ -90,15 +91,36 @@ impl Trainer {
         // Data.
         let prompt = cfg.instance_prompt.clone().unwrap_or_default();
         let inst_dir = cfg.instance_data_dir.clone().unwrap_or_default();
-        let folder = load_folder(
-            &inst_dir,
-            &prompt,
-            cfg.resolution,
-            cfg.skip_bad_images,
-            "instance",
-        )?;
+        let bucketer = match cfg.bucket_spec()? {
+            Some((spec, notes)) => {
+                notes.iter().for_each(|n| hooks.note(format!("note: {n}")));
+                if spec.no_upscale {
+                    hooks.note(
+                        "note: --bucket-no-upscale: buckets come from the image sizes; \
+                         --min-bucket-reso and --max-bucket-reso are not used",
+                    );
+                }
+                Some(Bucketer::new(spec))
+            }
+            None => None,
+        };
+        let fit = match &bucketer {
+            Some(b) => Fit::Bucket(b),
+            None => Fit::Square(cfg.resolution),
+        };
+        let folder = load_folder_fit(&inst_dir, &prompt, fit, cfg.skip_bad_images, "instance")?;
         folder.warnings.iter().for_each(|w| hooks.note(w));
         let mut instance = ImageSet::new(folder.images);
+        let buckets = instance.bucket_table();
+        if let Some(t) = &buckets {
+            let errs: Vec<f64> = instance
+                .images()
+                .iter()
+                .filter_map(|im| im.bucket.map(|b| b.ar_error.abs()))
+                .collect();
+            let mean = errs.iter().sum::<f64>() / errs.len().max(1) as f64;
+            t.describe(mean).iter().for_each(|l| hooks.note(l));
+        }
         let source = match &cfg.model {
             Some(m) => ModelSource::parse(m)?,
             None => ModelSource::Local(bundled_model_dir()),
@@ -115,7 +137,15 @@ impl Trainer {
             .context("--resolution")?;
         let rows = cfg.batch_size * if cfg.with_prior_preservation { 2 } else { 1 };
         let r = cfg.resolution;
-        sd.check_activation_memory(r, r, rows, "training at")?;
+        let (mut w, mut h) = (r, r);
+        if let Some(t) = &buckets {
+            for &(bw, bh) in t.buckets.keys() {
+                sd.latent_size(bh, bw)
+                    .with_context(|| format!("aspect-ratio bucket {bw}x{bh}"))?;
+            }
+            (w, h) = t.largest().unwrap_or((r, r));
+        }
+        sd.check_activation_memory(h, w, rows, "training at")?;
 
         let mut class = None;
         if cfg.with_prior_preservation {
@@ -141,17 +171,22 @@ impl Trainer {
                     dir.display()
                 ));
             }
-            let f = load_folder(
-                &dir,
-                &g.prompt,
-                cfg.resolution,
-                cfg.skip_bad_images,
-                "class",
-            )?;
+            let in_use: Vec<Reso> = buckets
+                .as_ref()
+                .map(|t| t.buckets.keys().copied().collect())
+                .unwrap_or_default();
+            let fit = match &buckets {
+                Some(_) => Fit::Cover(&in_use),
+                None => Fit::Square(cfg.resolution),
+            };
+            let f = load_folder_fit(&dir, &g.prompt, fit, cfg.skip_bad_images, "class")?;
             f.warnings.iter().for_each(|w| hooks.note(w));
             let mut images = f.images;
             images.truncate(cfg.num_class_images);
-            class = Some(ImageSet::new(images));
+            class = Some(match &buckets {
+                Some(_) => ImageSet::fitted(images),
+                None => ImageSet::new(images),
+            });
         }
         let aug = Augment {
             resolution: cfg.resolution,
@@ -227,6 +262,7 @@ impl Trainer {
                 class,
                 aug,
                 emb,
+                buckets,
             },
         };
         if let Some(c) = ckpt {
@@ -261,7 +297,7 @@ impl Trainer {
 }
 
 /// Frees the parts of the model that training will not run again: the VAE encoder once
-/// latents are cached, the VAE decoder when no samples are drawn, and a frozen text encoder
+/// every latent is cached, the VAE decoder when no samples are drawn, and a frozen text encoder
 /// once every caption's embedding is cached (`--cache-text-embeddings`, unless samples are
 /// drawn). Returns the embedding cache, filled when the text encoder was freed.
 fn release_unused(
@@ -273,7 +309,8 @@ fn release_unused(
 ) -> anyhow::Result<EmbeddingCache> {
     let sampling = cfg.sample_prompt.is_some();
     let mut freed = vec![];
-    if cfg.cache_latents {
+    // With buckets, class latents are cached per (image, bucket) on first use: the encoder stays.
+    if cfg.cache_latents && !(cfg.enable_bucket && cfg.with_prior_preservation) {
         sd.vae.release_encoder();
         freed.push("VAE encoder");
     }

@@ -28,6 +28,8 @@ pub struct RunState {
     pub order: DataOrder,
     /// The fp16 loss scaler (`--mixed-precision fp16` only).
     pub loss_scaler: Option<LossScaler>,
+    /// The order class images are drawn in (buckets with prior preservation).
+    pub class_order: DataOrder,
 }
 
 impl RunState {
@@ -38,11 +40,8 @@ impl RunState {
             losses: vec![],
             data_rng: Rng::new(seed ^ DATA_STREAM),
             noise_rng: Rng::new(seed ^ NOISE_STREAM),
-            order: DataOrder {
-                perm: vec![],
-                cursor: 0,
-                epoch: 0,
-            },
+            order: DataOrder::default(),
+            class_order: DataOrder::default(),
             loss_scaler: None,
         }
     }
@@ -60,6 +59,7 @@ impl RunState {
             noise_rng: self.noise_rng.state(),
             dropout_rng,
             order: self.order.clone(),
+            class_order: self.class_order.clone(),
             losses: self.losses.clone(),
             training_args,
             loss_scaler: self.loss_scaler,
@@ -75,6 +75,7 @@ impl RunState {
             noise_rng: Rng::from_state(s.noise_rng),
             order: s.order.clone(),
             loss_scaler: s.loss_scaler,
+            class_order: s.class_order.clone(),
         }
     }
 }

@@ -6,6 +6,7 @@
 //! batches come from ([`BatchSource`]), the state a checkpoint saves ([`RunState`]), the
 //! options and the caller's hooks.
 
+use super::bucket::BucketTable;
 use super::config::TrainConfig;
 use super::hooks::TrainHooks;
 use super::loss::{dreambooth_loss, min_snr_weights, noise_batch};
@@ -13,7 +14,7 @@ use super::model::Trainable;
 use super::optim::{clip_grad_norm, lr_factor, AdamW};
 use super::plot::{write_loss_log, LossPoint};
 use super::scaler::ScaleUpdate;
-use super::source::BatchSource;
+use super::source::{Batch, BatchSource};
 use super::state::RunState;
 use crate::pipeline::StableDiffusion;
 use crate::schedulers::{DdpmScheduler, PredictionType};
@@ -86,13 +87,28 @@ impl Trainer {
         &self.cfg
     }
 
+    /// The instance images' aspect-ratio buckets (`--enable-bucket`).
+    pub fn buckets(&self) -> Option<&BucketTable> {
+        self.data.buckets.as_ref()
+    }
+
+    /// Draws the next micro-batch as a training step does, advancing the data order and the
+    /// generators of the run.
+    pub fn next_batch(&mut self) -> anyhow::Result<Batch> {
+        let m = &self.model;
+        self.data.next(
+            &mut self.state,
+            &m.sd,
+            self.cfg.batch_size,
+            self.cfg.train_text_encoder,
+        )
+    }
+
     /// Loss of one micro-batch (differentiable).
     fn micro_batch_loss(&mut self) -> anyhow::Result<Tensor> {
-        let b = self.cfg.batch_size;
+        let batch = self.next_batch()?;
+        let b = batch.n_instance;
         let m = &self.model;
-        let batch = self
-            .data
-            .next(&mut self.state, &m.sd, b, self.cfg.train_text_encoder)?;
         let dev = m.sd.device.clone();
         let (latents, context) = (batch.latents, batch.context);
         let nb = noise_batch(
