@@ -91,6 +91,12 @@ fn d_f32() -> String {
 fn d_cpu() -> String {
     "cpu".into()
 }
+fn d_save_format() -> String {
+    "kohya".into()
+}
+fn d_output_name() -> String {
+    "lora".into()
+}
 
 /// The complete training configuration (see `lora train --help` for each option).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
@@ -236,6 +242,15 @@ pub struct TrainConfig {
     #[arg(long)]
     #[serde(default)]
     pub output_dir: Option<PathBuf>,
+    /// Format of the LoRA file: kohya (read by A1111, ComfyUI, Forge, diffusers, sd-scripts),
+    /// diffusers, peft or ours.
+    #[arg(long, default_value_t = d_save_format())]
+    #[serde(default = "d_save_format")]
+    pub save_format: String,
+    /// Base name of the LoRA file: `<output-dir>/<output-name>.safetensors`.
+    #[arg(long, default_value_t = d_output_name())]
+    #[serde(default = "d_output_name")]
+    pub output_name: String,
     /// Allow a non-empty output folder (files of a previous run are replaced).
     #[arg(long)]
     #[serde(default)]
@@ -293,6 +308,8 @@ impl Default for TrainConfig {
 /// left out of the training arguments recorded in the LoRA file and compared on resume.
 const RUN_LOCAL: &[&str] = &[
     "output_dir",
+    "save_format",
+    "output_name",
     "force",
     "resume",
     "stop_after",
@@ -353,6 +370,18 @@ impl TrainConfig {
         }
         if self.output_dir.is_none() {
             bail!("--output-dir is required");
+        }
+        self.lora_format()?;
+        let name = self.output_name.as_str();
+        if name.is_empty()
+            || name.starts_with('.')
+            || name.contains(['/', '\\', ':'])
+            || name.chars().any(char::is_control)
+        {
+            bail!("--output-name {name:?}: must be a plain file name (no folders), e.g. \"my_lora\"");
+        }
+        if ["params", "optimizer"].contains(&name) {
+            bail!("--output-name {name:?}: checkpoints hold a {name}.safetensors of their own; choose another name");
         }
         if self.resolution < 8 || !self.resolution.is_multiple_of(8) {
             bail!(
@@ -426,6 +455,18 @@ impl TrainConfig {
         }
         self.weight_dtype()?;
         Ok(())
+    }
+
+    /// The LoRA file format named by `save_format`.
+    pub fn lora_format(&self) -> anyhow::Result<crate::formats::Format> {
+        use crate::formats::Format;
+        match Format::parse(&self.save_format) {
+            Ok(f @ (Format::Kohya | Format::Diffusers | Format::Peft | Format::Ours)) => Ok(f),
+            _ => bail!(
+                "--save-format {}: expected kohya, diffusers, peft or ours",
+                self.save_format
+            ),
+        }
     }
 
     /// The weight dtype named by `dtype`.
