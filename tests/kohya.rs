@@ -379,3 +379,30 @@ fn trainer_on_v_prediction_sd2_writes_sd_v2_v() {
     assert_eq!(m["modelspec.prediction_type"], "v");
     assert_eq!(m["ss_sd_model_name"], "sd2-tiny");
 }
+
+#[test]
+fn inspect_shows_the_model_spec_and_checks_the_hashes() {
+    let o = common::lora(&["inspect", common::s(&fx("train/lora.safetensors"))]);
+    common::expect_success(&o);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    for needle in [
+        "sshs hashes: match the tensors",
+        "modelspec.architecture: stable-diffusion-v1/lora",
+        "ss_base_model_version: sd_v1",
+        "sshs_legacy_hash: e3b0c442",
+    ] {
+        assert!(out.contains(needle), "{needle} not in\n{out}");
+    }
+    // The same tensors with a changed weight and the old hashes.
+    let dir = tempfile::tempdir().unwrap();
+    let f = lora_diffusion::tensor_file::TensorFile::open(&fx("train/lora.safetensors")).unwrap();
+    let mut tensors = f.load_all(&Device::Cpu).unwrap();
+    let (k, t) = tensors.iter().next().map(|(k, t)| (k.clone(), t.clone())).unwrap();
+    tensors.insert(k, (t + 1.0).unwrap());
+    let changed = dir.path().join("changed.safetensors");
+    let out_t = lora_diffusion::tensor_file::out_tensors(&tensors).unwrap();
+    lora_diffusion::tensor_file::write(&changed, out_t, &f.metadata, false).unwrap();
+    let o = common::lora(&["inspect", common::s(&changed)]);
+    common::expect_success(&o);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("DO NOT match"));
+}
