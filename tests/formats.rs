@@ -289,7 +289,13 @@ fn conversions_round_trip() {
         );
     }
     // kohya by default: one alpha per file, ΔW equal within f32 rounding.
-    let k = write_read(&set, Format::Kohya, dir.path(), WriteOptions::default(), None);
+    let k = write_read(
+        &set,
+        Format::Kohya,
+        dir.path(),
+        WriteOptions::default(),
+        None,
+    );
     let d = same_deltas(&set, &k, 1e-6);
     eprintln!("ours -> kohya (one alpha) -> ours: max ΔW diff {d:e}");
     let first = k.layers.values().next().unwrap().alpha();

@@ -28,13 +28,24 @@ fn source() -> LoraSet {
 }
 
 /// The largest |ΔW − reference| over the layers of `set`, relative to the largest |reference|.
-fn delta_error(set: &LoraSet, reference: &std::collections::HashMap<String, Tensor>, prefix: &str) -> f32 {
+fn delta_error(
+    set: &LoraSet,
+    reference: &std::collections::HashMap<String, Tensor>,
+    prefix: &str,
+) -> f32 {
     let mut worst = 0f32;
     assert!(!set.layers.is_empty());
     for (k, w) in &set.layers {
         let want = &reference[&format!("{prefix}{k}")];
         let got = delta_weight(w).unwrap();
-        let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-12);
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1e-12);
         worst = worst.max(max_abs_diff(&got, want) / scale);
     }
     worst
@@ -56,14 +67,20 @@ fn kohya_writer_folds_alphas_into_up_and_keeps_every_delta() {
     };
     assert_eq!(distinct(alphas(&set)), 5, "the source has 5 alphas");
     let src_err = delta_error(&set, &reference, "delta.");
-    let uniform = formats::read_with(&fx("kohya.safetensors"), Some(&tiny_arch("sd1-tiny"))).unwrap();
-    let per_layer =
-        formats::read_with(&fx("kohya_per_layer.safetensors"), Some(&tiny_arch("sd1-tiny"))).unwrap();
+    let uniform =
+        formats::read_with(&fx("kohya.safetensors"), Some(&tiny_arch("sd1-tiny"))).unwrap();
+    let per_layer = formats::read_with(
+        &fx("kohya_per_layer.safetensors"),
+        Some(&tiny_arch("sd1-tiny")),
+    )
+    .unwrap();
     let (e_uniform, e_per_layer) = (
         delta_error(&uniform, &reference, "delta."),
         delta_error(&per_layer, &reference, "delta."),
     );
-    eprintln!("relative ΔW error: source {src_err:e}, one alpha {e_uniform:e}, per-layer {e_per_layer:e}");
+    eprintln!(
+        "relative ΔW error: source {src_err:e}, one alpha {e_uniform:e}, per-layer {e_per_layer:e}"
+    );
     assert!(src_err < 1e-6 && e_uniform < 1e-6 && e_per_layer < 1e-6);
     assert_eq!(distinct(alphas(&uniform)), 1);
     assert_eq!(alphas(&per_layer), alphas(&set));
@@ -98,7 +115,10 @@ fn writers_still_write_the_bytes_the_consumers_loaded() {
         formats::write(&set, &out, format, &opts).unwrap();
         let ours = std::fs::read(&out).unwrap();
         let committed = std::fs::read(fx(&format!("{name}.safetensors"))).unwrap();
-        assert!(ours == committed, "{name}: the writer no longer writes the committed file");
+        assert!(
+            ours == committed,
+            "{name}: the writer no longer writes the committed file"
+        );
     }
 }
 
@@ -111,7 +131,10 @@ fn consumers_apply_every_layer_of_our_files_with_our_delta() {
     let ok = |f: &str, consumer: &str, count: &str| {
         let c = &files[f][consumer];
         let d = c["max_diff"].as_f64().unwrap();
-        eprintln!("{f} in {consumer}: {} of {layers} layers, max |ΔW diff| {d:e}", c[count]);
+        eprintln!(
+            "{f} in {consumer}: {} of {layers} layers, max |ΔW diff| {d:e}",
+            c[count]
+        );
         assert_eq!(c[count].as_u64(), Some(layers), "{f} in {consumer}");
         assert!(d < 1e-5, "{f} in {consumer}: {d}");
         if let Some(w) = c.get("warnings") {
@@ -124,7 +147,9 @@ fn consumers_apply_every_layer_of_our_files_with_our_delta() {
     ok("diffusers", "diffusers", "adapted");
     ok("peft", "peft", "adapted");
     // Per-layer alphas are what diffusers' kohya converter gets wrong (the reason for folding).
-    let wrong = files["kohya_per_layer"]["diffusers"]["max_diff"].as_f64().unwrap();
+    let wrong = files["kohya_per_layer"]["diffusers"]["max_diff"]
+        .as_f64()
+        .unwrap();
     assert!(wrong > 0.1, "{wrong}");
 }
 
@@ -253,7 +278,10 @@ fn diffusers_file_without_alpha_takes_the_first_layers_rank_as_diffusers_does() 
         worst = worst.max((w.scale() - want).abs());
         distinct.insert((want * 1e4).round() as i64);
     }
-    eprintln!("per-layer scale vs diffusers: max diff {worst:e}; {} distinct scales", distinct.len());
+    eprintln!(
+        "per-layer scale vs diffusers: max diff {worst:e}; {} distinct scales",
+        distinct.len()
+    );
     assert!(worst < 1e-6, "{worst}");
     assert!(distinct.len() >= 4);
 }
@@ -276,9 +304,15 @@ fn hash_big_set() -> LoraSet {
         let v: Vec<f32> = (0..n as i64)
             .map(|j| (((j * 7919 + i as i64 * 104729) % 1000) - 500) as f32 / 1024.0)
             .collect();
-        tensors.insert(k.clone(), Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).unwrap());
+        tensors.insert(
+            k.clone(),
+            Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).unwrap(),
+        );
         if let Some(n) = k.strip_suffix(".lora_down.weight") {
-            tensors.insert(format!("{n}.alpha"), Tensor::new(16f32, &Device::Cpu).unwrap());
+            tensors.insert(
+                format!("{n}.alpha"),
+                Tensor::new(16f32, &Device::Cpu).unwrap(),
+            );
         }
     }
     let dir = tempfile::tempdir().unwrap();
@@ -293,10 +327,20 @@ fn sshs_hashes_are_sd_scripts_hashes() {
     let e = expected();
     let hashes = e["hashes"].as_object().unwrap();
     for name in ["kohya", "kohya_per_layer", "train/lora"] {
-        let h = read_header(&fx(&format!("{name}.safetensors"))).unwrap().metadata;
+        let h = read_header(&fx(&format!("{name}.safetensors")))
+            .unwrap()
+            .metadata;
         let want = &hashes[name];
-        assert_eq!(h["sshs_model_hash"], want["sshs_model_hash"].as_str().unwrap(), "{name}");
-        assert_eq!(h["sshs_legacy_hash"], want["sshs_legacy_hash"].as_str().unwrap(), "{name}");
+        assert_eq!(
+            h["sshs_model_hash"],
+            want["sshs_model_hash"].as_str().unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            h["sshs_legacy_hash"],
+            want["sshs_legacy_hash"].as_str().unwrap(),
+            "{name}"
+        );
     }
     // A file over 1 MiB, where the legacy hash covers real bytes (not the empty window).
     let set = hash_big_set();
@@ -310,10 +354,22 @@ fn sshs_hashes_are_sd_scripts_hashes() {
     assert_eq!(bytes.len() as u64, want["file_size"].as_u64().unwrap());
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let meta = meta.metadata().clone().unwrap();
-    eprintln!("hash_big: {} {}", meta["sshs_model_hash"], meta["sshs_legacy_hash"]);
-    assert_eq!(meta["sshs_model_hash"], want["sshs_model_hash"].as_str().unwrap());
-    assert_eq!(meta["sshs_legacy_hash"], want["sshs_legacy_hash"].as_str().unwrap());
-    assert_ne!(meta["sshs_legacy_hash"], "e3b0c442", "the empty window's hash");
+    eprintln!(
+        "hash_big: {} {}",
+        meta["sshs_model_hash"], meta["sshs_legacy_hash"]
+    );
+    assert_eq!(
+        meta["sshs_model_hash"],
+        want["sshs_model_hash"].as_str().unwrap()
+    );
+    assert_eq!(
+        meta["sshs_legacy_hash"],
+        want["sshs_legacy_hash"].as_str().unwrap()
+    );
+    assert_ne!(
+        meta["sshs_legacy_hash"], "e3b0c442",
+        "the empty window's hash"
+    );
 }
 
 /// A LoRA whose shapes say SD 2 (attn2.to_k reads a 1024-wide context).
@@ -330,7 +386,10 @@ fn sd2_shaped(metadata: &[(&str, &str)]) -> LoraSet {
         "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k".into(),
         w,
     );
-    set.metadata = metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    set.metadata = metadata
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     set
 }
 
@@ -344,21 +403,34 @@ fn v_prediction_sd2_is_sd_v2_v_with_its_model_spec_architecture() {
     let v = meta(&sd2_shaped(&[("modelspec.prediction_type", "v")]));
     assert_eq!(v["ss_base_model_version"], "sd_v2_v");
     assert_eq!(v["ss_v2"], "True");
-    assert_eq!(v["modelspec.architecture"], "stable-diffusion-v2-768-v/lora");
+    assert_eq!(
+        v["modelspec.architecture"],
+        "stable-diffusion-v2-768-v/lora"
+    );
     assert_eq!(v["modelspec.resolution"], "768x768");
     assert_eq!(v["modelspec.prediction_type"], "v");
     let eps = meta(&sd2_shaped(&[]));
     assert_eq!(eps["ss_base_model_version"], "sd_v2");
-    assert_eq!(eps["modelspec.architecture"], "stable-diffusion-v2-512/lora");
+    assert_eq!(
+        eps["modelspec.architecture"],
+        "stable-diffusion-v2-512/lora"
+    );
     assert_eq!(eps["modelspec.resolution"], "512x512");
     // A kohya file of sd-scripts read and written again keeps its v flag.
     let again = meta(&sd2_shaped(&[("ss_base_model_version", "sd_v2_v")]));
     assert_eq!(again["ss_base_model_version"], "sd_v2_v");
     assert_eq!(
-        Family { v2: false, v_prediction: false }.architecture(),
+        Family {
+            v2: false,
+            v_prediction: false
+        }
+        .architecture(),
         "stable-diffusion-v1/lora"
     );
-    assert_eq!(kohya_meta::iso_datetime(1_700_000_000), "2023-11-14T22:13:20");
+    assert_eq!(
+        kohya_meta::iso_datetime(1_700_000_000),
+        "2023-11-14T22:13:20"
+    );
 }
 
 #[test]
@@ -375,7 +447,10 @@ fn trainer_on_v_prediction_sd2_writes_sd_v2_v() {
     let path = train(c, hooks).unwrap().output.unwrap();
     let m = read_header(&path).unwrap().metadata;
     assert_eq!(m["ss_base_model_version"], "sd_v2_v");
-    assert_eq!(m["modelspec.architecture"], "stable-diffusion-v2-768-v/lora");
+    assert_eq!(
+        m["modelspec.architecture"],
+        "stable-diffusion-v2-768-v/lora"
+    );
     assert_eq!(m["modelspec.prediction_type"], "v");
     assert_eq!(m["ss_sd_model_name"], "sd2-tiny");
 }
@@ -397,7 +472,11 @@ fn inspect_shows_the_model_spec_and_checks_the_hashes() {
     let dir = tempfile::tempdir().unwrap();
     let f = lora_diffusion::tensor_file::TensorFile::open(&fx("train/lora.safetensors")).unwrap();
     let mut tensors = f.load_all(&Device::Cpu).unwrap();
-    let (k, t) = tensors.iter().next().map(|(k, t)| (k.clone(), t.clone())).unwrap();
+    let (k, t) = tensors
+        .iter()
+        .next()
+        .map(|(k, t)| (k.clone(), t.clone()))
+        .unwrap();
     tensors.insert(k, (t + 1.0).unwrap());
     let changed = dir.path().join("changed.safetensors");
     let out_t = lora_diffusion::tensor_file::out_tensors(&tensors).unwrap();

@@ -34,8 +34,18 @@ fn no_written_file_holds_a_local_path() {
     let p = |name: &str| t.join(name).to_string_lossy().to_string();
     let train = |dir: &str, extra: &[&str]| {
         let mut args = vec![
-            "train", "--model", m, "--instance-data-dir", d, "--instance-prompt", "a photo of sks toy",
-            "--resolution", "16", "--max-train-steps", "2", "--output-dir",
+            "train",
+            "--model",
+            m,
+            "--instance-data-dir",
+            d,
+            "--instance-prompt",
+            "a photo of sks toy",
+            "--resolution",
+            "16",
+            "--max-train-steps",
+            "2",
+            "--output-dir",
         ];
         let out = p(dir);
         args.push(&out);
@@ -45,8 +55,16 @@ fn no_written_file_holds_a_local_path() {
     train(
         "train",
         &[
-            "--train-text-encoder", "--save-steps", "1", "--sample-prompt", "a photo of sks toy",
-            "--sample-every", "2", "--sample-steps", "2", "--cache-latents",
+            "--train-text-encoder",
+            "--save-steps",
+            "1",
+            "--sample-prompt",
+            "a photo of sks toy",
+            "--sample-every",
+            "2",
+            "--sample-steps",
+            "2",
+            "--cache-latents",
         ],
     );
     for f in ["diffusers", "peft", "ours"] {
@@ -55,37 +73,86 @@ fn no_written_file_holds_a_local_path() {
     let trained = p("train/lora.safetensors");
     for f in ["kohya", "diffusers", "peft", "ours", "cloneofsimo"] {
         let out = p(&format!("convert_{f}.safetensors"));
-        expect_success(&lora(&["convert", &trained, "--to", f, "--model", m, "--out", &out]));
+        expect_success(&lora(&[
+            "convert", &trained, "--to", f, "--model", m, "--out", &out,
+        ]));
     }
     let per_layer = p("convert_kohya_per_layer.safetensors");
     expect_success(&lora(&[
-        "convert", &trained, "--to", "kohya", "--per-layer-alpha", "--model", m, "--out", &per_layer,
+        "convert",
+        &trained,
+        "--to",
+        "kohya",
+        "--per-layer-alpha",
+        "--model",
+        m,
+        "--out",
+        &per_layer,
     ]));
     let upl = p("upl");
     expect_success(&lora_add(&[
-        "--path_1", m, "--path_2", &trained, "--mode", "upl", "--alpha", "1", "--output_path", &upl,
+        "--path_1",
+        m,
+        "--path_2",
+        &trained,
+        "--mode",
+        "upl",
+        "--alpha",
+        "1",
+        "--output_path",
+        &upl,
     ]));
     let kohya = p("convert_kohya.safetensors");
     for mode in ["lpl", "ljl"] {
         let out = p(&format!("{mode}.safetensors"));
         expect_success(&lora_add(&[
-            "--path_1", &trained, "--path_2", &kohya, "--mode", mode, "--alpha", "0.5", "--output_path", &out,
+            "--path_1",
+            &trained,
+            "--path_2",
+            &kohya,
+            "--mode",
+            mode,
+            "--alpha",
+            "0.5",
+            "--output_path",
+            &out,
         ]));
     }
     let extracted = p("extract.safetensors");
     expect_success(&lora(&[
-        "extract", "--base", m, "--tuned", &upl, "--rank", "2", "--out", &extracted, "--format", "kohya",
+        "extract", "--base", m, "--tuned", &upl, "--rank", "2", "--out", &extracted, "--format",
+        "kohya",
     ]));
     let lora_arg = format!("{trained}:0.8");
     let gen = p("generate.png");
     expect_success(&lora(&[
-        "generate", "--model", m, "--prompt", "a photo of sks toy", "--steps", "2", "--lora", &lora_arg,
-        "--out", &gen,
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "a photo of sks toy",
+        "--steps",
+        "2",
+        "--lora",
+        &lora_arg,
+        "--out",
+        &gen,
     ]));
     let sweep = p("sweep.png");
     expect_success(&lora(&[
-        "sweep", "--model", m, "--prompt", "a photo of sks toy", "--steps", "2", "--lora", &trained,
-        "--alphas", "0,1", "--out", &sweep,
+        "sweep",
+        "--model",
+        m,
+        "--prompt",
+        "a photo of sks toy",
+        "--steps",
+        "2",
+        "--lora",
+        &trained,
+        "--alphas",
+        "0,1",
+        "--out",
+        &sweep,
     ]));
     let demo = p("demo");
     expect_success(&lora(&["demo", "--out-dir", &demo, "--steps", "2"]));
@@ -117,5 +184,9 @@ fn no_written_file_holds_a_local_path() {
         assert!(t.join(want).is_file(), "{want} was not written");
     }
     assert!(files.len() > 30, "{} files", files.len());
-    assert!(leaks.is_empty(), "local paths in written files:\n{}", leaks.join("\n"));
+    assert!(
+        leaks.is_empty(),
+        "local paths in written files:\n{}",
+        leaks.join("\n")
+    );
 }

@@ -115,10 +115,22 @@ fn saved_lora_reloads_and_reproduces_the_trained_unet() {
         lora_diffusion::formats::Format::Kohya
     );
     let set = lora_diffusion::formats::read(&path).unwrap();
-    assert_eq!(set.metadata.get("ss_network_dim").map(String::as_str), Some("4"));
+    assert_eq!(
+        set.metadata.get("ss_network_dim").map(String::as_str),
+        Some("4")
+    );
     assert_eq!(
         lora_diffusion::formats::ours::targets(&set),
-        ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "to_k", "to_out.0", "to_q", "to_v"]
+        [
+            "ff.net.0.proj",
+            "ff.net.2",
+            "proj_in",
+            "proj_out",
+            "to_k",
+            "to_out.0",
+            "to_q",
+            "to_v"
+        ]
     );
     assert!(set.metadata["training_args"].contains("\"learning_rate\":0.01"));
     let source = ModelSource::Local(lora_diffusion::hub::bundled_model_dir());

@@ -12,9 +12,7 @@
 //! targeted module paths and per-layer rank/alpha patterns, so diffusers loads the scale.
 
 use super::keymap::{Component, KeyIndex, DIFFUSERS};
-use super::peft::{
-    alpha_from_scales, config_json, first_rank, scales_from_metadata, METADATA_KEY,
-};
+use super::peft::{alpha_from_scales, config_json, first_rank, scales_from_metadata, METADATA_KEY};
 use super::{finish, gather, Architecture, Encoded, Format, LoraFile, LoraFormat, ReadContext};
 use crate::lora::LoraSet;
 use serde_json::{Map, Value};

@@ -88,7 +88,10 @@ pub fn add_family_keys(m: &mut BTreeMap<String, String>, family: Family) {
     );
     m.insert("ss_base_model_version".into(), family.base_model_version());
     m.insert("modelspec.sai_model_spec".into(), "1.0.1".into());
-    m.insert("modelspec.architecture".into(), family.architecture().into());
+    m.insert(
+        "modelspec.architecture".into(),
+        family.architecture().into(),
+    );
     m.insert("modelspec.implementation".into(), "diffusers".into());
     m.insert(
         "modelspec.prediction_type".into(),
@@ -130,7 +133,9 @@ pub fn hashes(
     let bytes = crate::tensor_file::to_bytes(borrowed, &ss)?;
     let n = u64::from_le_bytes(bytes[..8].try_into()?) as usize;
     let model = hex(&Sha256::digest(&bytes[8 + n..]));
-    let window = bytes.get(0x100000..bytes.len().min(0x110000)).unwrap_or(&[]);
+    let window = bytes
+        .get(0x100000..bytes.len().min(0x110000))
+        .unwrap_or(&[]);
     let legacy = hex(&Sha256::digest(window))[..8].to_string();
     Ok((model, legacy))
 }

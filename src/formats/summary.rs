@@ -184,10 +184,7 @@ impl fmt::Display for Summary {
             } else {
                 "DO NOT match the tensors (the file was changed after they were computed)"
             };
-            writeln!(
-                f,
-                "sshs hashes: {verdict}: model {model}, legacy {legacy}"
-            )?;
+            writeln!(f, "sshs hashes: {verdict}: model {model}, legacy {legacy}")?;
         }
         if self.metadata.is_empty() {
             writeln!(f, "metadata:    (none)")?;

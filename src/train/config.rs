@@ -378,7 +378,9 @@ impl TrainConfig {
             || name.contains(['/', '\\', ':'])
             || name.chars().any(char::is_control)
         {
-            bail!("--output-name {name:?}: must be a plain file name (no folders), e.g. \"my_lora\"");
+            bail!(
+                "--output-name {name:?}: must be a plain file name (no folders), e.g. \"my_lora\""
+            );
         }
         if ["params", "optimizer"].contains(&name) {
             bail!("--output-name {name:?}: checkpoints hold a {name}.safetensors of their own; choose another name");

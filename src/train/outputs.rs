@@ -5,8 +5,8 @@ use super::checkpoint::{self, Checkpoint};
 use super::model::lora_file_bytes_as;
 use super::plot::write_loss_log;
 use super::trainer::Trainer;
-use crate::pipeline::image_io::{save_png, to_rgb8};
 use crate::formats::kohya_meta;
+use crate::pipeline::image_io::{save_png, to_rgb8};
 use crate::pipeline::GenerateParams;
 use crate::schedulers::PredictionType;
 use anyhow::Context;
@@ -70,7 +70,10 @@ impl Trainer {
         }
         put("ss_max_train_steps", c.max_train_steps.to_string());
         put("ss_steps", self.state.step.to_string());
-        put("ss_lr_scheduler", json(serde_json::to_value(c.lr_scheduler)?));
+        put(
+            "ss_lr_scheduler",
+            json(serde_json::to_value(c.lr_scheduler)?),
+        );
         put("ss_lr_warmup_steps", c.lr_warmup_steps.to_string());
         put("ss_batch_size_per_device", c.batch_size.to_string());
         put(
