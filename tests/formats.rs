@@ -268,7 +268,12 @@ fn conversions_round_trip() {
             None,
         );
         identical(&set, &ours);
-        let back = write_read(&ours, f, dir.path(), WriteOptions::default(), None);
+        // kohya keeps per-layer alphas only on request (else it folds them into up).
+        let exact = WriteOptions {
+            per_layer_alpha: true,
+            ..Default::default()
+        };
+        let back = write_read(&ours, f, dir.path(), exact, None);
         identical(&set, &back);
         let again = write_read(
             &back,
@@ -283,6 +288,18 @@ fn conversions_round_trip() {
             set.layers.len()
         );
     }
+    // kohya by default: one alpha per file, ΔW equal within f32 rounding.
+    let k = write_read(
+        &set,
+        Format::Kohya,
+        dir.path(),
+        WriteOptions::default(),
+        None,
+    );
+    let d = same_deltas(&set, &k, 1e-6);
+    eprintln!("ours -> kohya (one alpha) -> ours: max ΔW diff {d:e}");
+    let first = k.layers.values().next().unwrap().alpha();
+    assert!(k.layers.values().all(|w| w.alpha() == first));
     // cloneofsimo stores scale·up: ΔW equal within f32 rounding, alpha becomes the rank.
     let arch = tiny_arch("sd1-tiny");
     let opts = WriteOptions {
@@ -301,6 +318,7 @@ fn conversions_round_trip() {
             dir.path(),
             WriteOptions {
                 dtype: Some(dt),
+                per_layer_alpha: true,
                 ..Default::default()
             },
             None,

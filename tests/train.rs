@@ -111,19 +111,28 @@ fn loss_falls_by_a_quarter_over_40_steps() {
 #[test]
 fn saved_lora_reloads_and_reproduces_the_trained_unet() {
     let t = trained();
-    let set = lora_diffusion::formats::read(&t.out.join("lora.safetensors")).unwrap();
-    assert_eq!(set.metadata.get("rank").map(String::as_str), Some("4"));
+    let path = t.out.join("lora.safetensors");
     assert_eq!(
-        set.metadata.get("targets").map(String::as_str),
-        Some(
-            r#"["ff.net.0.proj","ff.net.2","proj_in","proj_out","to_k","to_out.0","to_q","to_v"]"#
-        )
+        lora_diffusion::formats::detect(&path).unwrap(),
+        lora_diffusion::formats::Format::Kohya
+    );
+    let set = lora_diffusion::formats::read(&path).unwrap();
+    assert_eq!(
+        set.metadata.get("ss_network_dim").map(String::as_str),
+        Some("4")
     );
     assert_eq!(
-        set.metadata
-            .get("lora_diffusion.format")
-            .map(String::as_str),
-        Some("1")
+        lora_diffusion::formats::ours::targets(&set),
+        [
+            "ff.net.0.proj",
+            "ff.net.2",
+            "proj_in",
+            "proj_out",
+            "to_k",
+            "to_out.0",
+            "to_q",
+            "to_v"
+        ]
     );
     assert!(set.metadata["training_args"].contains("\"learning_rate\":0.01"));
     let source = ModelSource::Local(lora_diffusion::hub::bundled_model_dir());

@@ -25,6 +25,10 @@ pub struct WriteFlags {
     /// dtype included).
     #[arg(long)]
     pub allow_nonfinite: bool,
+    /// kohya output: each layer's own `.alpha` instead of one alpha per file (diffusers'
+    /// kohya converter applies one alpha to every attention layer).
+    #[arg(long)]
+    pub per_layer_alpha: bool,
 }
 
 /// Writes `set` to `out` in `format` (factors in `dtype`, or as they are).
@@ -41,6 +45,7 @@ pub fn write_lora(
         force: flags.force,
         arch,
         allow_nonfinite: flags.allow_nonfinite,
+        per_layer_alpha: flags.per_layer_alpha,
     };
     crate::formats::write(set, out, format, &opts)
 }

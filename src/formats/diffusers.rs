@@ -4,13 +4,15 @@
 //! PEFT names behind the component prefix (`unet.<path>.lora_A.weight`), and the attention-processor
 //! names of diffusers < 0.15 (`[unet.]….attn1.processor.to_q_lora.down.weight`,
 //! `text_encoder.….self_attn.to_q_lora.down.weight`). alpha: per-layer `.alpha` keys, else the
-//! `lora_adapter_metadata` JSON (`unet.lora_alpha`, `unet.alpha_pattern`, …), else scale 1.
+//! `lora_adapter_metadata` JSON (`unet.lora_alpha`, `unet.alpha_pattern`, …), else diffusers'
+//! own rule: the rank of the component's first layer as alpha for all its layers
+//! ([`super::peft::first_rank`]).
 //! Written as the diffusers training scripts save (UNet `lora.down/up`, text encoder
 //! `lora_linear_layer.down/up`) with `lora_adapter_metadata` carrying r, lora_alpha, the
 //! targeted module paths and per-layer rank/alpha patterns, so diffusers loads the scale.
 
 use super::keymap::{Component, KeyIndex, DIFFUSERS};
-use super::peft::{alpha_from_scales, config_json, scales_from_metadata, METADATA_KEY};
+use super::peft::{alpha_from_scales, config_json, first_rank, scales_from_metadata, METADATA_KEY};
 use super::{finish, gather, Architecture, Encoded, Format, LoraFile, LoraFormat, ReadContext};
 use crate::lora::LoraSet;
 use serde_json::{Map, Value};
@@ -26,8 +28,9 @@ impl LoraFormat for Diffusers {
     fn read(&self, file: &LoraFile, _ctx: &ReadContext) -> anyhow::Result<LoraSet> {
         let raw = gather(file, &DIFFUSERS, &KeyIndex::default(), |_| false)?;
         let scales = scales_from_metadata(&file.metadata)?;
+        let fallback = first_rank(file, &DIFFUSERS);
         finish(file, raw, |layer, r| {
-            Ok(alpha_from_scales(&scales, layer, r))
+            Ok(alpha_from_scales(&scales, &fallback, layer, r))
         })
     }
 

@@ -8,16 +8,23 @@
 //! them against the module paths of the model architecture, never by guessing which
 //! underscores were dots. Written with `ss_network_module` = `networks.lora`,
 //! `ss_network_dim`, `ss_network_alpha`, `ss_network_args` (conv_dim/conv_alpha for 3×3 conv
-//! layers), `ss_v2` / `ss_base_model_version` when the shapes tell, `ss_sd_model_name`.
+//! layers), `ss_sd_model_name`, and the family, hash and model-spec keys of [`kohya_meta`].
+//!
+//! One `.alpha` per file: diffusers' kohya converter misnames per-layer attention alphas and
+//! applies one alpha to every attention layer, so the writer folds each layer's alpha ratio
+//! into its `lora_up` ([`uniform_alpha`]) and writes the most common alpha everywhere; ΔW is
+//! unchanged. Per-layer alphas are written on request ([`super::WriteOptions::per_layer_alpha`]).
 
 use super::check::{lora_cross_attention_dim, lora_text_width};
 use super::keymap::{KeyIndex, KOHYA};
+use super::kohya_meta;
 use super::{
     common, finish, fmt_alpha, gather, ord_f64, Architecture, Encoded, Format, LoraFile,
     LoraFormat, ReadContext,
 };
-use crate::lora::LoraSet;
-use anyhow::bail;
+use crate::lora::{LoraSet, LoraWeights};
+use anyhow::{bail, Context};
+use candle_core::DType;
 
 /// The kohya format.
 pub struct Kohya;
@@ -86,17 +93,13 @@ impl LoraFormat for Kohya {
             });
             m.insert("ss_network_args".into(), args.to_string());
         }
-        let family = match (lora_cross_attention_dim(set), lora_text_width(set)) {
+        let from_shapes = match (lora_cross_attention_dim(set), lora_text_width(set)) {
             (Some(768), _) | (None, Some(768)) => Some(false),
             (Some(1024), _) | (None, Some(1024)) => Some(true),
             _ => None,
         };
-        if let Some(v2) = family {
-            m.insert("ss_v2".into(), if v2 { "True" } else { "False" }.into());
-            m.insert(
-                "ss_base_model_version".into(),
-                if v2 { "sd_v2" } else { "sd_v1" }.into(),
-            );
+        if let Some(family) = kohya_meta::family(from_shapes, &set.metadata) {
+            kohya_meta::add_family_keys(m, family);
         }
         if let Some(b) = set.metadata.get("base_model") {
             m.entry("ss_sd_model_name".into())
@@ -107,4 +110,40 @@ impl LoraFormat for Kohya {
         }
         Ok(enc)
     }
+}
+
+/// The same ΔW with one alpha for every layer: the most common alpha `A`; a layer with alpha
+/// `a` gets `lora_up · (a / A)` (computed in f32, stored in the layer's dtype).
+pub fn uniform_alpha(set: &LoraSet) -> anyhow::Result<LoraSet> {
+    let Some(common_alpha) = common(set, |l| ord_f64(l.alpha())) else {
+        return Ok(set.clone());
+    };
+    let Some(target) = set
+        .layers
+        .values()
+        .map(|l| l.alpha())
+        .find(|a| ord_f64(*a) == common_alpha)
+    else {
+        return Ok(set.clone());
+    };
+    if target == 0.0 || !target.is_finite() {
+        return Ok(set.clone());
+    }
+    let mut out = LoraSet {
+        layers: Default::default(),
+        metadata: set.metadata.clone(),
+    };
+    for (k, w) in &set.layers {
+        let folded = if w.alpha() == target {
+            w.clone()
+        } else {
+            let ratio = w.alpha() / target;
+            let up = w.up();
+            let scaled = (up.to_dtype(DType::F32)? * ratio)?.to_dtype(up.dtype())?;
+            LoraWeights::new(w.down().clone(), scaled, target)
+                .with_context(|| format!("folding the alpha of {k} into lora_up"))?
+        };
+        out.layers.insert(k.clone(), folded);
+    }
+    Ok(out)
 }

@@ -1,13 +1,18 @@
 //! LoRA file formats: detection, reading into and writing from the one in-memory
 //! [`LoraSet`], for every format in the wild.
 //!
-//! | [`Format`] | keys | alpha |
+//! | [`Format`] | keys | alpha (scale = alpha / rank) |
 //! |---|---|---|
-//! | `ours` | `unet.<path>.lora_down.weight`, `.lora_up.weight`, `.alpha` | `.alpha` |
-//! | `kohya` (A1111, ComfyUI, Civitai) | `lora_unet_<path_with_underscores>.lora_down.weight`, `lora_te_…` | `.alpha` |
-//! | `diffusers` | `unet.<path>.lora.down.weight`, `text_encoder.<path>.lora_linear_layer.…`, `….lora_A.weight`, `….processor.to_q_lora.…` | `lora_adapter_metadata` JSON, else scale 1 |
-//! | `peft` | `[base_model.model.]<path>.lora_A.weight` | `lora_adapter_metadata` / `adapter_config.json`, else scale 1 |
-//! | `cloneofsimo` | `unet:<i>:up` / `:down` (safetensors), or a pickled list (`.pt`) | none: up holds the scale |
+//! | `ours` | `unet.<path>.lora_down.weight`, `.lora_up.weight`, `.alpha` | `.alpha` per layer; without it the `alpha` metadata entry, else the rank (scale 1) |
+//! | `kohya` (A1111, ComfyUI, Civitai) | `lora_unet_<path_with_underscores>.lora_down.weight`, `lora_te_…` | `.alpha` per layer, else the rank (scale 1); written with one alpha per file, each layer's ratio folded into `lora_up` (per layer on request) |
+//! | `diffusers` | `unet.<path>.lora.down.weight`, `text_encoder.<path>.lora_linear_layer.…`, `….lora_A.weight`, `….processor.to_q_lora.…` | `lora_adapter_metadata` JSON (`lora_alpha`, `alpha_pattern`); without it diffusers' rule: alpha = the rank of the first layer, for every layer of that component |
+//! | `peft` | `[base_model.model.]<path>.lora_A.weight` | `lora_adapter_metadata` / `adapter_config.json`; without either diffusers' first-layer rule |
+//! | `cloneofsimo` | `unet:<i>:up` / `:down` (safetensors), or a pickled list (`.pt`) | none: up holds the scale (alpha = rank) |
+//!
+//! diffusers' "first layer" ([`peft::first_rank`]): for the UNet the first `lora_B` / `up` key in
+//! the file's sorted key order (safetensors' key order), for the text encoder the first adapted
+//! layer in the model's module order (layers by index; in a layer `k_proj`, `v_proj`, `q_proj`,
+//! `out_proj`, `fc1`, `fc2`), as its `get_peft_kwargs` and `load_lora_into_text_encoder` find them.
 //!
 //! Keys map to module paths through one table ([`keymap`]); paths that keys do not spell
 //! (kohya's underscores, cloneofsimo's indices) resolve against an [`Architecture`]: the
@@ -20,6 +25,7 @@ pub mod diffusers;
 pub mod io;
 pub mod keymap;
 pub mod kohya;
+pub mod kohya_meta;
 pub mod ours;
 pub mod peft;
 pub mod summary;
@@ -155,6 +161,8 @@ pub struct WriteOptions<'a> {
     /// Write NaN / infinite values (and values the output dtype turns into infinities)
     /// instead of refusing.
     pub allow_nonfinite: bool,
+    /// kohya: write each layer's own `.alpha` instead of one alpha per file (see [`kohya`]).
+    pub per_layer_alpha: bool,
 }
 
 /// Tells the format of a LoRA file from its keys and metadata (header only for safetensors).
@@ -304,6 +312,13 @@ fn encode_tensors(
     Vec<(String, crate::tensor_file::OutTensor<'static>)>,
     BTreeMap<String, String>,
 )> {
+    let folded;
+    let set = if format == Format::Kohya && !opts.per_layer_alpha {
+        folded = kohya::uniform_alpha(set)?;
+        &folded
+    } else {
+        set
+    };
     let enc = format.codec().encode(set, opts.arch)?;
     let dtype = match opts.dtype {
         Some(d) => d,
@@ -338,7 +353,11 @@ fn encode_tensors(
         let t = OutTensor::from_tensor(&t).with_context(|| format!("tensor {k}"))?;
         tensors.push((k, t));
     }
-    Ok((tensors, enc.metadata))
+    let mut metadata = enc.metadata;
+    if format == Format::Kohya {
+        kohya_meta::add_hashes(&tensors, &mut metadata)?;
+    }
+    Ok((tensors, metadata))
 }
 
 /// The factors and alpha of one layer as found in a file, before validation.
@@ -501,6 +520,8 @@ pub(crate) fn is_format_key(k: &str, v: &str) -> bool {
             | "ss_network_args"
             | "ss_v2"
             | "ss_base_model_version"
+            | "sshs_model_hash"
+            | "sshs_legacy_hash"
     ) || k.starts_with("lora_diffusion.")
         || k.starts_with("unet:")
         || k.starts_with("text_encoder:")

@@ -4,7 +4,8 @@
 //! alpha comes from the `lora_adapter_metadata` JSON in the safetensors metadata (a PEFT
 //! `LoraConfig`: `r`, `lora_alpha`, `alpha_pattern`, `use_rslora`; unprefixed, or prefixed with
 //! `unet.` / `text_encoder.` as diffusers writes it), else from an `adapter_config.json` beside
-//! the file; without either the scale is 1. Written files use `base_model.model.` keys and an
+//! the file; without either, diffusers' rule: alpha = the rank of the first layer
+//! ([`first_rank`]) for every layer. Written files use `base_model.model.` keys and an
 //! unprefixed config (per-layer deviations in `rank_pattern` / `alpha_pattern`).
 
 use super::keymap::{Component, KeyIndex, PEFT};
@@ -105,19 +106,74 @@ pub fn scales_from_metadata(
     Ok(out)
 }
 
-/// The alpha of `layer` (component-prefixed) given per-component scales; scale 1 without one.
+/// The alpha of `layer` (component-prefixed) given per-component scales; a component without
+/// one takes its entry in `fallback` (diffusers' first-layer rank, [`first_rank`]), else the
+/// layer's rank (scale 1).
 pub fn alpha_from_scales(
     scales: &BTreeMap<Component, PeftScale>,
+    fallback: &BTreeMap<Component, usize>,
     layer: &LayerKey,
     r: usize,
 ) -> f64 {
     match layer.component() {
-        Some(c) => scales
-            .get(&c)
-            .map(|s| s.alpha_for(layer.path(), r))
-            .unwrap_or(r as f64),
+        Some(c) => match (scales.get(&c), fallback.get(&c)) {
+            (Some(s), _) => s.alpha_for(layer.path(), r),
+            (None, Some(first)) => *first as f64,
+            (None, None) => r as f64,
+        },
         None => r as f64,
     }
+}
+
+/// Position of a text-encoder layer in CLIP's module order (`layers.<i>`, then `k_proj`,
+/// `v_proj`, `q_proj`, `out_proj`, `fc1`, `fc2`); paths outside it sort last, by name.
+fn text_module_order(path: &str) -> (usize, usize, String) {
+    const ORDER: [&str; 6] = ["k_proj", "v_proj", "q_proj", "out_proj", "fc1", "fc2"];
+    let index = path
+        .split_once("layers.")
+        .and_then(|(_, rest)| rest.split('.').next())
+        .and_then(|i| i.parse().ok())
+        .unwrap_or(usize::MAX);
+    let tail = path.rsplit('.').next().unwrap_or_default();
+    let pos = ORDER.iter().position(|t| *t == tail).unwrap_or(ORDER.len());
+    (index, pos, path.to_string())
+}
+
+/// The rank diffusers takes as `lora_alpha` for every layer of a component when a file carries
+/// no alpha (`get_peft_kwargs`: the rank of the first layer it finds): for the UNet the first
+/// up key in the file's sorted key order, for the text encoder the first layer in the model's
+/// module order.
+pub fn first_rank(
+    file: &LoraFile,
+    scheme: &super::keymap::KeyScheme,
+) -> BTreeMap<Component, usize> {
+    let mut out = BTreeMap::new();
+    let mut text: Option<((usize, usize, String), usize)> = None;
+    for (key, t) in &file.tensors {
+        let Some(p) = super::keymap::parse_key(scheme, key, &KeyIndex::default()) else {
+            continue;
+        };
+        if p.part != super::keymap::Part::Up || t.rank() < 2 {
+            continue;
+        }
+        let r = t.dims()[1];
+        match p.layer.component() {
+            Some(Component::Unet) => {
+                out.entry(Component::Unet).or_insert(r);
+            }
+            Some(Component::TextEncoder) => {
+                let order = text_module_order(p.layer.path());
+                if text.as_ref().is_none_or(|(o, _)| order < *o) {
+                    text = Some((order, r));
+                }
+            }
+            None => {}
+        }
+    }
+    if let Some((_, r)) = text {
+        out.insert(Component::TextEncoder, r);
+    }
+    out
 }
 
 /// The `LoraConfig` fields describing the layers of one component: common r and alpha,
@@ -200,8 +256,9 @@ impl LoraFormat for Peft {
                 }
             }
         }
+        let fallback = first_rank(file, &PEFT);
         finish(file, raw, |layer, r| {
-            Ok(alpha_from_scales(&scales, layer, r))
+            Ok(alpha_from_scales(&scales, &fallback, layer, r))
         })
     }
 

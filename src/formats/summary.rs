@@ -34,6 +34,24 @@ pub struct Summary {
     pub file_size: u64,
     /// The file's metadata.
     pub metadata: BTreeMap<String, String>,
+    /// `(sshs_model_hash, sshs_legacy_hash)` recomputed from the file's tensors, when the file
+    /// records them (see [`super::kohya_meta::hashes`]).
+    pub hashes: Option<(String, String)>,
+}
+
+/// sd-scripts' hashes of a safetensors file, from its stored tensor bytes and `ss_*` metadata.
+fn file_hashes(path: &Path) -> anyhow::Result<(String, String)> {
+    let f = crate::tensor_file::TensorFile::open(path)?;
+    let mut tensors = Vec::with_capacity(f.entries.len());
+    for (name, e) in &f.entries {
+        let t = crate::tensor_file::OutTensor {
+            dtype: e.dtype,
+            shape: e.shape.clone(),
+            data: std::borrow::Cow::Borrowed(f.bytes(name)?),
+        };
+        tensors.push((name.clone(), t));
+    }
+    super::kohya_meta::hashes(&tensors, &f.metadata)
 }
 
 /// Reads and describes a LoRA file; `model` resolves keys as in [`super::read_with`].
@@ -65,7 +83,11 @@ pub fn summarize(path: &Path, model: Option<&Architecture>) -> anyhow::Result<Su
         parameters: 0,
         file_size,
         metadata: set.metadata.clone(),
+        hashes: None,
     };
+    if set.metadata.contains_key("sshs_model_hash") && !io::is_pickle_name(path) {
+        s.hashes = Some(file_hashes(path)?);
+    }
     for (k, w) in &set.layers {
         let comp = k.prefix().to_string();
         *s.layers.entry(comp).or_default() += 1;
@@ -152,6 +174,18 @@ impl fmt::Display for Summary {
             human(self.file_size),
             self.file_size
         )?;
+        if let Some((model, legacy)) = &self.hashes {
+            let said = (
+                self.metadata.get("sshs_model_hash"),
+                self.metadata.get("sshs_legacy_hash"),
+            );
+            let verdict = if said == (Some(model), Some(legacy)) {
+                "match the tensors"
+            } else {
+                "DO NOT match the tensors (the file was changed after they were computed)"
+            };
+            writeln!(f, "sshs hashes: {verdict}: model {model}, legacy {legacy}")?;
+        }
         if self.metadata.is_empty() {
             writeln!(f, "metadata:    (none)")?;
         } else {

@@ -164,6 +164,12 @@ fn d_guidance() -> f64 {
 fn d_cpu() -> String {
     "cpu".into()
 }
+fn d_save_format() -> String {
+    "kohya".into()
+}
+fn d_output_name() -> String {
+    "lora".into()
+}
 
 /// The complete training configuration (see `lora train --help` for each option).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
@@ -335,6 +341,15 @@ pub struct TrainConfig {
     #[arg(long)]
     #[serde(default)]
     pub output_dir: Option<PathBuf>,
+    /// Format of the LoRA file: kohya (read by A1111, ComfyUI, Forge, diffusers, sd-scripts),
+    /// diffusers, peft or ours.
+    #[arg(long, default_value_t = d_save_format())]
+    #[serde(default = "d_save_format")]
+    pub save_format: String,
+    /// Base name of the LoRA file: `<output-dir>/<output-name>.safetensors`.
+    #[arg(long, default_value_t = d_output_name())]
+    #[serde(default = "d_output_name")]
+    pub output_name: String,
     /// Allow a non-empty output folder (files of a previous run are replaced).
     #[arg(long)]
     #[serde(default)]
@@ -400,6 +415,8 @@ impl Default for TrainConfig {
 const RUN_LOCAL: &[&str] = &[
     "output_dir",
     "cache_text_embeddings",
+    "save_format",
+    "output_name",
     "force",
     "resume",
     "stop_after",
@@ -460,6 +477,20 @@ impl TrainConfig {
         }
         if self.output_dir.is_none() {
             bail!("--output-dir is required");
+        }
+        self.lora_format()?;
+        let name = self.output_name.as_str();
+        if name.is_empty()
+            || name.starts_with('.')
+            || name.contains(['/', '\\', ':'])
+            || name.chars().any(char::is_control)
+        {
+            bail!(
+                "--output-name {name:?}: must be a plain file name (no folders), e.g. \"my_lora\""
+            );
+        }
+        if ["params", "optimizer"].contains(&name) {
+            bail!("--output-name {name:?}: checkpoints hold a {name}.safetensors of their own; choose another name");
         }
         if self.resolution < 8 || !self.resolution.is_multiple_of(8) {
             bail!(
@@ -563,6 +594,18 @@ impl TrainConfig {
             self.bucket_no_upscale,
         )
         .map(Some)
+    }
+
+    /// The LoRA file format named by `save_format`.
+    pub fn lora_format(&self) -> anyhow::Result<crate::formats::Format> {
+        use crate::formats::Format;
+        match Format::parse(&self.save_format) {
+            Ok(f @ (Format::Kohya | Format::Diffusers | Format::Peft | Format::Ours)) => Ok(f),
+            _ => bail!(
+                "--save-format {}: expected kohya, diffusers, peft or ours",
+                self.save_format
+            ),
+        }
     }
 
     /// The dtype of the frozen weights and activations.

@@ -271,15 +271,18 @@ pub fn lora_file_bytes(
     set: &LoraSet,
     metadata: &BTreeMap<String, String>,
 ) -> anyhow::Result<Vec<u8>> {
+    lora_file_bytes_as(set, metadata, crate::formats::Format::Ours)
+}
+
+/// The bytes of the LoRA file in `format` (factors as trained), with `metadata`.
+pub fn lora_file_bytes_as(
+    set: &LoraSet,
+    metadata: &BTreeMap<String, String>,
+    format: crate::formats::Format,
+) -> anyhow::Result<Vec<u8>> {
     let set = LoraSet {
         layers: set.layers.clone(),
         metadata: metadata.clone(),
     };
-    let opts = crate::formats::WriteOptions {
-        allow_nonfinite: false,
-        dtype: None,
-        force: false,
-        arch: None,
-    };
-    crate::formats::encode_bytes(&set, crate::formats::Format::Ours, &opts)
+    crate::formats::encode_bytes(&set, format, &crate::formats::WriteOptions::default())
 }
