@@ -142,6 +142,33 @@ def image_from(pipe, name):
     }
 
 
+def kohya_ldm_names(conv, out_dir):
+    """tests/fixtures/lora_formats/kohya.safetensors with its UNet layers under their original (LDM)
+    names (`lora_unet_input_blocks_1_1_…`), named by the conversion script's UNet map."""
+    lora = load_file(os.path.join(FIXTURES, "lora_formats", "kohya.safetensors"))
+    unet = load_file(os.path.join(FIXTURES, "sd1-tiny", "unet", "diffusion_pytorch_model.safetensors"))
+    ldm_of = {}
+    # convert_unet_state_dict keeps insertion order: pair each input key with its output key.
+    inputs = list(unet.keys())
+    outputs = list(conv.convert_unet_state_dict({k: None for k in inputs}).keys())
+    assert len(inputs) == len(outputs)
+    for hf_name, sd_name in zip(inputs, outputs):
+        if hf_name.endswith(".weight"):
+            ldm_of[hf_name[: -len(".weight")].replace(".", "_")] = sd_name[: -len(".weight")].replace(".", "_")
+    out = {}
+    renamed = 0
+    for k, v in lora.items():
+        if k.startswith("lora_unet_"):
+            body, suffix = k[len("lora_unet_"):].split(".", 1)
+            new = ldm_of[body]
+            renamed += new != body
+            out[f"lora_unet_{new}.{suffix}"] = v
+        else:
+            out[k] = v
+    save_file(out, os.path.join(out_dir, "kohya_ldm.safetensors"), metadata={"ss_network_module": "networks.lora"})
+    print(f"kohya_ldm.safetensors: {renamed} UNet keys under LDM names")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--convert-script", required=True)
@@ -161,6 +188,7 @@ def main():
             save_tensors(image_from(pipe, name), os.path.join(out_dir, f"{name}.image.safetensors"))
         write_json(key_listing(sd), os.path.join(out_dir, f"{name}.keys.json"))
         print(f"{name}: {len(sd)} keys; from_single_file loads every tensor equal")
+    kohya_ldm_names(conv, out_dir)
     for pair in args.ours:
         name, path = pair.split("=", 1)
         check_loads_equal(path, os.path.join(FIXTURES, f"{name}-tiny"))

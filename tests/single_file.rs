@@ -443,3 +443,48 @@ fn bad_single_files_name_the_keys_they_lack() {
     ]);
     expect_failure(&o, &[gone, "cut.safetensors"]);
 }
+
+#[test]
+fn kohya_loras_with_single_file_unet_names_read_like_diffusers_names() {
+    use lora_diffusion::formats::{self, Architecture};
+    let arch = Architecture::from_model(&ModelSource::Local(folder("sd1"))).unwrap();
+    let plain = formats::read_with(&lora_fixture("kohya.safetensors"), Some(&arch)).unwrap();
+    let ldm_named = fixtures().join("single_file/kohya_ldm.safetensors");
+    let ldm = formats::read_with(&ldm_named, Some(&arch)).unwrap();
+    let names: Vec<String> = TensorFile::open(&ldm_named)
+        .unwrap()
+        .entries
+        .into_keys()
+        .collect();
+    assert!(names
+        .iter()
+        .any(|k| k.starts_with("lora_unet_input_blocks_")));
+    assert!(names
+        .iter()
+        .any(|k| k.starts_with("lora_unet_output_blocks_")));
+    assert!(names
+        .iter()
+        .any(|k| k.starts_with("lora_unet_middle_block_1_")));
+    let a: Vec<_> = plain.layers.keys().collect();
+    let b: Vec<_> = ldm.layers.keys().collect();
+    assert_eq!(a, b, "layers differ");
+    for (k, l) in &plain.layers {
+        let m = &ldm.layers[k];
+        assert_eq!(max_abs_diff(l.down(), m.down()), 0.0, "{k} down");
+        assert_eq!(max_abs_diff(l.up(), m.up()), 0.0, "{k} up");
+        assert_eq!(l.alpha(), m.alpha(), "{k} alpha");
+    }
+    // The architecture of a single file places them too.
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_ours("sd1", dir.path());
+    let arch =
+        Architecture::from_model(&ModelSource::single_file(&file, Some(folder("sd1")), None))
+            .unwrap();
+    assert_eq!(
+        formats::read_with(&ldm_named, Some(&arch))
+            .unwrap()
+            .layers
+            .len(),
+        plain.layers.len()
+    );
+}
