@@ -124,7 +124,7 @@ fn sd2_single_file_gives_diffusers_image() {
 }
 
 /// A `torch.save`d `{"state_dict": {...}, "global_step": 1}` of every f32 tensor of `file`.
-fn write_ckpt(file: &Path, out: &Path, extra: &[(String, Tensor)]) {
+fn write_ckpt(file: &Path, out: &Path, extra: &[(String, Tensor)], step: i32) {
     use pickle_bytes::{strides, torch_zip, P};
     let st = TensorFile::open(file).unwrap();
     let mut tensors: Vec<(String, Tensor)> =
@@ -152,7 +152,13 @@ fn write_ckpt(file: &Path, out: &Path, extra: &[(String, Tensor)]) {
         );
         storages.push((key, pickle_bytes::f32_bytes(&v)));
     }
-    let pkl = p.op(b'u').op(b's').s("global_step").int(1).op(b's').stop();
+    let pkl = p
+        .op(b'u')
+        .op(b's')
+        .s("global_step")
+        .int(step)
+        .op(b's')
+        .stop();
     let refs: Vec<(&str, Vec<u8>)> = storages
         .iter()
         .map(|(k, b)| (k.as_str(), b.clone()))
@@ -178,7 +184,7 @@ fn ckpt_and_ema_files_load_like_the_safetensors_file() {
         })
         .collect();
     assert_eq!(ema.len(), 200);
-    write_ckpt(&file, &ckpt, &ema);
+    write_ckpt(&file, &ckpt, &ema, 1);
     let a = ModelSource::single_file(&file, Some(folder("sd1")), None);
     let b = ModelSource::single_file(&ckpt, Some(folder("sd1")), None);
     for comp in ["unet", "vae", "text_encoder"] {
@@ -199,6 +205,36 @@ fn ckpt_and_ema_files_load_like_the_safetensors_file() {
         max_abs_diff(&img, &want["pipeline.image"]) < 1e-4,
         ".ckpt image differs"
     );
+}
+
+#[test]
+fn sd2_prediction_type_follows_diffusers_rule_unless_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_ours("sd2", dir.path());
+    let base = dir.path().join("base.ckpt");
+    write_ckpt(&file, &base, &[], 875_000);
+    let other = dir.path().join("other.ckpt");
+    write_ckpt(&file, &other, &[], 1);
+    let pt = |f: &Path, given: Option<&str>| {
+        let src = ModelSource::single_file(f, Some(folder("sd2")), given.map(String::from));
+        let ModelSource::SingleFile(s) = src else {
+            unreachable!()
+        };
+        let info = s.info().unwrap();
+        (
+            info.family,
+            info.prediction_type.clone(),
+            info.notes.join(" "),
+        )
+    };
+    let (family, p, note) = pt(&file, None);
+    assert_eq!((family, p.as_str()), (Family::Sd2, "v_prediction"));
+    assert!(note.contains("--prediction-type epsilon"), "{note}");
+    assert_eq!(pt(&other, None).1, "v_prediction");
+    assert_eq!(pt(&base, None).1, "epsilon");
+    assert_eq!(pt(&file, Some("epsilon")).1, "epsilon");
+    let sd1 = write_ours("sd1", dir.path());
+    assert_eq!(pt(&sd1, None).1, "epsilon");
 }
 
 /// The single-file shapes of a model of `configs` (as our key map names them).

@@ -92,6 +92,25 @@ impl Reader {
         }
     }
 
+    /// The `global_step` entry of a `.ckpt`'s top-level dict (Lightning checkpoints).
+    fn global_step(&self) -> Option<i64> {
+        use crate::pickle::{Object, Value};
+        let Self::Torch(f, _) = self else {
+            return None;
+        };
+        let p = f.pickle();
+        let Value::Obj(root) = &p.root else {
+            return None;
+        };
+        let Some(Object::Dict(items)) = p.objects.get(*root) else {
+            return None;
+        };
+        items.iter().find_map(|(k, v)| match (k, v) {
+            (Value::Str(s), Value::Int(i)) if &**s == "global_step" => Some(*i),
+            _ => None,
+        })
+    }
+
     fn load(&self, key: &str) -> anyhow::Result<Tensor> {
         match self {
             Self::Safetensors(f) => f.load(key, &Device::Cpu),
@@ -153,7 +172,10 @@ impl SingleFile {
         if !self.path.is_file() {
             bail!("single-file model {file} does not exist");
         }
-        let shapes = Reader::open(&self.path)?.shapes()?;
+        let reader = Reader::open(&self.path)?;
+        let shapes = reader.shapes()?;
+        let global_step = reader.global_step();
+        drop(reader);
         let family = ldm::detect(&shapes, &file)?;
         let text = Layout::text_of(family);
         let mut notes = vec![format!("{file}: {} single file", family.name())];
@@ -187,10 +209,18 @@ impl SingleFile {
         let prediction_type = match (&self.prediction_type, family) {
             (Some(p), _) => p.clone(),
             (None, Family::Sd1) => "epsilon".to_string(),
+            // diffusers' rule: SD 2 base was saved at global step 875000; other SD 2 files are
+            // taken as the 768 px v-prediction models.
+            (None, Family::Sd2) if global_step == Some(875_000) => {
+                notes.push(
+                    "SD 2.x at global_step 875000 (SD 2 base): prediction type epsilon".into(),
+                );
+                "epsilon".to_string()
+            }
             (None, Family::Sd2) => {
                 notes.push(
-                    "SD 2.x: prediction type v_prediction assumed (diffusers' rule for SD 2 files; \
-                     the file does not say); pass --prediction-type epsilon for SD 2 base (512 px) models"
+                    "SD 2.x: prediction type v_prediction assumed (diffusers' rule: the file does not \
+                     say); pass --prediction-type epsilon for SD 2 base (512 px) models"
                         .into(),
                 );
                 "v_prediction".to_string()

@@ -202,8 +202,12 @@ pub fn infer_unet_config(
     });
     let cfg: UNet2DConditionConfig = serde_json::from_value(cfg)
         .with_context(|| format!("{file}: inferred UNet config does not parse"))?;
-    cfg.resolve()
-        .map_err(|e| anyhow::anyhow!("{file}: inferred UNet config is not supported: {e}"))?;
+    cfg.resolve().map_err(|e| {
+        anyhow::anyhow!(
+            "{file}: inferred UNet config is not supported: {e} (a model not of the standard \
+                 SD layout: pass --model-config DIR, a diffusers folder with its configs)"
+        )
+    })?;
     Ok(cfg)
 }
 
