@@ -249,6 +249,33 @@ impl ClipTokenizer {
         })
     }
 
+    /// The same tokenizer padding with `token` (a vocabulary entry, made a special token as
+    /// SD 2.x's tokenizer config makes `!`).
+    pub fn with_pad_token(mut self, token: &str) -> anyhow::Result<Self> {
+        let id = match self.added.iter().find(|a| a.content == token) {
+            Some(a) => a.id,
+            None => {
+                let id = self.engine.token_to_id(token).ok_or_else(|| {
+                    anyhow!(
+                        "pad token {token:?} is not in the vocabulary of {}",
+                        self.source.display()
+                    )
+                })?;
+                self.added.push(AddedToken {
+                    content: token.to_string(),
+                    id,
+                    lstrip: false,
+                    rstrip: false,
+                });
+                self.added
+                    .sort_by_key(|a| std::cmp::Reverse(a.content.len()));
+                id
+            }
+        };
+        self.pad_id = id;
+        Ok(self)
+    }
+
     /// Sequence length of `encode` (`model_max_length`, 77 when unset).
     pub fn max_length(&self) -> usize {
         self.max_length

@@ -17,6 +17,9 @@ use std::process::ExitCode;
 pub enum Mode {
     /// LoRA into model: W' = W + A·ΔW on every targeted layer; writes a complete diffusers folder.
     Upl,
+    /// LoRA into model, written as one `.safetensors` file in the original (LDM) layout
+    /// (the original tool's name; same as `--mode upl --output-format single-file`).
+    UplCkptV2,
     /// The original code's rule up = A·up₁ + (1−A)·up₂, down = A·down₁ + (1−A)·down₂ (approximate).
     Lpl,
     /// Exact join A·ΔW₁ + (1−A)·ΔW₂ by concatenation (rank r₁ + r₂).
@@ -40,12 +43,15 @@ pub struct AddArgs {
     /// upl: the LoRA multiplier A; lpl/ljl/svd: the weight A of the first LoRA (1−A for the second).
     #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
     pub alpha: f64,
-    /// upl: the new diffusers folder; lpl/ljl/svd: the LoRA file (.safetensors).
+    /// upl: the new diffusers folder (or single file); lpl/ljl/svd: the LoRA file (.safetensors).
     #[arg(long = "output_path", value_name = "OUT")]
     pub output_path: PathBuf,
     /// svd: the rank R to re-compress to (required there, refused elsewhere).
     #[arg(long)]
     pub rank: Option<usize>,
+    /// upl: `diffusers` (a folder, default) or `single-file` (one LDM-layout .safetensors).
+    #[arg(long = "output-format", value_name = "KIND")]
+    pub output_format: Option<String>,
     #[command(flatten)]
     pub write: super::common::WriteFlags,
     /// lpl/ljl/svd: dtype of the written factors, f32, f16 or bf16 (default: the first LoRA's).
@@ -108,6 +114,27 @@ pub fn run(a: AddArgs) -> anyhow::Result<()> {
             a.output_path.display()
         );
     }
+    let single = match (a.mode, a.output_format.as_deref()) {
+        (Mode::UplCkptV2, None | Some("single-file")) => true,
+        (Mode::Upl, None | Some("diffusers")) => false,
+        (Mode::Upl, Some("single-file")) => true,
+        (Mode::Upl | Mode::UplCkptV2, Some(other)) => bail!(
+            "--output-format {other}: expected diffusers or single-file{}",
+            if a.mode == Mode::UplCkptV2 {
+                " (upl-ckpt-v2 writes single-file)"
+            } else {
+                ""
+            }
+        ),
+        (m, Some(_)) => bail!(
+            "--output-format applies to upl (got --mode {})",
+            mode_name(m)
+        ),
+        (_, None) => false,
+    };
+    if single {
+        return run_upl_single(&a);
+    }
     if a.mode == Mode::Upl {
         return run_upl(&a);
     }
@@ -168,7 +195,7 @@ pub fn run(a: AddArgs) -> anyhow::Result<()> {
             print_energy(&report);
             set
         }
-        Mode::Upl => unreachable!("handled above"),
+        Mode::Upl | Mode::UplCkptV2 => unreachable!("handled above"),
     };
     super::common::write_lora(
         &merged,
@@ -185,6 +212,7 @@ pub fn run(a: AddArgs) -> anyhow::Result<()> {
 fn mode_name(m: Mode) -> &'static str {
     match m {
         Mode::Upl => "upl",
+        Mode::UplCkptV2 => "upl-ckpt-v2",
         Mode::Lpl => "lpl",
         Mode::Ljl => "ljl",
         Mode::Svd => "svd",
@@ -215,7 +243,7 @@ fn run_upl(a: &AddArgs) -> anyhow::Result<()> {
     if p1.is_file() {
         bail!(
             "--path_1 {}: is a file; --mode upl takes a diffusers model folder (or Hugging Face id) as \
-             --path_1 and the LoRA as --path_2",
+             --path_1 and the LoRA as --path_2 (a single-file model: --mode upl-ckpt-v2)",
             p1.display()
         );
     }
@@ -267,6 +295,52 @@ fn run_upl(a: &AddArgs) -> anyhow::Result<()> {
     for (rel, why) in &report.skipped {
         println!("  not copied: {rel} ({why})");
     }
+    Ok(())
+}
+
+/// upl into one LDM-layout `.safetensors` file; `--path_1` is a diffusers model or a single file.
+fn run_upl_single(a: &AddArgs) -> anyhow::Result<()> {
+    if a.model.is_some() || a.dtype.is_some() {
+        bail!("--model and --dtype are for lpl, ljl and svd; upl-ckpt-v2 reads the model from --path_1 and keeps every tensor's dtype");
+    }
+    let source = ModelSource::parse(&a.path_1).map_err(|e| anyhow::anyhow!("--path_1: {e:#}"))?;
+    let arch = Architecture::from_model(&source)
+        .with_context(|| format!("--path_1 {}", source.describe()))?;
+    let lora = formats::read_with(&a.path_2, Some(&arch))
+        .with_context(|| format!("--path_2 {}", a.path_2.display()))?;
+    formats::check_against(&lora, &arch)
+        .with_context(|| format!("--path_2 {}", a.path_2.display()))?;
+    if let ModelSource::SingleFile(s) = &source {
+        for n in &s.info()?.notes {
+            println!("note: {n}");
+        }
+    }
+    println!(
+        "fusing {} LoRA layers (rank {}) into {} at multiplier {}",
+        lora.layers.len(),
+        ranks(&lora),
+        source.describe(),
+        a.alpha
+    );
+    let report = crate::lora::single_file::write_single_file(
+        &source,
+        Some(&lora),
+        a.alpha,
+        &a.output_path,
+        a.write.force,
+        a.write.allow_nonfinite,
+    )?;
+    let parts: Vec<String> = report
+        .tensors
+        .iter()
+        .zip(&report.fused)
+        .map(|((c, n), (_, f))| format!("{c} {n} tensors, {f} fused"))
+        .collect();
+    println!(
+        "wrote {} (single file, original layout): {}",
+        a.output_path.display(),
+        parts.join("; ")
+    );
     Ok(())
 }
 

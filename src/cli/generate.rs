@@ -15,9 +15,18 @@ use std::time::Instant;
 /// Options shared by every command that samples images.
 #[derive(Args, Debug, Clone)]
 pub struct SampleArgs {
-    /// A diffusers folder or Hugging Face id (default: the bundled tiny model).
+    /// A diffusers folder, a Hugging Face id, or a single-file checkpoint in the original
+    /// layout (`.safetensors` / `.ckpt`, SD 1.x or 2.x) (default: the bundled tiny model).
     #[arg(long)]
     pub model: Option<String>,
+    /// Single files: the prediction type (epsilon, v_prediction, sample) when the inferred one
+    /// is wrong (SD 2.x files are taken as v_prediction, as diffusers does).
+    #[arg(long = "prediction-type", value_name = "KIND")]
+    pub prediction_type: Option<String>,
+    /// Single files: a diffusers folder whose configs, tokenizer and scheduler to use instead
+    /// of those inferred (like diffusers' `from_single_file(config=...)`).
+    #[arg(long = "model-config", value_name = "DIR")]
+    pub model_config: Option<PathBuf>,
     #[command(flatten)]
     pub params: GenerateParams,
     /// Sampler: ddim, euler, euler-a, dpm++2m or ddpm.
@@ -34,7 +43,14 @@ pub struct SampleArgs {
 impl SampleArgs {
     /// The model source (`--model`, or the bundled model).
     pub fn source(&self) -> anyhow::Result<ModelSource> {
-        model_source(self.model.as_deref())
+        let source = model_source(self.model.as_deref())?
+            .with_single_file_options(self.model_config.clone(), self.prediction_type.clone())?;
+        if let ModelSource::SingleFile(s) = &source {
+            for n in &s.info()?.notes {
+                eprintln!("note: {n}");
+            }
+        }
+        Ok(source)
     }
 
     /// Generation parameters for `num_images` images.

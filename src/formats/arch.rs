@@ -116,6 +116,11 @@ impl Architecture {
     /// The architecture of a diffusers model (folder or Hugging Face id): `unet/config.json`
     /// and, when present, `text_encoder/config.json`.
     pub fn from_model(model: &ModelSource) -> anyhow::Result<Self> {
+        if let ModelSource::SingleFile(s) = model {
+            let info = s.info()?;
+            let c = &info.configs;
+            return Self::from_configs(&model.describe(), Some(&c.unet), Some(&c.text));
+        }
         let unet_path = model.require("unet/config.json")?;
         let unet = UNet2DConditionConfig::from_file(&unet_path)?;
         let te = match model.file("text_encoder/config.json")? {

@@ -10,6 +10,7 @@
 
 use super::arch::{traversal_key, Architecture};
 use crate::lora::LayerKey;
+use crate::models::ldm::keys::{unet_key, UnetLayout};
 use std::collections::{BTreeMap, HashMap};
 
 pub use crate::lora::Component;
@@ -232,6 +233,43 @@ pub const CLONEOFSIMO: KeyScheme = KeyScheme {
     suffixes: &[sfx(":up", Part::Up, BOTH), sfx(":down", Part::Down, BOTH)],
 };
 
+/// The single-file UNet layout of `arch`, read off its layer paths (resnets per down block,
+/// levels, which up blocks have attentions).
+fn ldm_layout(arch: &Architecture) -> UnetLayout {
+    let mut per = 0;
+    let mut levels = 0;
+    let mut up_attention = vec![];
+    let index = |rest: &str| rest.split('.').next().and_then(|i| i.parse::<usize>().ok());
+    for layer in arch.layers().keys() {
+        let Some(path) = layer.path_in(Component::Unet) else {
+            continue;
+        };
+        if let Some(rest) = path.strip_prefix("down_blocks.") {
+            if let Some(b) = index(rest) {
+                levels = levels.max(b + 1);
+            }
+            if let Some(j) = rest.strip_prefix("0.resnets.").and_then(index) {
+                per = per.max(j + 1);
+            }
+        }
+        if let Some(rest) = path.strip_prefix("up_blocks.") {
+            if let Some(b) = index(rest) {
+                if up_attention.len() <= b {
+                    up_attention.resize(b + 1, false);
+                }
+                if rest.split('.').nth(1) == Some("attentions") {
+                    up_attention[b] = true;
+                }
+            }
+        }
+    }
+    UnetLayout {
+        layers_per_block: per,
+        levels,
+        up_attention,
+    }
+}
+
 /// What a path spelled without dots or by index resolves to.
 #[derive(Debug, Default)]
 pub struct KeyIndex {
@@ -240,16 +278,26 @@ pub struct KeyIndex {
 }
 
 impl KeyIndex {
-    /// Underscored spellings of every layer of `archs` (for kohya).
+    /// Underscored spellings of every layer of `archs` (for kohya): the module path and, for
+    /// the UNet, its name in the original single-file layout (`input_blocks_1_1_…`).
     pub fn underscored(archs: &[&Architecture]) -> Self {
         let mut underscored: HashMap<(Component, String), Vec<String>> = HashMap::new();
         for arch in archs {
+            let layout = ldm_layout(arch);
             for layer in arch.layers().keys() {
                 if let Some(c) = layer.component() {
                     let path = layer.path();
-                    let paths = underscored.entry((c, path.replace('.', "_"))).or_default();
-                    if !paths.iter().any(|p| p == path) {
-                        paths.push(path.to_string());
+                    let mut names = vec![path.replace('.', "_")];
+                    if c == Component::Unet {
+                        if let Ok(k) = unet_key(&format!("{path}.weight"), &layout) {
+                            names.push(k.trim_end_matches(".weight").replace('.', "_"));
+                        }
+                    }
+                    for name in names {
+                        let paths = underscored.entry((c, name)).or_default();
+                        if !paths.iter().any(|p| p == path) {
+                            paths.push(path.to_string());
+                        }
                     }
                 }
             }

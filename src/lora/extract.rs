@@ -81,7 +81,7 @@ pub fn count_layers(base: &ModelSource, opts: &ExtractOptions) -> anyhow::Result
         if !opts.targets.applies_to(comp) {
             continue;
         }
-        let w = ModelWeights::from_files(comp, &base.component_weights(comp)?)?;
+        let w = base.weights(comp)?;
         n += targeted_keys(&w, comp, &opts.targets).len();
     }
     Ok(n)
@@ -104,9 +104,11 @@ pub fn extract(
         if !opts.targets.applies_to(comp) {
             continue;
         }
-        let wb = ModelWeights::from_files(comp, &base.component_weights(comp)?)
+        let wb = base
+            .weights(comp)
             .with_context(|| format!("base model {}", base.describe()))?;
-        let wt = ModelWeights::from_files(comp, &tuned.component_weights(comp)?)
+        let wt = tuned
+            .weights(comp)
             .with_context(|| format!("tuned model {}", tuned.describe()))?;
         let keys = targeted_keys(&wb, comp, &opts.targets);
         let mut problems = vec![];

@@ -8,6 +8,7 @@
 
 pub mod combine;
 pub mod extract;
+pub mod single_file;
 pub mod svd;
 pub mod upl;
 

@@ -256,6 +256,11 @@ fn list_files(source: &ModelSource, index: &ModelIndex) -> anyhow::Result<Vec<(S
     let mut out = vec![];
     match source {
         ModelSource::Local(dir) => walk(dir, "", &mut out)?,
+        ModelSource::SingleFile(s) => bail!(
+            "{}: upl writes a diffusers folder from a diffusers model; for a single file use \
+             --mode upl-ckpt-v2",
+            s.path.display()
+        ),
         ModelSource::Hub { .. } => {
             out.push((
                 "model_index.json".to_string(),

@@ -3,6 +3,7 @@
 pub mod blocks;
 pub mod clip;
 pub mod layers;
+pub mod ldm;
 pub mod presets;
 pub mod residual;
 pub mod unet;

@@ -142,6 +142,20 @@ impl ModelWeights {
         Self::new(component, vec![], Source::Loaded(tensors), shapes)
     }
 
+    /// Weights converted from `file` (e.g. a single-file checkpoint); errors name that file.
+    pub fn from_tensors_of(component: &str, file: &Path, tensors: HashMap<String, Tensor>) -> Self {
+        let shapes = tensors
+            .iter()
+            .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+            .collect();
+        Self::new(
+            component,
+            vec![file.to_path_buf()],
+            Source::Loaded(tensors),
+            shapes,
+        )
+    }
+
     /// Every tensor of the files, loaded on the CPU in its stored dtype.
     pub fn load_all(&self) -> anyhow::Result<HashMap<String, Tensor>> {
         self.inner

@@ -6,7 +6,9 @@ use crate::lora::{Component, LoraSet};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
-use crate::models::weights::ModelWeights;
+use crate::schedulers::SchedulerConfig;
+use crate::tokenizer::ClipTokenizer;
+use anyhow::Context;
 use candle_core::{DType, Device};
 use std::path::PathBuf;
 
@@ -29,8 +31,7 @@ fn build<M>(
     fuse: &[(LoraSet, f64)],
     build: impl FnOnce(candle_nn::VarBuilder<'static>) -> candle_core::Result<M>,
 ) -> anyhow::Result<M> {
-    let files = source.component_weights(component)?;
-    let weights = ModelWeights::from_files(component, &files)?;
+    let weights = source.weights(component)?;
     let weights = match Component::from_name(component) {
         Some(part) => fuse_into_weights(&weights, part, fuse)?,
         None => weights,
@@ -48,7 +49,10 @@ pub fn unet(
     device: &Device,
     fuse: &[(LoraSet, f64)],
 ) -> anyhow::Result<(UNet2DConditionModel, UNet2DConditionConfig)> {
-    let cfg = load_component_config(source, "unet", |p| UNet2DConditionConfig::from_file(p))?;
+    let cfg = match source {
+        ModelSource::SingleFile(s) => s.info()?.configs.unet.clone(),
+        _ => load_component_config(source, "unet", |p| UNet2DConditionConfig::from_file(p))?,
+    };
     let unet = build(source, "unet", dtype, device, fuse, |vb| {
         UNet2DConditionModel::new(vb, &cfg)
     })?;
@@ -62,7 +66,10 @@ pub fn text_encoder(
     device: &Device,
     fuse: &[(LoraSet, f64)],
 ) -> anyhow::Result<ClipTextModel> {
-    let cfg = load_component_config(source, "text_encoder", |p| ClipTextConfig::from_file(p))?;
+    let cfg = match source {
+        ModelSource::SingleFile(s) => s.info()?.configs.text.clone(),
+        _ => load_component_config(source, "text_encoder", |p| ClipTextConfig::from_file(p))?,
+    };
     build(source, "text_encoder", dtype, device, fuse, |vb| {
         ClipTextModel::new(vb, &cfg)
     })
@@ -70,10 +77,38 @@ pub fn text_encoder(
 
 /// The VAE of `source`.
 pub fn vae(source: &ModelSource, dtype: DType, device: &Device) -> anyhow::Result<AutoencoderKL> {
-    let cfg = load_component_config(source, "vae", |p| AutoencoderKLConfig::from_file(p))?;
+    let cfg = match source {
+        ModelSource::SingleFile(s) => s.info()?.configs.vae.clone(),
+        _ => load_component_config(source, "vae", |p| AutoencoderKLConfig::from_file(p))?,
+    };
     build(source, "vae", dtype, device, &[], |vb| {
         AutoencoderKL::new(vb, &cfg)
     })
+}
+
+/// The tokenizer of `source`: its tokenizer folder; for a single file the config folder's or
+/// the bundled CLIP vocabulary (pad token `!` for SD 2.x).
+pub fn tokenizer(source: &ModelSource) -> anyhow::Result<ClipTokenizer> {
+    if let ModelSource::SingleFile(s) = source {
+        let (dir, pad) = s.tokenizer()?;
+        let t = ClipTokenizer::from_dir(&dir)?;
+        return match pad {
+            Some(p) => t.with_pad_token(p),
+            None => Ok(t),
+        };
+    }
+    ClipTokenizer::from_dir(&tokenizer_dir(source)?)
+}
+
+/// The scheduler config of `source` (`scheduler/scheduler_config.json`; for a single file the
+/// config folder's or the standard Stable Diffusion one).
+pub fn scheduler_config(source: &ModelSource) -> anyhow::Result<SchedulerConfig> {
+    if let ModelSource::SingleFile(s) = source {
+        return SchedulerConfig::from_json_str(&s.scheduler_config_text()?)
+            .with_context(|| format!("scheduler config for {}", s.path.display()));
+    }
+    let path = source.require("scheduler/scheduler_config.json")?;
+    SchedulerConfig::from_file(&path)
 }
 
 /// The tokenizer folder of `source` (tokenizer.json, or vocab.json + merges.txt).

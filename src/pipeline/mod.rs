@@ -124,15 +124,15 @@ impl StableDiffusion {
         device: &Device,
         fuse: &[(crate::lora::LoraSet, f64)],
     ) -> anyhow::Result<Self> {
-        let index = ModelIndex::read(source)?;
-        index.check_supported(source)?;
-        let tokenizer_dir = load::tokenizer_dir(source)?;
-        let tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
+        if !matches!(source, ModelSource::SingleFile(_)) {
+            let index = ModelIndex::read(source)?;
+            index.check_supported(source)?;
+        }
+        let tokenizer = load::tokenizer(source)?;
         let text_encoder = load::text_encoder(source, dtype, device, fuse)?;
         let (unet, unet_config) = load::unet(source, dtype, device, fuse)?;
         let vae = load::vae(source, dtype, device)?;
-        let path = source.require("scheduler/scheduler_config.json")?;
-        let scheduler_config = SchedulerConfig::from_file(&path)?;
+        let scheduler_config = load::scheduler_config(source)?;
         Ok(Self {
             tokenizer,
             text_encoder: Some(text_encoder),

@@ -175,10 +175,16 @@ fn d_output_name() -> String {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    /// Base model: a diffusers folder or Hugging Face id [default: the bundled tiny model].
+    /// Base model: a diffusers folder, a Hugging Face id or a single-file checkpoint
+    /// (`.safetensors` / `.ckpt`, original layout) [default: the bundled tiny model].
     #[arg(long)]
     #[serde(default)]
     pub model: Option<String>,
+    /// Single-file models: the prediction type (epsilon, v_prediction) when the inferred one is
+    /// wrong (SD 2.x files are taken as v_prediction, as diffusers does).
+    #[arg(long)]
+    #[serde(default)]
+    pub prediction_type: Option<String>,
     /// Folder of training images (png, jpg, jpeg, gif), captions in `img.txt` beside `img.png`.
     #[arg(long)]
     #[serde(default)]

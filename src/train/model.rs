@@ -82,8 +82,7 @@ impl Trainable {
     pub fn full(sd: &mut StableDiffusion) -> anyhow::Result<Self> {
         let probe = ModelWeights::structure_only("unet");
         UNet2DConditionModel::new(probe.var_builder(sd.dtype, &sd.device), &sd.unet_config)?;
-        let files = sd.source.component_weights("unet")?;
-        let weights = ModelWeights::from_files("unet", &files)?;
+        let weights = sd.source.weights("unet")?;
         let vb = weights.var_builder(sd.dtype, &sd.device);
         let varmap = candle_nn::VarMap::new();
         let mut vars = vec![];

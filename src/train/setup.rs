@@ -124,7 +124,13 @@ impl Trainer {
         let source = match &cfg.model {
             Some(m) => ModelSource::parse(m)?,
             None => ModelSource::Local(bundled_model_dir()),
-        };
+        }
+        .with_single_file_options(None, cfg.prediction_type.clone())?;
+        if let ModelSource::SingleFile(s) = &source {
+            for n in &s.info()?.notes {
+                hooks.note(n);
+            }
+        }
         let t0 = Instant::now();
         let mut sd = StableDiffusion::load(&source, dtype, &device)
             .with_context(|| format!("cannot load model {}", source.describe()))?;

@@ -1,8 +1,12 @@
 //! Where a diffusers model lives: a local folder, or a Hugging Face id resolved through the
 //! standard HF cache (downloading what is missing unless offline).
 
+pub mod single;
+
 use anyhow::{bail, Context};
+use single::SingleFile;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A diffusers model: a local folder or a Hugging Face repository.
 #[derive(Debug, Clone)]
@@ -16,6 +20,8 @@ pub enum ModelSource {
         /// The revision (branch, tag or commit), `main` by default.
         revision: String,
     },
+    /// One file in the original (LDM) layout, `.safetensors` or `.ckpt`.
+    SingleFile(Arc<SingleFile>),
 }
 
 /// The folder of the small model bundled with the project (random weights, real CLIP vocab).
@@ -38,9 +44,12 @@ impl ModelSource {
         let path = Path::new(spec);
         if path.exists() {
             if !path.is_dir() {
+                if single::is_single_file_name(path) {
+                    return Ok(Self::single_file(path, None, None));
+                }
                 bail!(
-                    "--model {spec}: is a file; expected a diffusers folder (with model_index.json) \
-                     or a Hugging Face id"
+                    "--model {spec}: is a file but not a .safetensors / .ckpt single-file checkpoint; \
+                     expected such a file, a diffusers folder (with model_index.json) or a Hugging Face id"
                 );
             }
             return Ok(Self::Local(path.to_path_buf()));
@@ -63,10 +72,54 @@ impl ModelSource {
         Ok(Self::Hub { id, revision })
     }
 
+    /// A single-file model; `config_dir` (a diffusers folder) supplies configs, tokenizer and
+    /// scheduler instead of the inferred ones, `prediction_type` overrides the inferred one.
+    pub fn single_file(
+        path: &Path,
+        config_dir: Option<PathBuf>,
+        prediction_type: Option<String>,
+    ) -> Self {
+        Self::SingleFile(Arc::new(
+            SingleFile::new(path.to_path_buf())
+                .with_config_dir(config_dir)
+                .with_prediction_type(prediction_type),
+        ))
+    }
+
+    /// The same model with `--prediction-type` / `--model-config` applied (single files only;
+    /// an error for other sources when either is given).
+    pub fn with_single_file_options(
+        self,
+        config_dir: Option<PathBuf>,
+        prediction_type: Option<String>,
+    ) -> anyhow::Result<Self> {
+        match self {
+            Self::SingleFile(s) => Ok(Self::single_file(&s.path, config_dir.or(s.config_dir.clone()), prediction_type.or(s.prediction_type.clone()))),
+            other if config_dir.is_none() && prediction_type.is_none() => Ok(other),
+            other => bail!(
+                "--model-config / --prediction-type apply to single-file models; {} is a diffusers model \
+                 (its scheduler/ and component configs are used)",
+                other.describe()
+            ),
+        }
+    }
+
+    /// The weights of `component` (`unet`, `text_encoder`, `vae`) under our module paths.
+    pub fn weights(&self, component: &str) -> anyhow::Result<crate::models::weights::ModelWeights> {
+        match self {
+            Self::SingleFile(s) => s.weights(component),
+            _ => crate::models::weights::ModelWeights::from_files(
+                component,
+                &self.component_weights(component)?,
+            ),
+        }
+    }
+
     /// A short human-readable name.
     pub fn describe(&self) -> String {
         match self {
             Self::Local(p) => p.display().to_string(),
+            Self::SingleFile(s) => s.path.display().to_string(),
             Self::Hub { id, revision } if revision == "main" => id.clone(),
             Self::Hub { id, revision } => format!("{id}@{revision}"),
         }
@@ -77,6 +130,11 @@ impl ModelSource {
     pub fn public_name(&self) -> String {
         match self {
             Self::Local(p) => p
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default(),
+            Self::SingleFile(s) => s
+                .path
                 .file_name()
                 .map(|n| n.to_string_lossy().to_string())
                 .unwrap_or_default(),
@@ -92,6 +150,11 @@ impl ModelSource {
                 let p = dir.join(rel);
                 Ok(p.is_file().then_some(p))
             }
+            Self::SingleFile(s) => Ok(s
+                .config_dir
+                .as_ref()
+                .map(|d| d.join(rel))
+                .filter(|p| p.is_file())),
             Self::Hub { id, revision } => {
                 let repo = hf_hub::Repo::with_revision(
                     id.clone(),
@@ -130,6 +193,10 @@ impl ModelSource {
             Some(p) => Ok(p),
             None => {
                 match self {
+                    Self::SingleFile(s) => bail!(
+                        "single-file model {} has no {rel}: a single file holds weights only",
+                        s.path.display()
+                    ),
                     Self::Local(dir) => bail!(
                     "model folder {} has no {rel} (is it a diffusers folder with model_index.json, \
                      unet/, text_encoder/, vae/, tokenizer/, scheduler/?)",
@@ -152,6 +219,13 @@ impl ModelSource {
     pub fn component_weights(&self, component: &str) -> anyhow::Result<Vec<PathBuf>> {
         if let Self::Local(dir) = self {
             return crate::models::weights::component_weight_files(&dir.join(component));
+        }
+        if let Self::SingleFile(s) = self {
+            bail!(
+                "model {}: a single file has no {component}/ folder (its weights load through \
+                 ModelSource::weights)",
+                s.path.display()
+            );
         }
         let stems = ["diffusion_pytorch_model", "model", "pytorch_model"];
         for ext in ["safetensors", "bin"] {
