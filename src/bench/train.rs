@@ -46,6 +46,13 @@ pub struct TrainBench {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// LoRA steps with gradient checkpointing (every resnet / transformer block recomputed in
+    /// the backward); the full step is then skipped.
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    /// Latent side of the block workload.
+    #[arg(long, default_value_t = 32)]
+    block_latent: usize,
 }
 
 /// The down-block slice of the SD-block workload.
@@ -76,6 +83,11 @@ impl BlockSlice {
             resnet: ResnetBlock2D::new(vb.pp("resnet"), &rcfg)?,
             attn: Transformer2DModel::new(vb.pp("attn"), &tcfg)?,
         })
+    }
+
+    fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.resnet.set_gradient_checkpointing(on);
+        self.attn.set_gradient_checkpointing(on);
     }
 
     fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &Tensor) -> candle_core::Result<Tensor> {
@@ -200,18 +212,22 @@ fn var_model<M>(
     Ok((model, vars))
 }
 
-/// Measures one workload: `build` makes the model from a VarBuilder, `fwd` runs it.
+/// Measures one workload: `build` makes the model from a VarBuilder, `fwd` runs it;
+/// `checkpointing` switches gradient checkpointing on for the LoRA step (and skips the full step).
 fn measure<M: LoraHost>(
     build: &dyn Fn(VarBuilder<'static>) -> candle_core::Result<M>,
     fwd: &dyn Fn(&M) -> candle_core::Result<Tensor>,
-    warmup: usize,
-    runs: usize,
+    (warmup, runs): (usize, usize),
+    checkpointing: Option<&dyn Fn(&mut M)>,
     dev: &Device,
 ) -> anyhow::Result<Figures> {
     let mut f = Figures::default();
     reset_peak_rss();
     {
-        let model = build(ModelWeights::random("bench", 0).var_builder(DType::F32, dev))?;
+        let mut model = build(ModelWeights::random("bench", 0).var_builder(DType::F32, dev))?;
+        if let Some(on) = checkpointing {
+            on(&mut model);
+        }
         f.forward_ms = time_runs_ms(warmup, runs, || {
             fwd(&model)?;
             Ok(())
@@ -245,6 +261,12 @@ fn measure<M: LoraHost>(
         f.lora_phases_ms = ph.medians(warmup);
         f.lora_peak_rss_mb = peak_rss_mb();
     }
+    if checkpointing.is_some() {
+        f.full_step_ms = f64::NAN;
+        f.full_phases_ms = [f64::NAN; 3];
+        f.peak_rss_mb = peak_rss_mb();
+        return Ok(f);
+    }
     {
         let (model, vars) = var_model(build, dev)?;
         f.full_params = vars.iter().map(|(_, v)| v.elem_count()).sum();
@@ -261,21 +283,23 @@ fn measure<M: LoraHost>(
     Ok(f)
 }
 
-fn block_figures(runs: usize, dev: &Device) -> anyhow::Result<Figures> {
+fn block_figures(b: &TrainBench, dev: &Device) -> anyhow::Result<Figures> {
     let mut rng = Rng::new(0);
-    let x = rng.randn((1, 320, 32, 32), dev)?;
+    let x = rng.randn((1, 320, b.block_latent, b.block_latent), dev)?;
     let temb = rng.randn((1, 1280), dev)?;
     let ctx = rng.randn((1, 77, 768), dev)?;
     measure(
         &|vb| BlockSlice::new(vb),
         &|m: &BlockSlice| m.forward(&x, &temb, &ctx),
-        2,
-        runs,
+        (2, b.runs),
+        b.gradient_checkpointing.then_some(&|m: &mut BlockSlice| {
+            m.set_gradient_checkpointing(true)
+        }),
         dev,
     )
 }
 
-fn unet_figures(runs: usize, dev: &Device) -> anyhow::Result<Figures> {
+fn unet_figures(b: &TrainBench, dev: &Device) -> anyhow::Result<Figures> {
     let cfg: UNet2DConditionConfig = serde_json::from_str(SD15_UNET_CONFIG)?;
     let mut rng = Rng::new(0);
     let x = rng.randn((1, 4, 32, 32), dev)?;
@@ -284,8 +308,10 @@ fn unet_figures(runs: usize, dev: &Device) -> anyhow::Result<Figures> {
     measure(
         &|vb| UNet2DConditionModel::new(vb, &cfg),
         &|m: &UNet2DConditionModel| m.forward(&x, &ts, &ctx),
-        1,
-        runs,
+        (1, b.unet_runs),
+        b.gradient_checkpointing.then_some(&|m: &mut UNet2DConditionModel| {
+            m.set_gradient_checkpointing(true)
+        }),
         dev,
     )
 }
@@ -367,10 +393,10 @@ pub fn run(b: TrainBench) -> anyhow::Result<()> {
     }
     let mut results: Vec<(&str, Figures, Option<serde_json::Value>)> = vec![];
     if do_block {
-        results.push(("sd_block", block_figures(b.runs, &dev)?, torch[0].take()));
+        results.push(("sd_block", block_figures(&b, &dev)?, torch[0].take()));
     }
     if do_unet {
-        let f = unet_figures(b.unet_runs, &dev)?;
+        let f = unet_figures(&b, &dev)?;
         results.push(("sd15_unet_256", f, torch[1].take()));
     }
     if b.json {

@@ -268,6 +268,12 @@ pub struct TrainConfig {
     #[arg(long)]
     #[serde(default)]
     pub full: bool,
+    /// Keep only each UNet resnet / transformer block's inputs (and each text-encoder layer's,
+    /// with --train-text-encoder) and recompute the block in the backward: less memory, about
+    /// one more forward per step, the same gradients.
+    #[arg(long)]
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// Weight dtype: f32, f16 or bf16 (training math runs in this dtype; f32 recommended).
     #[arg(long, default_value_t = d_f32())]
     #[serde(default = "d_f32")]
@@ -418,6 +424,9 @@ impl TrainConfig {
                 bail!("--num-class-images must be at least 1");
             }
         }
+        if self.full && self.gradient_checkpointing {
+            bail!("--gradient-checkpointing is a LoRA option (--full trains the norm weights too)");
+        }
         if self.full && self.train_text_encoder {
             bail!("--full trains the UNet only; --train-text-encoder is a LoRA option");
         }
@@ -465,8 +474,9 @@ impl TrainConfig {
         };
         let mut out = vec![];
         for (k, v) in now {
-            // The number of steps may be raised to continue a finished run.
-            if k == "max_train_steps" {
+            // The number of steps may be raised to continue a finished run; checkpointing
+            // changes memory and time, not the result.
+            if k == "max_train_steps" || k == "gradient_checkpointing" {
                 continue;
             }
             let old = saved.get(k).cloned().unwrap_or(serde_json::Value::Null);
