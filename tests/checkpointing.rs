@@ -234,9 +234,15 @@ fn lora_train_saves_the_same_lora_with_gradient_checkpointing() {
             .collect()
     };
     let (na, nb) = (numbers(&loss_a), numbers(&loss_b));
-    assert!(na.len() >= 3 && na.len() == nb.len(), "loss logs {loss_a} / {loss_b}");
+    assert!(
+        na.len() >= 3 && na.len() == nb.len(),
+        "loss logs {loss_a} / {loss_b}"
+    );
     for (x, y) in na.iter().zip(&nb) {
-        assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "loss log {x} vs {y}");
+        assert!(
+            (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+            "loss log {x} vs {y}"
+        );
     }
     let (sa, sb) = (
         lora_diffusion::formats::read(&a).unwrap(),
@@ -271,5 +277,40 @@ fn lora_train_saves_the_same_lora_with_gradient_checkpointing() {
         "{} LoRA layers: {exact} of {} factors bit-equal, worst relative difference {worst:e}",
         sa.layers.len(),
         2 * sa.layers.len()
+    );
+}
+
+#[test]
+fn gradient_checkpointing_is_a_toml_key_recorded_in_the_training_args() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("train.toml");
+    std::fs::write(&file, "gradient_checkpointing = true\nrank = 2\n").unwrap();
+    let c = TrainConfig::from_sources(Some(&file), serde_json::json!({})).unwrap();
+    assert!(c.gradient_checkpointing && c.rank == 2);
+    assert!(!TrainConfig::default().gradient_checkpointing);
+    let args = c.training_args();
+    assert_eq!(args["gradient_checkpointing"], serde_json::json!(true));
+    // Switching it on resume changes memory and time, not the result: no conflict; a run
+    // saved before the option existed resumes too.
+    let mut saved = args.clone();
+    saved["gradient_checkpointing"] = false.into();
+    assert!(c.resume_conflicts(&saved).is_empty());
+    saved
+        .as_object_mut()
+        .unwrap()
+        .remove("gradient_checkpointing");
+    assert!(c.resume_conflicts(&saved).is_empty());
+    // Full fine-tuning is refused with the option named.
+    let full = TrainConfig {
+        instance_data_dir: Some(dir.path().to_path_buf()),
+        instance_prompt: Some("a photo".into()),
+        output_dir: Some(dir.path().join("out")),
+        full: true,
+        ..c
+    };
+    let e = err_text(full.validate());
+    assert!(
+        e.contains("--gradient-checkpointing") && e.contains("--full"),
+        "{e}"
     );
 }

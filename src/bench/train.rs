@@ -292,9 +292,8 @@ fn block_figures(b: &TrainBench, dev: &Device) -> anyhow::Result<Figures> {
         &|vb| BlockSlice::new(vb),
         &|m: &BlockSlice| m.forward(&x, &temb, &ctx),
         (2, b.runs),
-        b.gradient_checkpointing.then_some(&|m: &mut BlockSlice| {
-            m.set_gradient_checkpointing(true)
-        }),
+        b.gradient_checkpointing
+            .then_some(&|m: &mut BlockSlice| m.set_gradient_checkpointing(true)),
         dev,
     )
 }
@@ -309,9 +308,8 @@ fn unet_figures(b: &TrainBench, dev: &Device) -> anyhow::Result<Figures> {
         &|vb| UNet2DConditionModel::new(vb, &cfg),
         &|m: &UNet2DConditionModel| m.forward(&x, &ts, &ctx),
         (1, b.unet_runs),
-        b.gradient_checkpointing.then_some(&|m: &mut UNet2DConditionModel| {
-            m.set_gradient_checkpointing(true)
-        }),
+        b.gradient_checkpointing
+            .then_some(&|m: &mut UNet2DConditionModel| m.set_gradient_checkpointing(true)),
         dev,
     )
 }

@@ -61,8 +61,8 @@ where
         return forward(block, inputs);
     }
     let (params, random) = block_state(block);
-    let replay = (!random.is_empty())
-        .then(|| Arc::new(ResidualRandomState(random)) as Arc<dyn Replay>);
+    let replay =
+        (!random.is_empty()).then(|| Arc::new(ResidualRandomState(random)) as Arc<dyn Replay>);
     let block = block.clone();
     checkpoint(
         inputs,

@@ -385,7 +385,9 @@ impl ClipTextModel {
     /// Gradient checkpointing of every encoder layer (transformers'
     /// `gradient_checkpointing_enable`); gradients are unchanged.
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
-        self.layers.iter_mut().for_each(|l| l.set_gradient_checkpointing(on));
+        self.layers
+            .iter_mut()
+            .for_each(|l| l.set_gradient_checkpointing(on));
     }
 
     /// Checks `input_ids` `[B, L]` (any integer dtype) and returns them as u32.

@@ -101,13 +101,16 @@ pub fn checkpoint(
 /// The tracked tensors' gradients, filled by the block's backward, taken by the ties.
 type Cell = Arc<Mutex<Vec<Option<Tensor>>>>;
 
+/// One generator state of a [`Replay`].
+type RandomState = [u64; 4];
+
 /// What the block op's backward needs to run the block again.
 struct Recompute {
     f: BlockFn,
     inputs: Vec<Tensor>,
     tracked_inputs: Vec<usize>,
     params: Vec<Tensor>,
-    replay: Option<(Arc<dyn Replay>, Vec<[u64; 4]>)>,
+    replay: Option<(Arc<dyn Replay>, Vec<RandomState>)>,
     cell: Cell,
 }
 

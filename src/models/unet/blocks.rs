@@ -143,8 +143,12 @@ impl DownBlock {
 
     /// Checkpoints the resnets and transformer blocks (recomputed in the backward).
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
-        self.resnets.iter_mut().for_each(|r| r.set_gradient_checkpointing(on));
-        self.attentions.iter_mut().for_each(|a| a.set_gradient_checkpointing(on));
+        self.resnets
+            .iter_mut()
+            .for_each(|r| r.set_gradient_checkpointing(on));
+        self.attentions
+            .iter_mut()
+            .for_each(|a| a.set_gradient_checkpointing(on));
     }
 
     /// `downsamplers.0`, if the block has one.
@@ -218,8 +222,12 @@ impl MidBlock {
 
     /// Checkpoints the resnets and transformer blocks (recomputed in the backward).
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
-        self.resnets.iter_mut().for_each(|r| r.set_gradient_checkpointing(on));
-        self.attentions.iter_mut().for_each(|a| a.set_gradient_checkpointing(on));
+        self.resnets
+            .iter_mut()
+            .for_each(|r| r.set_gradient_checkpointing(on));
+        self.attentions
+            .iter_mut()
+            .for_each(|a| a.set_gradient_checkpointing(on));
     }
 
     /// Runs the block.
@@ -301,8 +309,12 @@ impl UpBlock {
 
     /// Checkpoints the resnets and transformer blocks (recomputed in the backward).
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
-        self.resnets.iter_mut().for_each(|r| r.set_gradient_checkpointing(on));
-        self.attentions.iter_mut().for_each(|a| a.set_gradient_checkpointing(on));
+        self.resnets
+            .iter_mut()
+            .for_each(|r| r.set_gradient_checkpointing(on));
+        self.attentions
+            .iter_mut()
+            .for_each(|a| a.set_gradient_checkpointing(on));
     }
 
     /// `upsamplers.0`, if the block has one.
