@@ -55,6 +55,10 @@ pub struct TrainBench {
     /// Skip the full-fine-tuning step.
     #[arg(long)]
     no_full: bool,
+    /// LoRA steps with gradient checkpointing (every resnet / transformer block recomputed in
+    /// the backward); the full step is then skipped.
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// Internal: measure one phase (`block:lora`, `unet:full`, …) in this process, print JSON.
     #[arg(long, hide = true)]
     phase: Option<String>,
@@ -94,6 +98,11 @@ impl BlockSlice {
             resnet: ResnetBlock2D::new(vb.pp("resnet"), &rcfg)?,
             attn: Transformer2DModel::new(vb.pp("attn"), &tcfg)?,
         })
+    }
+
+    fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.resnet.set_gradient_checkpointing(on);
+        self.attn.set_gradient_checkpointing(on);
     }
 
     fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &Tensor) -> candle_core::Result<Tensor> {
@@ -229,11 +238,13 @@ enum Phase {
     Full,
 }
 
-/// Measures one phase of a workload: `build` makes the model from a VarBuilder, `fwd` runs it.
-/// The peak RSS is this process's (one phase per process).
+/// Measures one phase of a workload: `build` makes the model from a VarBuilder, `fwd` runs it,
+/// `checkpoint` switches gradient checkpointing on. The peak RSS is this process's (one phase
+/// per process).
 fn measure<M: LoraHost>(
     build: &dyn Fn(VarBuilder<'static>) -> candle_core::Result<M>,
     fwd: &dyn Fn(&M) -> candle_core::Result<Tensor>,
+    checkpoint: &dyn Fn(&mut M),
     phase: Phase,
     s: &Switches,
     dev: &Device,
@@ -244,7 +255,10 @@ fn measure<M: LoraHost>(
     match phase {
         Phase::Lora => {
             let dtype = s.mixed_precision.dtype();
-            let model = build(ModelWeights::random("bench", 0).var_builder(dtype, dev))?;
+            let mut model = build(ModelWeights::random("bench", 0).var_builder(dtype, dev))?;
+            if s.gradient_checkpointing {
+                checkpoint(&mut model);
+            }
             f.forward_ms = time_runs_ms(warmup, runs, || {
                 fwd(&model)?;
                 Ok(())
@@ -301,6 +315,7 @@ struct Switches {
     runs: usize,
     resolution: usize,
     mixed_precision: MixedPrecision,
+    gradient_checkpointing: bool,
 }
 
 fn block_figures(phase: Phase, s: &Switches, dev: &Device) -> anyhow::Result<Figures> {
@@ -313,6 +328,7 @@ fn block_figures(phase: Phase, s: &Switches, dev: &Device) -> anyhow::Result<Fig
     measure(
         &|vb| BlockSlice::new(vb),
         &|m: &BlockSlice| m.forward(&x, &temb, &ctx),
+        &|m: &mut BlockSlice| m.set_gradient_checkpointing(true),
         phase,
         s,
         dev,
@@ -329,6 +345,7 @@ fn unet_figures(phase: Phase, s: &Switches, dev: &Device) -> anyhow::Result<Figu
     measure(
         &|vb| UNet2DConditionModel::new(vb, &cfg),
         &|m: &UNet2DConditionModel| m.forward(&x, &ts, &ctx),
+        &|m: &mut UNet2DConditionModel| m.set_gradient_checkpointing(true),
         phase,
         s,
         dev,
@@ -351,6 +368,7 @@ fn run_phase(b: &TrainBench, spec: &str) -> anyhow::Result<()> {
         runs: if unet { b.unet_runs } else { b.runs },
         resolution: b.resolution,
         mixed_precision: b.mixed_precision,
+        gradient_checkpointing: b.gradient_checkpointing,
     };
     let dev = Device::Cpu;
     let f = match unet {
@@ -364,12 +382,16 @@ fn run_phase(b: &TrainBench, spec: &str) -> anyhow::Result<()> {
 /// Runs `phase` of `workload` in a fresh child process of this executable.
 fn child_figures(b: &TrainBench, workload: &str, phase: &str) -> anyhow::Result<Figures> {
     let exe = std::env::current_exe().context("cannot find this executable")?;
-    let out = std::process::Command::new(exe)
-        .args(["bench", "train", "--phase", &format!("{workload}:{phase}")])
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["bench", "train", "--phase", &format!("{workload}:{phase}")])
         .args(["--runs", &b.runs.to_string()])
         .args(["--unet-runs", &b.unet_runs.to_string()])
         .args(["--resolution", &b.resolution.to_string()])
-        .args(["--mixed-precision", &b.mixed_precision.to_string()])
+        .args(["--mixed-precision", &b.mixed_precision.to_string()]);
+    if b.gradient_checkpointing {
+        cmd.arg("--gradient-checkpointing");
+    }
+    let out = cmd
         .stderr(std::process::Stdio::inherit())
         .output()
         .context("cannot start the benchmark child process")?;
@@ -423,6 +445,9 @@ fn torch_figures(
     ];
     if !full {
         args.push("--no-full");
+    }
+    if b.gradient_checkpointing {
+        args.push("--gradient-checkpointing");
     }
     run_torch_script(py, "bench_train.py", &args)
 }
@@ -485,7 +510,7 @@ pub fn run(b: TrainBench) -> anyhow::Result<()> {
         anyhow::bail!("--resolution {}: must be a multiple of 64", b.resolution);
     }
     let fp32 = b.mixed_precision == MixedPrecision::No;
-    let full_block = !b.no_full && fp32;
+    let full_block = !b.no_full && fp32 && !b.gradient_checkpointing;
     let full_unet = full_block && b.resolution <= 256;
     let mut results: Vec<(String, Figures, Option<serde_json::Value>)> = vec![];
     if do_block {
@@ -504,10 +529,13 @@ pub fn run(b: TrainBench) -> anyhow::Result<()> {
         let f = workload_figures(&b, "unet", full_unet)?;
         results.push((format!("sd15_unet_{}", b.resolution), f, torch));
     }
-    let precision = match b.mixed_precision {
+    let mut precision = match b.mixed_precision {
         MixedPrecision::No => "fp32".to_string(),
         m => format!("{m} (frozen model), f32 LoRA"),
     };
+    if b.gradient_checkpointing {
+        precision.push_str(", gradient checkpointing");
+    }
     if b.json {
         let mut obj = serde_json::Map::new();
         for (name, f, torch) in &results {
@@ -534,6 +562,10 @@ pub fn run(b: TrainBench) -> anyhow::Result<()> {
             b.mixed_precision.to_string().into(),
         );
         obj.insert("resolution".into(), b.resolution.into());
+        obj.insert(
+            "gradient_checkpointing".into(),
+            b.gradient_checkpointing.into(),
+        );
         obj.insert(
             "threads".into(),
             candle_core::utils::get_num_threads().into(),

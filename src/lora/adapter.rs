@@ -324,6 +324,25 @@ impl LayerResidual for LoraAdapter {
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
         self
     }
+
+    fn trainable(&self) -> Vec<Tensor> {
+        match &self.vars {
+            Some((d, u)) => vec![d.as_tensor().clone(), u.as_tensor().clone()],
+            None => Vec::new(),
+        }
+    }
+
+    fn random_state(&self) -> Option<[u64; 4]> {
+        let d = self.dropout.as_ref()?;
+        let rng = d.rng.lock().unwrap_or_else(|e| e.into_inner());
+        Some(rng.state())
+    }
+
+    fn set_random_state(&self, state: [u64; 4]) {
+        if let Some(d) = &self.dropout {
+            *d.rng.lock().unwrap_or_else(|e| e.into_inner()) = Rng::from_state(state);
+        }
+    }
 }
 
 #[cfg(test)]

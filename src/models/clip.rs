@@ -11,6 +11,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 use std::path::Path;
 
+use crate::models::checkpointing::run_block;
 use crate::models::layers::{LayerNorm, Linear};
 use crate::models::walk::{LayerRef, LayerWalk};
 
@@ -273,6 +274,7 @@ pub struct ClipEncoderLayer {
     layer_norm1: LayerNorm,
     mlp: ClipMlp,
     layer_norm2: LayerNorm,
+    gradient_checkpointing: bool,
 }
 
 impl ClipEncoderLayer {
@@ -283,6 +285,7 @@ impl ClipEncoderLayer {
             layer_norm1: LayerNorm::new(vb.pp("layer_norm1"), cfg.hidden_size, cfg.layer_norm_eps)?,
             mlp: ClipMlp::new(vb.pp("mlp"), cfg)?,
             layer_norm2: LayerNorm::new(vb.pp("layer_norm2"), cfg.hidden_size, cfg.layer_norm_eps)?,
+            gradient_checkpointing: false,
         })
     }
 
@@ -296,8 +299,21 @@ impl ClipEncoderLayer {
         &self.mlp
     }
 
+    /// Recomputes the layer in the backward instead of keeping its activations (training).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
+    }
+
     /// Applies the layer to `x` `[B, L, D]` with the additive f32 `[L, L]` `mask`.
     pub fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let inputs = [x.clone(), mask.clone()];
+        run_block(self.gradient_checkpointing, self, &inputs, |l, t| {
+            l.forward_plain(&t[0], &t[1])
+        })
+    }
+
+    /// [`ClipEncoderLayer::forward`] without checkpointing.
+    fn forward_plain(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let h = self
             .self_attn
             .forward(&self.layer_norm1.forward(x)?, mask)?;
@@ -364,6 +380,14 @@ impl ClipTextModel {
     /// The encoder layers, in order.
     pub fn layers(&self) -> &[ClipEncoderLayer] {
         &self.layers
+    }
+
+    /// Gradient checkpointing of every encoder layer (transformers'
+    /// `gradient_checkpointing_enable`); gradients are unchanged.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.layers
+            .iter_mut()
+            .for_each(|l| l.set_gradient_checkpointing(on));
     }
 
     /// Checks `input_ids` `[B, L]` (any integer dtype) and returns them as u32.

@@ -1,6 +1,7 @@
 //! Stable Diffusion models (UNet, CLIP text encoder, VAE) and the blocks they share.
 
 pub mod blocks;
+pub(crate) mod checkpointing;
 pub mod clip;
 pub mod layers;
 pub mod ldm;

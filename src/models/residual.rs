@@ -20,6 +20,19 @@ pub trait LayerResidual: Send + Sync + std::fmt::Debug {
 
     /// The value as `Any`, so its owner can recover the concrete type.
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
+
+    /// Its trainable tensors (variables), which a checkpointed block must list.
+    fn trainable(&self) -> Vec<Tensor> {
+        Vec::new()
+    }
+
+    /// The state of the random generator it draws from (dropout), if it has one.
+    fn random_state(&self) -> Option<[u64; 4]> {
+        None
+    }
+
+    /// Sets that generator to a state from [`LayerResidual::random_state`].
+    fn set_random_state(&self, _state: [u64; 4]) {}
 }
 
 /// The residuals attached to one layer, shared between clones of the layer.

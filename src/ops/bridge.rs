@@ -126,14 +126,14 @@ impl Attach {
 }
 
 /// A value that the forward of [`Attach`] / [`Attach3`] copies out exactly once.
-struct Taken(Mutex<Option<Tensor>>);
+pub(crate) struct Taken(Mutex<Option<Tensor>>);
 
 impl Taken {
-    fn new(t: Tensor) -> Self {
+    pub(crate) fn new(t: Tensor) -> Self {
         Self(Mutex::new(Some(t)))
     }
 
-    fn copy_out<S: Backend>(&self) -> Result<(S, Shape)> {
+    pub(crate) fn copy_out<S: Backend>(&self) -> Result<(S, Shape)> {
         let value = match self.0.lock() {
             Ok(mut guard) => guard.take(),
             Err(_) => None,

@@ -12,6 +12,7 @@
 //! | [`silu`], [`gelu_erf`] | fused | one-pass derivative |
 //! | [`upsample_nearest2d`] | fused copy | sum-pool of the gradient |
 //! | [`attention`] | matmul, fused scaled softmax, matmul | keeps only the probabilities |
+//! | [`checkpoint`] | the block without a graph | the block run again, then its backward |
 //! | [`frozen_linear`], [`frozen_conv2d`], [`FrozenConv2d`] | candle matmul; conv2d as im2col + one gemm on the CPU, candle's conv2d elsewhere; bias added in place | input gradient only |
 //!
 //! "Fused" kernels run on the CPU for f32 / f64 ([`Kernel::Auto`]); on CUDA / Metal (and
@@ -23,6 +24,7 @@ mod activation;
 mod attention;
 mod bias;
 mod bridge;
+mod checkpoint;
 mod dense;
 mod frozen;
 mod group_norm;
@@ -33,6 +35,7 @@ mod softmax;
 mod upsample;
 
 pub use attention::{attention, attention_with};
+pub use checkpoint::{checkpoint, BlockFn, Replay};
 pub use dense::{conv2d, matmul};
 pub use frozen::{
     conv2d_input_grad, conv2d_input_grad_flipped, frozen_conv2d, frozen_linear, Conv2dParams,

@@ -179,6 +179,11 @@ impl StableDiffusion {
         )
     }
 
+    /// The text encoder for changing its settings (`None` once released).
+    pub fn text_encoder_mut(&mut self) -> Option<&mut ClipTextModel> {
+        self.text_encoder.as_mut()
+    }
+
     /// Frees the text encoder's weights (training with cached prompt embeddings).
     pub fn release_text_encoder(&mut self) {
         self.text_encoder = None;

@@ -388,6 +388,12 @@ pub struct TrainConfig {
     #[arg(long)]
     #[serde(default)]
     pub full: bool,
+    /// Keep only each UNet resnet / transformer block's inputs (and each text-encoder layer's,
+    /// with --train-text-encoder) and recompute the block in the backward: less memory, about
+    /// one more forward per step, the same gradients.
+    #[arg(long)]
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// Precision of the frozen model: no (f32), fp16 or bf16. The frozen weights and the
     /// activations use the half type; LoRA parameters, gradients, optimizer state and the loss
     /// stay f32; fp16 adds dynamic loss scaling (overflowing steps are skipped). `--dtype
@@ -562,6 +568,9 @@ impl TrainConfig {
                 bail!("--num-class-images must be at least 1");
             }
         }
+        if self.full && self.gradient_checkpointing {
+            bail!("--gradient-checkpointing is a LoRA option (--full trains the norm weights too)");
+        }
         if self.full && self.train_text_encoder {
             bail!("--full trains the UNet only; --train-text-encoder is a LoRA option");
         }
@@ -653,8 +662,9 @@ impl TrainConfig {
         let defaults = Self::default().training_args();
         let mut out = vec![];
         for (k, v) in now {
-            // The number of steps may be raised to continue a finished run.
-            if k == "max_train_steps" {
+            // The number of steps may be raised to continue a finished run; checkpointing
+            // changes memory and time, not the result.
+            if k == "max_train_steps" || k == "gradient_checkpointing" {
                 continue;
             }
             let old = saved

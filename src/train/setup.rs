@@ -228,6 +228,12 @@ impl Trainer {
             };
             Trainable::inject(&sd, &spec, &mut init_rng)?
         };
+        if cfg.gradient_checkpointing {
+            sd.unet.set_gradient_checkpointing(true);
+            if let Some(te) = sd.text_encoder_mut() {
+                te.set_gradient_checkpointing(cfg.train_text_encoder);
+            }
+        }
         let mut opt = AdamW::new(AdamWParams {
             beta1: cfg.adam_beta1,
             beta2: cfg.adam_beta2,

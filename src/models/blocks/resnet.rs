@@ -3,6 +3,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::models::checkpointing::run_block;
 use crate::models::layers::{silu, Conv2d, GroupNorm, Linear};
 use crate::models::walk::{LayerRef, LayerWalk};
 
@@ -50,6 +51,7 @@ pub struct ResnetBlock2D {
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
     output_scale_factor: f64,
+    gradient_checkpointing: bool,
 }
 
 impl ResnetBlock2D {
@@ -85,6 +87,7 @@ impl ResnetBlock2D {
             conv2,
             conv_shortcut,
             output_scale_factor: cfg.output_scale_factor,
+            gradient_checkpointing: false,
         })
     }
 
@@ -108,9 +111,22 @@ impl ResnetBlock2D {
         self.conv_shortcut.as_ref()
     }
 
+    /// Recomputes the block in the backward instead of keeping its activations (training).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
+    }
+
     /// Applies the block to `x` `[B, C, H, W]`; `temb` `[B, temb_channels]` is required when the
     /// block was built with `temb_channels` and ignored otherwise.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let inputs: Vec<Tensor> = std::iter::once(x).chain(temb).cloned().collect();
+        run_block(self.gradient_checkpointing, self, &inputs, |b, t| {
+            b.forward_plain(&t[0], t.get(1))
+        })
+    }
+
+    /// [`ResnetBlock2D::forward`] without checkpointing.
+    fn forward_plain(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let h = silu(&self.norm1.forward(x)?)?;
         let mut h = self.conv1.forward(&h)?;
         if let Some(proj) = &self.time_emb_proj {

@@ -5,6 +5,7 @@ use candle_core::{Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::models::blocks::attention::{Attention, AttentionConfig};
+use crate::models::checkpointing::run_block;
 use crate::models::layers::{gelu, Conv2d, GroupNorm, Layer, LayerNorm, Linear};
 use crate::models::walk::{LayerRef, LayerWalk};
 
@@ -104,6 +105,7 @@ pub struct BasicTransformerBlock {
     norm3: LayerNorm,
     ff: FeedForward,
     only_cross_attention: bool,
+    gradient_checkpointing: bool,
 }
 
 impl BasicTransformerBlock {
@@ -125,6 +127,7 @@ impl BasicTransformerBlock {
             norm3: LayerNorm::new(vb.pp("norm3"), dim, 1e-5)?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
             only_cross_attention: cfg.only_cross_attention,
+            gradient_checkpointing: false,
         })
     }
 
@@ -143,8 +146,21 @@ impl BasicTransformerBlock {
         &self.ff
     }
 
+    /// Recomputes the block in the backward instead of keeping its activations (training).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
+    }
+
     /// Applies the block to tokens `x` `[B, N, dim]` with context `[B, M, cross_dim]`.
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let inputs = [x.clone(), context.clone()];
+        run_block(self.gradient_checkpointing, self, &inputs, |b, t| {
+            b.forward_plain(&t[0], &t[1])
+        })
+    }
+
+    /// [`BasicTransformerBlock::forward`] without checkpointing.
+    fn forward_plain(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let ctx1 = if self.only_cross_attention {
             Some(context)
         } else {
@@ -211,6 +227,13 @@ impl Transformer2DModel {
     /// The transformer blocks.
     pub fn transformer_blocks(&self) -> &[BasicTransformerBlock] {
         &self.transformer_blocks
+    }
+
+    /// Checkpoints every transformer block (see [`BasicTransformerBlock::set_gradient_checkpointing`]).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        for b in &mut self.transformer_blocks {
+            b.set_gradient_checkpointing(on);
+        }
     }
 
     /// Applies the model to `x` `[B, C, H, W]` with context `[B, M, cross_dim]`.

@@ -141,6 +141,16 @@ impl DownBlock {
         &self.attentions
     }
 
+    /// Checkpoints the resnets and transformer blocks (recomputed in the backward).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.resnets
+            .iter_mut()
+            .for_each(|r| r.set_gradient_checkpointing(on));
+        self.attentions
+            .iter_mut()
+            .for_each(|a| a.set_gradient_checkpointing(on));
+    }
+
     /// `downsamplers.0`, if the block has one.
     pub fn downsampler(&self) -> Option<&Downsample2D> {
         self.downsampler.as_ref()
@@ -208,6 +218,16 @@ impl MidBlock {
     /// The transformers.
     pub fn attentions(&self) -> &[Transformer2DModel] {
         &self.attentions
+    }
+
+    /// Checkpoints the resnets and transformer blocks (recomputed in the backward).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.resnets
+            .iter_mut()
+            .for_each(|r| r.set_gradient_checkpointing(on));
+        self.attentions
+            .iter_mut()
+            .for_each(|a| a.set_gradient_checkpointing(on));
     }
 
     /// Runs the block.
@@ -285,6 +305,16 @@ impl UpBlock {
     /// The transformers (empty for `UpBlock2D`).
     pub fn attentions(&self) -> &[Transformer2DModel] {
         &self.attentions
+    }
+
+    /// Checkpoints the resnets and transformer blocks (recomputed in the backward).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.resnets
+            .iter_mut()
+            .for_each(|r| r.set_gradient_checkpointing(on));
+        self.attentions
+            .iter_mut()
+            .for_each(|a| a.set_gradient_checkpointing(on));
     }
 
     /// `upsamplers.0`, if the block has one.

@@ -183,6 +183,21 @@ impl UNet2DConditionModel {
         self.dtype
     }
 
+    /// Gradient checkpointing (diffusers' `enable_gradient_checkpointing`): every resnet and
+    /// transformer block keeps only its inputs and is recomputed in the backward. Gradients
+    /// are unchanged; outside training the forward is unchanged.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.down_blocks
+            .iter_mut()
+            .for_each(|b| b.set_gradient_checkpointing(on));
+        self.mid_block
+            .iter_mut()
+            .for_each(|b| b.set_gradient_checkpointing(on));
+        self.up_blocks
+            .iter_mut()
+            .for_each(|b| b.set_gradient_checkpointing(on));
+    }
+
     /// Predicts noise (or v) for `sample` `[B, C, H, W]` at `timesteps` (`[B]` or `[1]` / scalar,
     /// broadcast to the batch; any float values) given `encoder_hidden_states` `[B, L, cross]`.
     /// Inputs are cast to the weights' dtype; the output has that dtype.
