@@ -169,6 +169,20 @@ pub fn attention_tiled(
     tiled::forward(q, k, v, scale, mask, &dims, tile_bytes, kernel)
 }
 
+/// The materialised form whatever the problem size: one score tensor, its probabilities
+/// kept for the backward (benchmarks compare it with [`attention_tiled`]).
+pub fn attention_materialised(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+    kernel: Kernel,
+) -> Result<Tensor> {
+    let dims = Dims::of(q, k, v, mask)?;
+    materialised(q, k, v, scale, mask, &dims, kernel)
+}
+
 /// The materialised form: one score tensor, its probabilities kept for the backward.
 fn materialised(
     q: &Tensor,

@@ -4,11 +4,9 @@
 
 use super::attention::{note_block, Dims};
 use super::bridge::attach3;
-use super::softmax::{
-    backward as softmax_backward, exp_lse_owned, softmax_lse_owned, softmax_owned,
-};
+use super::softmax::{backward_with_sums, exp_lse_owned, softmax_lse_owned, softmax_owned};
 use super::{compute_dtype, Kernel};
-use candle_core::{Result, Tensor};
+use candle_core::{Result, Tensor, D};
 
 /// Query rows per tile so that one score tile `[groups, rows, nk]` of `elem`-byte values
 /// stays within `budget` bytes (at least one row), balanced so the tiles are equally long.
@@ -140,6 +138,8 @@ pub(crate) fn forward(
     if !tracked {
         return out.to_dtype(dtype);
     }
+    // O (G · Nq · dv values, shared with the output) gives the row sums D = rowsum(dO ⊙ O).
+    let o3 = flat(&out, g)?;
     let bwd = move |[q, k, v]: [&Tensor; 3], grad: &Tensor| {
         let (tq, tk, tv) = (q.track_op(), k.track_op(), v.track_op());
         let g = plan.groups;
@@ -163,9 +163,11 @@ pub(crate) fn forward(
             }
             let dp = gt.matmul(&vt)?;
             note_block(dp.elem_count());
-            // d/dS of softmax(scale · S + mask) = scale · P ⊙ (dP − Σ P ⊙ dP), mask or not.
-            let ds = softmax_backward(&p, &dp, plan.scale, plan.kernel)?;
-            drop((p, dp));
+            // d/dS of softmax(scale · S + mask) = scale · P ⊙ (dP − D), mask or not, with
+            // D = Σ_k P ⊙ dP = rowsum(dO ⊙ O); written over dP.
+            let dsum = (&gt * o3.narrow(1, tile.0, tile.1)?)?.sum_keepdim(D::Minus1)?;
+            let ds = backward_with_sums(&p, dp, &dsum, plan.scale, plan.kernel)?;
+            drop(p);
             if tq {
                 dq.push(ds.matmul(&k3)?);
             }

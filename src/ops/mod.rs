@@ -34,8 +34,8 @@ mod softmax;
 mod upsample;
 
 pub use attention::{
-    attention, attention_peak_elems, attention_tiled, attention_with, reset_attention_peak,
-    ATTENTION_TILE_BYTES,
+    attention, attention_materialised, attention_peak_elems, attention_tiled, attention_with,
+    reset_attention_peak, ATTENTION_TILE_BYTES,
 };
 pub use dense::{conv2d, matmul};
 pub use frozen::{

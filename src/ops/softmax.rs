@@ -11,8 +11,8 @@ use super::Kernel;
 use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, InplaceOp1, InplaceOp2, Layout,
-    MetalStorage, Result, Shape, Storage, Tensor, WithDType, D,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, InplaceOp1, InplaceOp2, InplaceOp3,
+    Layout, MetalStorage, Result, Shape, Storage, Tensor, WithDType, D,
 };
 use std::sync::Mutex;
 
@@ -348,4 +348,94 @@ pub(crate) fn exp_lse_owned(x: Tensor, lse: &Tensor, scale: f64, kernel: Kernel)
         return Ok(x);
     }
     x.affine(scale, 0.0)?.broadcast_sub(lse)?.exp()
+}
+
+/// `g = scale · y ⊙ (g − D_row)` over rows of `n` elements.
+fn grad_rows_kernel<T: Real>(g: &mut [T], y: &[T], dsum: &[T], n: usize, scale: f64) {
+    let sc = T::from_f64(scale);
+    par_rows(g, n, |i, g| {
+        let (y, s) = (&y[i * n..(i + 1) * n], dsum[i]);
+        for (g, &p) in g.iter_mut().zip(y) {
+            *g = sc * p * (*g - s);
+        }
+    });
+}
+
+/// The softmax backward with the row sums `D = Σ g ⊙ y` given, written over `g`.
+struct GradRowsInPlace {
+    scale: f64,
+}
+
+impl InplaceOp3 for GradRowsInPlace {
+    fn name(&self) -> &'static str {
+        "lora-softmax-bwd-in-place"
+    }
+    fn cpu_fwd(
+        &self,
+        gs: &mut CpuStorage,
+        gl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+        ds: &CpuStorage,
+        dl: &Layout,
+    ) -> Result<()> {
+        let offsets = (
+            gl.contiguous_offsets(),
+            yl.contiguous_offsets(),
+            dl.contiguous_offsets(),
+        );
+        let (Some((ga, gb)), Some((ya, yb)), Some((da, db))) = offsets else {
+            candle_core::bail!("softmax backward in place: the inputs must be contiguous");
+        };
+        let n = gl.dims().last().copied().unwrap_or(1);
+        if gb - ga != yb - ya || gb - ga != (db - da) * n {
+            candle_core::bail!(
+                "softmax backward in place: gradient {:?}, probabilities {:?}, {} row sums",
+                gl.dims(),
+                yl.dims(),
+                db - da
+            );
+        }
+        match (gs, ys, ds) {
+            (CpuStorage::F32(g), CpuStorage::F32(y), CpuStorage::F32(d)) => {
+                grad_rows_kernel(&mut g[ga..gb], &y[ya..yb], &d[da..db], n, self.scale)
+            }
+            (CpuStorage::F64(g), CpuStorage::F64(y), CpuStorage::F64(d)) => {
+                grad_rows_kernel(&mut g[ga..gb], &y[ya..yb], &d[da..db], n, self.scale)
+            }
+            (g, _, _) => candle_core::bail!(
+                "softmax backward in place: f32 / f64 only, got {:?}",
+                g.dtype()
+            ),
+        }
+        Ok(())
+    }
+}
+
+/// The gradient w.r.t. `x` of `y = softmax(scale · x)` for the output gradient `g` (nothing
+/// else shares it) when the row sums `D = Σ g ⊙ y` (`[..., 1]`) are known, e.g. as
+/// `rowsum(dO ⊙ O)` in attention: `scale · y ⊙ (g − D)`, written over `g` by the fused CPU
+/// kernel, else with candle tensor ops.
+pub(crate) fn backward_with_sums(
+    y: &Tensor,
+    g: Tensor,
+    dsum: &Tensor,
+    scale: f64,
+    kernel: Kernel,
+) -> Result<Tensor> {
+    let fused = kernel.fused_on(&g)
+        && [y, &g, dsum]
+            .iter()
+            .all(|t| t.is_contiguous() && t.dtype() == g.dtype())
+        && g.dims().last().is_some_and(|&n| n > 0);
+    if fused {
+        g.inplace_op3(y, dsum, &GradRowsInPlace { scale })?;
+        return Ok(g);
+    }
+    let d = g.broadcast_sub(dsum)?.mul(y)?;
+    if scale == 1.0 {
+        Ok(d)
+    } else {
+        d.affine(scale, 0.0)
+    }
 }
