@@ -10,16 +10,17 @@
 //! into tiles of `c` rows such that one tile `[G, c, Nk]` of scores stays under a byte
 //! budget. Per tile the forward computes `S = q_t kᵀ`, `P = softmax(scale · S + mask)`, the
 //! row log-sum-exp `L = log Σ exp(scale · S + mask)` and `O_t = P v`, then drops `S` / `P`.
-//! Only `L` (`G · Nq` values, f32 or f64) is saved beside the inputs. The backward walks
-//! the same tiles: it recomputes `P = exp(scale · S + mask − L)`, then `dV += Pᵀ dO_t`,
-//! `dP = dO_t Vᵀ`, `dS = scale · P ⊙ (dP − D)`, `dQ_t = dS K`, `dK += dSᵀ q_t`, with
-//! `D = Σ_k P ⊙ dP` over the tile's complete key rows (equal to `rowsum(dO ⊙ O)`, so `O` need
-//! not be saved). Keys are not tiled: a tile of one query row is `G · Nk` elements (8 heads ×
-//! 4096 keys = 128 KiB in f32 at 512 px; even SD 2 at 768 px with CFG, 10 × 9216 keys, is
-//! 360 KiB), far below any useful budget, so an online softmax over key tiles would buy
-//! nothing at Stable Diffusion sizes. Peak attention memory is about three tiles in the
-//! backward (`P`, `dP`, `dS`) and one or two in the forward, instead of `G · Nq · Nk` per
-//! layer kept from the forward to the backward.
+//! Only `L` (`G · Nq` values, f32 or f64) and the output `O` (`G · Nq · dv`, shared with the
+//! result) are saved beside the inputs. The backward walks the same tiles: it recomputes
+//! `P = exp(scale · S + mask − L)`, then `dV += Pᵀ dO_t`, `dP = dO_t Vᵀ`,
+//! `dS = scale · P ⊙ (dP − D)` with `D = rowsum(dO ⊙ O)` (written over `dP`),
+//! `dQ_t = dS K`, `dK += dSᵀ q_t`. Keys are not tiled: a tile of one query row is `G · Nk`
+//! elements (8 heads × 4096 keys = 128 KiB in f32 at 512 px; even SD 2 at 768 px with CFG,
+//! 10 × 9216 keys, is 360 KiB), far below any useful budget, so an online softmax over key
+//! tiles would buy nothing at Stable Diffusion sizes. Peak attention memory is about two
+//! tiles in the backward (`P` and `dP`, which becomes `dS`) and one or two in the forward,
+//! instead of `G · Nq · Nk` per layer kept from the forward to the backward. The price is
+//! one more `q kᵀ` product and one more exp pass per tile in the backward.
 //!
 //! [`attention`] takes the tiled form when the whole `P` would exceed
 //! [`ATTENTION_TILE_BYTES`]; smaller problems (every tiny model, cross-attention to 77
