@@ -1,6 +1,6 @@
 //! Timing of the training ops against candle's stock differentiable ops (fp32, CPU).
 //!
-//!     cargo run --release --example ops_bench [softmax|attention|conv|linear|norms|elementwise]
+//!     cargo run --release --example ops_bench [softmax|attention|tiled|conv|linear|norms|elementwise]
 //!
 //! Each figure is the median of 7 runs after 2 warm-ups; "fwd+bwd" is the forward plus
 //! `backward()` of `sum(y * g)` with the input as a `Var`. Nothing here is asserted.
@@ -101,6 +101,57 @@ fn attention() -> Result<()> {
         "ops::attention (scale folded into the softmax)",
         run(&|q, k, v| ops::attention(q, k, v, scale, None))?,
     );
+    Ok(())
+}
+
+/// Materialised against tiled attention at the SD 1.5 512-px sizes: the 4096-token
+/// self-attention of the 64×64 level and its cross-attention to 77 tokens.
+fn tiled() -> Result<()> {
+    let scale = 40f64.powf(-0.5);
+    for (name, nk) in [("self-attention", 4096), ("cross-attention", 77)] {
+        let q = randn(&[1, 8, 4096, 40], 1.0)?;
+        let k = randn(&[1, 8, nk, 40], 1.0)?;
+        let v = randn(&[1, 8, nk, 40], 1.0)?;
+        let g = randn(&[1, 8, 4096, 40], 1.0)?;
+        let p_bytes = 8 * 4096 * nk * 4;
+        // The default budget where it tiles, else one eighth of P (8 tiles) to time the tiles.
+        let budget = match p_bytes > ops::ATTENTION_TILE_BYTES {
+            true => ops::ATTENTION_TILE_BYTES,
+            false => p_bytes / 8,
+        };
+        println!(
+            "-- {name} [1, 8, 4096, 40] x [1, 8, {nk}, 40]: P {:.0} MiB, tiles of {:.0} MiB",
+            p_bytes as f64 / 1048576.0,
+            budget as f64 / 1048576.0
+        );
+        let (qv, kv, vv) = (
+            Var::from_tensor(&q)?,
+            Var::from_tensor(&k)?,
+            Var::from_tensor(&v)?,
+        );
+        type F<'a> = &'a dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+        let forms: [(&str, F); 2] = [
+            ("materialised", &|q, k, v| {
+                ops::attention_materialised(q, k, v, scale, None, Kernel::Auto)
+            }),
+            ("tiled", &|q, k, v| {
+                ops::attention_tiled(q, k, v, scale, None, budget, Kernel::Auto)
+            }),
+        ];
+        for (form, f) in forms {
+            row(
+                &format!("{form} fwd"),
+                median_ms(|| f(&q, &k, &v).map(|_| ()))?,
+            );
+            row(
+                &format!("{form} fwd+bwd (q, k, v Vars)"),
+                median_ms(|| {
+                    let y = f(qv.as_tensor(), kv.as_tensor(), vv.as_tensor())?;
+                    (y * &g)?.sum_all()?.backward().map(|_| ())
+                })?,
+            );
+        }
+    }
     Ok(())
 }
 
@@ -282,9 +333,10 @@ fn main() -> Result<()> {
     let x = randn(&[1, 320, 32, 32], 1.0)?;
     fwd_bwd(&x, &x, |x| x.conv2d(&w, 1, 1, 1, 1))?;
     type Section = (&'static str, fn() -> Result<()>);
-    let sections: [Section; 6] = [
+    let sections: [Section; 7] = [
         ("softmax", softmax),
         ("attention", attention),
+        ("tiled", tiled),
         ("conv", conv),
         ("linear", linear),
         ("norms", norms),

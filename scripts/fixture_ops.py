@@ -123,6 +123,19 @@ def main():
     run_case(t, cases, "att_3d_causal", "attention", {"scale": scale}, inputs,
              lambda q, k, v, mask: torch.softmax(q @ k.transpose(-1, -2) * scale + mask, dim=-1) @ v,
              ["q", "k", "v"])
+    # Tiled attention (tests pass `tile_bytes` to ops::attention_tiled): a causal self-attention
+    # of 9 tokens in tiles of 2 query rows (2 batches x 2 heads x 9 keys x 4 bytes = 144 B a row),
+    # and a cross-attention of 11 queries to 5 keys in tiles of 3 rows; reference from SDPA.
+    n = 9
+    causal = torch.triu(torch.full((n, n), -1e9), diagonal=1)
+    inputs = {"q": randn(gen, 2, 2, n, 4), "k": randn(gen, 2, 2, n, 4), "v": randn(gen, 2, 2, n, 4),
+              "mask": causal}
+    run_case(t, cases, "att_tiled_causal", "attention", {"scale": 0.5, "tile_bytes": 2 * 144}, inputs,
+             lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.5),
+             ["q", "k", "v"])
+    inputs = {"q": randn(gen, 2, 3, 11, 4), "k": randn(gen, 2, 3, 5, 4), "v": randn(gen, 2, 3, 5, 6)}
+    run_case(t, cases, "att_tiled_cross", "attention", {"scale": 0.5, "tile_bytes": 3 * 2 * 3 * 5 * 4},
+             inputs, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=0.5), ["q", "k", "v"])
     save_tensors(t, os.path.join(OUT, "attention.safetensors"))
 
     write_json(cases, os.path.join(OUT, "cases.json"))

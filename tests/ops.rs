@@ -68,7 +68,7 @@ fn load_cases() -> Vec<Case> {
     cases.sort_by(|a, b| a.name.cmp(&b.name));
     assert_eq!(
         cases.len(),
-        25,
+        27,
         "expected every case of scripts/fixture_ops.py"
     );
     cases
@@ -84,7 +84,11 @@ fn apply(c: &Case, ins: &HashMap<String, Tensor>, kernel: Kernel) -> Result<Tens
     if c.op == "attention" {
         let (q, k, v) = (&ins["q"], &ins["k"], &ins["v"]);
         let scale = p["scale"].as_f64().unwrap();
-        return ops::attention_with(q, k, v, scale, ins.get("mask"), kernel);
+        // Cases with a tile budget run the tiled (memory-efficient) form with that budget.
+        return match p["tile_bytes"].as_u64() {
+            Some(b) => ops::attention_tiled(q, k, v, scale, ins.get("mask"), b as usize, kernel),
+            None => ops::attention_with(q, k, v, scale, ins.get("mask"), kernel),
+        };
     }
     let x = &ins["x"];
     match c.op.as_str() {

@@ -11,7 +11,7 @@
 //! | [`layer_norm`], [`group_norm`] | fused, two-pass statistics | dx, dweight, dbias |
 //! | [`silu`], [`gelu_erf`] | fused | one-pass derivative |
 //! | [`upsample_nearest2d`] | fused copy | sum-pool of the gradient |
-//! | [`attention`] | matmul, fused scaled softmax, matmul | keeps only the probabilities |
+//! | [`attention`] | matmul, fused scaled softmax, matmul; tiled over queries above [`ATTENTION_TILE_BYTES`] | keeps only the probabilities, or (tiled) only the row log-sum-exp and recomputes them per tile |
 //! | [`checkpoint`] | the block without a graph | the block run again, then its backward |
 //! | [`frozen_linear`], [`frozen_conv2d`], [`FrozenConv2d`] | candle matmul; conv2d as im2col + one gemm on the CPU, candle's conv2d elsewhere; bias added in place | input gradient only |
 //!
@@ -22,6 +22,7 @@
 
 mod activation;
 mod attention;
+mod attention_tiled;
 mod bias;
 mod bridge;
 mod checkpoint;
@@ -34,7 +35,10 @@ mod par;
 mod softmax;
 mod upsample;
 
-pub use attention::{attention, attention_with};
+pub use attention::{
+    attention, attention_materialised, attention_peak_elems, attention_tiled, attention_with,
+    reset_attention_peak, ATTENTION_TILE_BYTES,
+};
 pub use checkpoint::{checkpoint, BlockFn, Replay};
 pub use dense::{conv2d, matmul};
 pub use frozen::{

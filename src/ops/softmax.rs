@@ -1,16 +1,20 @@
 //! Softmax over the last dimension of `scale · x` with a hand-written backward
-//! `grad_in = scale · y * (g - sum(g * y, -1))` (the scale saves attention a full pass).
+//! `grad_in = scale · y * (g - sum(g * y, -1))` (the scale saves attention a full pass),
+//! and the two row kernels of tiled attention: softmax with the row log-sum-exp `L`, and the
+//! recomputation `exp(scale · x − L)` of the probabilities from the scores.
 
 use super::bridge::{bridge1, bridge2, fwd_via_kernel, Backend};
 use super::par::{
-    contiguous_slice, map_inplace, map_into, max_of, par_rows, reduce1, reduce2, Real,
+    contiguous_slice, map_inplace, map_into, max_of, par_rows, reduce1, reduce2, Real, SharedMut,
 };
 use super::Kernel;
 use candle_core::backend::BackendStorage;
+use candle_core::op::BackpropOp;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, InplaceOp1, Layout, MetalStorage, Result,
-    Shape, Tensor, D,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, InplaceOp1, InplaceOp2, InplaceOp3,
+    Layout, MetalStorage, Result, Shape, Storage, Tensor, WithDType, D,
 };
+use std::sync::Mutex;
 
 /// Forward with candle's kernels (any device, any float dtype).
 pub(crate) fn generic_fwd(x: &Tensor, scale: f64) -> Result<Tensor> {
@@ -193,4 +197,245 @@ impl CustomOp2 for SoftmaxBwd {
         "lora-softmax-last-dim-bwd"
     }
     fwd_via_kernel!(self, (y, g), T => bwd_kernel::<T>(y, g, self.scale));
+}
+
+/// `softmax(scale · x)` rows written over `d`, returning each row's log-sum-exp
+/// `L = log Σ exp(scale · x)` (the same arithmetic as [`SoftmaxInPlace`] for the probabilities).
+fn lse_inplace_kernel<T: Real>(d: &mut [T], n: usize, scale: f64) -> Vec<T> {
+    let mut lse = vec![T::ZERO; d.len() / n];
+    let out = SharedMut::new(&mut lse);
+    let sc = T::from_f64(scale);
+    par_rows(d, n, |i, d| {
+        let max = scaled_max(d, scale);
+        map_inplace(d, |v| (v * sc - max).exp());
+        let sum = reduce1(d, |e| e);
+        let inv = T::ONE / sum;
+        for d in d.iter_mut() {
+            *d *= inv;
+        }
+        // SAFETY: row i writes element i of `lse` only, inside its bounds.
+        unsafe { out.slice(i, 1)[0] = T::from_f64(max.to_f64() + sum.to_f64().ln()) };
+    });
+    lse
+}
+
+/// [`SoftmaxInPlace`] that also records each row's log-sum-exp (read back with `take`).
+struct SoftmaxLseInPlace {
+    scale: f64,
+    lse: Mutex<Option<CpuStorage>>,
+}
+
+impl InplaceOp1 for SoftmaxLseInPlace {
+    fn name(&self) -> &'static str {
+        "lora-softmax-lse-in-place"
+    }
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("softmax-lse in place: the input must be contiguous");
+        };
+        let n = l.dims().last().copied().unwrap_or(1);
+        let lse = match s {
+            CpuStorage::F32(v) => {
+                f32::to_cpu_storage_owned(lse_inplace_kernel(&mut v[a..b], n, self.scale))
+            }
+            CpuStorage::F64(v) => {
+                f64::to_cpu_storage_owned(lse_inplace_kernel(&mut v[a..b], n, self.scale))
+            }
+            _ => candle_core::bail!("softmax-lse in place: f32 / f64 only, got {:?}", s.dtype()),
+        };
+        match self.lse.lock() {
+            Ok(mut slot) => *slot = Some(lse),
+            Err(_) => candle_core::bail!("softmax-lse in place: poisoned result slot"),
+        }
+        Ok(())
+    }
+}
+
+/// The shape of a row statistic of `x`: its dims with the last one set to 1.
+fn row_shape(x: &Tensor) -> Shape {
+    let mut d = x.dims().to_vec();
+    if let Some(last) = d.last_mut() {
+        *last = 1;
+    }
+    Shape::from(d)
+}
+
+/// `softmax(scale · x)` over the last dimension without a graph, for an `x` nothing else
+/// shares, plus each row's log-sum-exp `L = log Σ exp(scale · x)` (shape `[..., 1]`, the
+/// dtype of `x`): on the CPU in f32 / f64 with [`Kernel::Auto`] the probabilities overwrite
+/// `x` and both come from one pass over each row, elsewhere from candle tensor ops.
+pub(crate) fn softmax_lse_owned(x: Tensor, scale: f64, kernel: Kernel) -> Result<(Tensor, Tensor)> {
+    let fused = kernel.fused_on(&x) && x.is_contiguous() && x.dims().last().is_some_and(|&n| n > 0);
+    if fused {
+        let op = SoftmaxLseInPlace {
+            scale,
+            lse: Mutex::new(None),
+        };
+        x.inplace_op1(&op)?;
+        let lse = match op.lse.into_inner() {
+            Ok(Some(s)) => s,
+            _ => candle_core::bail!("softmax-lse in place: the kernel left no result"),
+        };
+        let lse = Tensor::from_storage(Storage::Cpu(lse), row_shape(&x), BackpropOp::none(), false);
+        return Ok((x, lse));
+    }
+    let xs = if scale == 1.0 {
+        x
+    } else {
+        x.affine(scale, 0.0)?
+    };
+    let max = xs.max_keepdim(D::Minus1)?;
+    let e = xs.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    Ok((e.broadcast_div(&sum)?, (max + sum.log()?)?))
+}
+
+/// `d = exp(scale · d − L_row)` over rows of `n` elements.
+fn exp_lse_kernel<T: Real>(d: &mut [T], lse: &[T], n: usize, scale: f64) {
+    let sc = T::from_f64(scale);
+    par_rows(d, n, |i, d| {
+        let l = lse[i];
+        map_inplace(d, |v| (v * sc - l).exp());
+    });
+}
+
+/// `exp(scale · x − L)` with a per-row `L`, written over `x` (f32 / f64 CPU, contiguous).
+struct ExpLseInPlace {
+    scale: f64,
+}
+
+impl InplaceOp2 for ExpLseInPlace {
+    fn name(&self) -> &'static str {
+        "lora-exp-lse-in-place"
+    }
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout, ls: &CpuStorage, ll: &Layout) -> Result<()> {
+        let (Some((a, b)), Some((la, lb))) = (l.contiguous_offsets(), ll.contiguous_offsets())
+        else {
+            candle_core::bail!("exp-lse in place: the inputs must be contiguous");
+        };
+        let n = l.dims().last().copied().unwrap_or(1);
+        if (b - a) != (lb - la) * n {
+            candle_core::bail!(
+                "exp-lse in place: {:?} rows but {} statistics",
+                l.dims(),
+                lb - la
+            );
+        }
+        match (s, ls) {
+            (CpuStorage::F32(v), CpuStorage::F32(w)) => {
+                exp_lse_kernel(&mut v[a..b], &w[la..lb], n, self.scale)
+            }
+            (CpuStorage::F64(v), CpuStorage::F64(w)) => {
+                exp_lse_kernel(&mut v[a..b], &w[la..lb], n, self.scale)
+            }
+            (s, _) => candle_core::bail!("exp-lse in place: f32 / f64 only, got {:?}", s.dtype()),
+        }
+        Ok(())
+    }
+}
+
+/// The probabilities `exp(scale · x − L)` recomputed from the scores `x` (nothing else
+/// shares them) and the row log-sum-exp `L` of [`softmax_lse_owned`]; written over `x` by
+/// the fused CPU kernel, else with candle tensor ops.
+pub(crate) fn exp_lse_owned(x: Tensor, lse: &Tensor, scale: f64, kernel: Kernel) -> Result<Tensor> {
+    let fused = kernel.fused_on(&x)
+        && x.is_contiguous()
+        && lse.is_contiguous()
+        && lse.dtype() == x.dtype()
+        && x.dims().last().is_some_and(|&n| n > 0);
+    if fused {
+        x.inplace_op2(lse, &ExpLseInPlace { scale })?;
+        return Ok(x);
+    }
+    x.affine(scale, 0.0)?.broadcast_sub(lse)?.exp()
+}
+
+/// `g = scale · y ⊙ (g − D_row)` over rows of `n` elements.
+fn grad_rows_kernel<T: Real>(g: &mut [T], y: &[T], dsum: &[T], n: usize, scale: f64) {
+    let sc = T::from_f64(scale);
+    par_rows(g, n, |i, g| {
+        let (y, s) = (&y[i * n..(i + 1) * n], dsum[i]);
+        for (g, &p) in g.iter_mut().zip(y) {
+            *g = sc * p * (*g - s);
+        }
+    });
+}
+
+/// The softmax backward with the row sums `D = Σ g ⊙ y` given, written over `g`.
+struct GradRowsInPlace {
+    scale: f64,
+}
+
+impl InplaceOp3 for GradRowsInPlace {
+    fn name(&self) -> &'static str {
+        "lora-softmax-bwd-in-place"
+    }
+    fn cpu_fwd(
+        &self,
+        gs: &mut CpuStorage,
+        gl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+        ds: &CpuStorage,
+        dl: &Layout,
+    ) -> Result<()> {
+        let offsets = (
+            gl.contiguous_offsets(),
+            yl.contiguous_offsets(),
+            dl.contiguous_offsets(),
+        );
+        let (Some((ga, gb)), Some((ya, yb)), Some((da, db))) = offsets else {
+            candle_core::bail!("softmax backward in place: the inputs must be contiguous");
+        };
+        let n = gl.dims().last().copied().unwrap_or(1);
+        if gb - ga != yb - ya || gb - ga != (db - da) * n {
+            candle_core::bail!(
+                "softmax backward in place: gradient {:?}, probabilities {:?}, {} row sums",
+                gl.dims(),
+                yl.dims(),
+                db - da
+            );
+        }
+        match (gs, ys, ds) {
+            (CpuStorage::F32(g), CpuStorage::F32(y), CpuStorage::F32(d)) => {
+                grad_rows_kernel(&mut g[ga..gb], &y[ya..yb], &d[da..db], n, self.scale)
+            }
+            (CpuStorage::F64(g), CpuStorage::F64(y), CpuStorage::F64(d)) => {
+                grad_rows_kernel(&mut g[ga..gb], &y[ya..yb], &d[da..db], n, self.scale)
+            }
+            (g, _, _) => candle_core::bail!(
+                "softmax backward in place: f32 / f64 only, got {:?}",
+                g.dtype()
+            ),
+        }
+        Ok(())
+    }
+}
+
+/// The gradient w.r.t. `x` of `y = softmax(scale · x)` for the output gradient `g` (nothing
+/// else shares it) when the row sums `D = Σ g ⊙ y` (`[..., 1]`) are known, e.g. as
+/// `rowsum(dO ⊙ O)` in attention: `scale · y ⊙ (g − D)`, written over `g` by the fused CPU
+/// kernel, else with candle tensor ops.
+pub(crate) fn backward_with_sums(
+    y: &Tensor,
+    g: Tensor,
+    dsum: &Tensor,
+    scale: f64,
+    kernel: Kernel,
+) -> Result<Tensor> {
+    let fused = kernel.fused_on(&g)
+        && [y, &g, dsum]
+            .iter()
+            .all(|t| t.is_contiguous() && t.dtype() == g.dtype())
+        && g.dims().last().is_some_and(|&n| n > 0);
+    if fused {
+        g.inplace_op3(y, dsum, &GradRowsInPlace { scale })?;
+        return Ok(g);
+    }
+    let d = g.broadcast_sub(dsum)?.mul(y)?;
+    if scale == 1.0 {
+        Ok(d)
+    } else {
+        d.affine(scale, 0.0)
+    }
 }

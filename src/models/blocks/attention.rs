@@ -53,9 +53,6 @@ impl AttentionConfig {
     }
 }
 
-/// Elements of one score chunk above which attention is computed in slices of heads.
-const MAX_SCORE_ELEMS: usize = 1 << 26;
-
 /// diffusers' `Attention` with the default processor: scores `softmax(q kᵀ / sqrt(dim_head))`.
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -181,37 +178,17 @@ impl Attention {
             .reshape((b * self.heads, n, self.dim_head))
     }
 
-    /// Softmax attention over `[BH, N, d]` inputs, sliced over BH to bound the score memory.
+    /// Softmax attention over `[BH, N, d]` inputs; the op bounds its own score memory (it
+    /// tiles over queries when the probabilities would be large).
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let (bh, n, _) = q.dims3()?;
-        let m = k.dim(1)?;
-        let per = (MAX_SCORE_ELEMS / (n * m).max(1)).max(1);
-        if per >= bh {
-            return self.attend_chunk(q, k, v);
-        }
-        let mut outs = Vec::with_capacity(bh.div_ceil(per));
-        let mut start = 0;
-        while start < bh {
-            let len = per.min(bh - start);
-            outs.push(self.attend_chunk(
-                &q.narrow(0, start, len)?,
-                &k.narrow(0, start, len)?,
-                &v.narrow(0, start, len)?,
-            )?);
-            start += len;
-        }
-        Tensor::cat(&outs, 0)
-    }
-
-    fn attend_chunk(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let dtype = v.dtype();
         let (q, k) = if self.upcast_attention {
             (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
         } else {
             (q.clone(), k.clone())
         };
-        // Fused scores → softmax → weighted sum with a hand-written backward that keeps only
-        // the probabilities (see crate::ops::attention).
+        // Fused scores → softmax → weighted sum with a hand-written backward (see
+        // crate::ops::attention: probabilities kept, or only row statistics when tiled).
         let v = if self.upcast_attention {
             v.to_dtype(DType::F32)?
         } else {
