@@ -132,11 +132,18 @@ impl TensorFile {
         Ok(view.data())
     }
 
-    /// Tensor `name` as a candle tensor on `device`, in its stored dtype.
+    /// Tensor `name` as a candle tensor on `device`, in its stored dtype. The tensor owns its
+    /// values, so the mapped pages it was read from are given back to the OS at once: a model
+    /// being loaded is resident once, not twice (mapped file pages count as resident memory).
     pub fn load(&self, name: &str, device: &Device) -> anyhow::Result<Tensor> {
-        self.mmap
+        let t = self
+            .mmap
             .load(name, device)
-            .map_err(|e| anyhow!("{}: cannot load tensor {name}: {e}", self.path.display()))
+            .map_err(|e| anyhow!("{}: cannot load tensor {name}: {e}", self.path.display()))?;
+        if let Ok(view) = self.mmap.get(name) {
+            release_pages(view.data());
+        }
+        Ok(t)
     }
 
     /// Every tensor, on `device`, in its stored dtype.
@@ -156,6 +163,34 @@ impl TensorFile {
         decode_f64(self.bytes(name)?, e.dtype)
             .with_context(|| format!("{}: tensor {name}", self.path.display()))
     }
+}
+
+/// Drops the whole pages of `data` (a view into a read-only file mapping) from this process's
+/// resident set; a later read maps them in again from the file, with the same bytes.
+fn release_pages(data: &[u8]) {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let Ok(page) = usize::try_from(page) else {
+            return;
+        };
+        if page == 0 {
+            return;
+        }
+        let start = (data.as_ptr() as usize).div_ceil(page) * page;
+        let end = (data.as_ptr() as usize + data.len()) / page * page;
+        if end > start {
+            // SAFETY: [start, end) lies inside `data`, i.e. inside a private read-only mapping
+            // of an unmodified file; MADV_DONTNEED there only discards pages that are read back
+            // from the file, unchanged, on the next access.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = data;
 }
 
 /// The shards of one model component (`*.safetensors`, or the files of a sharded index),

@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::DType;
-use common::{expect_success, load_tensors, lora, repo, s};
+use common::{expect_success, load_tensors, lora, max_abs, repo, s};
 use lora_diffusion::train::config::MixedPrecision;
 use lora_diffusion::train::{TrainConfig, TrainHooks, Trainer};
 use std::path::Path;
@@ -62,13 +62,7 @@ fn half_precision_training_learns_and_saves_f32() {
         assert!(!saved.is_empty());
         for (k, v) in &saved {
             assert_eq!(v.dtype(), DType::F32, "{mp}: {k}");
-            let m = v
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let m = max_abs(v);
             assert!(m.is_finite(), "{mp}: {k}");
         }
         let ups: f32 = saved
@@ -123,13 +117,7 @@ fn fp16_overflow_skips_the_step_and_says_so() {
         .expect("a LoRA file");
     // No step was applied: the up factors keep their zero init, nothing is NaN.
     for (k, v) in load_tensors(&lora_file) {
-        let m = v
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let m = max_abs(&v);
         assert!(m.is_finite(), "{k}");
         if k.contains("lora_up") {
             assert_eq!(m, 0.0, "{k}");
