@@ -1,6 +1,10 @@
-"""Ground truth for `lora_add --mode upl`: diffusers' fused-and-saved model.
+"""Ground truth for `lora_add`: diffusers' fused-and-saved model (upl) and the original
+cloneofsimo/lora `cli_lora_add.add` run on LoRA files (lpl, ljl).
 
     /work/venv/bin/python scripts/fixture_lora_add.py [--out tests/fixtures/lora_add]
+        [--part all|upl|original] [--cloneofsimo PATH_TO_A_GIT_CLONE_OF_cloneofsimo/lora]
+
+Part `upl`:
 
 Loads tests/fixtures/sd1-tiny as a StableDiffusionPipeline, loads the LoRA
 tests/fixtures/lora_formats/diffusers.safetensors (r=4, lora_alpha=8, on the UNet attention
@@ -16,6 +20,10 @@ compares the saved UNet and text encoder with the input model tensor by tensor:
 The saved model is not committed (it would duplicate sd1-tiny); every unchanged tensor is
 checked here to be byte-identical to the input, so the Rust test compares those against the
 input file. The script fails if any tensor changed that the LoRA does not target.
+
+Part `original` (see scripts/fixture_lora_add_original.py) runs the original tool's own `add`
+function, extracted from a clone of cloneofsimo/lora at two commits, on small LoRA files it
+writes first, and saves what it wrote.
 """
 
 import argparse
@@ -58,8 +66,18 @@ def lora_targets(path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(ROOT, "tests", "fixtures", "lora_add"))
+    ap.add_argument("--part", choices=["all", "upl", "original"], default="all")
+    ap.add_argument("--cloneofsimo", help="a git clone of cloneofsimo/lora (part original)")
     args = ap.parse_args()
     setup_determinism()
+    if args.part in ("all", "original"):
+        if not args.cloneofsimo:
+            raise SystemExit("--cloneofsimo PATH (a git clone of cloneofsimo/lora) is needed for part original")
+        from fixture_lora_add_original import make_original
+
+        make_original(args.out, args.cloneofsimo)
+    if args.part == "original":
+        return
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(MODEL, safety_checker=None, requires_safety_checker=False)

@@ -85,7 +85,7 @@ fn rel_diff(a: &Mat, b: &Mat) -> f64 {
 fn ljl_is_the_exact_weighted_sum() {
     let (a, b) = pair();
     for alpha in [0.5, 0.3, 1.0, 1.5] {
-        let m = ljl(&a, &b, alpha).unwrap();
+        let m = ljl(&a, &b, alpha, 1.0 - alpha).unwrap();
         let names = [Q, K, CONV, TE];
         assert_eq!(m.layers.len(), names.len());
         let mut worst: f64 = 0.0;
@@ -119,7 +119,7 @@ fn ljl_is_the_exact_weighted_sum() {
 fn svd_at_full_rank_is_exact_and_lower_rank_is_eckart_young() {
     let (a, b) = pair();
     let alpha = 0.4;
-    let (full, report) = svd_join(&a, &b, alpha, 64).unwrap();
+    let (full, report) = svd_join(&a, &b, alpha, 1.0 - alpha, 64).unwrap();
     for name in [Q, K, CONV, TE] {
         let d = rel_diff(
             &delta_mat(&full.layers[name]).unwrap(),
@@ -138,7 +138,7 @@ fn svd_at_full_rank_is_exact_and_lower_rank_is_eckart_young() {
     );
 
     for rank in [1, 3, 5] {
-        let (low, report) = svd_join(&a, &b, alpha, rank).unwrap();
+        let (low, report) = svd_join(&a, &b, alpha, 1.0 - alpha, rank).unwrap();
         for e in &report.layers {
             let target = exact(&a, &b, &e.name, alpha);
             // Singular values of the formed exact matrix, by a direct SVD.
@@ -164,7 +164,7 @@ fn svd_at_full_rank_is_exact_and_lower_rank_is_eckart_young() {
             assert_eq!(low.layers[e.name.as_str()].alpha(), k as f64);
         }
     }
-    assert!(svd_join(&a, &b, 0.5, 0).is_err());
+    assert!(svd_join(&a, &b, 0.5, 0.5, 0).is_err());
 }
 
 /// Two LoRAs with the same targets and ranks.
@@ -185,7 +185,7 @@ fn same_shape_pair(alpha_b: f64) -> (LoraSet, LoraSet) {
 fn lpl_follows_the_original_rule_and_reports_its_error() {
     let alpha = 0.3;
     let (a, b) = same_shape_pair(8.0);
-    let (m, report) = lpl(&a, &b, alpha).unwrap();
+    let (m, report) = lpl(&a, &b, alpha, 1.0 - alpha).unwrap();
     assert_eq!(report.folded, 0);
     for name in [Q, CONV] {
         let (la, lb, lm) = (&a.layers[name], &b.layers[name], &m.layers[name]);
@@ -235,7 +235,7 @@ fn lpl_follows_the_original_rule_and_reports_its_error() {
     );
 
     // A LoRA mixed with itself comes back unchanged (zero error), also with the weight outside [0, 1].
-    let (same, r) = lpl(&a, &a, 1.7).unwrap();
+    let (same, r) = lpl(&a, &a, 1.7, -0.7).unwrap();
     assert!(r.overall() < 1e-12, "{}", r.overall());
     for name in [Q, CONV] {
         assert!(
@@ -251,7 +251,7 @@ fn lpl_follows_the_original_rule_and_reports_its_error() {
 fn lpl_with_different_scales_folds_them_first() {
     let alpha = 0.5;
     let (a, b) = same_shape_pair(2.0); // Q: scale 2 vs 0.5
-    let (m, report) = lpl(&a, &b, alpha).unwrap();
+    let (m, report) = lpl(&a, &b, alpha, 1.0 - alpha).unwrap();
     assert_eq!(report.folded, 1);
     let (la, lb, lm) = (&a.layers[Q], &b.layers[Q], &m.layers[Q]);
     assert_eq!(lm.alpha(), 4.0, "scale 1 after folding");
@@ -279,7 +279,7 @@ fn lpl_with_different_scales_folds_them_first() {
 #[test]
 fn lpl_refuses_different_targets_ranks_and_shapes() {
     let (a, b) = pair();
-    let err = lpl(&a, &b, 0.5).unwrap_err().to_string();
+    let err = lpl(&a, &b, 0.5, 0.5).unwrap_err().to_string();
     eprintln!("{err}");
     for needle in [
         "layers only in the first LoRA",
@@ -294,11 +294,11 @@ fn lpl_refuses_different_targets_ranks_and_shapes() {
     let mut rng = Rng::new(1);
     let x = set(vec![(K, layer(&mut rng, 32, 24, None, 4, 4.0))]);
     let y = set(vec![(K, layer(&mut rng, 32, 16, None, 4, 4.0))]);
-    let err = lpl(&x, &y, 0.5).unwrap_err().to_string();
+    let err = lpl(&x, &y, 0.5, 0.5).unwrap_err().to_string();
     eprintln!("{err}");
     assert!(err.contains("different shapes") && err.contains("[4, 24]") && err.contains("[4, 16]"));
     // ljl also refuses a layer of two shapes, naming both.
-    let err = ljl(&x, &y, 0.5).unwrap_err().to_string();
+    let err = ljl(&x, &y, 0.5, 0.5).unwrap_err().to_string();
     assert!(
         err.contains(K) && err.contains("[32, 24]") && err.contains("[32, 16]"),
         "{err}"
@@ -435,7 +435,7 @@ fn cli_lpl_prints_the_true_error_and_refuses_mismatches() {
     let out = dir.path().join("lpl.safetensors");
     let o = run_lora_add(&k, &p2, "lpl", &out, &["--alpha", "0.25"]);
     expect_success(&o);
-    let (m, report) = lpl(&a, &b, 0.25).unwrap();
+    let (m, report) = lpl(&a, &b, 0.25, 0.75).unwrap();
     let (mut e2, mut n2) = (0.0, 0.0);
     for name in a.layers.keys() {
         let ex = exact(&a, &b, name.as_str(), 0.25);
@@ -504,4 +504,46 @@ fn cli_lpl_prints_the_true_error_and_refuses_mismatches() {
         .filter(|n| n.starts_with('.'))
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
+
+#[test]
+fn lpl_broadcasts_rank_1_against_rank_r_with_scales_folded() {
+    let mut rng = Rng::new(5);
+    // Rank 1 (alpha 1, scale 1) against rank 4 (alpha 8, scale 2): scales differ, so folded.
+    let a = set(vec![(Q, layer(&mut rng, 32, 32, None, 1, 1.0))]);
+    let b = set(vec![(Q, layer(&mut rng, 32, 32, None, 4, 8.0))]);
+    let (w1, w2) = (0.7, 0.6);
+    let (m, report) = lpl(&a, &b, w1, w2).unwrap();
+    assert_eq!((report.broadcast, report.folded), (1, 1));
+    let (la, lb, lm) = (&a.layers[Q], &b.layers[Q], &m.layers[Q]);
+    assert_eq!((lm.rank(), lm.alpha()), (4, 4.0));
+    let (ua, da, ub, db) = (
+        to_f64s(la.up()),
+        to_f64s(la.down()),
+        to_f64s(lb.up()),
+        to_f64s(lb.down()),
+    );
+    // up[o][j] = w₁·1·ua[o] + w₂·2·ub[o][j]; down[j][i] = w₁·da[i] + w₂·db[j][i].
+    let mut worst: f64 = 0.0;
+    for (idx, g) in to_f64s(lm.up()).iter().enumerate() {
+        let (o, _) = (idx / 4, idx % 4);
+        worst = worst.max((g - (w1 * ua[o] + w2 * 2.0 * ub[idx])).abs());
+    }
+    for (idx, g) in to_f64s(lm.down()).iter().enumerate() {
+        worst = worst.max((g - (w1 * da[idx % 32] + w2 * db[idx])).abs());
+    }
+    eprintln!("lpl rank 1 + rank 4: max |factor − broadcast rule| = {worst:.2e}");
+    assert!(worst < 1e-6);
+    // Equal scales (cloneofsimo: alpha = rank): raw factors mixed, the rank-4 side's alpha kept.
+    let c = set(vec![(Q, layer(&mut rng, 32, 32, None, 4, 4.0))]);
+    let (m, report) = lpl(&a, &c, w1, w2).unwrap();
+    assert_eq!((report.broadcast, report.folded), (1, 0));
+    assert_eq!((m.layers[Q].rank(), m.layers[Q].alpha()), (4, 4.0));
+    // Rank 2 against rank 4 does not broadcast.
+    let d = set(vec![(Q, layer(&mut rng, 32, 32, None, 2, 2.0))]);
+    let err = lpl(&d, &c, w1, w2).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("{Q}: rank 2 vs 4")) && err.contains("neither is 1"),
+        "{err}"
+    );
 }

@@ -1,5 +1,6 @@
 //! `lora_add`: fuse a LoRA into a model (upl) or join two LoRAs (lpl, ljl, svd), with the
-//! original tool's flags (`--path_1 --path_2 --mode --alpha --output_path`). Same as `lora add`.
+//! original tool's arguments (`PATH_1 PATH_2 OUTPUT_PATH` or `--path_1 --path_2 --output_path`,
+//! `--mode`, `--alpha` or `--alpha_1 --alpha_2`, `--with_text_lora`). Same as `lora add`.
 
 fn main() -> std::process::ExitCode {
     lora_diffusion::sys::tune_allocator();

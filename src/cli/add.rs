@@ -1,6 +1,9 @@
-//! `lora_add` (second binary, the seed's flags) and `lora add`: fuse a LoRA into a model
-//! (`upl`) or join two LoRAs (`lpl`, `ljl`, `svd`). One implementation serves both.
+//! `lora_add` (second binary, the original tool's flags and python-fire positions) and
+//! `lora add`: fuse a LoRA into a model (`upl`) or join two LoRAs (`lpl`, `ljl`, `svd`). One
+//! implementation serves both; the arguments are in `add_args.rs`.
 
+use super::add_args::{read_input, text_lora_beside, Resolved};
+pub use super::add_args::{AddArgs, Mode};
 use super::common::{parse_dtype, progress_bar};
 use crate::formats::{self, Architecture, Format};
 use crate::hub::ModelSource;
@@ -8,74 +11,31 @@ use crate::lora::combine::{self, EnergyReport, LplReport};
 use crate::lora::upl::fuse_into_model;
 use crate::lora::LoraSet;
 use anyhow::{bail, Context};
-use clap::{Args, Parser, ValueEnum};
+use clap::Parser;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-/// How the two inputs are combined.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// LoRA into model: W' = W + A·ΔW on every targeted layer; writes a complete diffusers folder.
-    Upl,
-    /// LoRA into model, written as one `.safetensors` file in the original (LDM) layout
-    /// (the original tool's name; same as `--mode upl --output-format single-file`).
-    UplCkptV2,
-    /// The original code's rule up = A·up₁ + (1−A)·up₂, down = A·down₁ + (1−A)·down₂ (approximate).
-    Lpl,
-    /// Exact join A·ΔW₁ + (1−A)·ΔW₂ by concatenation (rank r₁ + r₂).
-    Ljl,
-    /// The exact join re-compressed to --rank by SVD.
-    Svd,
-}
-
-/// Arguments of `lora_add` / `lora add` (flag names as in the original `lora_add`).
-#[derive(Args, Debug, Clone)]
-pub struct AddArgs {
-    /// upl: a diffusers folder or Hugging Face id; lpl/ljl/svd: the first LoRA file.
-    #[arg(long = "path_1", value_name = "P1")]
-    pub path_1: String,
-    /// A LoRA file in any format (ours, kohya, diffusers, peft, cloneofsimo).
-    #[arg(long = "path_2", value_name = "P2")]
-    pub path_2: PathBuf,
-    /// upl, lpl, ljl or svd.
-    #[arg(long, value_enum, default_value = "lpl")]
-    pub mode: Mode,
-    /// upl: the LoRA multiplier A; lpl/ljl/svd: the weight A of the first LoRA (1−A for the second).
-    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
-    pub alpha: f64,
-    /// upl: the new diffusers folder (or single file); lpl/ljl/svd: the LoRA file (.safetensors).
-    #[arg(long = "output_path", value_name = "OUT")]
-    pub output_path: PathBuf,
-    /// svd: the rank R to re-compress to (required there, refused elsewhere).
-    #[arg(long)]
-    pub rank: Option<usize>,
-    /// upl: `diffusers` (a folder, default) or `single-file` (one LDM-layout .safetensors).
-    #[arg(long = "output-format", value_name = "KIND")]
-    pub output_format: Option<String>,
-    #[command(flatten)]
-    pub write: super::common::WriteFlags,
-    /// lpl/ljl/svd: dtype of the written factors, f32, f16 or bf16 (default: the first LoRA's).
-    #[arg(long)]
-    pub dtype: Option<String>,
-    /// lpl/ljl/svd: output format: ours, kohya, diffusers, peft or cloneofsimo.
-    #[arg(long, default_value = "ours")]
-    pub format: String,
-    /// lpl/ljl/svd: a diffusers model (folder or Hugging Face id) whose architecture places
-    /// the layers of formats that do not spell module paths (kohya on non-SD models, cloneofsimo).
-    #[arg(long)]
-    pub model: Option<String>,
-    /// Accepted for compatibility with the original tool; text-encoder layers of the LoRA are
-    /// always applied when present.
-    #[arg(long = "with_text_lora", hide = true)]
-    pub with_text_lora: bool,
-}
+const EXAMPLES: &str = "Examples (both spellings of the original lora_add work):
+  lora_add --path_1 a.safetensors --path_2 b.safetensors --mode lpl --alpha 0.3 --output_path c.safetensors
+      seed README: up = 0.3·up₁ + 0.7·up₂, down = 0.3·down₁ + 0.7·down₂
+  lora_add a.safetensors b.safetensors c.safetensors --alpha_1 0.8 --alpha_2 0.4
+      later code, python-fire positional: up = 0.8·up₁ + 0.4·up₂, down likewise (default 0.5 and 0.5)
+  lora_add a.safetensors b.safetensors joined.safetensors --mode ljl
+      exact ΔW₁ + ΔW₂, rank r₁ + r₂ (--alpha_1/--alpha_2 weight the two sides)
+  lora_add --path_1 a.pt --path_2 b.pt --output_path c.safetensors --with_text_lora --model MODEL
+      cloneofsimo .pt files: also merges a.text_encoder.pt with b.text_encoder.pt
+  lora_add MODEL lora.safetensors merged_model --mode upl --alpha 1.0
+      W' = W + 1.0·ΔW into a complete diffusers folder (--alpha_1 is the same multiplier)";
 
 /// The standalone `lora_add` program.
 #[derive(Parser, Debug)]
 #[command(
     name = "lora_add",
     version,
-    about = "Fuse a LoRA into a Stable Diffusion model (upl) or join two LoRAs (lpl, ljl, svd)"
+    about = "Fuse a LoRA into a Stable Diffusion model (upl) or join two LoRAs (lpl, ljl, svd)",
+    override_usage = "lora_add PATH_1 PATH_2 OUTPUT_PATH [OPTIONS]\n       \
+                      lora_add --path_1 P1 --path_2 P2 --output_path OUT [OPTIONS]",
+    after_help = EXAMPLES
 )]
 struct LoraAddCli {
     #[command(flatten)]
@@ -96,22 +56,20 @@ pub fn main() -> ExitCode {
 
 /// Runs `lora_add` / `lora add`.
 pub fn run(a: AddArgs) -> anyhow::Result<()> {
-    if !a.alpha.is_finite() {
-        bail!("--alpha {}: expected a finite number", a.alpha);
-    }
+    let r = a.resolve()?;
     match (a.mode, a.rank) {
         (Mode::Svd, None) => bail!("--mode svd needs --rank R (the rank to re-compress to)"),
         (Mode::Svd, Some(0)) => bail!("--rank must be at least 1"),
         (Mode::Svd, _) | (_, None) => {}
         (m, Some(_)) => bail!(
             "--rank applies to --mode svd only (got --mode {})",
-            mode_name(m)
+            m.name()
         ),
     }
-    if a.output_path.exists() && !a.write.force {
+    if r.output_path.exists() && !a.write.force {
         bail!(
             "{} already exists; pass --force to replace it",
-            a.output_path.display()
+            r.output_path.display()
         );
     }
     let single = match (a.mode, a.output_format.as_deref()) {
@@ -126,24 +84,33 @@ pub fn run(a: AddArgs) -> anyhow::Result<()> {
                 ""
             }
         ),
-        (m, Some(_)) => bail!(
-            "--output-format applies to upl (got --mode {})",
-            mode_name(m)
-        ),
+        (m, Some(_)) => bail!("--output-format applies to upl (got --mode {})", m.name()),
         (_, None) => false,
     };
     if single {
-        return run_upl_single(&a);
+        return run_upl_single(&a, &r);
     }
     if a.mode == Mode::Upl {
-        return run_upl(&a);
+        return run_upl(&a, &r);
     }
-    let p1 = PathBuf::from(&a.path_1);
+    run_join(&a, &r)
+}
+
+/// lpl / ljl / svd: two LoRA files into one.
+fn run_join(a: &AddArgs, r: &Resolved) -> anyhow::Result<()> {
+    let p1 = PathBuf::from(&r.path_1);
     if p1.is_dir() {
         bail!(
             "--path_1 {}: is a folder; --mode {} joins two LoRA files (use --mode upl to fuse a LoRA into a model)",
             p1.display(),
-            mode_name(a.mode)
+            a.mode.name()
+        );
+    }
+    if r.output_path.extension().is_some_and(|e| e == "pt") {
+        bail!(
+            "--output_path {}: .pt (the original's pickled lists) is not written; give a \
+             .safetensors path (--format cloneofsimo writes the original's safetensors layout)",
+            r.output_path.display()
         );
     }
     let format = Format::parse(&a.format)?;
@@ -155,10 +122,25 @@ pub fn run(a: AddArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let l1 = formats::read_with(&p1, arch.as_ref())
-        .with_context(|| format!("--path_1 {}", p1.display()))?;
-    let l2 = formats::read_with(&a.path_2, arch.as_ref())
-        .with_context(|| format!("--path_2 {}", a.path_2.display()))?;
+    let text = a.with_text_lora;
+    let mut l1 = read_input(&p1, "--path_1", arch.as_ref(), text)?;
+    let mut l2 = read_input(&r.path_2, "--path_2", arch.as_ref(), text)?;
+    let pts = [&p1, &r.path_2].map(|p| p.extension().is_some_and(|e| e == "pt"));
+    let beside = [&p1, &r.path_2].map(|p| text_lora_beside(p).is_some());
+    if text && pts == [true, true] && beside[0] != beside[1] {
+        let lacking = if beside[0] { &r.path_2 } else { &p1 };
+        let n = super::add_args::drop_text_encoder(&mut l1)
+            + super::add_args::drop_text_encoder(&mut l2);
+        println!(
+            "note: no text-encoder LoRA beside {}: the text encoder is skipped ({n} layers left out)",
+            lacking.display()
+        );
+    } else if text && pts == [false, false] {
+        println!(
+            "note: --with_text_lora reads the X.text_encoder.pt beside a cloneofsimo .pt; \
+             these files hold both components and give their text-encoder layers anyway"
+        );
+    }
     println!(
         "LoRA 1: {} layers, rank {}; LoRA 2: {} layers, rank {}",
         l1.layers.len(),
@@ -166,57 +148,44 @@ pub fn run(a: AddArgs) -> anyhow::Result<()> {
         l2.layers.len(),
         ranks(&l2)
     );
+    let (w1, w2) = (r.w1, r.w2);
     let merged = match a.mode {
         Mode::Lpl => {
-            let (set, report) = combine::lpl(&l1, &l2, a.alpha)?;
-            print_lpl(&report, a.alpha);
+            let (set, report) = combine::lpl(&l1, &l2, w1, w2)?;
+            print_lpl(&report, w1, w2);
             set
         }
         Mode::Ljl => {
-            let set = combine::ljl(&l1, &l2, a.alpha)?;
+            let set = combine::ljl(&l1, &l2, w1, w2)?;
             println!(
-                "ljl: exact ΔW = {a}·ΔW₁ + {b}·ΔW₂ on {} layers, rank {}",
+                "ljl: exact ΔW = {w1}·ΔW₁ + {w2}·ΔW₂ on {} layers, rank {}",
                 set.layers.len(),
                 ranks(&set),
-                a = a.alpha,
-                b = 1.0 - a.alpha
             );
             set
         }
         Mode::Svd => {
             let rank = a.rank.unwrap_or(1);
-            let (set, report) = combine::svd_join(&l1, &l2, a.alpha, rank)?;
+            let (set, report) = combine::svd_join(&l1, &l2, w1, w2, rank)?;
             println!(
-                "svd: ΔW = {a}·ΔW₁ + {b}·ΔW₂ re-compressed to rank ≤ {rank} on {} layers",
+                "svd: ΔW = {w1}·ΔW₁ + {w2}·ΔW₂ re-compressed to rank ≤ {rank} on {} layers",
                 set.layers.len(),
-                a = a.alpha,
-                b = 1.0 - a.alpha
             );
             print_energy(&report);
             set
         }
-        Mode::Upl | Mode::UplCkptV2 => unreachable!("handled above"),
+        Mode::Upl | Mode::UplCkptV2 => unreachable!("handled in run"),
     };
     super::common::write_lora(
         &merged,
-        &a.output_path,
+        &r.output_path,
         format,
         dtype,
         arch.as_ref(),
         a.write,
     )?;
-    println!("wrote {} ({format})", a.output_path.display());
+    println!("wrote {} ({format})", r.output_path.display());
     Ok(())
-}
-
-fn mode_name(m: Mode) -> &'static str {
-    match m {
-        Mode::Upl => "upl",
-        Mode::UplCkptV2 => "upl-ckpt-v2",
-        Mode::Lpl => "lpl",
-        Mode::Ljl => "ljl",
-        Mode::Svd => "svd",
-    }
 }
 
 /// "4" or "4–8" over the layers.
@@ -230,7 +199,7 @@ fn ranks(set: &LoraSet) -> String {
     }
 }
 
-fn run_upl(a: &AddArgs) -> anyhow::Result<()> {
+fn run_upl(a: &AddArgs, r: &Resolved) -> anyhow::Result<()> {
     if a.model.is_some() {
         bail!("--model is for lpl, ljl and svd; upl reads the model from --path_1");
     }
@@ -239,7 +208,7 @@ fn run_upl(a: &AddArgs) -> anyhow::Result<()> {
             "--dtype applies to LoRA outputs (lpl, ljl, svd); upl keeps every tensor's own dtype"
         );
     }
-    let p1 = Path::new(&a.path_1);
+    let p1 = Path::new(&r.path_1);
     if p1.is_file() {
         bail!(
             "--path_1 {}: is a file; --mode upl takes a diffusers model folder (or Hugging Face id) as \
@@ -254,26 +223,25 @@ fn run_upl(a: &AddArgs) -> anyhow::Result<()> {
             p1.display()
         );
     }
-    let source = ModelSource::parse(&a.path_1).map_err(|e| anyhow::anyhow!("--path_1: {e:#}"))?;
+    let source = ModelSource::parse(&r.path_1).map_err(|e| anyhow::anyhow!("--path_1: {e:#}"))?;
     let arch = Architecture::from_model(&source)
         .with_context(|| format!("--path_1 {}", source.describe()))?;
-    let lora = formats::read_with(&a.path_2, Some(&arch))
-        .with_context(|| format!("--path_2 {}", a.path_2.display()))?;
+    let lora = read_input(&r.path_2, "--path_2", Some(&arch), a.with_text_lora)?;
     formats::check_against(&lora, &arch)
-        .with_context(|| format!("--path_2 {}", a.path_2.display()))?;
+        .with_context(|| format!("--path_2 {}", r.path_2.display()))?;
     println!(
         "fusing {} LoRA layers (rank {}) into {} at multiplier {}",
         lora.layers.len(),
         ranks(&lora),
         source.describe(),
-        a.alpha
+        r.w1
     );
     let pb = progress_bar(lora.layers.len() as u64, "fusing");
     let report = fuse_into_model(
         &source,
         &lora,
-        a.alpha,
-        &a.output_path,
+        r.w1,
+        &r.output_path,
         a.write.force,
         a.write.allow_nonfinite,
         &|| pb.inc(1),
@@ -287,7 +255,7 @@ fn run_upl(a: &AddArgs) -> anyhow::Result<()> {
         .collect();
     println!(
         "wrote {}: fused layers ({}), rewrote {}, copied {} other files",
-        a.output_path.display(),
+        r.output_path.display(),
         fused.join(", "),
         report.rewritten.join(", "),
         report.copied
@@ -299,17 +267,16 @@ fn run_upl(a: &AddArgs) -> anyhow::Result<()> {
 }
 
 /// upl into one LDM-layout `.safetensors` file; `--path_1` is a diffusers model or a single file.
-fn run_upl_single(a: &AddArgs) -> anyhow::Result<()> {
+fn run_upl_single(a: &AddArgs, r: &Resolved) -> anyhow::Result<()> {
     if a.model.is_some() || a.dtype.is_some() {
         bail!("--model and --dtype are for lpl, ljl and svd; upl-ckpt-v2 reads the model from --path_1 and keeps every tensor's dtype");
     }
-    let source = ModelSource::parse(&a.path_1).map_err(|e| anyhow::anyhow!("--path_1: {e:#}"))?;
+    let source = ModelSource::parse(&r.path_1).map_err(|e| anyhow::anyhow!("--path_1: {e:#}"))?;
     let arch = Architecture::from_model(&source)
         .with_context(|| format!("--path_1 {}", source.describe()))?;
-    let lora = formats::read_with(&a.path_2, Some(&arch))
-        .with_context(|| format!("--path_2 {}", a.path_2.display()))?;
+    let lora = read_input(&r.path_2, "--path_2", Some(&arch), a.with_text_lora)?;
     formats::check_against(&lora, &arch)
-        .with_context(|| format!("--path_2 {}", a.path_2.display()))?;
+        .with_context(|| format!("--path_2 {}", r.path_2.display()))?;
     if let ModelSource::SingleFile(s) = &source {
         for n in &s.info()?.notes {
             println!("note: {n}");
@@ -320,13 +287,13 @@ fn run_upl_single(a: &AddArgs) -> anyhow::Result<()> {
         lora.layers.len(),
         ranks(&lora),
         source.describe(),
-        a.alpha
+        r.w1
     );
     let report = crate::lora::single_file::write_single_file(
         &source,
         Some(&lora),
-        a.alpha,
-        &a.output_path,
+        r.w1,
+        &r.output_path,
         a.write.force,
         a.write.allow_nonfinite,
     )?;
@@ -338,7 +305,7 @@ fn run_upl_single(a: &AddArgs) -> anyhow::Result<()> {
         .collect();
     println!(
         "wrote {} (single file, original layout): {}",
-        a.output_path.display(),
+        r.output_path.display(),
         parts.join("; ")
     );
     Ok(())
@@ -348,13 +315,18 @@ fn pct(x: f64) -> String {
     format!("{:.4}%", 100.0 * x)
 }
 
-fn print_lpl(r: &LplReport, alpha: f64) {
+fn print_lpl(r: &LplReport, w1: f64, w2: f64) {
     println!(
-        "lpl: up = {alpha}·up₁ + {b}·up₂, down = {alpha}·down₁ + {b}·down₂ on {} layers (the original rule; \
-         it is not {alpha}·ΔW₁ + {b}·ΔW₂: the product has cross terms)",
+        "lpl: up = {w1}·up₁ + {w2}·up₂, down = {w1}·down₁ + {w2}·down₂ on {} layers (the original rule; \
+         it is not {w1}·ΔW₁ + {w2}·ΔW₂: the product has cross terms)",
         r.layers.len(),
-        b = 1.0 - alpha
     );
+    if r.broadcast > 0 {
+        println!(
+            "  {} layers had rank 1 on one side: that side's factors were repeated to the other's rank (broadcast, as the original)",
+            r.broadcast
+        );
+    }
     if r.folded > 0 {
         println!(
             "  {} layers had different scales (alpha/rank): scales were folded into up first",

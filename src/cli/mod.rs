@@ -1,6 +1,7 @@
 //! The `lora` command line: thin wrappers over the library.
 
 pub mod add;
+mod add_args;
 mod common;
 mod convert;
 mod demo;

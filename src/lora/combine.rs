@@ -1,5 +1,6 @@
-//! Joining two LoRAs into one: `lpl` (the original code's factor interpolation), `ljl` (exact
-//! join by concatenating the factors) and `svd` (the exact join re-compressed to a given rank).
+//! Joining two LoRAs into one with weights w₁, w₂: `lpl` (the original code's factor
+//! interpolation), `ljl` (exact join by concatenating the factors) and `svd` (the exact join
+//! re-compressed to a given rank).
 //!
 //! Every computation runs in f64 on the CPU. ΔW of a layer is `scale · up · down` with
 //! `scale = alpha / rank`, seen as an `out × (in·kh·kw)` matrix for convolutions.
@@ -99,6 +100,8 @@ pub struct LplReport {
     pub layers: Vec<LayerError>,
     /// Layers whose two scales (alpha / rank) differ: scales were folded into `up` first.
     pub folded: usize,
+    /// Layers where a rank-1 side was broadcast against the other side's rank.
+    pub broadcast: usize,
 }
 
 impl LplReport {
@@ -121,57 +124,88 @@ impl LplReport {
     }
 }
 
-/// `lpl`, the original code's rule: `up = A·up₁ + (1−A)·up₂`, `down = A·down₁ + (1−A)·down₂`
-/// on every layer (not A·ΔW₁ + (1−A)·ΔW₂: the product has cross terms; the report measures
-/// by how much). Both LoRAs must adapt the same layers with the same ranks and shapes.
+/// `lpl`, the original code's rule: `up = w₁·up₁ + w₂·up₂`, `down = w₁·down₁ + w₂·down₂` on
+/// every layer (the seed CLI's `--alpha A` is w₁ = A, w₂ = 1−A; the later CLI's `--alpha_1`,
+/// `--alpha_2` give both). It is not w₁·ΔW₁ + w₂·ΔW₂: the product has cross terms; the report
+/// measures by how much. Both LoRAs must adapt the same layers with the same shapes.
+///
+/// Ranks: equal, or one side of rank 1 against rank r, which is repeated r times before mixing
+/// (the original adds the stored tensors, so PyTorch broadcasts an `out×1` up against `out×r`
+/// and a `1×in` down against `r×in`); any other pair of ranks is refused.
 ///
 /// Alphas: when a layer's two scales alpha/rank are equal the raw factors are mixed and the
-/// alpha kept (exactly the original rule); when they differ each side's scale is folded into
-/// its `up` before mixing and alpha is set to the rank (scale 1), so a LoRA mixed with itself
-/// gives itself back.
-pub fn lpl(a: &LoraSet, b: &LoraSet, alpha: f64) -> anyhow::Result<(LoraSet, LplReport)> {
+/// scale kept (alpha = scale · merged rank); when they differ each side's scale is folded into
+/// its `up` before mixing and alpha is set to the merged rank (scale 1), so a LoRA mixed with
+/// itself gives itself back (w₁ + w₂ = 1).
+pub fn lpl(a: &LoraSet, b: &LoraSet, w1: f64, w2: f64) -> anyhow::Result<(LoraSet, LplReport)> {
     check_lpl_compatible(a, b)?;
     let dtype = out_dtype(a, b);
     let mut out = LoraSet::default();
     let mut report = LplReport {
         layers: vec![],
         folded: 0,
+        broadcast: 0,
     };
     for (name, la) in &a.layers {
         let lb = &b.layers[name];
         let ctx = || format!("lpl on layer {name}");
         let (ua, da) = factor_mats(la).with_context(ctx)?;
         let (ub, db) = factor_mats(lb).with_context(ctx)?;
+        let rank = la.rank().max(lb.rank());
+        if la.rank() != lb.rank() {
+            report.broadcast += 1;
+        }
+        let (ua_r, da_r) = repeat_rank(&ua, &da, rank)?;
+        let (ub_r, db_r) = repeat_rank(&ub, &db, rank)?;
         let (sa, sb) = (la.scale(), lb.scale());
-        let same_scale = sa == sb;
-        let (fa, fb, new_alpha) = if same_scale {
-            (1.0, 1.0, la.alpha)
+        let (fa, fb, new_alpha) = if sa == sb {
+            let alpha = if la.rank() == rank {
+                la.alpha
+            } else {
+                lb.alpha
+            };
+            (1.0, 1.0, alpha)
         } else {
             report.folded += 1;
-            (sa, sb, la.rank() as f64)
+            (sa, sb, rank as f64)
         };
-        let up = ua.scaled(alpha * fa).add_scaled(&ub, (1.0 - alpha) * fb)?;
-        let down = da.scaled(alpha).add_scaled(&db, 1.0 - alpha)?;
-        let merged_scale = new_alpha / la.rank() as f64;
+        let up = ua_r.scaled(w1 * fa).add_scaled(&ub_r, w2 * fb)?;
+        let down = da_r.scaled(w1).add_scaled(&db_r, w2)?;
+        let merged_scale = new_alpha / rank as f64;
         let got = up.matmul(&down)?.scaled(merged_scale);
         let exact = ua
             .matmul(&da)?
-            .scaled(alpha * sa)
-            .add_scaled(&ub.matmul(&db)?, (1.0 - alpha) * sb)?;
+            .scaled(w1 * sa)
+            .add_scaled(&ub.matmul(&db)?, w2 * sb)?;
         let error = got.add_scaled(&exact, -1.0)?.frob_sq().sqrt();
         report.layers.push(LayerError {
             name: name.to_string(),
             error,
             exact_norm: exact.frob_sq().sqrt(),
         });
-        let layer = layer_from_mats(&up, &down, new_alpha, la, dtype).with_context(ctx)?;
+        let like = if la.rank() == rank { la } else { lb };
+        let layer = layer_from_mats(&up, &down, new_alpha, like, dtype).with_context(ctx)?;
         out.layers.insert(name.clone(), layer);
     }
-    out.metadata = merge_metadata("lpl", alpha, None);
+    out.metadata = merge_metadata("lpl", w1, w2, None);
     Ok((out, report))
 }
 
-/// Lists every way two LoRAs differ in targets, ranks or shapes (one error).
+/// Factors of rank 1 repeated to rank `r` (up's column, down's row), as PyTorch broadcasting
+/// does; factors already of rank `r` are returned as they are.
+fn repeat_rank(up: &Mat, down: &Mat, r: usize) -> candle_core::Result<(Mat, Mat)> {
+    let (mut u, mut d) = (up.clone(), down.clone());
+    if down.rows != r {
+        for _ in 1..r {
+            u = u.hcat(up)?;
+            d = d.vcat(down)?;
+        }
+    }
+    Ok((u, d))
+}
+
+/// Lists every way two LoRAs differ in targets, ranks or shapes (one error). Ranks may differ
+/// when one of them is 1 (broadcast, see [`lpl`]).
 fn check_lpl_compatible(a: &LoraSet, b: &LoraSet) -> anyhow::Result<()> {
     let only_a: Vec<&LayerKey> = a
         .layers
@@ -187,16 +221,16 @@ fn check_lpl_compatible(a: &LoraSet, b: &LoraSet) -> anyhow::Result<()> {
     let mut shapes = vec![];
     for (name, la) in &a.layers {
         if let Some(lb) = b.layers.get(name) {
-            if la.rank() != lb.rank() {
-                ranks.push(format!("{name}: rank {} vs {}", la.rank(), lb.rank()));
-            } else if la.down.dims() != lb.down.dims() || la.up.dims() != lb.up.dims() {
+            let (ra, rb) = (la.rank(), lb.rank());
+            let (ad, au, bd, bu) = (la.down.dims(), la.up.dims(), lb.down.dims(), lb.up.dims());
+            let same_geometry =
+                ad[1..] == bd[1..] && au[0] == bu[0] && au[2..] == bu[2..] && ad.len() == bd.len();
+            if !same_geometry {
                 shapes.push(format!(
-                    "{name}: down {:?} / up {:?} vs down {:?} / up {:?}",
-                    la.down.dims(),
-                    la.up.dims(),
-                    lb.down.dims(),
-                    lb.up.dims()
+                    "{name}: down {ad:?} / up {au:?} vs down {bd:?} / up {bu:?}"
                 ));
+            } else if ra != rb && ra != 1 && rb != 1 {
+                ranks.push(format!("{name}: rank {ra} vs {rb}"));
             }
         }
     }
@@ -204,8 +238,9 @@ fn check_lpl_compatible(a: &LoraSet, b: &LoraSet) -> anyhow::Result<()> {
         return Ok(());
     }
     let mut msg = String::from(
-        "lpl needs two LoRAs with the same targets, ranks and shapes (it mixes the factors \
-         element by element); use --mode ljl (exact, rank r₁+r₂) or --mode svd --rank R instead. \
+        "lpl needs two LoRAs with the same targets and shapes, and equal ranks or rank 1 against \
+         rank r (it mixes the factors element by element, broadcasting a rank-1 factor as the \
+         original does); use --mode ljl (exact, rank r₁+r₂) or --mode svd --rank R instead. \
          They differ:",
     );
     let mut section = |title: &str, items: Vec<String>| {
@@ -228,24 +263,28 @@ fn check_lpl_compatible(a: &LoraSet, b: &LoraSet) -> anyhow::Result<()> {
         "layers only in the second LoRA",
         only_b.iter().map(|s| s.to_string()).collect(),
     );
-    section("layers with different ranks", ranks);
+    section(
+        "layers with different ranks (neither is 1, so they do not broadcast)",
+        ranks,
+    );
     section("layers with different shapes", shapes);
     bail!(msg)
 }
 
-/// `ljl`: the exact join `ΔW = A·ΔW₁ + (1−A)·ΔW₂` by concatenation. A layer in both LoRAs gets
-/// `up = [A·s₁·up₁, (1−A)·s₂·up₂]`, `down = [down₁; down₂]` and alpha = rank = r₁ + r₂
-/// (scale 1). A layer in one LoRA only is kept with its weight (A or 1−A) folded into `up`
-/// and its alpha unchanged. A side whose weight is exactly 0 contributes nothing.
-pub fn ljl(a: &LoraSet, b: &LoraSet, alpha: f64) -> anyhow::Result<LoraSet> {
+/// `ljl`: the exact join `ΔW = w₁·ΔW₁ + w₂·ΔW₂` by concatenation (the original's `lora_join`
+/// is w₁ = w₂ = 1). A layer in both LoRAs gets `up = [w₁·s₁·up₁, w₂·s₂·up₂]`,
+/// `down = [down₁; down₂]` and alpha = rank = r₁ + r₂ (scale 1). A layer in one LoRA only is
+/// kept with its weight folded into `up` and its alpha unchanged. A side whose weight is
+/// exactly 0 contributes nothing.
+pub fn ljl(a: &LoraSet, b: &LoraSet, w1: f64, w2: f64) -> anyhow::Result<LoraSet> {
     let dtype = out_dtype(a, b);
     let mut out = LoraSet::default();
-    for (name, j) in join_mats(a, b, alpha)? {
+    for (name, j) in join_mats(a, b, w1, w2)? {
         let layer = layer_from_mats(&j.up, &j.down, j.alpha, j.like, dtype)
             .with_context(|| format!("ljl on layer {name}"))?;
         out.layers.insert(name, layer);
     }
-    out.metadata = merge_metadata("ljl", alpha, None);
+    out.metadata = merge_metadata("ljl", w1, w2, None);
     Ok(out)
 }
 
@@ -262,11 +301,11 @@ struct Joined<'a> {
 fn join_mats<'a>(
     a: &'a LoraSet,
     b: &'a LoraSet,
-    alpha: f64,
+    wa: f64,
+    wb: f64,
 ) -> anyhow::Result<Vec<(LayerKey, Joined<'a>)>> {
     let names: std::collections::BTreeSet<&LayerKey> =
         a.layers.keys().chain(b.layers.keys()).collect();
-    let (wa, wb) = (alpha, 1.0 - alpha);
     let mut out = vec![];
     for name in names {
         let ctx = || format!("joining layer {name}");
@@ -363,14 +402,15 @@ impl EnergyReport {
     }
 }
 
-/// `svd`: the exact join (as [`ljl`]) re-compressed per layer to rank ≤ `rank` by SVD, the best
+/// `svd`: the exact join w₁·ΔW₁ + w₂·ΔW₂ (as [`ljl`]) re-compressed per layer to rank ≤ `rank` by SVD, the best
 /// rank-R approximation in Frobenius norm (Eckart–Young). Factors are balanced
 /// (`up = U·√Σ`, `down = √Σ·Vᵀ`) and alpha = the kept rank (scale 1). A layer whose exact rank
 /// is below `rank` keeps its exact rank.
 pub fn svd_join(
     a: &LoraSet,
     b: &LoraSet,
-    alpha: f64,
+    w1: f64,
+    w2: f64,
     rank: usize,
 ) -> anyhow::Result<(LoraSet, EnergyReport)> {
     if rank == 0 {
@@ -379,7 +419,7 @@ pub fn svd_join(
     let dtype = out_dtype(a, b);
     let mut out = LoraSet::default();
     let mut report = EnergyReport::default();
-    for (name, j) in join_mats(a, b, alpha)? {
+    for (name, j) in join_mats(a, b, w1, w2)? {
         let scale = j.alpha / j.down.rows as f64;
         let (layer, energy) = compress_layer(
             name.as_str(),
@@ -392,7 +432,7 @@ pub fn svd_join(
         report.layers.push(energy);
         out.layers.insert(name, layer);
     }
-    out.metadata = merge_metadata("svd", alpha, Some(rank));
+    out.metadata = merge_metadata("svd", w1, w2, Some(rank));
     Ok((out, report))
 }
 
@@ -450,10 +490,11 @@ fn compress_layer(
 }
 
 /// Metadata recording how a LoRA was merged.
-fn merge_metadata(mode: &str, alpha: f64, rank: Option<usize>) -> BTreeMap<String, String> {
+fn merge_metadata(mode: &str, w1: f64, w2: f64, rank: Option<usize>) -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
     m.insert("lora_add.mode".to_string(), mode.to_string());
-    m.insert("lora_add.alpha".to_string(), alpha.to_string());
+    m.insert("lora_add.alpha_1".to_string(), w1.to_string());
+    m.insert("lora_add.alpha_2".to_string(), w2.to_string());
     if let Some(r) = rank {
         m.insert("lora_add.rank".to_string(), r.to_string());
     }
