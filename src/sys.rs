@@ -45,6 +45,16 @@ pub fn tune_allocator() {
     }
 }
 
+/// Gives the heap's free pages back to the OS (glibc `malloc_trim`; nothing elsewhere): after
+/// a large part of the model is freed, so that the resident size shows what is still in use.
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory of the allocator to the OS.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Memory the system can still give this process, in bytes (Linux `MemAvailable`; `None`
 /// where it cannot be read).
 pub fn available_memory() -> Option<u64> {
@@ -73,11 +83,21 @@ pub fn check_memory(need: u64, what: &str) -> anyhow::Result<()> {
 
 /// Peak resident memory of this process in MB (Linux; 0 elsewhere).
 pub fn peak_rss_mb() -> f64 {
+    proc_status_mb("VmHWM:")
+}
+
+/// Resident memory of this process now, in MB (Linux; 0 elsewhere).
+pub fn rss_mb() -> f64 {
+    proc_status_mb("VmRSS:")
+}
+
+/// A `kB` field of /proc/self/status in MB.
+fn proc_status_mb(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<f64>().ok())
         })

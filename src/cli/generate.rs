@@ -155,6 +155,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     sd.cache_prompts(&[&params.prompt, &params.negative_prompt], params.clip_skip)?;
     sd.release_text_encoder();
     sd.vae.release_encoder();
+    crate::sys::trim_heap();
     for s in &specs {
         eprintln!(
             "LoRA {} at scale {} ({})",

@@ -81,8 +81,11 @@ pub fn run(a: TrainArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         .map(|(_, v)| v.elem_count())
         .sum();
     eprintln!(
-        "training {params} parameters in {n} tensors ({:.2} MB in f32)",
-        params as f64 * 4.0 / 1e6
+        "training {params} parameters in {n} tensors ({:.2} MB in f32); memory before the first \
+         step: {:.2} GB resident, {:.2} GB peak",
+        params as f64 * 4.0 / 1e6,
+        crate::sys::rss_mb() / 1024.0,
+        crate::sys::peak_rss_mb() / 1024.0
     );
     let outcome = trainer.run()?;
     if outcome.interrupted {

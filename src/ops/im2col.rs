@@ -6,7 +6,9 @@
 //! the patches are laid out as `[N, in·kh·kw, Ho·Wo]` (rows in the kernel's own
 //! `[in, kh, kw]` order, built row-parallel with contiguous copies), so
 //! `out[n] = W[out, in·kh·kw] @ cols[n]` is directly NCHW and the kernel is a free reshape.
-//! A 1×1, stride-1, unpadded convolution skips the im2col: it is `W @ x[n]`.
+//! A 1×1, stride-1, unpadded convolution skips the im2col: it is `W @ x[n]`. When the patches
+//! of the whole output would exceed [`IM2COL_BYTES`] (a VAE's 128-channel 3×3 convolution at
+//! 512×512 needs 1.2 GB), they are built and multiplied for a band of output rows at a time.
 //!
 //! The gemm is candle's matmul, so results equal a plain matmul of the patches: they may
 //! differ from candle's conv2d by f32 rounding only (different summation order).
@@ -14,6 +16,9 @@
 use super::par::{contiguous_slice, par_rows};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
+
+/// Largest patch matrix built at once (bytes); larger outputs are computed in row bands.
+pub(crate) const IM2COL_BYTES: usize = 64 << 20;
 
 /// Whether [`conv2d_cpu`] handles this convolution (CPU, one group, f32 / f64 / f16).
 pub(crate) fn supported(x: &Tensor, groups: usize) -> bool {
@@ -46,30 +51,44 @@ pub(crate) fn conv2d_cpu(
     let (ho, wo) = (ho / stride + 1, wo / stride + 1);
     let kdim = c_in * kh * kw;
     let x = x.contiguous()?;
-    let cols = if kh == 1 && kw == 1 && stride == 1 && padding == 0 {
-        x.reshape((n, c_in, h * w))?
-    } else {
-        x.apply_op1_no_bwd(&Im2Col {
+    let k2 = k
+        .reshape((1, c_out, kdim))?
+        .broadcast_as((n, c_out, kdim))?;
+    if kh == 1 && kw == 1 && stride == 1 && padding == 0 {
+        let cols = x.reshape((n, c_in, h * w))?;
+        return k2.matmul(&cols)?.reshape((n, c_out, ho, wo));
+    }
+    // Output rows per band, so that one band's patches stay within the budget.
+    let row_bytes = n * kdim * wo * x.dtype().size_in_bytes();
+    let band = (IM2COL_BYTES / row_bytes.max(1)).clamp(1, ho);
+    let mut parts = Vec::with_capacity(ho.div_ceil(band));
+    for oy0 in (0..ho).step_by(band) {
+        let cols = x.apply_op1_no_bwd(&Im2Col {
             kh,
             kw,
             stride,
             padding,
             dilation,
-        })?
+            rows: oy0..(oy0 + band).min(ho),
+        })?;
+        parts.push(k2.matmul(&cols)?);
+    }
+    let out = match parts.len() {
+        1 => parts.remove(0),
+        _ => Tensor::cat(&parts, 2)?,
     };
-    let k2 = k
-        .reshape((1, c_out, kdim))?
-        .broadcast_as((n, c_out, kdim))?;
-    k2.matmul(&cols)?.reshape((n, c_out, ho, wo))
+    out.reshape((n, c_out, ho, wo))
 }
 
-/// The patches of a `[N, C, H, W]` input as `[N, C·kh·kw, Ho·Wo]`.
+/// The patches of a `[N, C, H, W]` input for the output rows `rows`, as
+/// `[N, C·kh·kw, rows·Wo]`.
 struct Im2Col {
     kh: usize,
     kw: usize,
     stride: usize,
     padding: usize,
     dilation: usize,
+    rows: std::ops::Range<usize>,
 }
 
 impl Im2Col {
@@ -81,10 +100,11 @@ impl Im2Col {
             stride: s,
             padding: p,
             dilation: d,
+            ..
         } = *self;
-        let ho = (h + 2 * p - d * (kh - 1) - 1) / s + 1;
         let wo = (w + 2 * p - d * (kw - 1) - 1) / s + 1;
-        let row = ho * wo;
+        let oys = self.rows.clone();
+        let row = oys.len() * wo;
         let mut dst = vec![T::zero(); n * c * kh * kw * row];
         par_rows(&mut dst, row, |r, out| {
             let kx = r % kw;
@@ -99,19 +119,19 @@ impl Im2Col {
             } else {
                 0
             };
-            for oy in 0..ho {
+            for (j, oy) in oys.clone().enumerate() {
                 let iy = oy * s + ky * d;
                 if iy < p || iy - p >= h || ox_lo >= ox_hi {
                     continue; // stays zero
                 }
                 let src_row = &img[(iy - p) * w..(iy - p + 1) * w];
-                let dst_row = &mut out[oy * wo..(oy + 1) * wo];
+                let dst_row = &mut out[j * wo..(j + 1) * wo];
                 let ix0 = ox_lo * s + off - p;
                 if s == 1 {
                     dst_row[ox_lo..ox_hi].copy_from_slice(&src_row[ix0..ix0 + (ox_hi - ox_lo)]);
                 } else {
-                    for (j, o) in dst_row[ox_lo..ox_hi].iter_mut().enumerate() {
-                        *o = src_row[ix0 + j * s];
+                    for (i, o) in dst_row[ox_lo..ox_hi].iter_mut().enumerate() {
+                        *o = src_row[ix0 + i * s];
                     }
                 }
             }
@@ -195,5 +215,25 @@ mod tests {
         check((1, 2, 3), (10, 11), (3, 1, 2, 2));
         check((1, 2, 3), (5, 5), (5, 3, 2, 1));
         check((2, 320, 8), (16, 16), (3, 1, 1, 1));
+    }
+
+    #[test]
+    fn row_bands_equal_one_pass() {
+        // 64 channels × 9 × 160 columns × 4 bytes = 368,640 bytes per output row: a 64 MiB
+        // budget takes 182 rows per band, so 400 rows run in three bands (the last one shorter).
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (1, 64, 400, 160), &dev).unwrap();
+        let k = Tensor::randn(0f32, 0.1, (4, 64, 3, 3), &dev).unwrap();
+        let banded = conv2d_cpu(&x, &k, 1, 1, 1).unwrap();
+        let want = x.conv2d(&k, 1, 1, 1, 1).unwrap();
+        let diff = (banded - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-4, "banded conv differs from candle's by {diff}");
     }
 }

@@ -341,6 +341,7 @@ fn release_unused(
         hooks.note(format!("cached the embeddings of {} caption(s)", emb.len()));
     }
     if !freed.is_empty() {
+        crate::sys::trim_heap();
         hooks.note(format!("freed: {}", freed.join(", ")));
     }
     Ok(emb)
