@@ -14,6 +14,10 @@
 //! layer in the model's module order (layers by index; in a layer `k_proj`, `v_proj`, `q_proj`,
 //! `out_proj`, `fc1`, `fc2`), as its `get_peft_kwargs` and `load_lora_into_text_encoder` find them.
 //!
+//! Learned token embeddings (pivotal tuning, textual inversion) are part of a [`LoraSet`]:
+//! ours, kohya (`bundle_emb.*`) and cloneofsimo files hold them; a diffusers / PEFT output gets
+//! them in a sidecar `learned_embeds.safetensors` ([`embeddings`]).
+//!
 //! Keys map to module paths through one table ([`keymap`]); paths that keys do not spell
 //! (kohya's underscores, cloneofsimo's indices) resolve against an [`Architecture`]: the
 //! model's, or when none is given the built-in SD 1.x and SD 2.x ones.
@@ -22,6 +26,7 @@ pub mod arch;
 pub mod check;
 pub mod cloneofsimo;
 pub mod diffusers;
+pub mod embeddings;
 pub mod io;
 pub mod keymap;
 pub mod kohya;
@@ -290,9 +295,36 @@ pub fn write(
     if set.layers.is_empty() {
         bail!("cannot write {}: the LoRA has no layers", path.display());
     }
+    let sidecar = sidecar_for(set, path, format);
+    if let Some(side) = &sidecar {
+        if side.exists() && !opts.force {
+            bail!(
+                "{} already exists (the {format} file cannot hold the LoRA's learned tokens, \
+                 they go to this sidecar); pass --force to overwrite it",
+                side.display()
+            );
+        }
+    }
     let tensors = encode_tensors(set, format, opts)
         .with_context(|| format!("cannot write {} as {format}", path.display()))?;
-    crate::tensor_file::write(path, tensors.0, &tensors.1, opts.force)
+    crate::tensor_file::write(path, tensors.0, &tensors.1, opts.force)?;
+    if let Some(side) = &sidecar {
+        embeddings::write_standalone(set, side, opts.force)
+            .with_context(|| format!("cannot write the learned tokens to {}", side.display()))?;
+    }
+    Ok(())
+}
+
+/// Whether a format stores learned token embeddings in the LoRA file itself.
+pub fn holds_embeddings(format: Format) -> bool {
+    matches!(format, Format::Ours | Format::Kohya | Format::Cloneofsimo)
+}
+
+/// The sidecar [`write`] puts `set`'s learned tokens in (`learned_embeds.safetensors` beside
+/// `path`) when `format` cannot hold them and there are any.
+pub fn sidecar_for(set: &LoraSet, path: &Path, format: Format) -> Option<std::path::PathBuf> {
+    (!set.embeddings.is_empty() && !holds_embeddings(format))
+        .then(|| embeddings::sidecar_path(path))
 }
 
 /// The bytes of `set` as a safetensors file in `format` (deterministic: equal sets give equal
@@ -499,6 +531,7 @@ pub(crate) fn finish(
     }
     Ok(LoraSet {
         layers: out,
+        embeddings: vec![],
         metadata: file.metadata.clone(),
     })
 }
