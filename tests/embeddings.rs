@@ -543,3 +543,31 @@ fn cli_generate_embedding_convert_and_warning() {
     expect_success(&o);
     assert!(String::from_utf8_lossy(&o.stdout).contains("tokens:      <s1>"));
 }
+
+#[test]
+fn cli_lora_add_joins_keep_embeddings() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = fixtures().join("sd1-tiny");
+    let arch = common::tiny_arch("sd1-tiny");
+    let a = formats::read_with(&emb("pti.safetensors"), Some(&arch)).unwrap();
+    let mut b = a.clone();
+    b.embeddings = vec![token("<s2>", 5.0), token("<s3>", 7.0)];
+    let p2 = dir.path().join("b.safetensors");
+    formats::write(&b, &p2, Format::Ours, &WriteOptions::default()).unwrap();
+    for mode in ["lpl", "ljl"] {
+        let out = dir.path().join(format!("{mode}.safetensors"));
+        let o = common::run_lora_add(
+            &emb("pti.safetensors"),
+            &p2,
+            mode,
+            &out,
+            &["--model", s(&m)],
+        );
+        expect_success(&o);
+        let got = formats::read_with(&out, Some(&arch)).unwrap();
+        let names: Vec<&str> = got.embeddings.iter().map(|e| e.token.as_str()).collect();
+        assert_eq!(names, ["<s1>", "<s2>", "<s3>"], "{mode}");
+        same_tokens(&got.embeddings[..2], &a.embeddings);
+        same_tokens(&got.embeddings[2..], &b.embeddings[1..]);
+    }
+}

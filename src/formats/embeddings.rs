@@ -15,7 +15,7 @@
 
 use super::io::LoraFile;
 use super::keymap::short_list;
-use super::{Cast, Encoded};
+use super::{Cast, Encoded, Format};
 use crate::lora::{LearnedToken, LoraSet};
 use crate::pickle::{Object, TorchFile, Value};
 use anyhow::{bail, Context};
@@ -191,6 +191,37 @@ pub fn push_ours(enc: &mut Encoded, set: &LoraSet) -> anyhow::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Whether a format stores learned token embeddings in the LoRA file itself.
+pub fn holds_embeddings(format: Format) -> bool {
+    matches!(format, Format::Ours | Format::Kohya | Format::Cloneofsimo)
+}
+
+/// The sidecar [`super::write`] puts `set`'s learned tokens in (`learned_embeds.safetensors`
+/// beside `path`) when `format` cannot hold them and there are any.
+pub fn sidecar_for(set: &LoraSet, path: &Path, format: Format) -> Option<PathBuf> {
+    (!set.embeddings.is_empty() && !holds_embeddings(format)).then(|| sidecar_path(path))
+}
+
+/// [`sidecar_for`], refused when the sidecar exists and `force` is off.
+pub fn check_sidecar(
+    set: &LoraSet,
+    path: &Path,
+    format: Format,
+    force: bool,
+) -> anyhow::Result<Option<PathBuf>> {
+    let side = sidecar_for(set, path, format);
+    if let Some(s) = &side {
+        if s.exists() && !force {
+            bail!(
+                "{} already exists (the {format} file cannot hold the LoRA's learned tokens, \
+                 they go to this sidecar); pass --force to overwrite it",
+                s.display()
+            );
+        }
+    }
+    Ok(side)
 }
 
 /// The sidecar path beside a LoRA file `out`.

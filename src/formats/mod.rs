@@ -37,6 +37,7 @@ pub mod summary;
 
 pub use arch::Architecture;
 pub use check::check_against;
+pub use embeddings::{holds_embeddings, sidecar_for};
 pub use io::LoraFile;
 
 use crate::lora::{LayerKey, LoraSet, LoraWeights};
@@ -295,16 +296,7 @@ pub fn write(
     if set.layers.is_empty() {
         bail!("cannot write {}: the LoRA has no layers", path.display());
     }
-    let sidecar = sidecar_for(set, path, format);
-    if let Some(side) = &sidecar {
-        if side.exists() && !opts.force {
-            bail!(
-                "{} already exists (the {format} file cannot hold the LoRA's learned tokens, \
-                 they go to this sidecar); pass --force to overwrite it",
-                side.display()
-            );
-        }
-    }
+    let sidecar = embeddings::check_sidecar(set, path, format, opts.force)?;
     let tensors = encode_tensors(set, format, opts)
         .with_context(|| format!("cannot write {} as {format}", path.display()))?;
     crate::tensor_file::write(path, tensors.0, &tensors.1, opts.force)?;
@@ -313,18 +305,6 @@ pub fn write(
             .with_context(|| format!("cannot write the learned tokens to {}", side.display()))?;
     }
     Ok(())
-}
-
-/// Whether a format stores learned token embeddings in the LoRA file itself.
-pub fn holds_embeddings(format: Format) -> bool {
-    matches!(format, Format::Ours | Format::Kohya | Format::Cloneofsimo)
-}
-
-/// The sidecar [`write`] puts `set`'s learned tokens in (`learned_embeds.safetensors` beside
-/// `path`) when `format` cannot hold them and there are any.
-pub fn sidecar_for(set: &LoraSet, path: &Path, format: Format) -> Option<std::path::PathBuf> {
-    (!set.embeddings.is_empty() && !holds_embeddings(format))
-        .then(|| embeddings::sidecar_path(path))
 }
 
 /// The bytes of `set` as a safetensors file in `format` (deterministic: equal sets give equal
