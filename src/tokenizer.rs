@@ -33,6 +33,13 @@ impl Engine {
             Engine::Hf(t) => t.token_to_id(token),
         }
     }
+
+    fn vocab_len(&self) -> usize {
+        match self {
+            Engine::Bpe(b) => b.vocab_len(),
+            Engine::Hf(t) => t.get_vocab_size(false),
+        }
+    }
 }
 
 /// A token matched verbatim in the input before any cleanup (transformers' added tokens).
@@ -42,6 +49,8 @@ struct AddedToken {
     id: u32,
     lstrip: bool,
     rstrip: bool,
+    /// Ids that follow `id` (the other vectors of a multi-vector learned token).
+    more: Vec<u32>,
 }
 
 /// Special-token settings read from `tokenizer_config.json` / `special_tokens_map.json`.
@@ -130,6 +139,7 @@ impl TokenSettings {
                         id,
                         lstrip: flag("lstrip"),
                         rstrip: flag("rstrip"),
+                        more: vec![],
                     });
                 }
             }
@@ -193,6 +203,7 @@ impl ClipTokenizer {
                         id,
                         lstrip: tok.lstrip,
                         rstrip: tok.rstrip,
+                        more: vec![],
                     });
                 }
             }
@@ -218,6 +229,7 @@ impl ClipTokenizer {
                 id,
                 lstrip: false,
                 rstrip: false,
+                more: vec![],
             });
         }
         added.sort_by_key(|a| std::cmp::Reverse(a.content.len()));
@@ -266,6 +278,7 @@ impl ClipTokenizer {
                     id,
                     lstrip: false,
                     rstrip: false,
+                    more: vec![],
                 });
                 self.added
                     .sort_by_key(|a| std::cmp::Reverse(a.content.len()));
@@ -274,6 +287,67 @@ impl ClipTokenizer {
         };
         self.pad_id = id;
         Ok(self)
+    }
+
+    /// The number of ids: the vocabulary and every added token (transformers' `len(tokenizer)`).
+    pub fn len(&self) -> usize {
+        let added = self
+            .added
+            .iter()
+            .map(|a| a.id as usize + 1)
+            .max()
+            .unwrap_or(0);
+        self.engine.vocab_len().max(added)
+    }
+
+    /// True when the tokenizer has no ids at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The id of `token` when it is a vocabulary entry or an added token.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.added
+            .iter()
+            .find(|a| a.content == token)
+            .map(|a| a.id)
+            .or_else(|| self.engine.token_to_id(token))
+    }
+
+    /// Adds `tokens` (the names of one learned token's vectors: `token`, `token_1`, …) as new
+    /// ids after the last one, in order, like transformers' `add_tokens` (matched verbatim in
+    /// the raw text, no stripping). The first name, found in a prompt, gives all the ids, as
+    /// diffusers' `maybe_convert_prompt` expands a multi-vector token. Returns the new ids; an
+    /// error when a name is empty or already known.
+    pub fn add_learned_token(&mut self, tokens: &[String]) -> anyhow::Result<Vec<u32>> {
+        if tokens.is_empty() {
+            bail!("a learned token needs at least one name");
+        }
+        for t in tokens {
+            if t.is_empty() {
+                bail!("a learned token cannot be the empty string");
+            }
+            if let Some(id) = self.token_id(t) {
+                bail!(
+                    "token {t:?} is already in the vocabulary of {} (id {id}); pick another token",
+                    self.source.display()
+                );
+            }
+        }
+        let first = self.len() as u32;
+        let ids: Vec<u32> = (first..first + tokens.len() as u32).collect();
+        for (i, (t, id)) in tokens.iter().zip(&ids).enumerate() {
+            self.added.push(AddedToken {
+                content: t.clone(),
+                id: *id,
+                lstrip: false,
+                rstrip: false,
+                more: if i == 0 { ids[1..].to_vec() } else { vec![] },
+            });
+        }
+        self.added
+            .sort_by_key(|a| std::cmp::Reverse(a.content.len()));
+        Ok(ids)
     }
 
     /// Sequence length of `encode` (`model_max_length`, 77 when unset).
@@ -363,6 +437,7 @@ impl ClipTokenizer {
             ids.extend(self.encode_clean(&clean)?);
             if let Some(tok) = tok {
                 ids.push(tok.id);
+                ids.extend_from_slice(&tok.more);
             }
         }
         Ok(ids)

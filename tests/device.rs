@@ -256,6 +256,7 @@ fn factors(case: &GradCase, component: &str) -> Res<LoraSet> {
     }
     Ok(LoraSet {
         layers,
+        embeddings: vec![],
         metadata: BTreeMap::new(),
     })
 }

@@ -53,6 +53,7 @@ fn fixture_set(case: &Case, component: &str, alpha: f64) -> LoraSet {
     }
     LoraSet {
         layers,
+        embeddings: vec![],
         metadata: BTreeMap::new(),
     }
 }

@@ -81,6 +81,7 @@ fn random_set(
     }
     LoraSet {
         layers,
+        embeddings: vec![],
         metadata: BTreeMap::new(),
     }
 }

@@ -44,6 +44,7 @@ fn layer(
 fn set(layers: Vec<(&str, LoraWeights)>) -> LoraSet {
     LoraSet {
         layers: layers.into_iter().map(|(k, v)| (k.into(), v)).collect(),
+        embeddings: vec![],
         metadata: Default::default(),
     }
 }

@@ -47,5 +47,19 @@ pub fn write_lora(
         allow_nonfinite: flags.allow_nonfinite,
         per_layer_alpha: flags.per_layer_alpha,
     };
-    crate::formats::write(set, out, format, &opts)
+    crate::formats::write(set, out, format, &opts)?;
+    if let Some(side) = crate::formats::sidecar_for(set, out, format) {
+        eprintln!(
+            "note: {format} LoRA files cannot hold learned tokens; wrote {} token(s) ({}) to {} \
+             (load it with --embedding)",
+            set.embeddings.len(),
+            set.embeddings
+                .iter()
+                .map(|e| e.token.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            side.display()
+        );
+    }
+    Ok(())
 }

@@ -48,8 +48,12 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<()> {
         formats::check_against(&set, arch)?;
     }
     super::common::write_lora(&set, &a.out, to, dtype, arch.as_ref(), a.write)?;
+    let tokens = match set.embeddings.len() {
+        0 => String::new(),
+        n => format!(", {n} learned tokens"),
+    };
     println!(
-        "{} ({from}, {} layers) -> {} ({to})",
+        "{} ({from}, {} layers{tokens}) -> {} ({to})",
         a.input.display(),
         set.layers.len(),
         a.out.display()

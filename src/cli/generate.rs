@@ -2,7 +2,9 @@
 
 use super::common::{parse_device, parse_dtype, progress_bar};
 use crate::atomic::check_writable;
+use crate::formats::embeddings::EmbeddingSpec;
 use crate::hub::{bundled_model_dir, ModelSource};
+use crate::pipeline::embeddings::collect_tokens;
 use crate::pipeline::image_io::{numbered_paths, save_png, to_rgb8};
 use crate::pipeline::lora::{read_loras, LoraSpec};
 use crate::pipeline::{read_init_latents, GenerateParams, StableDiffusion};
@@ -93,6 +95,11 @@ pub struct GenerateArgs {
     /// A LoRA file (any format) with an optional scale, FILE[:SCALE]; repeatable.
     #[arg(long = "lora", value_name = "FILE[:SCALE]")]
     loras: Vec<String>,
+    /// A textual-inversion file (diffusers `learned_embeds.safetensors` / `.bin`, A1111 `.pt` /
+    /// `.safetensors`) with an optional token replacing its own, FILE[:TOKEN]; repeatable. The
+    /// learned tokens of `--lora` files are added as well.
+    #[arg(long = "embedding", value_name = "FILE[:TOKEN]")]
+    embeddings: Vec<String>,
     /// Fuse the LoRAs into the weights instead of running them as adapters.
     #[arg(long)]
     fuse: bool,
@@ -141,6 +148,17 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         .map(read_init_latents)
         .transpose()?;
     let loras = read_loras(&a.sample.source()?, &specs)?;
+    let emb_specs: Vec<EmbeddingSpec> = a
+        .embeddings
+        .iter()
+        .map(|s| s.parse())
+        .collect::<anyhow::Result<_>>()?;
+    let sources: Vec<(&std::path::Path, &crate::lora::LoraSet)> = specs
+        .iter()
+        .zip(&loras)
+        .map(|(s, (set, _))| (s.path.as_path(), set))
+        .collect();
+    let tokens = collect_tokens(&sources, &emb_specs)?;
     let mut sd = if a.fuse {
         a.sample.load(&loras)?
     } else {
@@ -151,6 +169,24 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         }
         sd
     };
+    sd.add_learned_tokens(&tokens)?;
+    if !tokens.is_empty() {
+        let names: Vec<String> = tokens
+            .iter()
+            .map(|t| match t.token.count() {
+                1 => t.token.token.clone(),
+                n => format!("{} ({n} vectors)", t.token.token),
+            })
+            .collect();
+        eprintln!("learned tokens: {}", names.join(", "));
+        let absent = sd.absent_tokens(&tokens, &[&params.prompt, &params.negative_prompt])?;
+        if !absent.is_empty() {
+            eprintln!(
+                "warning: the prompt uses none of the learned tokens {} (their trigger words)",
+                absent.join(", ")
+            );
+        }
+    }
     // One prompt pair: encode it now and free what text-to-image does not run again.
     sd.cache_prompts(&[&params.prompt, &params.negative_prompt], params.clip_skip)?;
     sd.release_text_encoder();

@@ -1,8 +1,9 @@
 //! cloneofsimo/lora files: modules identified by their position in a module traversal.
 //!
 //! - `.safetensors`: `unet:<i>:up`, `unet:<i>:down`, `text_encoder:<i>:…`; metadata `unet` /
-//!   `text_encoder` = JSON list of the target module classes, `unet:<i>:rank`; textual-inversion
-//!   embeddings (metadata value `<embed>`) are skipped. up is stored pre-multiplied by the scale.
+//!   `text_encoder` = JSON list of the target module classes, `unet:<i>:rank`; learned token
+//!   embeddings (metadata value `<embed>`) are read and written by [`super::embeddings`]. up is
+//!   stored pre-multiplied by the scale.
 //! - `.pt`: `torch.save([up0, down0, up1, down1, …])` for the UNet, `X.text_encoder.pt` beside
 //!   it for the text encoder; read with candle's pickle parser (no code is executed). The
 //!   target classes are not stored: the usual sets are tried until count and shapes fit.
@@ -338,7 +339,9 @@ impl LoraFormat for Cloneofsimo {
             ordered.insert(c, order);
         }
         let raw = gather(&file, &CLONEOFSIMO, &KeyIndex::ordered(ordered), is_embed)?;
-        finish(&file, raw, |_, r| Ok(r as f64))
+        let mut set = finish(&file, raw, |_, r| Ok(r as f64))?;
+        set.embeddings = super::embeddings::read_cloneofsimo(&file)?;
+        Ok(set)
     }
 
     fn encode(&self, set: &LoraSet, arch: Option<&Architecture>) -> anyhow::Result<Encoded> {
@@ -380,6 +383,7 @@ impl LoraFormat for Cloneofsimo {
                     .insert(format!("{}:{i}:rank", c.name()), w.rank().to_string());
             }
         }
+        super::embeddings::push_cloneofsimo(&mut enc, set)?;
         Ok(enc)
     }
 }

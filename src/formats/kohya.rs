@@ -42,14 +42,17 @@ impl LoraFormat for Kohya {
             let (k, v) = &ambiguous[0];
             bail!("kohya name {k} is ambiguous in this architecture: it could be any of {v:?}");
         }
-        let raw = gather(file, &KOHYA, &index, |_| false).map_err(|e| {
+        let is_embed = |k: &str| k.starts_with(super::embeddings::KOHYA_PREFIX);
+        let raw = gather(file, &KOHYA, &index, is_embed).map_err(|e| {
             let names: Vec<&str> = candidates.iter().map(|a| a.name.as_str()).collect();
             e.context(format!(
                 "kohya names are resolved against the layers of {}",
                 names.join(" and ")
             ))
         })?;
-        finish(file, raw, |_, r| Ok(r as f64))
+        let mut set = finish(file, raw, |_, r| Ok(r as f64))?;
+        set.embeddings = super::embeddings::read_kohya(file)?;
+        Ok(set)
     }
 
     fn encode(&self, set: &LoraSet, _arch: Option<&Architecture>) -> anyhow::Result<Encoded> {
@@ -108,6 +111,7 @@ impl LoraFormat for Kohya {
         for (layer, w) in &set.layers {
             enc.push_layer(&KOHYA, layer, w, true)?;
         }
+        super::embeddings::push_kohya(&mut enc, set)?;
         Ok(enc)
     }
 }
@@ -131,6 +135,7 @@ pub fn uniform_alpha(set: &LoraSet) -> anyhow::Result<LoraSet> {
     }
     let mut out = LoraSet {
         layers: Default::default(),
+        embeddings: set.embeddings.clone(),
         metadata: set.metadata.clone(),
     };
     for (k, w) in &set.layers {

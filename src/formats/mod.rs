@@ -14,6 +14,10 @@
 //! layer in the model's module order (layers by index; in a layer `k_proj`, `v_proj`, `q_proj`,
 //! `out_proj`, `fc1`, `fc2`), as its `get_peft_kwargs` and `load_lora_into_text_encoder` find them.
 //!
+//! Learned token embeddings (pivotal tuning, textual inversion) are part of a [`LoraSet`]:
+//! ours, kohya (`bundle_emb.*`) and cloneofsimo files hold them; a diffusers / PEFT output gets
+//! them in a sidecar `learned_embeds.safetensors` ([`embeddings`]).
+//!
 //! Keys map to module paths through one table ([`keymap`]); paths that keys do not spell
 //! (kohya's underscores, cloneofsimo's indices) resolve against an [`Architecture`]: the
 //! model's, or when none is given the built-in SD 1.x and SD 2.x ones.
@@ -22,6 +26,7 @@ pub mod arch;
 pub mod check;
 pub mod cloneofsimo;
 pub mod diffusers;
+pub mod embeddings;
 pub mod io;
 pub mod keymap;
 pub mod kohya;
@@ -32,6 +37,7 @@ pub mod summary;
 
 pub use arch::Architecture;
 pub use check::check_against;
+pub use embeddings::{holds_embeddings, sidecar_for};
 pub use io::LoraFile;
 
 use crate::lora::{LayerKey, LoraSet, LoraWeights};
@@ -290,9 +296,15 @@ pub fn write(
     if set.layers.is_empty() {
         bail!("cannot write {}: the LoRA has no layers", path.display());
     }
+    let sidecar = embeddings::check_sidecar(set, path, format, opts.force)?;
     let tensors = encode_tensors(set, format, opts)
         .with_context(|| format!("cannot write {} as {format}", path.display()))?;
-    crate::tensor_file::write(path, tensors.0, &tensors.1, opts.force)
+    crate::tensor_file::write(path, tensors.0, &tensors.1, opts.force)?;
+    if let Some(side) = &sidecar {
+        embeddings::write_standalone(set, side, opts.force)
+            .with_context(|| format!("cannot write the learned tokens to {}", side.display()))?;
+    }
+    Ok(())
 }
 
 /// The bytes of `set` as a safetensors file in `format` (deterministic: equal sets give equal
@@ -499,6 +511,7 @@ pub(crate) fn finish(
     }
     Ok(LoraSet {
         layers: out,
+        embeddings: vec![],
         metadata: file.metadata.clone(),
     })
 }

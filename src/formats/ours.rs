@@ -20,6 +20,8 @@
 //! - `targets`: JSON list of the adapted module names (`["to_k","to_out.0","to_q","to_v","q_proj",…]`);
 //! - `base_model`: the model it was trained on, when known (`ss_sd_model_name` of a kohya file);
 //! - `training_args`: JSON of the training settings, when known;
+//! - `lora_diffusion.tokens`: JSON list of the learned tokens, when the LoRA has any; each
+//!   token's vectors are the tensor `learned_embeds.<token>` `[n, width]` (kept in its dtype);
 //! - any other metadata of the source file (e.g. kohya's training `ss_*` entries) carried over.
 
 use super::keymap::{KeyIndex, OURS};
@@ -94,9 +96,12 @@ impl LoraFormat for Ours {
                 );
             }
         }
-        let raw = gather(file, &OURS, &KeyIndex::default(), |_| false)?;
+        let is_embed = |k: &str| k.starts_with(super::embeddings::OURS_PREFIX);
+        let raw = gather(file, &OURS, &KeyIndex::default(), is_embed)?;
         let file_alpha: Option<f64> = file.metadata.get("alpha").and_then(|a| a.parse().ok());
-        finish(file, raw, |_, r| Ok(file_alpha.unwrap_or(r as f64)))
+        let mut set = finish(file, raw, |_, r| Ok(file_alpha.unwrap_or(r as f64)))?;
+        set.embeddings = super::embeddings::read_ours(file)?;
+        Ok(set)
     }
 
     fn encode(&self, set: &LoraSet, _arch: Option<&Architecture>) -> anyhow::Result<Encoded> {
@@ -124,6 +129,7 @@ impl LoraFormat for Ours {
         for (layer, w) in &set.layers {
             enc.push_layer(&OURS, layer, w, true)?;
         }
+        super::embeddings::push_ours(&mut enc, set)?;
         Ok(enc)
     }
 }

@@ -28,7 +28,9 @@ pub struct Summary {
     pub alphas: BTreeMap<(String, String), usize>,
     /// Stored dtypes of the factors.
     pub dtypes: BTreeSet<String>,
-    /// Number of LoRA parameters (elements of all factors).
+    /// Learned tokens: (token, vector count, width), in file order.
+    pub tokens: Vec<(String, usize, usize)>,
+    /// Number of LoRA parameters (elements of all factors and learned-token vectors).
     pub parameters: usize,
     /// File size in bytes (with a `.text_encoder.pt` sibling when read).
     pub file_size: u64,
@@ -80,7 +82,12 @@ pub fn summarize(path: &Path, model: Option<&Architecture>) -> anyhow::Result<Su
         ranks: BTreeMap::new(),
         alphas: BTreeMap::new(),
         dtypes: BTreeSet::new(),
-        parameters: 0,
+        tokens: set
+            .embeddings
+            .iter()
+            .map(|e| (e.token.clone(), e.count(), e.width()))
+            .collect(),
+        parameters: set.embeddings.iter().map(|e| e.vectors.elem_count()).sum(),
         file_size,
         metadata: set.metadata.clone(),
         hashes: None,
@@ -167,6 +174,17 @@ impl fmt::Display for Summary {
             "dtype:       {}",
             self.dtypes.iter().cloned().collect::<Vec<_>>().join(", ")
         )?;
+        if !self.tokens.is_empty() {
+            let list: Vec<String> = self
+                .tokens
+                .iter()
+                .map(|(t, n, w)| {
+                    let v = if *n == 1 { "vector" } else { "vectors" };
+                    format!("{t} ({n} {v} of width {w})")
+                })
+                .collect();
+            writeln!(f, "tokens:      {}", list.join(", "))?;
+        }
         writeln!(f, "parameters:  {}", self.parameters)?;
         writeln!(
             f,

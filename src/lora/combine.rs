@@ -46,6 +46,17 @@ pub fn layer_from_mats(
     )
 }
 
+/// The learned tokens of a join: every token of `a`, then those of `b` that `a` lacks (on a
+/// conflict the first LoRA's vector wins, as the original `lora_add` keeps path_1's).
+pub fn joined_embeddings(a: &LoraSet, b: &LoraSet) -> Vec<super::LearnedToken> {
+    let mut out = LoraSet {
+        embeddings: a.embeddings.clone(),
+        ..LoraSet::default()
+    };
+    out.merge_embeddings(&b.embeddings);
+    out.embeddings
+}
+
 /// Checks that both sides adapt a layer of the same shape.
 fn check_same_shape(name: &str, a: &LoraWeights, b: &LoraWeights) -> anyhow::Result<()> {
     let (sa, sb) = (a.delta_shape(), b.delta_shape());
@@ -140,7 +151,10 @@ impl LplReport {
 pub fn lpl(a: &LoraSet, b: &LoraSet, w1: f64, w2: f64) -> anyhow::Result<(LoraSet, LplReport)> {
     check_lpl_compatible(a, b)?;
     let dtype = out_dtype(a, b);
-    let mut out = LoraSet::default();
+    let mut out = LoraSet {
+        embeddings: joined_embeddings(a, b),
+        ..LoraSet::default()
+    };
     let mut report = LplReport {
         layers: vec![],
         folded: 0,
@@ -278,7 +292,10 @@ fn check_lpl_compatible(a: &LoraSet, b: &LoraSet) -> anyhow::Result<()> {
 /// exactly 0 contributes nothing.
 pub fn ljl(a: &LoraSet, b: &LoraSet, w1: f64, w2: f64) -> anyhow::Result<LoraSet> {
     let dtype = out_dtype(a, b);
-    let mut out = LoraSet::default();
+    let mut out = LoraSet {
+        embeddings: joined_embeddings(a, b),
+        ..LoraSet::default()
+    };
     for (name, j) in join_mats(a, b, w1, w2)? {
         let layer = layer_from_mats(&j.up, &j.down, j.alpha, j.like, dtype)
             .with_context(|| format!("ljl on layer {name}"))?;
@@ -417,7 +434,10 @@ pub fn svd_join(
         bail!("--rank must be at least 1 for --mode svd");
     }
     let dtype = out_dtype(a, b);
-    let mut out = LoraSet::default();
+    let mut out = LoraSet {
+        embeddings: joined_embeddings(a, b),
+        ..LoraSet::default()
+    };
     let mut report = EnergyReport::default();
     for (name, j) in join_mats(a, b, w1, w2)? {
         let scale = j.alpha / j.down.rows as f64;
@@ -443,6 +463,7 @@ pub fn compress(set: &LoraSet, rank: usize) -> anyhow::Result<(LoraSet, EnergyRe
     }
     let mut out = LoraSet {
         layers: BTreeMap::new(),
+        embeddings: set.embeddings.clone(),
         metadata: set.metadata.clone(),
     };
     let mut report = EnergyReport::default();

@@ -521,6 +521,7 @@ pub fn extract<H: LoraHost + ?Sized>(host: &H, component: Component) -> anyhow::
     }
     Ok(LoraSet {
         layers,
+        embeddings: vec![],
         metadata: BTreeMap::new(),
     })
 }

@@ -138,11 +138,97 @@ impl LoraWeights {
     }
 }
 
-/// A complete LoRA: every adapted layer plus the file's metadata.
+/// A learned token (textual inversion / pivotal tuning): its text and its vectors
+/// `[n, width]` in the text encoder's embedding space. `n > 1` is a multi-vector embedding,
+/// applied as the tokens `token`, `token_1`, … `token_{n-1}`.
+#[derive(Debug, Clone)]
+pub struct LearnedToken {
+    /// The token text (`<s1>`).
+    pub token: String,
+    /// The vectors `[n, width]`.
+    pub vectors: Tensor,
+}
+
+impl LearnedToken {
+    /// A token with vectors `[width]` or `[n, width]` (stored as `[n, width]`); an error for
+    /// another rank, no vectors, an empty token or a non-float dtype.
+    pub fn new(token: &str, vectors: Tensor) -> candle_core::Result<Self> {
+        let vectors = match vectors.rank() {
+            1 => vectors.unsqueeze(0)?,
+            2 => vectors,
+            _ => candle_core::bail!(
+                "embedding {token:?} has shape {:?}; expected [width] or [n, width]",
+                vectors.dims()
+            ),
+        };
+        if token.is_empty() || vectors.dims()[0] == 0 || vectors.dims()[1] == 0 {
+            candle_core::bail!("embedding {token:?} of shape {:?} is empty", vectors.dims());
+        }
+        if !vectors.dtype().is_float() {
+            candle_core::bail!(
+                "embedding {token:?} must be floating point, got {:?}",
+                vectors.dtype()
+            );
+        }
+        Ok(Self {
+            token: token.to_string(),
+            vectors,
+        })
+    }
+
+    /// The number of vectors.
+    pub fn count(&self) -> usize {
+        self.vectors.dims()[0]
+    }
+
+    /// The embedding width.
+    pub fn width(&self) -> usize {
+        self.vectors.dims()[1]
+    }
+
+    /// The tokenizer tokens of the vectors: `token`, `token_1`, … (diffusers'
+    /// `load_textual_inversion` naming).
+    pub fn token_names(&self) -> Vec<String> {
+        (0..self.count())
+            .map(|i| {
+                if i == 0 {
+                    self.token.clone()
+                } else {
+                    format!("{}_{i}", self.token)
+                }
+            })
+            .collect()
+    }
+}
+
+/// A complete LoRA: every adapted layer, the learned tokens and the file's metadata.
 #[derive(Debug, Clone, Default)]
 pub struct LoraSet {
     /// Adapted layers by key (`unet.…`, `text_encoder.…`).
     pub layers: BTreeMap<LayerKey, LoraWeights>,
+    /// Learned token embeddings, in file order.
+    pub embeddings: Vec<LearnedToken>,
     /// Free-form metadata (the safetensors header's `__metadata__`).
     pub metadata: BTreeMap<String, String>,
+}
+
+impl LoraSet {
+    /// The learned token named `token`.
+    pub fn embedding(&self, token: &str) -> Option<&LearnedToken> {
+        self.embeddings.iter().find(|e| e.token == token)
+    }
+
+    /// Adds the learned tokens of `other` whose names this set lacks (on a conflict the
+    /// vector already here is kept); returns the tokens skipped.
+    pub fn merge_embeddings(&mut self, other: &[LearnedToken]) -> Vec<String> {
+        let mut skipped = vec![];
+        for e in other {
+            if self.embedding(&e.token).is_some() {
+                skipped.push(e.token.clone());
+            } else {
+                self.embeddings.push(e.clone());
+            }
+        }
+        skipped
+    }
 }

@@ -377,6 +377,30 @@ impl ClipTextModel {
         &self.config
     }
 
+    /// The token embedding `[vocab_size, hidden_size]`.
+    pub fn token_embedding(&self) -> &Tensor {
+        &self.token_embedding
+    }
+
+    /// Appends `rows` `[n, hidden_size]` to the token embedding as the ids `vocab_size..`
+    /// (converted to its dtype and device); returns the first new id.
+    pub fn append_token_embeddings(&mut self, rows: &Tensor) -> Result<usize> {
+        let (_, width) = rows.dims2()?;
+        if width != self.config.hidden_size {
+            candle_core::bail!(
+                "token embedding rows of width {width} do not fit the text encoder's hidden size {}",
+                self.config.hidden_size
+            );
+        }
+        let rows = rows
+            .to_dtype(self.token_embedding.dtype())?
+            .to_device(self.token_embedding.device())?;
+        let first = self.config.vocab_size;
+        self.token_embedding = Tensor::cat(&[&self.token_embedding, &rows], 0)?;
+        self.config.vocab_size = self.token_embedding.dim(0)?;
+        Ok(first)
+    }
+
     /// The encoder layers, in order.
     pub fn layers(&self) -> &[ClipEncoderLayer] {
         &self.layers

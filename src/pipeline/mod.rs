@@ -1,5 +1,6 @@
 //! Text-to-image: the Stable Diffusion pipeline as diffusers' `StableDiffusionPipeline` runs it.
 
+pub mod embeddings;
 pub mod grid;
 pub mod image_io;
 mod load;

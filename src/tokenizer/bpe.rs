@@ -96,6 +96,11 @@ impl ClipBpe {
         })
     }
 
+    /// The number of entries of `vocab.json`.
+    pub fn vocab_len(&self) -> usize {
+        self.encoder.len()
+    }
+
     /// The id of `token` in `vocab.json`.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.encoder.get(token).copied()

@@ -281,6 +281,7 @@ pub fn lora_file_bytes_as(
 ) -> anyhow::Result<Vec<u8>> {
     let set = LoraSet {
         layers: set.layers.clone(),
+        embeddings: set.embeddings.clone(),
         metadata: metadata.clone(),
     };
     crate::formats::encode_bytes(&set, format, &crate::formats::WriteOptions::default())
