@@ -41,7 +41,9 @@ def main():
         steps_offset=1,
         prediction_type="v_prediction" if a.model == "sd21" else "epsilon",
     )
-    tokenizer = CLIPTokenizer(os.path.join(TOK, "vocab.json"), os.path.join(TOK, "merges.txt"), pad_token="<|endoftext|>")
+    tokenizer = CLIPTokenizer(
+        os.path.join(TOK, "vocab.json"), os.path.join(TOK, "merges.txt"), pad_token="<|endoftext|>", model_max_length=77
+    )
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

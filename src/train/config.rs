@@ -390,7 +390,7 @@ pub struct TrainConfig {
     pub full: bool,
     /// Keep only each UNet resnet / transformer block's inputs (and each text-encoder layer's,
     /// with --train-text-encoder) and recompute the block in the backward: less memory, about
-    /// one more forward per step, the same gradients.
+    /// one more forward per step, the same gradients up to float rounding.
     #[arg(long)]
     #[serde(default)]
     pub gradient_checkpointing: bool,
