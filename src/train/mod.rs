@@ -12,6 +12,7 @@ pub mod model;
 pub mod optim;
 mod outputs;
 pub mod plot;
+pub mod precision;
 pub mod prior;
 pub mod scaler;
 mod setup;
