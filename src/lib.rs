@@ -19,5 +19,6 @@ pub mod sys;
 pub mod tensor_file;
 pub mod tokenizer;
 pub mod train;
+pub mod world;
 
 pub use anyhow::{Error, Result};

@@ -512,3 +512,49 @@ fn toml_config_and_flags_combine() {
     let e = err_text(TrainConfig::from_sources(Some(&p), serde_json::json!({})));
     assert!(e.contains("rnak") && e.contains("train.toml"), "{e}");
 }
+
+#[test]
+fn use_ema_saves_the_warmup_average_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, steps: usize, ema: bool, stop: Option<usize>, resume: bool| {
+        let out = dir.path().join(name);
+        let mut c = full_cfg(&out);
+        c.max_train_steps = steps;
+        c.use_ema = ema;
+        c.ema_decay = 0.9;
+        c.save_steps = if ema { 1 } else { 0 };
+        c.stop_after = stop;
+        c.resume = resume.then(|| "latest".to_string());
+        train(c, quiet()).unwrap();
+        out.join("unet/diffusion_pytorch_model.safetensors")
+    };
+    let w1 = common::load_tensors(&run("one", 1, false, None, false));
+    let w2 = common::load_tensors(&run("two", 2, false, None, false));
+    let ema_path = run("ema", 2, true, None, false);
+    let ema = common::load_tensors(&ema_path);
+    // diffusers' EMAModel: the first update copies, the second uses d = min(0.9, 2/11).
+    let d = 2.0 / 11.0;
+    let k = "conv_in.weight";
+    let want = (w1[k].affine(d, 0.0).unwrap() + w2[k].affine(1.0 - d, 0.0).unwrap()).unwrap();
+    let err = max_abs_diff(&ema[k], &want);
+    let moved = max_abs_diff(&w2[k], &w1[k]);
+    eprintln!("EMA vs 2/11 w1 + 9/11 w2: {err:e} (the step moved it by {moved:e})");
+    assert!(moved > 1e-6 && err < 1e-7 * (1.0 + moved));
+    assert!(max_abs_diff(&ema[k], &w2[k]) > moved * 0.1);
+    assert!(dir
+        .path()
+        .join("ema/checkpoint-1/ema.safetensors")
+        .is_file());
+    // Interrupted after 1 step and resumed: the same bytes as the uninterrupted EMA run.
+    run("split", 2, true, Some(1), false);
+    let b = std::fs::read(run("split", 2, true, None, true)).unwrap();
+    assert!(
+        std::fs::read(&ema_path).unwrap() == b,
+        "resumed EMA run differs"
+    );
+    // --use-ema is a full fine-tuning option.
+    let mut c = cfg(&demo_data(), &dir.path().join("lora"));
+    c.use_ema = true;
+    let e = err_text(train(c, quiet()));
+    assert!(e.contains("--use-ema") && e.contains("--full"), "{e}");
+}

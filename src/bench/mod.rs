@@ -1,5 +1,7 @@
 //! `lora bench`: speed and memory, side by side with the PyTorch reference when available.
 
+pub mod demo;
+pub mod quality;
 pub mod train;
 
 use crate::models::presets::SD15_UNET_CONFIG;
@@ -28,6 +30,12 @@ enum BenchWhat {
     Unet(UnetBench),
     /// Training speed: forward, LoRA step and full step (ms) and peak RSS, fp32 CPU.
     Train(train::TrainBench),
+    /// The demo concept trained by LoRA and by full fine-tuning for the same steps: time, file
+    /// size, concept score and drift on world prompts, side by side.
+    Quality(quality::QualityBench),
+    /// How often a model draws what world prompts ask for (colour, position, background, size,
+    /// shape), read back from its images.
+    Following(quality::FollowingBench),
 }
 
 #[derive(Args, Debug)]
@@ -54,6 +62,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     match a.what {
         BenchWhat::Unet(b) => unet(b),
         BenchWhat::Train(b) => train::run(b),
+        BenchWhat::Quality(b) => quality::run(b),
+        BenchWhat::Following(b) => quality::run_following(b),
     }
 }
 

@@ -98,6 +98,8 @@ pub struct Checkpoint {
     pub params: BTreeMap<String, Tensor>,
     /// AdamW moments (`m.<name>`, `v.<name>`).
     pub optimizer: BTreeMap<String, Tensor>,
+    /// The moving averages of `--use-ema` (`ema.<name>`, `ema.updates`), empty without it.
+    pub ema: BTreeMap<String, Tensor>,
     /// The rest of the state.
     pub state: TrainerState,
 }
@@ -124,6 +126,12 @@ pub fn save(
             "optimizer.safetensors",
             &to_bytes(out_tensors(&ckpt.optimizer)?, &no_metadata)?,
         )?;
+        if !ckpt.ema.is_empty() {
+            write(
+                "ema.safetensors",
+                &to_bytes(out_tensors(&ckpt.ema)?, &no_metadata)?,
+            )?;
+        }
         write(
             "trainer_state.json",
             serde_json::to_string_pretty(&ckpt.state)?.as_bytes(),
@@ -164,6 +172,10 @@ pub fn load(dir: &Path, device: &Device) -> anyhow::Result<Checkpoint> {
     Ok(Checkpoint {
         params: read_safetensors(&files.params(), device)?,
         optimizer: read_safetensors(&files.optimizer(), device)?,
+        ema: match files.dir.join("ema.safetensors") {
+            p if p.is_file() => read_safetensors(&p, device)?,
+            _ => BTreeMap::new(),
+        },
         state,
     })
 }

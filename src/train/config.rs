@@ -99,6 +99,9 @@ fn d_sample_steps() -> usize {
 fn d_guidance() -> f64 {
     7.5
 }
+fn d_ema_decay() -> f64 {
+    0.9999
+}
 fn d_cpu() -> String {
     "cpu".into()
 }
@@ -326,6 +329,15 @@ pub struct TrainConfig {
     #[arg(long)]
     #[serde(default)]
     pub full: bool,
+    /// With --full: keep an exponential moving average of the UNet weights (diffusers'
+    /// `EMAModel` warm-up decay) and save it instead of the last weights.
+    #[arg(long)]
+    #[serde(default)]
+    pub use_ema: bool,
+    /// The largest decay of --use-ema (warm-up: min(decay, (1 + n) / (10 + n)) at update n).
+    #[arg(long, default_value_t = d_ema_decay())]
+    #[serde(default = "d_ema_decay")]
+    pub ema_decay: f64,
     /// Keep only each UNet resnet / transformer block's inputs (and each text-encoder layer's,
     /// with --train-text-encoder) and recompute the block in the backward: less memory, about
     /// one more forward per step, the same gradients up to float rounding.
@@ -511,6 +523,12 @@ impl TrainConfig {
         }
         if self.full && self.train_text_encoder {
             bail!("--full trains the UNet only; --train-text-encoder is a LoRA option");
+        }
+        if self.use_ema && !self.full {
+            bail!("--use-ema averages the weights of a full fine-tune: it needs --full");
+        }
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            bail!("--ema-decay {}: must be in [0, 1)", self.ema_decay);
         }
         if self.bucket_no_upscale && !self.enable_bucket {
             bail!("--bucket-no-upscale needs --enable-bucket");

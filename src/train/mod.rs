@@ -6,6 +6,7 @@ pub mod bucket;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod ema;
 pub mod hooks;
 pub mod loss;
 pub mod model;

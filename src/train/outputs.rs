@@ -25,6 +25,10 @@ impl Trainer {
         let ckpt = Checkpoint {
             params: self.model.params.snapshot()?,
             optimizer: optimizer.into_iter().collect(),
+            ema: match &self.model.ema {
+                Some(e) => e.state()?,
+                None => BTreeMap::new(),
+            },
             state,
         };
         let mut extra = vec![];
@@ -168,10 +172,11 @@ impl Trainer {
             None => {
                 let dir = self.out_dir.join("unet");
                 std::fs::create_dir_all(&dir)?;
-                let params: BTreeMap<String, Tensor> = self
-                    .model
-                    .params
-                    .snapshot()?
+                let weights = match &self.model.ema {
+                    Some(e) => e.weights().clone(),
+                    None => self.model.params.snapshot()?,
+                };
+                let params: BTreeMap<String, Tensor> = weights
                     .into_iter()
                     .map(|(k, v)| (k.trim_start_matches("unet.").to_string(), v))
                     .collect();

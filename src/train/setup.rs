@@ -6,6 +6,7 @@ use super::bucket::{Bucketer, Reso};
 use super::checkpoint::{self, Checkpoint};
 use super::config::{MixedPrecision, TrainConfig};
 use super::data::{load_folder_fit, Fit};
+use super::ema::Ema;
 use super::hooks::TrainHooks;
 use super::model::{LoraSpec, Trainable};
 use super::optim::{AdamW, AdamWParams};
@@ -248,6 +249,10 @@ impl Trainer {
             };
             opt.add_group(&vars, lr)?;
         }
+        let ema = match cfg.use_ema {
+            true => Some(Ema::new(&model.named_vars(), cfg.ema_decay)?),
+            false => None,
+        };
         let sched = DdpmScheduler::new(&sd.scheduler_config)?;
         let prediction = sd.scheduler_config.prediction_type;
         let mut t = Self {
@@ -268,6 +273,7 @@ impl Trainer {
                 opt,
                 sched,
                 prediction,
+                ema,
             },
             data: BatchSource {
                 instance,
@@ -303,6 +309,12 @@ impl Trainer {
             .opt
             .load_state(&c.optimizer, c.state.step as u64)?;
         self.model.params.set_dropout_states(&c.state.dropout_rng);
+        if let Some(ema) = self.model.ema.as_mut() {
+            if c.ema.is_empty() {
+                bail!("--resume: the checkpoint has no EMA state (ema.safetensors) but --use-ema is on");
+            }
+            ema.load_state(&c.ema)?;
+        }
         self.state = RunState::from_checkpoint(&c.state);
         Ok(())
     }

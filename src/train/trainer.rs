@@ -8,6 +8,7 @@
 
 use super::bucket::BucketTable;
 use super::config::TrainConfig;
+use super::ema::Ema;
 use super::hooks::TrainHooks;
 use super::loss::{dreambooth_loss, min_snr_weights, noise_batch};
 use super::model::Trainable;
@@ -58,6 +59,8 @@ pub struct TrainedModel {
     pub sched: DdpmScheduler,
     /// What the UNet predicts (epsilon, v).
     pub prediction: PredictionType,
+    /// The moving average of the trained weights (`--use-ema`).
+    pub ema: Option<Ema>,
 }
 
 /// A prepared training run.
@@ -208,6 +211,9 @@ impl Trainer {
             self.cfg.max_train_steps,
         );
         self.model.opt.step(&grads, f)?;
+        if let Some(ema) = self.model.ema.as_mut() {
+            ema.update(&vars)?;
+        }
         self.state.step = step;
         let loss = loss_sum / accum as f64;
         self.state.losses.push(LossPoint {
