@@ -200,8 +200,21 @@ fn resume_is_bit_exact_through_both_phases() {
     let dir = tempfile::tempdir().unwrap();
     let d = data(dir.path());
     let straight = dir.path().join("straight");
-    let o = train(resume_cfg(&d, &straight), quiet()).unwrap();
+    let mut c = resume_cfg(&d, &straight);
+    // checkpoint-4 is written at the end of textual inversion, before the LoRA phase starts.
+    c.save_steps = 4;
+    let o = train(c, quiet()).unwrap();
     assert_eq!(o.steps, 8);
+    let from4 = dir.path().join("from4");
+    let mut c = resume_cfg(&d, &from4);
+    c.save_steps = 4;
+    c.resume = Some(straight.join("checkpoint-4").display().to_string());
+    train(c, quiet()).unwrap();
+    assert!(
+        std::fs::read(straight.join("lora.safetensors")).unwrap()
+            == std::fs::read(from4.join("lora.safetensors")).unwrap(),
+        "resumed from the end of phase 1"
+    );
 
     // Stopped mid-phase 1, at the phase boundary and mid-phase 2, resumed each time.
     let split = dir.path().join("split");

@@ -295,13 +295,20 @@ impl Trainer {
         };
         if let Some(c) = ckpt {
             if c.state.step > t.cfg.total_steps() {
+                let limit = match t.cfg.pivotal {
+                    true => format!(
+                        "the run's {} steps (--ti-steps {} + --max-train-steps {})",
+                        t.cfg.total_steps(),
+                        t.cfg.ti_steps,
+                        t.cfg.max_train_steps
+                    ),
+                    false => format!("--max-train-steps {}", t.cfg.max_train_steps),
+                };
                 bail!(
-                    "--resume {}: the checkpoint is at step {}, beyond the run's {} steps \
-                     (--max-train-steps {}); raise --max-train-steps to continue training",
+                    "--resume {}: the checkpoint is at step {}, beyond {limit}; raise \
+                     --max-train-steps to continue training",
                     resume_dir.unwrap_or_default().display(),
                     c.state.step,
-                    t.cfg.total_steps(),
-                    t.cfg.max_train_steps
                 );
             }
             t.restore(c)?;
