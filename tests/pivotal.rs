@@ -298,9 +298,40 @@ fn saved_file_reproduces_the_in_trainer_sample() {
         a == b,
         "generate with the saved file differs from the final sample"
     );
-    // Without the tokens the image differs: they are in use.
-    let none = image::open(&s1).unwrap().to_rgb8();
-    assert!(none != b);
+    // The sample after textual inversion (no LoRA yet) differs from the base model's image of
+    // the same prompt, where "<s1><s2>" is plain BPE pieces: the tokens are in use.
+    let base = dir.path().join("base.png");
+    let mut args = vec![
+        "generate",
+        "--prompt",
+        PROMPT,
+        "--steps",
+        "4",
+        "--guidance",
+        "3",
+    ];
+    args.extend([
+        "--seed",
+        "3",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--out",
+        s(&base),
+    ]);
+    let r = lora(&args);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let plain = image::open(&base).unwrap().to_rgb8();
+    let after_ti = image::open(&s1).unwrap().to_rgb8();
+    let moved = plain
+        .pixels()
+        .zip(after_ti.pixels())
+        .flat_map(|(p, q)| (0..3).map(move |c| (p[c] as i32 - q[c] as i32).abs()))
+        .max()
+        .unwrap();
+    eprintln!("sample after inversion vs base model, same prompt: max {moved} levels");
+    assert!(moved > 2, "{moved}");
     let t1 = set.embedding("<s1>").unwrap().vectors.clone();
     let t2 = set.embedding("<s2>").unwrap().vectors.clone();
     assert!(max_abs_diff(&t1, &t2) > 0.0, "the two tokens trained apart");

@@ -262,7 +262,7 @@ pub struct TrainConfig {
     #[arg(long, default_value_t = 0)]
     #[serde(default)]
     pub lr_warmup_steps: usize,
-    /// Number of optimizer steps.
+    /// Number of optimizer steps (with --pivotal: of the LoRA phase, after --ti-steps).
     #[arg(long, default_value_t = d_steps())]
     #[serde(default = "d_steps")]
     pub max_train_steps: usize,
