@@ -263,6 +263,18 @@ fn run_upl(a: &AddArgs, r: &Resolved) -> anyhow::Result<()> {
     for (rel, why) in &report.skipped {
         println!("  not copied: {rel} ({why})");
     }
+    if !report.tokens.ids.is_empty() {
+        let t: Vec<String> = report
+            .tokens
+            .ids
+            .iter()
+            .map(|(n, id)| format!("{n} (id {id})"))
+            .collect();
+        println!(
+            "added the learned tokens to the tokenizer and the text encoder: {}",
+            t.join(", ")
+        );
+    }
     Ok(())
 }
 
@@ -308,6 +320,19 @@ fn run_upl_single(a: &AddArgs, r: &Resolved) -> anyhow::Result<()> {
         r.output_path.display(),
         parts.join("; ")
     );
+    if !lora.embeddings.is_empty() {
+        // As the original's upl-ckpt-v2, the tokens go to an embedding file beside the model.
+        let side = crate::formats::embeddings::sidecar_path(&r.output_path);
+        crate::formats::embeddings::write_standalone(&lora, &side, a.write.force)
+            .with_context(|| format!("cannot write the learned tokens to {}", side.display()))?;
+        let names: Vec<&str> = lora.embeddings.iter().map(|e| e.token.as_str()).collect();
+        println!(
+            "the learned tokens ({}) are not part of a single-file model: wrote them to {} \
+             (use it with --embedding, or as a textual-inversion file)",
+            names.join(", "),
+            side.display()
+        );
+    }
     Ok(())
 }
 

@@ -73,13 +73,12 @@ pub fn run(a: TrainArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     });
     let out_dir = cfg.output_dir.clone().unwrap_or_default();
     let mut trainer = Trainer::new(cfg, hooks)?;
-    let n = trainer.trainable().named_vars().len();
-    let params: usize = trainer
-        .trainable()
-        .named_vars()
-        .iter()
-        .map(|(_, v)| v.elem_count())
-        .sum();
+    let mut vars = trainer.trainable().named_vars();
+    if let Some(t) = trainer.pivotal_tokens() {
+        vars.push(t.named_var());
+    }
+    let n = vars.len();
+    let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     eprintln!(
         "training {params} parameters in {n} tensors ({:.2} MB in f32); memory before the first \
          step: {:.2} GB resident, {:.2} GB peak",

@@ -101,6 +101,12 @@ impl LoraHandle {
         self.entries.iter().for_each(|e| e.adapter.set_enabled(on));
     }
 
+    /// Whether the adapters are enabled (the first one's state; all share it unless set one
+    /// by one).
+    pub fn is_enabled(&self) -> bool {
+        self.entries.first().is_none_or(|e| e.adapter.is_enabled())
+    }
+
     /// Switches dropout on (training) or off (evaluation) for every adapter.
     pub fn set_training(&self, on: bool) {
         self.entries.iter().for_each(|e| e.adapter.set_training(on));

@@ -11,6 +11,7 @@ pub mod extract;
 pub mod single_file;
 pub mod svd;
 pub mod upl;
+pub mod upl_tokens;
 
 pub mod adapter;
 pub mod host;

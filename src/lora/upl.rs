@@ -26,6 +26,8 @@ pub struct UplReport {
     pub copied: usize,
     /// Files of the input not copied, with the reason.
     pub skipped: Vec<(String, String)>,
+    /// The LoRA's learned tokens added to the tokenizer and text encoder.
+    pub tokens: super::upl_tokens::AddedTokens,
 }
 
 /// File extensions of weight files (any framework).
@@ -92,7 +94,11 @@ pub fn fuse_into_model(
         files.retain(|(_, p)| !p.canonicalize().is_ok_and(|p| p.starts_with(&out)));
     }
     let tmp = begin_output(output, force, source)?;
-    let result = write_model(&tmp, &files, &plans, alpha, allow_nonfinite, on_layer);
+    let result =
+        write_model(&tmp, &files, &plans, alpha, allow_nonfinite, on_layer).and_then(|mut r| {
+            r.tokens = super::upl_tokens::add_tokens_to_model(&tmp, &lora.embeddings)?;
+            Ok(r)
+        });
     match result {
         Ok(mut report) => {
             crate::atomic::replace_dir(&tmp, output)?;

@@ -337,6 +337,8 @@ pub fn causal_mask(len: usize, device: &Device) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 pub struct ClipTextModel {
     token_embedding: Tensor,
+    /// Rows for the ids after `token_embedding` read at every forward (a trained variable).
+    live_rows: Option<Tensor>,
     position_embedding: Tensor,
     layers: Vec<ClipEncoderLayer>,
     final_layer_norm: LayerNorm,
@@ -365,6 +367,7 @@ impl ClipTextModel {
         )?;
         Ok(Self {
             token_embedding,
+            live_rows: None,
             position_embedding,
             layers,
             final_layer_norm,
@@ -377,9 +380,42 @@ impl ClipTextModel {
         &self.config
     }
 
-    /// The token embedding `[vocab_size, hidden_size]`.
+    /// The fixed token embedding rows (`[vocab_size, hidden_size]` without live rows).
     pub fn token_embedding(&self) -> &Tensor {
         &self.token_embedding
+    }
+
+    /// The whole token embedding `[vocab_size, hidden_size]`: the fixed rows, then the live
+    /// rows (detached copies).
+    pub fn token_embedding_all(&self) -> Result<Tensor> {
+        match &self.live_rows {
+            None => Ok(self.token_embedding.clone()),
+            Some(r) => {
+                let r = r.detach().to_dtype(self.token_embedding.dtype())?;
+                Tensor::cat(&[&self.token_embedding, &r], 0)
+            }
+        }
+    }
+
+    /// Attaches `rows` `[n, hidden_size]` as the ids `vocab_size..`, read at every forward so
+    /// that a trained variable (pivotal tuning) reaches the output and gets gradients; the
+    /// fixed rows never do. Returns the first new id; an error when live rows are attached
+    /// already.
+    pub fn set_live_token_rows(&mut self, rows: Tensor) -> Result<usize> {
+        let (n, width) = rows.dims2()?;
+        if width != self.config.hidden_size {
+            candle_core::bail!(
+                "token embedding rows of width {width} do not fit the text encoder's hidden size {}",
+                self.config.hidden_size
+            );
+        }
+        if self.live_rows.is_some() {
+            candle_core::bail!("the text encoder has live token rows already");
+        }
+        let first = self.config.vocab_size;
+        self.live_rows = Some(rows);
+        self.config.vocab_size = first + n;
+        Ok(first)
     }
 
     /// Appends `rows` `[n, hidden_size]` to the token embedding as the ids `vocab_size..`
@@ -395,6 +431,9 @@ impl ClipTextModel {
         let rows = rows
             .to_dtype(self.token_embedding.dtype())?
             .to_device(self.token_embedding.device())?;
+        if self.live_rows.is_some() {
+            candle_core::bail!("cannot append fixed token rows after live ones");
+        }
         let first = self.config.vocab_size;
         self.token_embedding = Tensor::cat(&[&self.token_embedding, &rows], 0)?;
         self.config.vocab_size = self.token_embedding.dim(0)?;
@@ -443,12 +482,38 @@ impl ClipTextModel {
         let ids = self.check_ids(input_ids)?;
         let (b, len) = ids.dims2()?;
         let d = self.config.hidden_size;
-        let tok = self
-            .token_embedding
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, len, d))?;
+        let tok = match &self.live_rows {
+            None => self.token_embedding.index_select(&ids.flatten_all()?, 0)?,
+            Some(rows) => self.lookup_with_live(&ids, rows)?,
+        }
+        .reshape((b, len, d))?;
         let pos = self.position_embedding.narrow(0, 0, len)?;
         tok.broadcast_add(&pos)
+    }
+
+    /// Token rows `[B·L, D]` of `ids` when live rows follow the fixed ones: each position takes
+    /// its fixed or its live row (a selection, no arithmetic).
+    fn lookup_with_live(&self, ids: &Tensor, rows: &Tensor) -> Result<Tensor> {
+        let fixed = self.token_embedding.dim(0)? as u32;
+        let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+        let dev = self.token_embedding.device();
+        let n = flat.len();
+        let fixed_ids: Vec<u32> = flat
+            .iter()
+            .map(|&i| if i < fixed { i } else { 0 })
+            .collect();
+        let live_ids: Vec<u32> = flat.iter().map(|&i| i.saturating_sub(fixed)).collect();
+        let mask: Vec<u8> = flat.iter().map(|&i| u8::from(i >= fixed)).collect();
+        let a = self
+            .token_embedding
+            .index_select(&Tensor::from_vec(fixed_ids, n, dev)?, 0)?;
+        let rows = rows.to_dtype(self.token_embedding.dtype())?;
+        let b = rows.index_select(&Tensor::from_vec(live_ids, n, dev)?, 0)?;
+        let d = self.config.hidden_size;
+        let m = Tensor::from_vec(mask, (n, 1), dev)?
+            .broadcast_as((n, d))?
+            .contiguous()?;
+        m.where_cond(&b, &a)
     }
 
     /// Runs the first `num_layers` encoder layers, without the final layer norm.

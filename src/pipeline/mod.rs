@@ -200,6 +200,12 @@ impl StableDiffusion {
         Ok(())
     }
 
+    /// Forgets the prompts kept by [`cache_prompts`](Self::cache_prompts) (after the token
+    /// embeddings changed).
+    pub fn clear_prompt_cache(&mut self) {
+        self.prompt_cache.clear();
+    }
+
     /// Text embeddings [n, 77, D] of `text`, repeated `n` times.
     pub fn encode_prompt(&self, text: &str, n: usize, clip_skip: usize) -> anyhow::Result<Tensor> {
         if let Some(e) = self.prompt_cache.get(&(text.to_string(), clip_skip)) {

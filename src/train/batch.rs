@@ -92,6 +92,11 @@ impl ImageSet {
         &self.images
     }
 
+    /// The images, for changing their captions before training.
+    pub fn images_mut(&mut self) -> &mut [TrainImage] {
+        &mut self.images
+    }
+
     /// The aspect-ratio buckets of the images (when loaded with buckets).
     pub fn bucket_table(&self) -> Option<BucketTable> {
         let buckets: Option<Vec<Reso>> = self

@@ -60,6 +60,10 @@ pub struct TrainerState {
     /// The fp16 loss scaler (`--mixed-precision fp16` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scaler: Option<LossScaler>,
+    /// With `--pivotal`: the phase of the next step (1 textual inversion, 2 LoRA); the
+    /// optimizer state is that phase's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<u8>,
 }
 
 /// The files of one checkpoint folder.

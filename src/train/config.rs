@@ -105,6 +105,15 @@ fn d_ema_decay() -> f64 {
 fn d_cpu() -> String {
     "cpu".into()
 }
+fn d_ti_steps() -> usize {
+    1000
+}
+fn d_lr_ti() -> f64 {
+    5e-4
+}
+fn d_linear() -> LrScheduler {
+    LrScheduler::Linear
+}
 fn d_save_format() -> String {
     "kohya".into()
 }
@@ -256,7 +265,7 @@ pub struct TrainConfig {
     #[arg(long, default_value_t = 0)]
     #[serde(default)]
     pub lr_warmup_steps: usize,
-    /// Number of optimizer steps.
+    /// Number of optimizer steps (with --pivotal: of the LoRA phase, after --ti-steps).
     #[arg(long, default_value_t = d_steps())]
     #[serde(default = "d_steps")]
     pub max_train_steps: usize,
@@ -325,6 +334,59 @@ pub struct TrainConfig {
     #[arg(long, default_value_t = d_guidance())]
     #[serde(default = "d_guidance")]
     pub sample_guidance: f64,
+    /// Pivotal tuning (cloneofsimo's `lora_pti`): textual inversion of new tokens
+    /// (`--ti-steps`), then LoRA (`--max-train-steps`), the tokens saved in the LoRA file.
+    #[arg(long)]
+    #[serde(default)]
+    pub pivotal: bool,
+    /// The new tokens, `|`-separated (`"<s1>|<s2>"`); write them in the instance prompt /
+    /// captions (`{}` there stands for all of them, joined).
+    #[arg(long)]
+    #[serde(default)]
+    pub placeholder_tokens: Option<String>,
+    /// One initializer per placeholder, `|`-separated: a word that is one token (`"dog|dog"`),
+    /// `<rand-SIGMA>` (normal noise of that std) or `<zero>`.
+    #[arg(long)]
+    #[serde(default)]
+    pub initializer_tokens: Option<String>,
+    /// Initialise every placeholder with normal noise of std 0.017 (the original's default,
+    /// `<rand-0.017>`), instead of --initializer-tokens.
+    #[arg(long)]
+    #[serde(default)]
+    pub init_random: bool,
+    /// Optimizer steps of the textual-inversion phase.
+    #[arg(long, default_value_t = d_ti_steps())]
+    #[serde(default = "d_ti_steps")]
+    pub ti_steps: usize,
+    /// Learning rate of the new token embeddings (textual-inversion phase).
+    #[arg(long, default_value_t = d_lr_ti())]
+    #[serde(default = "d_lr_ti")]
+    pub learning_rate_ti: f64,
+    /// AdamW weight decay of the textual-inversion phase.
+    #[arg(long, default_value_t = 0.0)]
+    #[serde(default)]
+    pub weight_decay_ti: f64,
+    /// After each textual-inversion step, pull each new embedding's norm towards 0.4 by
+    /// min(1, 100·lr) (the original's `clip_ti_decay`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    #[serde(default = "d_true")]
+    pub clip_ti_decay: bool,
+    /// Learning-rate schedule of the textual-inversion phase.
+    #[arg(long, default_value = "linear", value_parser = parse_lr_scheduler)]
+    #[serde(default = "d_linear")]
+    pub lr_scheduler_ti: LrScheduler,
+    /// Warm-up steps of the textual-inversion phase.
+    #[arg(long, default_value_t = 0)]
+    #[serde(default)]
+    pub lr_warmup_steps_ti: usize,
+    /// Keep training the new token embeddings in the LoRA phase.
+    #[arg(long)]
+    #[serde(default)]
+    pub continue_inversion: bool,
+    /// Learning rate of the embeddings in the LoRA phase [default: --learning-rate-ti].
+    #[arg(long)]
+    #[serde(default)]
+    pub continue_inversion_lr: Option<f64>,
     /// Full fine-tuning of every UNet weight instead of LoRA (the DreamBooth baseline).
     #[arg(long)]
     #[serde(default)]
@@ -425,130 +487,19 @@ impl TrainConfig {
         self.lora_alpha.unwrap_or(self.rank as f64)
     }
 
-    /// Checks values that do not need the model; errors name the option.
-    pub fn validate(&self) -> anyhow::Result<()> {
-        if self.instance_data_dir.is_none() {
-            bail!("--instance-data-dir is required (a folder of training images)");
+    /// Optimizer steps of the whole run: the textual-inversion steps (`--pivotal`) plus
+    /// `max_train_steps`.
+    pub fn total_steps(&self) -> usize {
+        self.ti_phase_steps() + self.max_train_steps
+    }
+
+    /// Steps of the textual-inversion phase (0 without `--pivotal`).
+    pub fn ti_phase_steps(&self) -> usize {
+        if self.pivotal {
+            self.ti_steps
+        } else {
+            0
         }
-        if self
-            .instance_prompt
-            .as_deref()
-            .is_none_or(|p| p.trim().is_empty())
-        {
-            bail!("--instance-prompt is required (e.g. \"a photo of sks dog\")");
-        }
-        if self.output_dir.is_none() {
-            bail!("--output-dir is required");
-        }
-        self.lora_format()?;
-        let name = self.output_name.as_str();
-        if name.is_empty()
-            || name.starts_with('.')
-            || name.contains(['/', '\\', ':'])
-            || name.chars().any(char::is_control)
-        {
-            bail!(
-                "--output-name {name:?}: must be a plain file name (no folders), e.g. \"my_lora\""
-            );
-        }
-        if ["params", "optimizer"].contains(&name) {
-            bail!("--output-name {name:?}: checkpoints hold a {name}.safetensors of their own; choose another name");
-        }
-        if self.resolution < 8 || !self.resolution.is_multiple_of(8) {
-            bail!(
-                "--resolution {}: must be a positive multiple of 8",
-                self.resolution
-            );
-        }
-        if self.rank == 0 && !self.full {
-            bail!("--rank must be at least 1");
-        }
-        if !(0.0..1.0).contains(&self.dropout) {
-            bail!("--dropout {}: must be in [0, 1)", self.dropout);
-        }
-        if self.max_train_steps == 0 {
-            bail!("--max-train-steps must be at least 1");
-        }
-        if self.batch_size == 0 || self.gradient_accumulation_steps == 0 {
-            bail!("--batch-size and --gradient-accumulation-steps must be at least 1");
-        }
-        for (name, v) in [
-            ("--learning-rate", self.learning_rate),
-            ("--learning-rate-text", self.learning_rate_text),
-            ("--adam-weight-decay", self.adam_weight_decay),
-            ("--adam-epsilon", self.adam_epsilon),
-            ("--max-grad-norm", self.max_grad_norm),
-            ("--noise-offset", self.noise_offset),
-            ("--prior-loss-weight", self.prior_loss_weight),
-        ] {
-            if !v.is_finite() || v < 0.0 {
-                bail!("{name} {v}: must be a finite number >= 0");
-            }
-        }
-        for (name, v) in [
-            ("--adam-beta1", self.adam_beta1),
-            ("--adam-beta2", self.adam_beta2),
-        ] {
-            if !(0.0..1.0).contains(&v) {
-                bail!("{name} {v}: must be in [0, 1)");
-            }
-        }
-        if let Some(g) = self.min_snr_gamma {
-            if !g.is_finite() || g <= 0.0 {
-                bail!("--min-snr-gamma {g}: must be > 0 (typical: 5)");
-            }
-        }
-        if let Some(a) = self.lora_alpha {
-            if !a.is_finite() || a <= 0.0 {
-                bail!("--lora-alpha {a}: must be > 0");
-            }
-        }
-        if self.with_prior_preservation {
-            if self.class_data_dir.is_none() {
-                bail!("--with-prior-preservation needs --class-data-dir");
-            }
-            if self
-                .class_prompt
-                .as_deref()
-                .is_none_or(|p| p.trim().is_empty())
-            {
-                bail!("--with-prior-preservation needs --class-prompt");
-            }
-            if self.num_class_images == 0 {
-                bail!("--num-class-images must be at least 1");
-            }
-        }
-        if self.full && self.gradient_checkpointing {
-            bail!("--gradient-checkpointing is a LoRA option (--full trains the norm weights too)");
-        }
-        if self.full && self.train_text_encoder {
-            bail!("--full trains the UNet only; --train-text-encoder is a LoRA option");
-        }
-        if self.use_ema && !self.full {
-            bail!("--use-ema averages the weights of a full fine-tune: it needs --full");
-        }
-        if !(0.0..1.0).contains(&self.ema_decay) {
-            bail!("--ema-decay {}: must be in [0, 1)", self.ema_decay);
-        }
-        if self.bucket_no_upscale && !self.enable_bucket {
-            bail!("--bucket-no-upscale needs --enable-bucket");
-        }
-        self.bucket_spec()?;
-        if self.sample_every > 0 && self.sample_prompt.is_none() {
-            bail!("--sample-every needs --sample-prompt");
-        }
-        if let Some(s) = self.initial_loss_scale {
-            if !s.is_finite() || s <= 0.0 {
-                bail!("--initial-loss-scale {s}: must be > 0");
-            }
-        }
-        if self.full && self.mixed_precision != MixedPrecision::No {
-            bail!(
-                "--full trains every UNet weight in the model's own dtype, so it has no f32 master \
-                 weights: use --mixed-precision no with --full"
-            );
-        }
-        Ok(())
     }
 
     /// The bucketing options with `--enable-bucket` (min / max rounded to the steps) and the notes

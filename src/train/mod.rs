@@ -12,6 +12,7 @@ pub mod loss;
 pub mod model;
 pub mod optim;
 mod outputs;
+pub mod pivotal;
 pub mod plot;
 pub mod precision;
 pub mod prior;
@@ -20,6 +21,7 @@ mod setup;
 pub mod source;
 pub mod state;
 pub mod trainer;
+pub mod validate;
 
 pub use config::{LrScheduler, TrainConfig};
 pub use hooks::TrainHooks;

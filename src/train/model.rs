@@ -164,6 +164,16 @@ impl Trainable {
         Ok(())
     }
 
+    /// Enables or disables every LoRA adapter (pivotal tuning attaches them before its
+    /// textual-inversion phase and enables them for the LoRA phase).
+    pub fn set_enabled(&self, on: bool) {
+        if let Self::Lora { unet, text } = self {
+            for l in std::iter::once(unet).chain(text.iter()) {
+                l.handle().set_enabled(on);
+            }
+        }
+    }
+
     /// The dropout RNG states (UNet, then text encoder).
     pub fn dropout_states(&self) -> Vec<[u64; 4]> {
         match self {
@@ -207,7 +217,11 @@ impl Trainable {
         match self {
             Self::Lora { unet, text } => {
                 let mut guard = SnapshotGuard(vec![]);
-                for lora in std::iter::once(unet).chain(text.iter()) {
+                // LoRAs not in use yet (pivotal tuning's first phase) stay out of the sample.
+                let active = std::iter::once(unet)
+                    .chain(text.iter())
+                    .filter(|l| l.handle().is_enabled());
+                for lora in active {
                     let set = lora.to_lora_set()?;
                     lora.handle().set_enabled(false);
                     guard.0.push((lora, None));

@@ -3,9 +3,12 @@
 
 use super::checkpoint::{self, Checkpoint};
 use super::model::lora_file_bytes_as;
+use super::pivotal::Phase;
 use super::plot::write_loss_log;
+use super::setup::optimizer_for;
 use super::trainer::Trainer;
 use crate::formats::kohya_meta;
+use crate::lora::LoraSet;
 use crate::models::unet::config::PerBlock;
 use crate::pipeline::image_io::{save_png, to_rgb8};
 use crate::pipeline::GenerateParams;
@@ -18,12 +21,25 @@ use std::path::PathBuf;
 impl Trainer {
     /// Writes a checkpoint for the current step.
     pub fn save_checkpoint(&mut self) -> anyhow::Result<PathBuf> {
-        let (optimizer, _) = self.model.opt.state()?;
-        let state = self
+        let m = &self.model;
+        // The phase of the next step: at the end of textual inversion that is the LoRA phase,
+        // whose optimizer starts from zero moments.
+        let phase = Phase::at(&self.cfg, self.state.step);
+        let (optimizer, _) = match phase == m.phase {
+            true => m.opt.state()?,
+            false => optimizer_for(&self.cfg, &m.params, m.tokens.as_ref(), phase)?.state()?,
+        };
+        let mut state = self
             .state
-            .to_checkpoint(self.model.params.dropout_states(), self.cfg.training_args());
+            .to_checkpoint(m.params.dropout_states(), self.cfg.training_args());
+        let mut params = m.params.snapshot()?;
+        if let Some(t) = &m.tokens {
+            state.phase = Some(phase.number());
+            let (name, rows) = t.snapshot()?;
+            params.insert(name, rows);
+        }
         let ckpt = Checkpoint {
-            params: self.model.params.snapshot()?,
+            params,
             optimizer: optimizer.into_iter().collect(),
             ema: match &self.model.ema {
                 Some(e) => e.state()?,
@@ -33,7 +49,7 @@ impl Trainer {
         };
         let mut extra = vec![];
         let name = self.lora_file_name();
-        if let Some(set) = self.model.params.lora_set()? {
+        if let Some(set) = self.lora_set()? {
             let bytes = lora_file_bytes_as(&set, &self.metadata()?, self.cfg.lora_format()?)?;
             extra.push((name.as_str(), bytes));
         }
@@ -41,6 +57,18 @@ impl Trainer {
         write_loss_log(&self.out_dir, &self.state.losses)?;
         self.last_checkpoint = Some(dir.clone());
         Ok(dir)
+    }
+
+    /// The trained LoRA with the learned tokens of pivotal tuning; `None` for full
+    /// fine-tuning.
+    pub fn lora_set(&self) -> anyhow::Result<Option<LoraSet>> {
+        let Some(mut set) = self.model.params.lora_set()? else {
+            return Ok(None);
+        };
+        if let Some(t) = &self.model.tokens {
+            set.embeddings = t.learned_tokens()?;
+        }
+        Ok(Some(set))
     }
 
     /// The LoRA file's name, `<output_name>.safetensors`.
@@ -135,6 +163,9 @@ impl Trainer {
     /// Draws the sample image for the current step into `<output>/samples/`.
     pub(super) fn sample(&mut self) -> anyhow::Result<PathBuf> {
         let prompt = self.cfg.sample_prompt.clone().unwrap_or_default();
+        if self.model.tokens.is_some() {
+            self.model.sd.clear_prompt_cache();
+        }
         let params = GenerateParams {
             prompt,
             steps: self.cfg.sample_steps,
@@ -159,14 +190,22 @@ impl Trainer {
     /// Writes the final output: `<output_name>.safetensors` in the `save_format` layout, or
     /// `unet/` for full fine-tuning.
     pub(super) fn save_final(&self) -> anyhow::Result<PathBuf> {
-        match self.model.params.lora_set()? {
+        match self.lora_set()? {
             Some(set) => {
                 let path = self.out_dir.join(self.lora_file_name());
-                let bytes = lora_file_bytes_as(&set, &self.metadata()?, self.cfg.lora_format()?)?;
+                let format = self.cfg.lora_format()?;
+                let bytes = lora_file_bytes_as(&set, &self.metadata()?, format)?;
                 crate::atomic::write_file(&path, true, |tmp| {
                     std::fs::write(tmp, &bytes)
                         .with_context(|| format!("cannot write {}", path.display()))
                 })?;
+                if let Some(side) = crate::formats::sidecar_for(&set, &path, format) {
+                    crate::formats::embeddings::write_standalone(&set, &side, true)?;
+                    self.hooks.note(format!(
+                        "note: --save-format {format} cannot hold the learned tokens; they are in {}",
+                        side.display()
+                    ));
+                }
                 Ok(path)
             }
             None => {

@@ -10,6 +10,7 @@ use super::ema::Ema;
 use super::hooks::TrainHooks;
 use super::model::{LoraSpec, Trainable};
 use super::optim::{AdamW, AdamWParams};
+use super::pivotal::{Phase, PivotalTokens, ROWS_NAME};
 use super::prior::{ensure_class_images, ClassGen};
 use super::scaler::{LossScaler, INIT_SCALE};
 use super::source::BatchSource;
@@ -142,6 +143,30 @@ impl Trainer {
         ));
         sd.latent_size(cfg.resolution, cfg.resolution)
             .context("--resolution")?;
+        let tokens = match cfg.pivotal {
+            true => {
+                let t = PivotalTokens::attach(&mut sd, &cfg)?;
+                let without = t.fill_captions(instance.images_mut())?;
+                if without > 0 {
+                    hooks.note(format!(
+                        "warning: {without} of {} caption(s) name no placeholder ({}); those \
+                         images do not train the new tokens",
+                        instance.len(),
+                        t.names().join(", ")
+                    ));
+                }
+                hooks.note(format!(
+                    "pivotal tuning: tokens {} (ids {:?}); {} textual-inversion step(s), then {} \
+                     LoRA step(s)",
+                    t.names().join(", "),
+                    t.ids(),
+                    cfg.ti_steps,
+                    cfg.max_train_steps
+                ));
+                Some(t)
+            }
+            false => None,
+        };
         let rows = cfg.batch_size * if cfg.with_prior_preservation { 2 } else { 1 };
         let r = cfg.resolution;
         let (mut w, mut h) = (r, r);
@@ -235,20 +260,9 @@ impl Trainer {
                 te.set_gradient_checkpointing(cfg.train_text_encoder);
             }
         }
-        let mut opt = AdamW::new(AdamWParams {
-            beta1: cfg.adam_beta1,
-            beta2: cfg.adam_beta2,
-            eps: cfg.adam_epsilon,
-            weight_decay: cfg.adam_weight_decay,
-        });
-        for (vars, text) in model.groups() {
-            let lr = if text {
-                cfg.learning_rate_text
-            } else {
-                cfg.learning_rate
-            };
-            opt.add_group(&vars, lr)?;
-        }
+        let phase = Phase::at(&cfg, 0);
+        model.set_enabled(phase == Phase::Lora);
+        let opt = optimizer_for(&cfg, &model, tokens.as_ref(), phase)?;
         let ema = match cfg.use_ema {
             true => Some(Ema::new(&model.named_vars(), cfg.ema_decay)?),
             false => None,
@@ -274,6 +288,8 @@ impl Trainer {
                 sched,
                 prediction,
                 ema,
+                tokens,
+                phase,
             },
             data: BatchSource {
                 instance,
@@ -284,13 +300,21 @@ impl Trainer {
             },
         };
         if let Some(c) = ckpt {
-            if c.state.step > t.cfg.max_train_steps {
+            if c.state.step > t.cfg.total_steps() {
+                let limit = match t.cfg.pivotal {
+                    true => format!(
+                        "the run's {} steps (--ti-steps {} + --max-train-steps {})",
+                        t.cfg.total_steps(),
+                        t.cfg.ti_steps,
+                        t.cfg.max_train_steps
+                    ),
+                    false => format!("--max-train-steps {}", t.cfg.max_train_steps),
+                };
                 bail!(
-                    "--resume {}: the checkpoint is at step {}, beyond --max-train-steps {}; \
-                     raise --max-train-steps to continue training",
+                    "--resume {}: the checkpoint is at step {}, beyond {limit}; raise \
+                     --max-train-steps to continue training",
                     resume_dir.unwrap_or_default().display(),
                     c.state.step,
-                    t.cfg.max_train_steps
                 );
             }
             t.restore(c)?;
@@ -303,11 +327,39 @@ impl Trainer {
         Ok(t)
     }
 
-    fn restore(&mut self, c: Checkpoint) -> anyhow::Result<()> {
-        self.model.params.restore(&c.params)?;
-        self.model
-            .opt
-            .load_state(&c.optimizer, c.state.step as u64)?;
+    fn restore(&mut self, mut c: Checkpoint) -> anyhow::Result<()> {
+        let m = &mut self.model;
+        if let Some(t) = &m.tokens {
+            t.restore(&c.params)?;
+            c.params.remove(ROWS_NAME);
+        }
+        m.params.restore(&c.params)?;
+        let phase = Phase::at(&self.cfg, c.state.step);
+        if let Some(p) = c
+            .state
+            .phase
+            .filter(|&p| m.tokens.is_some() && p != phase.number())
+        {
+            bail!(
+                "checkpoint at step {} is in phase {p}, but with --ti-steps {} that step is in \
+                 phase {}",
+                c.state.step,
+                self.cfg.ti_steps,
+                phase.number()
+            );
+        }
+        if phase != m.phase {
+            m.params.set_enabled(phase == Phase::Lora);
+            m.opt = optimizer_for(&self.cfg, &m.params, m.tokens.as_ref(), phase)?;
+            m.phase = phase;
+        }
+        // Each phase has its own optimizer, counting its own steps.
+        let first = match phase {
+            Phase::Inversion => 0,
+            Phase::Lora => self.cfg.ti_phase_steps(),
+        };
+        m.opt
+            .load_state(&c.optimizer, (c.state.step - first) as u64)?;
         self.model.params.set_dropout_states(&c.state.dropout_rng);
         if let Some(ema) = self.model.ema.as_mut() {
             if c.ema.is_empty() {
@@ -343,7 +395,8 @@ fn release_unused(
         freed.push("VAE decoder");
     }
     let mut emb = EmbeddingCache::default();
-    if cfg.cache_text_embeddings && !cfg.train_text_encoder && !sampling {
+    // Pivotal tuning changes the token embeddings: captions are encoded as they train.
+    if cfg.cache_text_embeddings && !cfg.train_text_encoder && !sampling && !cfg.pivotal {
         let captions = std::iter::once(instance)
             .chain(class)
             .flat_map(|s| s.images().iter().map(|i| i.caption.as_str()));
@@ -357,4 +410,47 @@ fn release_unused(
         hooks.note(format!("freed: {}", freed.join(", ")));
     }
     Ok(emb)
+}
+
+/// The optimizer of `phase`: the new token rows alone at `--learning-rate-ti` with
+/// `--weight-decay-ti` (textual inversion), or the LoRA groups (plus the rows with
+/// `--continue-inversion`, at `--continue-inversion-lr`) with `--adam-weight-decay`, as the
+/// original puts them in one optimizer. A new phase starts with zero moments, as the original's
+/// new optimizer does.
+pub(super) fn optimizer_for(
+    cfg: &TrainConfig,
+    params: &Trainable,
+    tokens: Option<&PivotalTokens>,
+    phase: Phase,
+) -> anyhow::Result<AdamW> {
+    let hp = |weight_decay| AdamWParams {
+        beta1: cfg.adam_beta1,
+        beta2: cfg.adam_beta2,
+        eps: cfg.adam_epsilon,
+        weight_decay,
+    };
+    let rows = || -> anyhow::Result<Vec<(String, candle_core::Var)>> {
+        Ok(vec![tokens
+            .context("internal: pivotal phase without tokens")?
+            .named_var()])
+    };
+    if phase == Phase::Inversion {
+        let mut opt = AdamW::new(hp(cfg.weight_decay_ti));
+        opt.add_group(&rows()?, cfg.learning_rate_ti)?;
+        return Ok(opt);
+    }
+    let mut opt = AdamW::new(hp(cfg.adam_weight_decay));
+    for (vars, text) in params.groups() {
+        let lr = if text {
+            cfg.learning_rate_text
+        } else {
+            cfg.learning_rate
+        };
+        opt.add_group(&vars, lr)?;
+    }
+    if cfg.pivotal && cfg.continue_inversion {
+        let lr = cfg.continue_inversion_lr.unwrap_or(cfg.learning_rate_ti);
+        opt.add_group(&rows()?, lr)?;
+    }
+    Ok(opt)
 }

@@ -63,6 +63,7 @@ impl RunState {
             losses: self.losses.clone(),
             training_args,
             loss_scaler: self.loss_scaler,
+            phase: None,
         }
     }
 

@@ -13,6 +13,7 @@ use super::hooks::TrainHooks;
 use super::loss::{dreambooth_loss, min_snr_weights, noise_batch};
 use super::model::Trainable;
 use super::optim::{clip_grad_norm, lr_factor, AdamW};
+use super::pivotal::{Phase, PivotalTokens};
 use super::plot::{write_loss_log, LossPoint};
 use super::scaler::ScaleUpdate;
 use super::source::{Batch, BatchSource};
@@ -61,6 +62,10 @@ pub struct TrainedModel {
     pub prediction: PredictionType,
     /// The moving average of the trained weights (`--use-ema`).
     pub ema: Option<Ema>,
+    /// The new tokens of pivotal tuning (`--pivotal`).
+    pub tokens: Option<PivotalTokens>,
+    /// The phase `opt` belongs to (always [`Phase::Lora`] without `--pivotal`).
+    pub phase: Phase,
 }
 
 /// A prepared training run.
@@ -90,6 +95,58 @@ impl Trainer {
         &self.cfg
     }
 
+    /// The new tokens of pivotal tuning.
+    pub fn pivotal_tokens(&self) -> Option<&PivotalTokens> {
+        self.model.tokens.as_ref()
+    }
+
+    /// Whether the token embeddings change in the current phase (so captions are encoded
+    /// at every step instead of from the cache).
+    fn tokens_training(&self) -> bool {
+        self.model.tokens.is_some()
+            && (self.model.phase == Phase::Inversion || self.cfg.continue_inversion)
+    }
+
+    /// The base learning rate of the current phase's first group.
+    fn phase_lr(&self) -> f64 {
+        match self.model.phase {
+            Phase::Inversion => self.cfg.learning_rate_ti,
+            Phase::Lora => self.cfg.learning_rate,
+        }
+    }
+
+    /// The learning-rate factor of optimizer step `completed + 1`: the phase's schedule over
+    /// the phase's steps.
+    fn lr_factor_at(&self, completed: usize) -> f64 {
+        let c = &self.cfg;
+        match self.model.phase {
+            Phase::Inversion => lr_factor(
+                c.lr_scheduler_ti,
+                completed,
+                c.lr_warmup_steps_ti,
+                c.ti_steps,
+            ),
+            Phase::Lora => lr_factor(
+                c.lr_scheduler,
+                completed - c.ti_phase_steps(),
+                c.lr_warmup_steps,
+                c.max_train_steps,
+            ),
+        }
+    }
+
+    /// Ends textual inversion: the LoRA is switched on and a new optimizer takes over; cached
+    /// caption embeddings are dropped (the tokens changed).
+    fn enter_lora_phase(&mut self) -> anyhow::Result<()> {
+        let m = &mut self.model;
+        m.params.set_enabled(true);
+        m.opt = super::setup::optimizer_for(&self.cfg, &m.params, m.tokens.as_ref(), Phase::Lora)?;
+        m.phase = Phase::Lora;
+        m.sd.clear_prompt_cache();
+        self.data.emb = Default::default();
+        Ok(())
+    }
+
     /// The instance images' aspect-ratio buckets (`--enable-bucket`).
     pub fn buckets(&self) -> Option<&BucketTable> {
         self.data.buckets.as_ref()
@@ -98,13 +155,10 @@ impl Trainer {
     /// Draws the next micro-batch as a training step does, advancing the data order and the
     /// generators of the run.
     pub fn next_batch(&mut self) -> anyhow::Result<Batch> {
+        let live = self.cfg.train_text_encoder || self.tokens_training();
         let m = &self.model;
-        self.data.next(
-            &mut self.state,
-            &m.sd,
-            self.cfg.batch_size,
-            self.cfg.train_text_encoder,
-        )
+        self.data
+            .next(&mut self.state, &m.sd, self.cfg.batch_size, live)
     }
 
     /// Loss of one micro-batch (differentiable).
@@ -140,7 +194,12 @@ impl Trainer {
     /// One optimizer step (with gradient accumulation); returns the mean loss.
     fn train_step(&mut self) -> anyhow::Result<f64> {
         let accum = self.cfg.gradient_accumulation_steps;
-        let vars = self.model.params.named_vars();
+        let vars: Vec<(String, candle_core::Var)> = self
+            .model
+            .opt
+            .vars()
+            .map(|(n, v)| (n.to_string(), v.clone()))
+            .collect();
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss_sum = 0f64;
         let step = self.state.step + 1;
@@ -182,9 +241,14 @@ impl Trainer {
                 *g = g.affine(1.0 / s, 0.0)?;
             }
         }
+        // The original clips gradients in its LoRA phase only.
+        let max_norm = match self.model.phase {
+            Phase::Inversion => 0.0,
+            Phase::Lora => self.cfg.max_grad_norm,
+        };
         let norm = match overflow {
             true => f64::INFINITY,
-            false => clip_grad_norm(&mut grads, self.cfg.max_grad_norm)?,
+            false => clip_grad_norm(&mut grads, max_norm)?,
         };
         if let Some(scaler) = self.state.loss_scaler.as_mut() {
             if scaler.update(!norm.is_finite()) == ScaleUpdate::Skipped {
@@ -204,23 +268,20 @@ impl Trainer {
         if !norm.is_finite() {
             return Err(self.diverged(step, &format!("the gradient norm is {norm}")));
         }
-        let f = lr_factor(
-            self.cfg.lr_scheduler,
-            self.state.step,
-            self.cfg.lr_warmup_steps,
-            self.cfg.max_train_steps,
-        );
+        let f = self.lr_factor_at(self.state.step);
         self.model.opt.step(&grads, f)?;
         if let Some(ema) = self.model.ema.as_mut() {
             ema.update(&vars)?;
         }
+        let lr = self.phase_lr() * f;
+        if let (Phase::Inversion, Some(t)) = (self.model.phase, &self.model.tokens) {
+            if self.cfg.clip_ti_decay {
+                t.decay_norms(lr)?;
+            }
+        }
         self.state.step = step;
         let loss = loss_sum / accum as f64;
-        self.state.losses.push(LossPoint {
-            step,
-            loss,
-            lr: self.cfg.learning_rate * f,
-        });
+        self.state.losses.push(LossPoint { step, loss, lr });
         Ok(loss)
     }
 
@@ -234,57 +295,37 @@ impl Trainer {
         anyhow::anyhow!(
             "training stopped at step {step} of {}: {why}; that step was not applied and no \
              LoRA file was written; {ckpt}. The learning rate ({:e}) is probably too high.",
-            self.cfg.max_train_steps,
-            self.cfg.learning_rate
+            self.cfg.total_steps(),
+            self.phase_lr()
         )
     }
 
-    /// Runs the remaining steps, then writes the outputs.
+    /// Runs the remaining steps (with `--pivotal`: textual inversion, then LoRA, each with its
+    /// progress bar), then writes the outputs.
     pub fn run(&mut self) -> anyhow::Result<TrainOutcome> {
-        let total = self.cfg.max_train_steps;
-        let pb = self.hooks.progress(total as u64, "training");
-        pb.set_position(self.state.step as u64);
-        pb.reset_eta();
+        let total = self.cfg.total_steps();
+        let ti = self.cfg.ti_phase_steps();
         let t0 = Instant::now();
         let start_step = self.state.step;
         let mut interrupted = false;
-        while self.state.step < total {
-            if self.hooks.interrupt.load(Ordering::SeqCst)
-                || self.cfg.stop_after == Some(self.state.step)
-            {
-                interrupted = true;
-                break;
+        let phases: &[(Phase, usize, usize)] = match self.model.tokens.is_some() {
+            true => &[(Phase::Inversion, 0, ti), (Phase::Lora, ti, total)],
+            false => &[(Phase::Lora, 0, total)],
+        };
+        for &(phase, lo, hi) in phases {
+            if self.state.step >= hi || interrupted {
+                continue;
             }
-            let loss = self.train_step()?;
-            pb.set_position(self.state.step as u64);
-            pb.set_message(match loss.is_nan() {
-                true => "training (step skipped: fp16 overflow)".to_string(),
-                false => format!("training (loss {loss:.4})"),
-            });
-            if self.cfg.save_steps > 0 && self.state.step.is_multiple_of(self.cfg.save_steps) {
-                let d = self.save_checkpoint()?;
-                pb.suspend(|| {
-                    self.hooks.note(format!(
-                        "step {}: checkpoint {}",
-                        self.state.step,
-                        d.display()
-                    ))
-                });
+            if phase == Phase::Lora && self.model.phase == Phase::Inversion {
+                self.enter_lora_phase()?;
             }
-            let at_end = self.state.step == total;
-            if self.cfg.sample_prompt.is_some()
-                && ((self.cfg.sample_every > 0
-                    && self.state.step.is_multiple_of(self.cfg.sample_every))
-                    || at_end)
-            {
-                let p = self.sample()?;
-                pb.suspend(|| {
-                    self.hooks
-                        .note(format!("step {}: sample {}", self.state.step, p.display()))
-                });
-            }
+            let label = match (phase, self.model.tokens.is_some()) {
+                (Phase::Inversion, _) => "textual inversion",
+                (Phase::Lora, true) => "LoRA",
+                (Phase::Lora, false) => "training",
+            };
+            interrupted = self.run_phase(label, lo, hi)?;
         }
-        pb.finish_and_clear();
         let train_seconds = t0.elapsed().as_secs_f64();
         let mut output = None;
         if interrupted {
@@ -316,6 +357,52 @@ impl Trainer {
             trained_params: self.model.opt.num_params(),
             train_seconds,
         })
+    }
+}
+
+impl Trainer {
+    /// Runs the steps `lo..hi` of one phase under a progress bar labelled `label`; returns
+    /// whether the run was interrupted.
+    fn run_phase(&mut self, label: &str, lo: usize, hi: usize) -> anyhow::Result<bool> {
+        let total = self.cfg.total_steps();
+        let pb = self.hooks.progress((hi - lo) as u64, label);
+        pb.set_position((self.state.step - lo) as u64);
+        pb.reset_eta();
+        while self.state.step < hi {
+            if self.hooks.interrupt.load(Ordering::SeqCst)
+                || self.cfg.stop_after == Some(self.state.step)
+            {
+                pb.finish_and_clear();
+                return Ok(true);
+            }
+            let loss = self.train_step()?;
+            pb.set_position((self.state.step - lo) as u64);
+            pb.set_message(match loss.is_nan() {
+                true => format!("{label} (step skipped: fp16 overflow)"),
+                false => format!("{label} (loss {loss:.4})"),
+            });
+            let step = self.state.step;
+            if self.cfg.save_steps > 0 && step.is_multiple_of(self.cfg.save_steps) {
+                let d = self.save_checkpoint()?;
+                pb.suspend(|| {
+                    self.hooks
+                        .note(format!("step {step}: checkpoint {}", d.display()))
+                });
+            }
+            // A sample at the end of each phase, and every `sample_every` steps.
+            let due = (self.cfg.sample_every > 0 && step.is_multiple_of(self.cfg.sample_every))
+                || step == hi
+                || step == total;
+            if self.cfg.sample_prompt.is_some() && due {
+                let p = self.sample()?;
+                pb.suspend(|| {
+                    self.hooks
+                        .note(format!("step {step}: sample {}", p.display()))
+                });
+            }
+        }
+        pb.finish_and_clear();
+        Ok(false)
     }
 }
 
