@@ -291,7 +291,7 @@ def main():
         run_lora("convert", src, *extra, "--model", model, "--force", "--out", rel(os.path.join(out, f"{name}.safetensors")))
     train_dir = os.path.join(out, "train")
     run_lora(
-        "train", "--model", model, "--instance-data-dir", "assets/demo-data", "--instance-prompt", "a photo of sks toy",
+        "train", "--model", model, "--instance-data-dir", "tests/fixtures/train-data", "--instance-prompt", "a photo of sks toy",
         "--resolution", "16", "--max-train-steps", "3", "--learning-rate", "0.05", "--train-text-encoder",
         "--learning-rate-text", "0.05", "--seed", "3", "--output-dir", rel(train_dir), "--force",
     )

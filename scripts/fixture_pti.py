@@ -2,7 +2,7 @@
 
 It runs our own binaries first (build them with `cargo build --release`), then checks and records
 what transformers / diffusers make of their outputs:
-1. `lora train --pivotal` on sd1-tiny (the demo images, 16 px, placeholders <s1>|<s2> initialised
+1. `lora train --pivotal` on sd1-tiny (the training-test images tests/fixtures/train-data, 16 px, placeholders <s1>|<s2> initialised
    from "toy", 6 textual-inversion + 4 LoRA steps, UNet LoRA only) writes `lora_pti.safetensors`
    (--save-format ours: tokens as `learned_embeds.<token>`) and `lora_pti_kohya.safetensors` (the same
    run, kohya layout: bundle_emb). `lora convert --to cloneofsimo` turns the first into
@@ -38,7 +38,7 @@ REPO = os.path.join(HERE, "..")
 ROOT = os.path.join(REPO, "tests", "fixtures")
 OUT = os.path.join(ROOT, "pti")
 MODEL = os.path.join(ROOT, "sd1-tiny")
-DATA = os.path.join(REPO, "assets", "demo-data")
+DATA = os.path.join(REPO, "tests", "fixtures", "train-data")
 BIN = os.path.join(REPO, "target", "release")
 PROMPTS = ["a photo of <s1><s2>", "a <s1>-like toy, <s2>.", "<s2> <s1>"]
 

@@ -7,7 +7,8 @@ use std::path::Path;
 /// Layer rank of each top-level module; a module may import modules of equal or lower rank.
 fn rank(module: &str) -> Option<u32> {
     Some(match module {
-        "rng" | "sys" | "atomic" | "tensor_file" | "pickle" | "tokenizer" | "schedulers" => 0,
+        "rng" | "sys" | "atomic" | "tensor_file" | "pickle" | "tokenizer" | "schedulers"
+        | "world" => 0,
         "ops" => 1,
         "models" => 2,
         "hub" => 3,

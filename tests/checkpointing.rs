@@ -206,7 +206,7 @@ fn lora_train_saves_the_same_lora_with_gradient_checkpointing() {
     let run = |name: &str, on: bool| {
         let out = dir.path().join(name);
         let c = TrainConfig {
-            instance_data_dir: Some(repo().join("assets/demo-data")),
+            instance_data_dir: Some(repo().join("tests/fixtures/train-data")),
             instance_prompt: Some("a photo of sks toy".into()),
             output_dir: Some(out.clone()),
             resolution: 64,

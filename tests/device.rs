@@ -399,7 +399,7 @@ fn losses(dir: &Path) -> Res<Vec<f64>> {
 
 fn train(out: &Path, device: &str) -> Res<Vec<f64>> {
     let model = repo().join("assets/tiny-sd");
-    let data = repo().join("assets/demo-data");
+    let data = repo().join("tests/fixtures/train-data");
     run_lora(&[
         "train",
         "--model",

@@ -156,7 +156,7 @@ fn consumers_apply_every_layer_of_our_files_with_our_delta() {
 fn train_cfg(out: &std::path::Path) -> TrainConfig {
     TrainConfig {
         model: Some(fixtures().join("sd1-tiny").to_string_lossy().into()),
-        instance_data_dir: Some(common::repo().join("assets/demo-data")),
+        instance_data_dir: Some(common::repo().join("tests/fixtures/train-data")),
         instance_prompt: Some("a photo of sks toy".into()),
         resolution: 16,
         max_train_steps: 3,

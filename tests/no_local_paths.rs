@@ -29,7 +29,10 @@ fn no_written_file_holds_a_local_path() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path().canonicalize().unwrap();
     let model = fixtures().join("sd1-tiny").canonicalize().unwrap();
-    let data = repo().join("assets/demo-data").canonicalize().unwrap();
+    let data = repo()
+        .join("tests/fixtures/train-data")
+        .canonicalize()
+        .unwrap();
     let (m, d) = (s(&model), s(&data));
     let p = |name: &str| t.join(name).to_string_lossy().to_string();
     let train = |dir: &str, extra: &[&str]| {

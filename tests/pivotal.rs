@@ -23,11 +23,11 @@ fn quiet() -> TrainHooks {
     }
 }
 
-/// The demo images without their caption files (every image takes the instance prompt).
+/// The training-test images (tests/fixtures/train-data) without their caption files (every image takes the instance prompt).
 fn data(dir: &Path) -> PathBuf {
     let d = dir.join("data");
     std::fs::create_dir_all(&d).unwrap();
-    for e in std::fs::read_dir(repo().join("assets/demo-data")).unwrap() {
+    for e in std::fs::read_dir(repo().join("tests/fixtures/train-data")).unwrap() {
         let p = e.unwrap().path();
         if p.extension().is_some_and(|x| x == "png") {
             std::fs::copy(&p, d.join(p.file_name().unwrap())).unwrap();

@@ -100,7 +100,7 @@ fn non_finite_and_integer_lora_factors_are_refused() {
 #[test]
 fn cli_numbers_must_be_finite() {
     let dir = tempfile::tempdir().unwrap();
-    let data = repo().join("assets/demo-data");
+    let data = repo().join("tests/fixtures/train-data");
     for (flag, v) in [("--learning-rate", "NaN"), ("--max-grad-norm", "inf")] {
         let o = lora(&[
             "train",
@@ -176,7 +176,7 @@ fn an_empty_vocabulary_is_an_error() {
 fn resuming_past_max_train_steps_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let data = repo().join("assets/demo-data");
+    let data = repo().join("tests/fixtures/train-data");
     let mut args = vec![
         "train",
         "--instance-data-dir",
@@ -266,7 +266,7 @@ fn all_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
 fn written_files_hold_no_local_paths() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("photos");
-    copy_dir(&repo().join("assets/demo-data"), &data);
+    copy_dir(&repo().join("tests/fixtures/train-data"), &data);
     let model = dir.path().join("my-model");
     copy_dir(&repo().join("assets/tiny-sd"), &model);
     let out = dir.path().join("run");

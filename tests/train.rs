@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 fn demo_data() -> PathBuf {
-    repo().join("assets/demo-data")
+    repo().join("tests/fixtures/train-data")
 }
 
 fn quiet() -> TrainHooks {

@@ -18,7 +18,7 @@ fn quiet() -> TrainHooks {
 
 fn cfg(out: &Path, mp: MixedPrecision) -> TrainConfig {
     TrainConfig {
-        instance_data_dir: Some(repo().join("assets/demo-data")),
+        instance_data_dir: Some(repo().join("tests/fixtures/train-data")),
         instance_prompt: Some("a photo of sks toy".into()),
         output_dir: Some(out.to_path_buf()),
         resolution: 64,
@@ -85,7 +85,7 @@ fn half_precision_training_learns_and_saves_f32() {
 fn fp16_overflow_skips_the_step_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let data = repo().join("assets/demo-data");
+    let data = repo().join("tests/fixtures/train-data");
     // A loss scale of 1e30 overflows fp16 gradients: every step is skipped, halving the scale.
     let o = lora(&[
         "train",

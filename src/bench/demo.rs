@@ -21,11 +21,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// The LoRA scales of the sweep.
-pub const SWEEP_SCALES: [f64; 7] = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5];
+pub const SWEEP_SCALES: [f64; 6] = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5];
 /// Images per concept prompt and setting.
-pub const IMAGES_PER_PROMPT: usize = 4;
+pub const IMAGES_PER_PROMPT: usize = 3;
 /// World prompts the drift is measured on.
-pub const DRIFT_PROMPTS: usize = 10;
+pub const DRIFT_PROMPTS: usize = 8;
 /// Seed of every measured image's latents.
 pub const MEASURE_SEED: u64 = 1;
 
@@ -49,7 +49,7 @@ pub struct DemoOptions {
 }
 
 impl DemoOptions {
-    /// The demo's defaults on `model`: rank-4 LoRA, 300 steps, lr 1e-3.
+    /// The demo's defaults on `model`: rank-4 LoRA on the attention projections, 300 steps, lr 1e-2.
     pub fn new(model: Option<String>, data: PathBuf, out_dir: PathBuf) -> Self {
         Self {
             model,
@@ -57,7 +57,7 @@ impl DemoOptions {
             out_dir,
             steps: 300,
             full: false,
-            learning_rate: 1e-3,
+            learning_rate: 1e-2,
             quiet: false,
         }
     }
@@ -90,8 +90,11 @@ pub struct DemoReport {
     pub trained_following: Following,
     /// Mean absolute difference of the world-prompt images, trained vs base (levels of 255).
     pub drift_levels: f64,
-    /// The files written.
+    /// The files written (not serialized: files we write hold no local paths).
+    #[serde(skip)]
     pub outputs: Vec<PathBuf>,
+    /// The files written, relative to the output folder.
+    pub files: Vec<String>,
 }
 
 impl DemoReport {
@@ -304,6 +307,14 @@ pub fn run_demo(o: &DemoOptions) -> anyhow::Result<DemoReport> {
         base_following,
         trained_following,
         drift_levels,
+        files: outputs
+            .iter()
+            .chain(std::iter::once(&o.out_dir.join("scores.json")))
+            .map(|p| {
+                let rel = p.strip_prefix(&o.out_dir).unwrap_or(p);
+                rel.to_string_lossy().replace('\\', "/")
+            })
+            .collect(),
         outputs: outputs.clone(),
     };
     let p = o.out_dir.join("scores.json");

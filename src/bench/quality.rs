@@ -172,7 +172,7 @@ pub struct QualityBench {
     #[arg(long, default_value_t = 300)]
     steps: usize,
     /// Learning rate of the LoRA.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-2)]
     lora_learning_rate: f64,
     /// Learning rate of full fine-tuning.
     #[arg(long, default_value_t = 1e-4)]

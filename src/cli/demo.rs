@@ -18,6 +18,9 @@ pub struct DemoArgs {
     /// Full fine-tuning of the UNet instead of a LoRA (the DreamBooth baseline).
     #[arg(long)]
     full: bool,
+    /// Learning rate [default: 1e-2 for the LoRA, 1e-4 with --full].
+    #[arg(long)]
+    learning_rate: Option<f64>,
     /// Another model folder of the bundled model's world (default: the bundled model).
     #[arg(long)]
     model: Option<String>,
@@ -36,6 +39,9 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     o.full = a.full;
     if a.full {
         o.learning_rate = 1e-4;
+    }
+    if let Some(lr) = a.learning_rate {
+        o.learning_rate = lr;
     }
     eprintln!(
         "demo: training a {} on {} ({} steps) into the bundled model (assets/tiny-sd, which \

@@ -8,17 +8,18 @@
 //! - Colour: the world shape colour most shape pixels are nearest to. Position: the shape's
 //!   centroid against the three x centres. Size: its area against the small/large split.
 //!   Outline: its area over its bounding box (square ≈ 1, circle ≈ 0.79, triangle ≈ 0.5).
-//! - Concept score: the share of a concept image's object pixels that the generated image
-//!   reproduces (colour within [`CONCEPT_DISTANCE`]) at the best shift (±16 px), best over
-//!   the concept images: 0 = none of the concept, 1 = all of it.
+//! - Concept score: how closely the generated image reproduces a concept image's object pixels
+//!   at the best shift (±16 px), best over the concept images: per pixel 1 − d/[`CONCEPT_DISTANCE`]
+//!   (d the RGB distance, clipped at 0), averaged over the object. 1 = the concept exactly,
+//!   0 = every object pixel at least 128 levels off.
 
 use super::{COLOURS, NEUTRALS, POSITIONS, SIZES};
 use image::RgbImage;
 
 /// RGB distance beyond which a pixel is not background.
 pub const FOREGROUND_DISTANCE: f64 = 60.0;
-/// RGB distance within which a pixel reproduces a concept pixel.
-pub const CONCEPT_DISTANCE: f64 = 64.0;
+/// RGB distance at which a pixel stops counting towards the concept.
+pub const CONCEPT_DISTANCE: f64 = 128.0;
 /// Largest shift (pixels, each axis) tried when matching a concept.
 pub const CONCEPT_SHIFT: i64 = 16;
 
@@ -186,31 +187,31 @@ impl ConceptTemplate {
         self.pixels.is_empty()
     }
 
-    /// The share of the object reproduced by `img` at the best shift.
+    /// How closely `img` reproduces the object at the best shift (0..1).
     pub fn match_share(&self, img: &RgbImage) -> f64 {
         if self.pixels.is_empty() {
             return 0.0;
         }
         let (w, h) = (img.width() as i64, img.height() as i64);
-        let mut best = 0usize;
+        let mut best = 0f64;
         for dy in (-CONCEPT_SHIFT..=CONCEPT_SHIFT).step_by(2) {
             for dx in (-CONCEPT_SHIFT..=CONCEPT_SHIFT).step_by(2) {
-                let hits = self
+                let sum: f64 = self
                     .pixels
                     .iter()
-                    .filter(|(x, y, c)| {
+                    .map(|(x, y, c)| {
                         let (u, v) = (x + dx, y + dy);
-                        u >= 0
-                            && v >= 0
-                            && u < w
-                            && v < h
-                            && dist(img.get_pixel(u as u32, v as u32).0, *c) <= CONCEPT_DISTANCE
+                        if u < 0 || v < 0 || u >= w || v >= h {
+                            return 0.0;
+                        }
+                        let d = dist(img.get_pixel(u as u32, v as u32).0, *c);
+                        (1.0 - d / CONCEPT_DISTANCE).max(0.0)
                     })
-                    .count();
-                best = best.max(hits);
+                    .sum();
+                best = best.max(sum);
             }
         }
-        best as f64 / self.pixels.len() as f64
+        best / self.pixels.len() as f64
     }
 }
 
@@ -275,8 +276,13 @@ mod tests {
         assert!(concept_score(&shifted, &t) > 0.95);
         let other = scene([240, 240, 240], [40, 80, 220], 32, 12, false);
         assert!(concept_score(&other, &t) < 0.05);
+        // A smaller copy: (8/12)² of the object matches exactly, the rest is 255+ levels off.
         let half = scene([240, 240, 240], [255, 140, 0], 32, 8, false);
         let s = concept_score(&half, &t);
-        assert!(s > 0.3 && s < 0.6, "{s}");
+        assert!(s > 0.35 && s < 0.55, "{s}");
+        // A near colour counts in part: 32 levels off in one channel → 0.75.
+        let near = scene([240, 240, 240], [223, 140, 0], 32, 12, false);
+        let s = concept_score(&near, &t);
+        assert!((s - 0.75).abs() < 0.02, "{s}");
     }
 }
