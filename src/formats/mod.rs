@@ -31,6 +31,7 @@ pub mod io;
 pub mod keymap;
 pub mod kohya;
 pub mod kohya_meta;
+pub mod lycoris;
 pub mod ours;
 pub mod peft;
 pub mod summary;
@@ -210,7 +211,12 @@ pub fn detect_keys(keys: &[&str], metadata: &BTreeMap<String, String>) -> anyhow
         (
             Format::Ours,
             count(&|k| {
-                component(k) && (k.ends_with(".lora_down.weight") || k.ends_with(".lora_up.weight"))
+                component(k)
+                    && (k.ends_with(".lora_down.weight")
+                        || k.ends_with(".lora_up.weight")
+                        || k.ends_with(".hada_w1_a")
+                        || k.ends_with(".lokr_w1")
+                        || k.ends_with(".lokr_w1_a"))
             }),
         ),
         (
@@ -338,7 +344,7 @@ fn encode_tensors(
             .layers
             .values()
             .next()
-            .map(|l| l.down().dtype())
+            .map(|l| l.dtype())
             .unwrap_or(DType::F32),
     };
     let mut tensors = Vec::with_capacity(enc.tensors.len());
@@ -378,6 +384,8 @@ pub(crate) struct RawLayer {
     pub down: Option<Tensor>,
     pub up: Option<Tensor>,
     pub alpha: Option<f64>,
+    /// LyCORIS factors and DoRA magnitudes by name.
+    pub extra: BTreeMap<crate::lora::FactorName, Tensor>,
 }
 
 /// The value of a 0-d (or one-element) tensor.
@@ -416,6 +424,7 @@ pub(crate) fn gather(
                 .alpha
                 .replace(scalar(t).with_context(|| format!("alpha {key}"))?)
                 .is_some(),
+            Part::Extra(name) => l.extra.insert(name, t.clone()).is_some(),
         };
         if slot_taken {
             dup.push(format!("{key} (a second {:?} for {})", p.part, p.layer));
@@ -426,13 +435,11 @@ pub(crate) fn gather(
             k.starts_with("lora_te2_") || k.contains("input_blocks") || k.contains("text_encoder_2")
         }) {
             "\n  (SDXL and SGM/LDM-named LoRAs are not supported)"
-        } else if unknown.iter().any(|k| {
-            k.contains("hada_")
-                || k.contains("lokr_")
-                || k.contains("dora_scale")
-                || k.contains("magnitude")
-        }) {
-            "\n  (LyCORIS LoHa/LoKr and DoRA weights are not supported)"
+        } else if unknown
+            .iter()
+            .any(|k| k.contains("hada_") || k.contains("lokr_") || k.contains("dora_scale"))
+        {
+            "\n  (LyCORIS LoHa / LoKr / DoRA weights are read from kohya-named files only)"
         } else {
             ""
         };
@@ -465,29 +472,63 @@ pub(crate) fn finish(
     raw: BTreeMap<LayerKey, RawLayer>,
     default_alpha: impl Fn(&LayerKey, usize) -> anyhow::Result<f64>,
 ) -> anyhow::Result<LoraSet> {
+    finish_shaped(file, raw, default_alpha, &|_| None)
+}
+
+/// The weight shape of each layer in the first candidate architecture that has it (the shape
+/// a LoHa / LoKr layer's flattened factors adapt).
+pub(crate) fn arch_shapes<'a>(
+    ctx: &'a ReadContext<'a>,
+) -> impl Fn(&LayerKey) -> Option<Vec<usize>> + 'a {
+    move |k: &LayerKey| {
+        ctx.candidates()
+            .iter()
+            .find_map(|a| a.layers().get(k).cloned())
+    }
+}
+
+/// [`finish`] for files that may hold LoHa / LoKr / DoRA layers: `shape_of` gives the weight
+/// shape of a layer where the factors do not spell it.
+pub(crate) fn finish_shaped(
+    file: &LoraFile,
+    raw: BTreeMap<LayerKey, RawLayer>,
+    default_alpha: impl Fn(&LayerKey, usize) -> anyhow::Result<f64>,
+    shape_of: &dyn Fn(&LayerKey) -> Option<Vec<usize>>,
+) -> anyhow::Result<LoraSet> {
     let mut out = BTreeMap::new();
     let mut problems = vec![];
-    for (layer, r) in raw {
-        let (down, up) = match (r.down, r.up) {
-            (Some(d), Some(u)) => (d, u),
-            (d, _) => {
-                problems.push(format!(
-                    "{layer}: no {} factor",
-                    if d.is_none() { "down" } else { "up" }
-                ));
-                continue;
-            }
-        };
-        let finite = crate::tensor_file::check_finite(&down, &format!("{layer} down"))
-            .and_then(|_| crate::tensor_file::check_finite(&up, &format!("{layer} up")));
-        if let Err(e) = finite {
+    for (layer, mut r) in raw {
+        let mut tensors: Vec<(String, &Tensor)> = vec![];
+        if let Some(d) = &r.down {
+            tensors.push(("down".into(), d));
+        }
+        if let Some(u) = &r.up {
+            tensors.push(("up".into(), u));
+        }
+        for (n, t) in &r.extra {
+            tensors.push((n.file_name().into(), t));
+        }
+        if let Some(e) = tensors
+            .iter()
+            .find_map(|(n, t)| crate::tensor_file::check_finite(t, &format!("{layer} {n}")).err())
+        {
             problems.push(e.to_string());
             continue;
         }
-        let w = match LoraWeights::new(down, up, 1.0) {
+        let magnitude = r
+            .extra
+            .remove(&crate::lora::FactorName::DoraScale)
+            .map(|m| (m, true))
+            .or_else(|| {
+                r.extra
+                    .remove(&crate::lora::FactorName::Magnitude)
+                    .map(|m| (m, false))
+            });
+        let hint = magnitude.as_ref().map(|(m, _)| m.dims().to_vec());
+        let w = match lycoris::build(&layer, r.down, r.up, r.extra, shape_of, hint.as_deref()) {
             Ok(w) => w,
             Err(e) => {
-                problems.push(format!("{layer}: {e}"));
+                problems.push(format!("{layer}: {e:#}"));
                 continue;
             }
         };
@@ -499,7 +540,34 @@ pub(crate) fn finish(
             problems.push(format!("{layer}: alpha is {alpha}"));
             continue;
         }
-        out.insert(layer, w.with_alpha(alpha));
+        let w = w.with_alpha(alpha);
+        let w = match magnitude {
+            None => w,
+            Some((m, lycoris_key)) => {
+                let shape = w.delta_shape();
+                let style = if lycoris_key {
+                    crate::lora::Dora::lycoris_style(&m, &shape)
+                } else {
+                    crate::lora::DoraStyle::Peft
+                };
+                let key = if lycoris_key {
+                    "dora_scale"
+                } else {
+                    "lora_magnitude_vector"
+                };
+                match w.with_dora(crate::lora::Dora {
+                    magnitude: m,
+                    style,
+                }) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        problems.push(format!("{layer}: {key}: {e}"));
+                        continue;
+                    }
+                }
+            }
+        };
+        out.insert(layer, w);
     }
     if !problems.is_empty() {
         bail!(
@@ -542,8 +610,10 @@ pub(crate) fn is_format_key(k: &str, v: &str) -> bool {
 }
 
 impl Encoded {
-    /// Adds `layer`'s down and up factors under `scheme`'s keys, then, with `with_alpha`, its
-    /// alpha as a 0-d f32 tensor.
+    /// Adds `layer`'s tensors under `scheme`'s keys: down and up (plain LoRA) or the LyCORIS
+    /// factors, then, with `with_alpha`, its alpha as a 0-d f32 tensor, then the DoRA
+    /// magnitude (`dora_scale` in schemes that have it, else `lora_magnitude_vector`), in the
+    /// order LyCORIS writes them. A kind the scheme cannot name is an error naming the layer.
     pub(crate) fn push_layer(
         &mut self,
         scheme: &keymap::KeyScheme,
@@ -552,17 +622,68 @@ impl Encoded {
         with_alpha: bool,
     ) -> anyhow::Result<()> {
         let key = |p| {
-            keymap::format_key(scheme, layer, p, None)
-                .with_context(|| format!("cannot name layer {layer} in {} keys", scheme.name))
+            keymap::format_key(scheme, layer, p, None).with_context(|| {
+                format!(
+                    "cannot name layer {layer} ({}) in {} keys",
+                    w.kind_label(),
+                    scheme.name
+                )
+            })
         };
-        self.tensors
-            .push((key(keymap::Part::Down)?, w.down().clone(), Cast::Weight));
-        self.tensors
-            .push((key(keymap::Part::Up)?, w.up().clone(), Cast::Weight));
+        match w.low_rank_pair() {
+            Some((down, up)) => {
+                self.tensors
+                    .push((key(keymap::Part::Down)?, down.clone(), Cast::Weight));
+                self.tensors
+                    .push((key(keymap::Part::Up)?, up.clone(), Cast::Weight));
+            }
+            None => {
+                let named = match w.factors() {
+                    crate::lora::Factors::LoHa(h) => h.tensors(),
+                    crate::lora::Factors::LoKr(k) => k.tensors(),
+                    crate::lora::Factors::LowRank { .. } => vec![],
+                };
+                for (n, t) in named {
+                    let k = keymap::format_key(scheme, layer, keymap::Part::Extra(n), None)
+                        .with_context(|| {
+                            format!(
+                                "cannot write layer {layer}: a {} layer has no {} keys (kohya \
+                                 and our format hold LyCORIS factors; other formats take plain \
+                                 LoRA)",
+                                w.kind_label(),
+                                scheme.name
+                            )
+                        })?;
+                    self.tensors.push((k, t.clone(), Cast::Weight));
+                }
+            }
+        }
         if with_alpha {
             let alpha = Tensor::new(w.alpha() as f32, &candle_core::Device::Cpu)?;
             self.tensors
                 .push((key(keymap::Part::Alpha)?, alpha, Cast::Keep));
+        }
+        if let Some(d) = w.dora() {
+            use crate::lora::{DoraStyle, FactorName};
+            let name = match d.style {
+                DoraStyle::Lycoris { .. } => FactorName::DoraScale,
+                DoraStyle::Peft => FactorName::Magnitude,
+            };
+            let k = keymap::format_key(scheme, layer, keymap::Part::Extra(name), None)
+                .with_context(|| {
+                    format!(
+                        "cannot write layer {layer}: {} keys have no {} (its DoRA magnitude \
+                         follows {} rule, which this format does not carry)",
+                        scheme.name,
+                        name.file_name(),
+                        if name == FactorName::DoraScale {
+                            "LyCORIS'"
+                        } else {
+                            "PEFT's"
+                        }
+                    )
+                })?;
+            self.tensors.push((k, d.magnitude.clone(), Cast::Weight));
         }
         Ok(())
     }
