@@ -428,3 +428,43 @@ fn conversions_and_joins_refuse_what_they_cannot_hold() {
     let e = err_text(lora_diffusion::lora::combine::ljl(&a, &a, 1.0, 1.0));
     assert!(e.contains("not plain LoRA") && e.contains("(LoHa)"), "{e}");
 }
+
+/// The tensors of `rel` in a diffusers folder written by `lora_add --mode upl`.
+fn folder_tensors(dir: &std::path::Path, rel: &str) -> HashMap<String, Tensor> {
+    load_tensors(dir.join(rel))
+}
+
+#[test]
+fn lora_add_upl_writes_lycoris_and_dora_merged_weights() {
+    let exp = expected();
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("sd1-tiny");
+    for name in ["loha", "lokr_tucker", "loha_dora_in", "dora_peft"] {
+        let out = dir.path().join(name);
+        let o = common::lora_add(&[
+            "--path_1",
+            s(&model),
+            "--path_2",
+            s(&file(name)),
+            "--mode",
+            "upl",
+            "--alpha",
+            "0.5",
+            "--output_path",
+            s(&out),
+        ]);
+        expect_success(&o);
+        let unet = folder_tensors(&out, "unet/diffusion_pytorch_model.safetensors");
+        let te = folder_tensors(&out, "text_encoder/model.safetensors");
+        for layer in layers_of(name) {
+            let (comp, path) = layer.split_once('.').unwrap();
+            let got = if comp == "unet" { &unet } else { &te }[&format!("{path}.weight")].clone();
+            let base = &exp[&format!("{name}.{layer}.base")];
+            let want = &exp[&format!("{name}.{layer}.merged_half")];
+            let change = max_abs(&(want - base).unwrap());
+            let d = max_abs_diff(&got, want);
+            eprintln!("upl {name} {layer} at 0.5: max diff {d:.2e} (change {change:.3e})");
+            assert!(d <= 1e-5 * change.max(1.0), "upl {name} {layer}: {d}");
+        }
+    }
+}

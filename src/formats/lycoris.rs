@@ -29,7 +29,7 @@ fn resolve_shape(
     match shape_of(layer) {
         Some(s) if s[0] == out && s[1..].iter().product::<usize>() == inner => s,
         _ => match magnitude {
-            Some(&[1, c, 1, 1]) if c > 0 && inner % c == 0 => {
+            Some(&[1, c, 1, 1]) if c > 0 && inner.is_multiple_of(c) => {
                 let kk = inner / c;
                 let k = (kk as f64).sqrt().round() as usize;
                 if k * k == kk {

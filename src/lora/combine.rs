@@ -54,7 +54,10 @@ fn require_plain(set: &LoraSet, which: &str) -> anyhow::Result<()> {
             "the {which} LoRA has {} layer(s) that are not plain LoRA; lpl / ljl / svd joins take \
              plain LoRA factors only:{}",
             bad.len(),
-            crate::formats::keymap::short_list(&bad, 12)
+            bad.iter()
+                .take(12)
+                .map(|b| format!("\n    {b}"))
+                .collect::<String>()
         );
     }
     Ok(())
