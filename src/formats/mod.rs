@@ -40,6 +40,7 @@ pub use arch::Architecture;
 pub use check::check_against;
 pub use embeddings::{holds_embeddings, sidecar_for};
 pub use io::LoraFile;
+pub(crate) use lycoris::{arch_shapes, finish_shaped};
 
 use crate::lora::{LayerKey, LoraSet, LoraWeights};
 use crate::tensor_file::OutTensor;
@@ -475,115 +476,6 @@ pub(crate) fn finish(
     finish_shaped(file, raw, default_alpha, &|_| None)
 }
 
-/// The weight shape of each layer in the first candidate architecture that has it (the shape
-/// a LoHa / LoKr layer's flattened factors adapt).
-pub(crate) fn arch_shapes<'a>(
-    ctx: &'a ReadContext<'a>,
-) -> impl Fn(&LayerKey) -> Option<Vec<usize>> + 'a {
-    move |k: &LayerKey| {
-        ctx.candidates()
-            .iter()
-            .find_map(|a| a.layers().get(k).cloned())
-    }
-}
-
-/// [`finish`] for files that may hold LoHa / LoKr / DoRA layers: `shape_of` gives the weight
-/// shape of a layer where the factors do not spell it.
-pub(crate) fn finish_shaped(
-    file: &LoraFile,
-    raw: BTreeMap<LayerKey, RawLayer>,
-    default_alpha: impl Fn(&LayerKey, usize) -> anyhow::Result<f64>,
-    shape_of: &dyn Fn(&LayerKey) -> Option<Vec<usize>>,
-) -> anyhow::Result<LoraSet> {
-    let mut out = BTreeMap::new();
-    let mut problems = vec![];
-    for (layer, mut r) in raw {
-        let mut tensors: Vec<(String, &Tensor)> = vec![];
-        if let Some(d) = &r.down {
-            tensors.push(("down".into(), d));
-        }
-        if let Some(u) = &r.up {
-            tensors.push(("up".into(), u));
-        }
-        for (n, t) in &r.extra {
-            tensors.push((n.file_name().into(), t));
-        }
-        if let Some(e) = tensors
-            .iter()
-            .find_map(|(n, t)| crate::tensor_file::check_finite(t, &format!("{layer} {n}")).err())
-        {
-            problems.push(e.to_string());
-            continue;
-        }
-        let magnitude = r
-            .extra
-            .remove(&crate::lora::FactorName::DoraScale)
-            .map(|m| (m, true))
-            .or_else(|| {
-                r.extra
-                    .remove(&crate::lora::FactorName::Magnitude)
-                    .map(|m| (m, false))
-            });
-        let hint = magnitude.as_ref().map(|(m, _)| m.dims().to_vec());
-        let w = match lycoris::build(&layer, r.down, r.up, r.extra, shape_of, hint.as_deref()) {
-            Ok(w) => w,
-            Err(e) => {
-                problems.push(format!("{layer}: {e:#}"));
-                continue;
-            }
-        };
-        let alpha = match r.alpha {
-            Some(a) => a,
-            None => default_alpha(&layer, w.rank())?,
-        };
-        if !alpha.is_finite() {
-            problems.push(format!("{layer}: alpha is {alpha}"));
-            continue;
-        }
-        let w = w.with_alpha(alpha);
-        let w = match magnitude {
-            None => w,
-            Some((m, lycoris_key)) => {
-                let shape = w.delta_shape();
-                let style = if lycoris_key {
-                    crate::lora::Dora::lycoris_style(&m, &shape)
-                } else {
-                    crate::lora::DoraStyle::Peft
-                };
-                let key = if lycoris_key {
-                    "dora_scale"
-                } else {
-                    "lora_magnitude_vector"
-                };
-                match w.with_dora(crate::lora::Dora {
-                    magnitude: m,
-                    style,
-                }) {
-                    Ok(w) => w,
-                    Err(e) => {
-                        problems.push(format!("{layer}: {key}: {e}"));
-                        continue;
-                    }
-                }
-            }
-        };
-        out.insert(layer, w);
-    }
-    if !problems.is_empty() {
-        bail!(
-            "{}: {} malformed layers:{}",
-            file.path.display(),
-            problems.len(),
-            short_list(&problems, 20)
-        );
-    }
-    Ok(LoraSet {
-        layers: out,
-        embeddings: vec![],
-        metadata: file.metadata.clone(),
-    })
-}
-
 /// Metadata keys that describe a file's own format and are not carried into another file.
 pub(crate) fn is_format_key(k: &str, v: &str) -> bool {
     matches!(
@@ -610,84 +502,6 @@ pub(crate) fn is_format_key(k: &str, v: &str) -> bool {
 }
 
 impl Encoded {
-    /// Adds `layer`'s tensors under `scheme`'s keys: down and up (plain LoRA) or the LyCORIS
-    /// factors, then, with `with_alpha`, its alpha as a 0-d f32 tensor, then the DoRA
-    /// magnitude (`dora_scale` in schemes that have it, else `lora_magnitude_vector`), in the
-    /// order LyCORIS writes them. A kind the scheme cannot name is an error naming the layer.
-    pub(crate) fn push_layer(
-        &mut self,
-        scheme: &keymap::KeyScheme,
-        layer: &LayerKey,
-        w: &LoraWeights,
-        with_alpha: bool,
-    ) -> anyhow::Result<()> {
-        let key = |p| {
-            keymap::format_key(scheme, layer, p, None).with_context(|| {
-                format!(
-                    "cannot name layer {layer} ({}) in {} keys",
-                    w.kind_label(),
-                    scheme.name
-                )
-            })
-        };
-        match w.low_rank_pair() {
-            Some((down, up)) => {
-                self.tensors
-                    .push((key(keymap::Part::Down)?, down.clone(), Cast::Weight));
-                self.tensors
-                    .push((key(keymap::Part::Up)?, up.clone(), Cast::Weight));
-            }
-            None => {
-                let named = match w.factors() {
-                    crate::lora::Factors::LoHa(h) => h.tensors(),
-                    crate::lora::Factors::LoKr(k) => k.tensors(),
-                    crate::lora::Factors::LowRank { .. } => vec![],
-                };
-                for (n, t) in named {
-                    let k = keymap::format_key(scheme, layer, keymap::Part::Extra(n), None)
-                        .with_context(|| {
-                            format!(
-                                "cannot write layer {layer}: a {} layer has no {} keys (kohya \
-                                 and our format hold LyCORIS factors; other formats take plain \
-                                 LoRA)",
-                                w.kind_label(),
-                                scheme.name
-                            )
-                        })?;
-                    self.tensors.push((k, t.clone(), Cast::Weight));
-                }
-            }
-        }
-        if with_alpha {
-            let alpha = Tensor::new(w.alpha() as f32, &candle_core::Device::Cpu)?;
-            self.tensors
-                .push((key(keymap::Part::Alpha)?, alpha, Cast::Keep));
-        }
-        if let Some(d) = w.dora() {
-            use crate::lora::{DoraStyle, FactorName};
-            let name = match d.style {
-                DoraStyle::Lycoris { .. } => FactorName::DoraScale,
-                DoraStyle::Peft => FactorName::Magnitude,
-            };
-            let k = keymap::format_key(scheme, layer, keymap::Part::Extra(name), None)
-                .with_context(|| {
-                    format!(
-                        "cannot write layer {layer}: {} keys have no {} (its DoRA magnitude \
-                         follows {} rule, which this format does not carry)",
-                        scheme.name,
-                        name.file_name(),
-                        if name == FactorName::DoraScale {
-                            "LyCORIS'"
-                        } else {
-                            "PEFT's"
-                        }
-                    )
-                })?;
-            self.tensors.push((k, d.magnitude.clone(), Cast::Weight));
-        }
-        Ok(())
-    }
-
     /// No tensors yet; the metadata of `set` that another format should carry over.
     pub(crate) fn carrying(set: &LoraSet) -> Self {
         let metadata = set
