@@ -16,9 +16,9 @@ pub fn lora_cross_attention_dim(set: &LoraSet) -> Option<usize> {
         .find(|(k, w)| {
             k.component() == Some(Component::Unet)
                 && (k.path().ends_with(".attn2.to_k") || k.path().ends_with(".attn2.to_v"))
-                && w.down().rank() == 2
+                && w.delta_shape().len() == 2
         })
-        .map(|(_, w)| w.down().dims()[1])
+        .map(|(_, w)| w.delta_shape()[1])
 }
 
 /// The text-encoder width a LoRA was made for (input width of its q/k/v projections or fc1).
@@ -31,7 +31,7 @@ pub fn lora_text_width(set: &LoraSet) -> Option<usize> {
                     .iter()
                     .any(|s| k.path().ends_with(s))
         })
-        .map(|(_, w)| w.down().dims()[1])
+        .map(|(_, w)| w.delta_shape()[1])
 }
 
 /// The model family a LoRA's shapes say it was made for (`SD 1.x (cross-attention dim 768)`, …).

@@ -354,6 +354,19 @@ impl LoraFormat for Cloneofsimo {
             ),
         };
         check_against(set, arch)?;
+        let not_plain: Vec<String> = set
+            .layers
+            .iter()
+            .filter(|(_, w)| !w.is_plain())
+            .map(|(k, w)| format!("{k} ({})", w.kind_label()))
+            .collect();
+        if !not_plain.is_empty() {
+            anyhow::bail!(
+                "cloneofsimo files hold plain LoRA factors only; {} layer(s) are not:{}",
+                not_plain.len(),
+                super::keymap::short_list(&not_plain, 12)
+            );
+        }
         let mut enc = Encoded::carrying(set);
         for c in Component::ALL {
             let mine: BTreeSet<&str> = set

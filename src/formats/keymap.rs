@@ -9,7 +9,7 @@
 //! Each format is one [`KeyScheme`] row set below; [`parse_key`] and [`format_key`] serve them all.
 
 use super::arch::{traversal_key, Architecture};
-use crate::lora::LayerKey;
+use crate::lora::{FactorName, LayerKey};
 use crate::models::ldm::keys::{unet_key, UnetLayout};
 use std::collections::{BTreeMap, HashMap};
 
@@ -33,6 +33,8 @@ pub enum Part {
     Up,
     /// The 0-d alpha.
     Alpha,
+    /// A LyCORIS factor or a DoRA magnitude.
+    Extra(FactorName),
 }
 
 /// How a format spells the module path between prefix and suffix.
@@ -101,10 +103,28 @@ const fn legacy(
     }
 }
 
+const fn extra(file: &'static str, name: FactorName) -> Suffix {
+    sfx(file, Part::Extra(name), BOTH)
+}
+
 const KOHYA_SUFFIXES: &[Suffix] = &[
     sfx(".lora_down.weight", Part::Down, BOTH),
     sfx(".lora_up.weight", Part::Up, BOTH),
     sfx(".alpha", Part::Alpha, BOTH),
+    extra(".hada_w1_a", FactorName::HadaW1A),
+    extra(".hada_w1_b", FactorName::HadaW1B),
+    extra(".hada_w2_a", FactorName::HadaW2A),
+    extra(".hada_w2_b", FactorName::HadaW2B),
+    extra(".hada_t1", FactorName::HadaT1),
+    extra(".hada_t2", FactorName::HadaT2),
+    extra(".lokr_w1_a", FactorName::LokrW1A),
+    extra(".lokr_w1_b", FactorName::LokrW1B),
+    extra(".lokr_w1", FactorName::LokrW1),
+    extra(".lokr_w2_a", FactorName::LokrW2A),
+    extra(".lokr_w2_b", FactorName::LokrW2B),
+    extra(".lokr_w2", FactorName::LokrW2),
+    extra(".lokr_t2", FactorName::LokrT2),
+    extra(".dora_scale", FactorName::DoraScale),
 ];
 
 /// Our own format: `unet.<path>.lora_down.weight`, `.lora_up.weight`, `.alpha`.
@@ -210,6 +230,7 @@ pub const DIFFUSERS: KeyScheme = KeyScheme {
             &[(U, ".to_out.0"), (T, ".out_proj")],
         ),
         sfx(".alpha", Part::Alpha, BOTH),
+        extra(".lora_magnitude_vector", FactorName::Magnitude),
     ],
 };
 
@@ -222,6 +243,7 @@ pub const PEFT: KeyScheme = KeyScheme {
     suffixes: &[
         sfx(".lora_A.weight", Part::Down, BOTH),
         sfx(".lora_B.weight", Part::Up, BOTH),
+        extra(".lora_magnitude_vector", FactorName::Magnitude),
     ],
 };
 

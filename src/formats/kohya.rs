@@ -19,7 +19,7 @@ use super::check::{lora_cross_attention_dim, lora_text_width};
 use super::keymap::{KeyIndex, KOHYA};
 use super::kohya_meta;
 use super::{
-    common, finish, fmt_alpha, gather, ord_f64, Architecture, Encoded, Format, LoraFile,
+    common, finish_shaped, fmt_alpha, gather, ord_f64, Architecture, Encoded, Format, LoraFile,
     LoraFormat, ReadContext,
 };
 use crate::lora::{LoraSet, LoraWeights};
@@ -50,7 +50,8 @@ impl LoraFormat for Kohya {
                 names.join(" and ")
             ))
         })?;
-        let mut set = finish(file, raw, |_, r| Ok(r as f64))?;
+        let shapes = super::arch_shapes(ctx);
+        let mut set = finish_shaped(file, raw, |_, r| Ok(r as f64), &shapes)?;
         set.embeddings = super::embeddings::read_kohya(file)?;
         Ok(set)
     }
@@ -74,9 +75,15 @@ impl LoraFormat for Kohya {
         let (linear, conv): (Vec<_>, Vec<_>) = set
             .layers
             .values()
-            .partition(|l| !(l.is_conv() && l.down().dims()[2] * l.down().dims()[3] > 1));
+            .partition(|l| !(l.is_conv() && l.delta_shape()[2] * l.delta_shape()[3] > 1));
+        let lycoris = is_lycoris(set);
         let m = &mut enc.metadata;
         m.insert("ss_network_module".into(), "networks.lora".into());
+        if lycoris {
+            // LyCORIS' own network module and arguments (algo, conv_dim, dora_wd, …) as the
+            // file they came from had them.
+            m.insert("ss_network_module".into(), "lycoris.kohya".into());
+        }
         let (r, a) = alpha_of(if linear.is_empty() {
             conv.clone()
         } else {
@@ -88,7 +95,18 @@ impl LoraFormat for Kohya {
         if let Some(a) = a {
             m.insert("ss_network_alpha".into(), fmt_alpha(a));
         }
-        if !conv.is_empty() {
+        if lycoris {
+            for k in [
+                "ss_network_module",
+                "ss_network_args",
+                "ss_network_dim",
+                "ss_network_alpha",
+            ] {
+                if let Some(v) = set.metadata.get(k) {
+                    m.insert(k.into(), v.clone());
+                }
+            }
+        } else if !conv.is_empty() {
             let (cr, ca) = alpha_of(conv);
             let args = serde_json::json!({
                 "conv_dim": cr.map(|r| r.to_string()),
@@ -118,7 +136,13 @@ impl LoraFormat for Kohya {
 
 /// The same ΔW with one alpha for every layer: the most common alpha `A`; a layer with alpha
 /// `a` gets `lora_up · (a / A)` (computed in f32, stored in the layer's dtype).
+///
+/// A set with LoHa / LoKr / DoRA layers (a LyCORIS file) is returned as it is: LyCORIS keeps
+/// one alpha per layer and its DoRA rescale is not linear in `lora_up`.
 pub fn uniform_alpha(set: &LoraSet) -> anyhow::Result<LoraSet> {
+    if is_lycoris(set) {
+        return Ok(set.clone());
+    }
     let Some(common_alpha) = common(set, |l| ord_f64(l.alpha())) else {
         return Ok(set.clone());
     };
@@ -151,4 +175,9 @@ pub fn uniform_alpha(set: &LoraSet) -> anyhow::Result<LoraSet> {
         out.layers.insert(k.clone(), folded);
     }
     Ok(out)
+}
+
+/// Whether `set` has a layer only LyCORIS writes (LoHa, LoKr, DoRA).
+pub fn is_lycoris(set: &LoraSet) -> bool {
+    set.layers.values().any(|l| !l.is_plain())
 }

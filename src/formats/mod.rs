@@ -31,6 +31,7 @@ pub mod io;
 pub mod keymap;
 pub mod kohya;
 pub mod kohya_meta;
+pub mod lycoris;
 pub mod ours;
 pub mod peft;
 pub mod summary;
@@ -39,6 +40,7 @@ pub use arch::Architecture;
 pub use check::check_against;
 pub use embeddings::{holds_embeddings, sidecar_for};
 pub use io::LoraFile;
+pub(crate) use lycoris::{arch_shapes, finish_shaped};
 
 use crate::lora::{LayerKey, LoraSet, LoraWeights};
 use crate::tensor_file::OutTensor;
@@ -210,7 +212,12 @@ pub fn detect_keys(keys: &[&str], metadata: &BTreeMap<String, String>) -> anyhow
         (
             Format::Ours,
             count(&|k| {
-                component(k) && (k.ends_with(".lora_down.weight") || k.ends_with(".lora_up.weight"))
+                component(k)
+                    && (k.ends_with(".lora_down.weight")
+                        || k.ends_with(".lora_up.weight")
+                        || k.ends_with(".hada_w1_a")
+                        || k.ends_with(".lokr_w1")
+                        || k.ends_with(".lokr_w1_a"))
             }),
         ),
         (
@@ -338,7 +345,7 @@ fn encode_tensors(
             .layers
             .values()
             .next()
-            .map(|l| l.down().dtype())
+            .map(|l| l.dtype())
             .unwrap_or(DType::F32),
     };
     let mut tensors = Vec::with_capacity(enc.tensors.len());
@@ -378,6 +385,8 @@ pub(crate) struct RawLayer {
     pub down: Option<Tensor>,
     pub up: Option<Tensor>,
     pub alpha: Option<f64>,
+    /// LyCORIS factors and DoRA magnitudes by name.
+    pub extra: BTreeMap<crate::lora::FactorName, Tensor>,
 }
 
 /// The value of a 0-d (or one-element) tensor.
@@ -416,6 +425,7 @@ pub(crate) fn gather(
                 .alpha
                 .replace(scalar(t).with_context(|| format!("alpha {key}"))?)
                 .is_some(),
+            Part::Extra(name) => l.extra.insert(name, t.clone()).is_some(),
         };
         if slot_taken {
             dup.push(format!("{key} (a second {:?} for {})", p.part, p.layer));
@@ -426,13 +436,11 @@ pub(crate) fn gather(
             k.starts_with("lora_te2_") || k.contains("input_blocks") || k.contains("text_encoder_2")
         }) {
             "\n  (SDXL and SGM/LDM-named LoRAs are not supported)"
-        } else if unknown.iter().any(|k| {
-            k.contains("hada_")
-                || k.contains("lokr_")
-                || k.contains("dora_scale")
-                || k.contains("magnitude")
-        }) {
-            "\n  (LyCORIS LoHa/LoKr and DoRA weights are not supported)"
+        } else if unknown
+            .iter()
+            .any(|k| k.contains("hada_") || k.contains("lokr_") || k.contains("dora_scale"))
+        {
+            "\n  (LyCORIS LoHa / LoKr / DoRA weights are read from kohya-named files only)"
         } else {
             ""
         };
@@ -465,55 +473,7 @@ pub(crate) fn finish(
     raw: BTreeMap<LayerKey, RawLayer>,
     default_alpha: impl Fn(&LayerKey, usize) -> anyhow::Result<f64>,
 ) -> anyhow::Result<LoraSet> {
-    let mut out = BTreeMap::new();
-    let mut problems = vec![];
-    for (layer, r) in raw {
-        let (down, up) = match (r.down, r.up) {
-            (Some(d), Some(u)) => (d, u),
-            (d, _) => {
-                problems.push(format!(
-                    "{layer}: no {} factor",
-                    if d.is_none() { "down" } else { "up" }
-                ));
-                continue;
-            }
-        };
-        let finite = crate::tensor_file::check_finite(&down, &format!("{layer} down"))
-            .and_then(|_| crate::tensor_file::check_finite(&up, &format!("{layer} up")));
-        if let Err(e) = finite {
-            problems.push(e.to_string());
-            continue;
-        }
-        let w = match LoraWeights::new(down, up, 1.0) {
-            Ok(w) => w,
-            Err(e) => {
-                problems.push(format!("{layer}: {e}"));
-                continue;
-            }
-        };
-        let alpha = match r.alpha {
-            Some(a) => a,
-            None => default_alpha(&layer, w.rank())?,
-        };
-        if !alpha.is_finite() {
-            problems.push(format!("{layer}: alpha is {alpha}"));
-            continue;
-        }
-        out.insert(layer, w.with_alpha(alpha));
-    }
-    if !problems.is_empty() {
-        bail!(
-            "{}: {} malformed layers:{}",
-            file.path.display(),
-            problems.len(),
-            short_list(&problems, 20)
-        );
-    }
-    Ok(LoraSet {
-        layers: out,
-        embeddings: vec![],
-        metadata: file.metadata.clone(),
-    })
+    finish_shaped(file, raw, default_alpha, &|_| None)
 }
 
 /// Metadata keys that describe a file's own format and are not carried into another file.
@@ -542,31 +502,6 @@ pub(crate) fn is_format_key(k: &str, v: &str) -> bool {
 }
 
 impl Encoded {
-    /// Adds `layer`'s down and up factors under `scheme`'s keys, then, with `with_alpha`, its
-    /// alpha as a 0-d f32 tensor.
-    pub(crate) fn push_layer(
-        &mut self,
-        scheme: &keymap::KeyScheme,
-        layer: &LayerKey,
-        w: &LoraWeights,
-        with_alpha: bool,
-    ) -> anyhow::Result<()> {
-        let key = |p| {
-            keymap::format_key(scheme, layer, p, None)
-                .with_context(|| format!("cannot name layer {layer} in {} keys", scheme.name))
-        };
-        self.tensors
-            .push((key(keymap::Part::Down)?, w.down().clone(), Cast::Weight));
-        self.tensors
-            .push((key(keymap::Part::Up)?, w.up().clone(), Cast::Weight));
-        if with_alpha {
-            let alpha = Tensor::new(w.alpha() as f32, &candle_core::Device::Cpu)?;
-            self.tensors
-                .push((key(keymap::Part::Alpha)?, alpha, Cast::Keep));
-        }
-        Ok(())
-    }
-
     /// No tensors yet; the metadata of `set` that another format should carry over.
     pub(crate) fn carrying(set: &LoraSet) -> Self {
         let metadata = set

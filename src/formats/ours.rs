@@ -26,8 +26,8 @@
 
 use super::keymap::{KeyIndex, OURS};
 use super::{
-    common, finish, fmt_alpha, gather, ord_f64, Architecture, Encoded, Format, LoraFile,
-    LoraFormat, ReadContext,
+    common, fmt_alpha, gather, ord_f64, Architecture, Encoded, Format, LoraFile, LoraFormat,
+    ReadContext,
 };
 use crate::lora::LoraSet;
 use std::collections::BTreeSet;
@@ -99,7 +99,13 @@ impl LoraFormat for Ours {
         let is_embed = |k: &str| k.starts_with(super::embeddings::OURS_PREFIX);
         let raw = gather(file, &OURS, &KeyIndex::default(), is_embed)?;
         let file_alpha: Option<f64> = file.metadata.get("alpha").and_then(|a| a.parse().ok());
-        let mut set = finish(file, raw, |_, r| Ok(file_alpha.unwrap_or(r as f64)))?;
+        let shapes = super::arch_shapes(_ctx);
+        let mut set = super::finish_shaped(
+            file,
+            raw,
+            |_, r| Ok(file_alpha.unwrap_or(r as f64)),
+            &shapes,
+        )?;
         set.embeddings = super::embeddings::read_ours(file)?;
         Ok(set)
     }

@@ -14,7 +14,7 @@ use super::{
     ReadContext,
 };
 use crate::lora::{LayerKey, LoraSet};
-use anyhow::{bail, Context};
+use anyhow::Context;
 use regex::Regex;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -39,9 +39,6 @@ impl PeftScale {
         let get = |k: &str| obj.get(&format!("{prefix}{k}"));
         if get("r").is_none() && get("lora_alpha").is_none() {
             return Ok(None);
-        }
-        if get("use_dora").and_then(Value::as_bool) == Some(true) {
-            bail!("the adapter config sets use_dora: DoRA LoRAs are not supported");
         }
         let mut alpha_pattern = vec![];
         if let Some(p) = get("alpha_pattern").and_then(Value::as_object) {
@@ -218,7 +215,11 @@ pub fn config_json(set: &LoraSet, component: Component) -> Option<Map<String, Va
     m.insert("rank_pattern".into(), Value::Object(rank_pattern));
     m.insert("alpha_pattern".into(), Value::Object(alpha_pattern));
     m.insert("use_rslora".into(), json!(false));
-    m.insert("use_dora".into(), json!(false));
+    let dora = layers.iter().any(|(_, w)| {
+        w.dora()
+            .is_some_and(|d| d.style == crate::lora::DoraStyle::Peft)
+    });
+    m.insert("use_dora".into(), json!(dora));
     m.insert("lora_dropout".into(), json!(0.0));
     m.insert("bias".into(), json!("none"));
     Some(m)

@@ -22,8 +22,12 @@ pub struct Summary {
     pub layers: BTreeMap<String, usize>,
     /// How many layers are convolutions.
     pub conv_layers: usize,
-    /// rank → number of layers.
+    /// rank → number of layers (LoKr layers with both sides full are in `full_rank`).
     pub ranks: BTreeMap<usize, usize>,
+    /// LoKr layers whose both sides are full matrices (no rank, scale 1).
+    pub full_rank: usize,
+    /// Layer kind (`LoRA`, `LoHa`, `LoKr`, `DoRA`, `LoHa+DoRA`, …) → number of layers.
+    pub kinds: BTreeMap<String, usize>,
     /// (alpha, scale = alpha / rank) → number of layers.
     pub alphas: BTreeMap<(String, String), usize>,
     /// Stored dtypes of the factors.
@@ -80,6 +84,8 @@ pub fn summarize(path: &Path, model: Option<&Architecture>) -> anyhow::Result<Su
         layers: BTreeMap::new(),
         conv_layers: 0,
         ranks: BTreeMap::new(),
+        full_rank: 0,
+        kinds: BTreeMap::new(),
         alphas: BTreeMap::new(),
         dtypes: BTreeSet::new(),
         tokens: set
@@ -99,18 +105,25 @@ pub fn summarize(path: &Path, model: Option<&Architecture>) -> anyhow::Result<Su
         let comp = k.prefix().to_string();
         *s.layers.entry(comp).or_default() += 1;
         s.conv_layers += w.is_conv() as usize;
-        *s.ranks.entry(w.rank()).or_default() += 1;
+        match w.low_rank() {
+            Some(r) => *s.ranks.entry(r).or_default() += 1,
+            None => s.full_rank += 1,
+        }
+        *s.kinds.entry(w.kind_label()).or_default() += 1;
         *s.alphas
             .entry((
                 fmt_alpha(w.alpha()),
                 fmt_alpha((w.scale() * 1e6).round() / 1e6),
             ))
             .or_default() += 1;
-        s.dtypes
-            .insert(format!("{:?}", w.down().dtype()).to_lowercase());
-        s.dtypes
-            .insert(format!("{:?}", w.up().dtype()).to_lowercase());
-        s.parameters += w.down().elem_count() + w.up().elem_count();
+        for t in w.factors().all() {
+            s.dtypes.insert(format!("{:?}", t.dtype()).to_lowercase());
+        }
+        if let Some(d) = w.dora() {
+            s.dtypes
+                .insert(format!("{:?}", d.magnitude.dtype()).to_lowercase());
+        }
+        s.parameters += w.parameters();
     }
     Ok(s)
 }
@@ -160,9 +173,18 @@ impl fmt::Display for Summary {
         writeln!(f, "targets:     {}", self.targets.join(", "))?;
         writeln!(
             f,
-            "rank:        {}",
-            counts(self.ranks.iter().map(|(k, n)| (k, *n)))
+            "kind:        {}",
+            counts(self.kinds.iter().map(|(k, n)| (k, *n)))
         )?;
+        let mut ranks: Vec<(String, usize)> = self
+            .ranks
+            .iter()
+            .map(|(k, n)| (k.to_string(), *n))
+            .collect();
+        if self.full_rank > 0 {
+            ranks.push(("full (LoKr, both sides full)".into(), self.full_rank));
+        }
+        writeln!(f, "rank:        {}", counts(ranks))?;
         let alphas = counts(
             self.alphas
                 .iter()

@@ -10,6 +10,12 @@
 //! layer's type: trainable factors hold candle [`Var`]s (differentiable matmul / conv2d),
 //! frozen ones (a loaded LoRA) take the layers' frozen path, which never computes gradients
 //! for the factor weights.
+//!
+//! LoHa, LoKr and DoRA layers ([`LoraAdapter::dense`], frozen only) have no rank-r hidden
+//! activation: the adapter builds the weight change `W' − W` once per multiplier (ΔW·m, or for
+//! DoRA [`crate::lora::merged_weight`] of the base weight it was given minus that weight) and
+//! applies it with the layer's own op (matmul, or conv2d with the layer's stride and padding),
+//! as LyCORIS' rebuild forward does.
 
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -59,10 +65,23 @@ pub struct Dropout {
     pub rng: Arc<Mutex<Rng>>,
 }
 
+/// The change of a LoHa / LoKr / DoRA adapter, rebuilt when the multiplier changes.
+struct Dense {
+    weights: LoraWeights,
+    /// The adapted layer's weight (DoRA only), f32.
+    base: Option<Tensor>,
+    /// The layer's weight shape and dtype.
+    shape: Vec<usize>,
+    dtype: candle_core::DType,
+    /// `(multiplier bits, W' − W as a layer)`.
+    cache: Mutex<Option<(u64, Arc<Layer>)>>,
+}
+
 /// A low-rank residual on one layer (see the module docs).
 pub struct LoraAdapter {
     down: Layer,
     up: Layer,
+    dense: Option<Dense>,
     vars: Option<(Var, Var)>,
     alpha: f64,
     kind: AdapterKind,
@@ -142,6 +161,75 @@ impl LoraAdapter {
         Ok(Self::build(down, up, None, alpha, kind, owner, None))
     }
 
+    /// A frozen adapter for a LoHa, LoKr or DoRA layer (any kind [`LoraWeights`] holds) on a
+    /// layer of `kind` whose weight is `base` (`W' − W` is applied in `base`'s dtype and
+    /// shape). `base` is kept only for DoRA, whose change depends on it.
+    pub fn dense(
+        weights: LoraWeights,
+        base: &Tensor,
+        kind: AdapterKind,
+        owner: u64,
+    ) -> Result<Self> {
+        let shape = base.dims().to_vec();
+        let ds = weights.delta_shape();
+        if ds.iter().product::<usize>() != shape.iter().product::<usize>() || ds[0] != shape[0] {
+            candle_core::bail!(
+                "{} ΔW of shape {ds:?} does not fit the layer weight {shape:?}",
+                weights.kind_label()
+            );
+        }
+        if matches!(kind, AdapterKind::Linear) != (shape.len() == 2) {
+            candle_core::bail!("a {kind:?} layer with a weight of shape {shape:?}");
+        }
+        let weights = weights.map(|t| t.to_device(base.device()))?;
+        let keep = if weights.dora().is_some() {
+            Some(base.detach().to_dtype(candle_core::DType::F32)?)
+        } else {
+            None
+        };
+        let (d, u) = (weights.down().clone(), weights.up().clone());
+        let mut a = Self::build(d, u, None, weights.alpha(), kind, owner, None);
+        a.dense = Some(Dense {
+            weights,
+            base: keep,
+            shape,
+            dtype: base.dtype(),
+            cache: Mutex::new(None),
+        });
+        Ok(a)
+    }
+
+    /// `W' − W` at the current multiplier as a layer with this adapter's geometry (cached).
+    fn dense_layer(&self, d: &Dense) -> Result<Arc<Layer>> {
+        let m = self.multiplier();
+        let mut cache = d.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((bits, layer)) = cache.as_ref() {
+            if *bits == m.to_bits() {
+                return Ok(layer.clone());
+            }
+        }
+        let change = match &d.base {
+            Some(w) => {
+                let w = w.reshape(d.shape.as_slice())?;
+                (crate::lora::merged_weight(&w, &d.weights, m)? - &w)?
+            }
+            None => (crate::lora::delta_weight(&d.weights)?.reshape(d.shape.as_slice())? * m)?,
+        };
+        let change = change.to_dtype(d.dtype)?;
+        let layer = Arc::new(match self.kind {
+            AdapterKind::Linear => Layer::Linear(Linear::from_tensors(change, None, "lora_delta")),
+            AdapterKind::Conv2d { stride, padding } => Layer::Conv2d(Conv2d::from_tensors(
+                change,
+                None,
+                stride,
+                padding,
+                "lora_delta",
+            )),
+        });
+        *cache = Some((m.to_bits(), layer.clone()));
+        Ok(layer)
+    }
+
     fn build(
         down: Tensor,
         up: Tensor,
@@ -170,6 +258,7 @@ impl LoraAdapter {
         Self {
             down,
             up,
+            dense: None,
             vars,
             alpha,
             kind,
@@ -201,9 +290,17 @@ impl LoraAdapter {
         self.vars.is_some()
     }
 
-    /// The rank r.
+    /// The rank r (of the loaded weights for LoHa / LoKr / DoRA adapters).
     pub fn rank(&self) -> usize {
-        self.down().dims()[0]
+        match &self.dense {
+            Some(d) => d.weights.rank(),
+            None => self.down().dims()[0],
+        }
+    }
+
+    /// The loaded weights of a LoHa / LoKr / DoRA adapter.
+    pub fn dense_weights(&self) -> Option<&LoraWeights> {
+        self.dense.as_ref().map(|d| &d.weights)
     }
 
     /// alpha (the nominal scale is alpha / rank).
@@ -233,7 +330,10 @@ impl LoraAdapter {
 
     /// `multiplier · alpha / rank`, the factor the residual is multiplied by.
     pub fn effective_scale(&self) -> f64 {
-        self.multiplier() * self.alpha / self.rank() as f64
+        match &self.dense {
+            Some(d) => self.multiplier() * d.weights.scale(),
+            None => self.multiplier() * self.alpha / self.rank() as f64,
+        }
     }
 
     /// Whether the adapter contributes to its layer's output.
@@ -257,12 +357,21 @@ impl LoraAdapter {
     }
 
     /// Whether the adapter changes its layer's output (enabled, non-zero scale).
+    /// A DoRA adapter changes its layer at every multiplier (PEFT's and LyCORIS' rules), so it
+    /// is active whenever enabled.
     pub fn is_active(&self) -> bool {
-        self.is_enabled() && self.effective_scale() != 0.0
+        let dora = self
+            .dense
+            .as_ref()
+            .is_some_and(|d| d.weights.dora().is_some());
+        self.is_enabled() && (dora || self.effective_scale() != 0.0)
     }
 
     /// A snapshot of the factors (copies, detached from any variable) and alpha.
     pub fn weights(&self) -> Result<LoraWeights> {
+        if let Some(d) = &self.dense {
+            return d.weights.map(|t| t.detach().copy());
+        }
         LoraWeights::new(
             self.down().detach().copy()?,
             self.up().detach().copy()?,
@@ -272,6 +381,11 @@ impl LoraAdapter {
 
     /// The residual `effective_scale · up(dropout(down(x)))` for layer input `x`, in `x`'s dtype.
     pub fn residual(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(d) = &self.dense {
+            let layer = self.dense_layer(d)?;
+            let xdt = x.dtype();
+            return layer.forward(&x.to_dtype(d.dtype)?)?.to_dtype(xdt);
+        }
         let xdt = x.dtype();
         let x = x.to_dtype(self.down().dtype())?;
         let h = self.down.forward(&x)?;

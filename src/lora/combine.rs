@@ -12,17 +12,55 @@ use candle_core::{DType, Device};
 use std::collections::BTreeMap;
 
 /// A layer's factors as matrices: `up` out×r and `down` r×(in·kh·kw), scale not applied.
+/// An error for LoHa / LoKr / DoRA layers, which have no such pair.
 pub fn factor_mats(l: &LoraWeights) -> candle_core::Result<(Mat, Mat)> {
-    let up = Mat::from_tensor(&l.up)?;
-    let down = Mat::from_tensor(&l.down)?;
-    Ok((up, down))
+    match l.low_rank_pair() {
+        Some((down, up)) if l.dora().is_none() => {
+            Ok((Mat::from_tensor(up)?, Mat::from_tensor(down)?))
+        }
+        _ => candle_core::bail!(
+            "a {} layer has no plain LoRA factors to join (joins take plain LoRA only)",
+            l.kind_label()
+        ),
+    }
 }
 
-/// ΔW = (alpha / rank) · up · down of one layer in f64, as an `out × (in·kh·kw)` matrix (the
-/// matrix form of [`crate::lora::delta_weight`], for the SVD code).
+/// ΔW of one layer in f64, as an `out × (in·kh·kw)` matrix (the matrix form of
+/// [`crate::lora::delta_weight`], for the SVD code). An error for DoRA layers, whose change
+/// depends on the base weight ([`crate::lora::merged_weight`]).
 pub fn delta_mat(l: &LoraWeights) -> candle_core::Result<Mat> {
-    let (up, down) = factor_mats(l)?;
-    Ok(up.matmul(&down)?.scaled(l.scale()))
+    if l.dora().is_some() {
+        candle_core::bail!(
+            "a {} layer's change depends on the base weight; it has no ΔW of its own",
+            l.kind_label()
+        );
+    }
+    match factor_mats(l) {
+        Ok((up, down)) => Ok(up.matmul(&down)?.scaled(l.scale())),
+        Err(_) => Mat::from_tensor(&super::merge::delta_weight_in(l, DType::F64)?),
+    }
+}
+
+/// Refuses LoHa / LoKr / DoRA layers of `set` for a join, naming each.
+fn require_plain(set: &LoraSet, which: &str) -> anyhow::Result<()> {
+    let bad: Vec<String> = set
+        .layers
+        .iter()
+        .filter(|(_, l)| !l.is_plain())
+        .map(|(k, l)| format!("{k} ({})", l.kind_label()))
+        .collect();
+    if !bad.is_empty() {
+        bail!(
+            "the {which} LoRA has {} layer(s) that are not plain LoRA; lpl / ljl / svd joins take \
+             plain LoRA factors only:{}",
+            bad.len(),
+            bad.iter()
+                .take(12)
+                .map(|b| format!("\n    {b}"))
+                .collect::<String>()
+        );
+    }
+    Ok(())
 }
 
 /// Builds a layer from matrix factors, shaped like `like` (same kernel) but with the rank of
@@ -35,9 +73,9 @@ pub fn layer_from_mats(
     dtype: DType,
 ) -> candle_core::Result<LoraWeights> {
     let r = down.rows;
-    let mut down_shape = like.down.dims().to_vec();
+    let mut down_shape = like.down().dims().to_vec();
     down_shape[0] = r;
-    let mut up_shape = like.up.dims().to_vec();
+    let mut up_shape = like.up().dims().to_vec();
     up_shape[1] = r;
     LoraWeights::new(
         down.to_tensor(&down_shape, dtype, &Device::Cpu)?,
@@ -72,7 +110,7 @@ fn out_dtype(a: &LoraSet, b: &LoraSet) -> DType {
         .values()
         .chain(b.layers.values())
         .next()
-        .map(|l| l.up.dtype())
+        .map(|l| l.dtype())
         .unwrap_or(DType::F32)
 }
 
@@ -149,6 +187,8 @@ impl LplReport {
 /// its `up` before mixing and alpha is set to the merged rank (scale 1), so a LoRA mixed with
 /// itself gives itself back (w₁ + w₂ = 1).
 pub fn lpl(a: &LoraSet, b: &LoraSet, w1: f64, w2: f64) -> anyhow::Result<(LoraSet, LplReport)> {
+    require_plain(a, "first")?;
+    require_plain(b, "second")?;
     check_lpl_compatible(a, b)?;
     let dtype = out_dtype(a, b);
     let mut out = LoraSet {
@@ -236,7 +276,12 @@ fn check_lpl_compatible(a: &LoraSet, b: &LoraSet) -> anyhow::Result<()> {
     for (name, la) in &a.layers {
         if let Some(lb) = b.layers.get(name) {
             let (ra, rb) = (la.rank(), lb.rank());
-            let (ad, au, bd, bu) = (la.down.dims(), la.up.dims(), lb.down.dims(), lb.up.dims());
+            let (ad, au, bd, bu) = (
+                la.down().dims(),
+                la.up().dims(),
+                lb.down().dims(),
+                lb.up().dims(),
+            );
             let same_geometry =
                 ad[1..] == bd[1..] && au[0] == bu[0] && au[2..] == bu[2..] && ad.len() == bd.len();
             if !same_geometry {
@@ -291,6 +336,8 @@ fn check_lpl_compatible(a: &LoraSet, b: &LoraSet) -> anyhow::Result<()> {
 /// kept with its weight folded into `up` and its alpha unchanged. A side whose weight is
 /// exactly 0 contributes nothing.
 pub fn ljl(a: &LoraSet, b: &LoraSet, w1: f64, w2: f64) -> anyhow::Result<LoraSet> {
+    require_plain(a, "first")?;
+    require_plain(b, "second")?;
     let dtype = out_dtype(a, b);
     let mut out = LoraSet {
         embeddings: joined_embeddings(a, b),
@@ -475,7 +522,7 @@ pub fn compress(set: &LoraSet, rank: usize) -> anyhow::Result<(LoraSet, EnergyRe
             &down,
             l,
             rank,
-            l.up.dtype(),
+            l.dtype(),
         )?;
         report.layers.push(energy);
         out.layers.insert(name.clone(), layer);

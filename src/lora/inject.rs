@@ -221,26 +221,33 @@ impl InjectedLora {
             let Some((dv, uv)) = a.vars() else {
                 continue;
             };
-            if (w.alpha - a.alpha()).abs() > 1e-9 * a.alpha().abs().max(1.0) {
+            if !w.is_plain() {
+                problems.push(format!(
+                    "{key}: a {} layer; training resumes plain LoRA only",
+                    w.kind_label()
+                ));
+                continue;
+            }
+            if (w.alpha() - a.alpha()).abs() > 1e-9 * a.alpha().abs().max(1.0) {
                 problems.push(format!(
                     "{key}: alpha {} but the run uses {}",
-                    w.alpha,
+                    w.alpha(),
                     a.alpha()
                 ));
                 continue;
             }
-            if w.down.dims() != dv.dims() || w.up.dims() != uv.dims() {
+            if w.down().dims() != dv.dims() || w.up().dims() != uv.dims() {
                 problems.push(format!(
                     "{key}: down {:?} / up {:?}, expected {:?} / {:?}",
-                    w.down.dims(),
-                    w.up.dims(),
+                    w.down().dims(),
+                    w.up().dims(),
                     dv.dims(),
                     uv.dims()
                 ));
                 continue;
             }
-            updates.push((dv.clone(), w.down.clone()));
-            updates.push((uv.clone(), w.up.clone()));
+            updates.push((dv.clone(), w.down().clone()));
+            updates.push((uv.clone(), w.up().clone()));
         }
         let known: std::collections::HashSet<&str> = self.handle.adapters().map(|a| a.0).collect();
         for key in set.layers.keys() {
@@ -394,31 +401,40 @@ pub fn inject_trainable<H: LoraHost + ?Sized>(
 /// The LoRA factors fitted to `layer`'s shapes: a linear-shaped LoRA on a 1×1 convolution or
 /// a 1×1-conv-shaped LoRA on a Linear layer is reshaped; `None` when the shapes do not fit.
 fn fit_factors(layer: &LayerRef, w: &LoraWeights) -> Option<(Tensor, Tensor)> {
-    let r = *w.down.dims().first()?;
+    let (down, up) = w.low_rank_pair()?;
+    let r = *down.dims().first()?;
     let (want_d, want_u) = (layer.down_shape(r), layer.up_shape(r));
     let same_count = |t: &Tensor, s: &[usize]| t.elem_count() == s.iter().product::<usize>();
     let squeezable = |t: &Tensor| t.dims().iter().skip(2).all(|&d| d == 1);
-    let fits = if w.down.dims() == want_d && w.up.dims() == want_u {
+    let fits = if down.dims() == want_d && up.dims() == want_u {
         true
     } else {
         layer.kernel_size() == 1
-            && w.down.rank() >= 2
-            && w.up.rank() >= 2
-            && squeezable(&w.down)
-            && squeezable(&w.up)
-            && w.down.dims()[1] == want_d[1]
-            && w.up.dims()[0] == want_u[0]
-            && w.up.dims()[1] == r
-            && same_count(&w.down, &want_d)
-            && same_count(&w.up, &want_u)
+            && down.rank() >= 2
+            && up.rank() >= 2
+            && squeezable(down)
+            && squeezable(up)
+            && down.dims()[1] == want_d[1]
+            && up.dims()[0] == want_u[0]
+            && up.dims()[1] == r
+            && same_count(down, &want_d)
+            && same_count(up, &want_u)
     };
     if !fits {
         return None;
     }
     Some((
-        w.down.reshape(want_d.as_slice()).ok()?,
-        w.up.reshape(want_u.as_slice()).ok()?,
+        down.reshape(want_d.as_slice()).ok()?,
+        up.reshape(want_u.as_slice()).ok()?,
     ))
+}
+
+/// How one loaded layer is attached.
+enum Attach {
+    /// Plain LoRA factors fitted to the layer, with alpha.
+    LowRank(Tensor, Tensor, f64),
+    /// LoHa / LoKr / DoRA: applied as a weight change.
+    Dense(LoraWeights),
 }
 
 /// Attaches the `component` part of a loaded LoRA as frozen adapters with runtime multiplier
@@ -447,22 +463,34 @@ pub fn apply_lora_set<H: LoraHost + ?Sized>(
             problems.push(format!("{key}: no such layer in the {component}"));
             continue;
         };
-        if !w.alpha.is_finite() {
-            problems.push(format!("{key}: alpha is {}", w.alpha));
+        if !w.alpha().is_finite() {
+            problems.push(format!("{key}: alpha is {}", w.alpha()));
+            continue;
+        }
+        if !w.is_plain() {
+            let (ds, ws) = (w.delta_shape(), layer.weight().dims().to_vec());
+            if ds.iter().product::<usize>() == ws.iter().product::<usize>() && ds[0] == ws[0] {
+                found.push((path, *layer, Attach::Dense(w.clone())));
+            } else {
+                problems.push(format!(
+                    "{key}: layer weight {ws:?}, the {} layer adapts a weight of shape {ds:?}",
+                    w.kind_label()
+                ));
+            }
             continue;
         }
         match fit_factors(layer, w) {
-            Some((d, u)) => found.push((path, *layer, d, u, w.alpha)),
+            Some((d, u)) => found.push((path, *layer, Attach::LowRank(d, u, w.alpha()))),
             None => {
-                let r = w.down.dims().first().copied().unwrap_or(0);
+                let r = w.down().dims().first().copied().unwrap_or(0);
                 problems.push(format!(
                     "{key}: layer weight {:?} needs down {:?} and up {:?}, the LoRA has down \
                      {:?} and up {:?}",
                     layer.weight().dims(),
                     layer.down_shape(r),
                     layer.up_shape(r),
-                    w.down.dims(),
-                    w.up.dims()
+                    w.down().dims(),
+                    w.up().dims()
                 ));
             }
         }
@@ -483,12 +511,19 @@ pub fn apply_lora_set<H: LoraHost + ?Sized>(
     found.sort_by_key(|f| order.get(f.0).copied().unwrap_or(usize::MAX));
     let owner = new_owner();
     let mut entries = Vec::with_capacity(found.len());
-    for (path, layer, d, u, alpha) in found {
+    for (path, layer, attach) in found {
         let (dt, dev) = (layer.dtype(), layer.weight().device());
-        let d = d.to_dtype(dt)?.to_device(dev)?;
-        let u = u.to_dtype(dt)?.to_device(dev)?;
-        let adapter = LoraAdapter::frozen(d, u, alpha, AdapterKind::of(layer), owner)
-            .with_context(|| format!("LoRA for {component}.{path}"))?;
+        let adapter = match attach {
+            Attach::LowRank(d, u, alpha) => {
+                let d = d.to_dtype(dt)?.to_device(dev)?;
+                let u = u.to_dtype(dt)?.to_device(dev)?;
+                LoraAdapter::frozen(d, u, alpha, AdapterKind::of(layer), owner)
+            }
+            Attach::Dense(w) => {
+                LoraAdapter::dense(w, layer.weight(), AdapterKind::of(layer), owner)
+            }
+        }
+        .with_context(|| format!("LoRA for {component}.{path}"))?;
         adapter.set_multiplier(scale);
         entries.push(Entry {
             path: path.to_string(),

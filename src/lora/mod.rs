@@ -17,6 +17,7 @@ pub mod adapter;
 pub mod host;
 pub mod inject;
 pub mod key;
+pub mod kinds;
 pub mod merge;
 pub mod targets;
 
@@ -27,22 +28,49 @@ pub use inject::{
     LoraHandle,
 };
 pub use key::{Component, LayerKey};
-pub use merge::{collapse, delta_weight};
+pub use kinds::{Dora, DoraStyle, FactorName, Factors, KronFactor, LoHa, LoKr, LoraKind};
+pub use merge::{collapse, delta_weight, merged_weight};
 pub use targets::LoraTargets;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
 
-/// The low-rank factors of one adapted layer.
+/// The weights of one adapted layer: its factors ([`Factors`]: plain LoRA, LoHa or LoKr),
+/// alpha, the shape of the weight they adapt and an optional DoRA magnitude.
 ///
-/// Linear: `down` [r, in], `up` [out, r]. Conv2d: `down` [r, in, k, k] (the original layer's
-/// kernel, stride and padding), `up` [out, r, 1, 1]. ΔW = (alpha / r) · up · down.
-/// [`LoraWeights::new`] is the one place these shapes are checked.
+/// Plain LoRA, Linear: `down` [r, in], `up` [out, r]. Conv2d: `down` [r, in, k, k] (the
+/// original layer's kernel, stride and padding), `up` [out, r, 1, 1]. ΔW = (alpha / r) · up ·
+/// down. LoHa / LoKr: see [`kinds`]. [`LoraWeights::new`], [`LoraWeights::lycoris`] and
+/// [`LoraWeights::with_dora`] are the one place these shapes are checked.
 #[derive(Debug, Clone)]
 pub struct LoraWeights {
-    down: Tensor,
-    up: Tensor,
+    factors: Factors,
     alpha: f64,
+    shape: Vec<usize>,
+    dora: Option<Dora>,
+}
+
+fn check_float_same(ts: &[&Tensor], what: &str) -> candle_core::Result<()> {
+    let first = ts[0];
+    for t in ts {
+        if !t.dtype().is_float() {
+            candle_core::bail!(
+                "{what} factors must be floating point, got {:?} (shape {:?})",
+                t.dtype(),
+                t.dims()
+            );
+        }
+        if t.dtype() != first.dtype() || !t.device().same_device(first.device()) {
+            candle_core::bail!(
+                "{what} factors differ in dtype or device: {:?} on {:?} vs {:?} on {:?}",
+                first.dtype(),
+                first.device().location(),
+                t.dtype(),
+                t.device().location()
+            );
+        }
+    }
+    Ok(())
 }
 
 impl LoraWeights {
@@ -78,17 +106,116 @@ impl LoraWeights {
                 up.device().location()
             );
         }
-        Ok(Self { down, up, alpha })
+        let mut shape = vec![u[0]];
+        shape.extend_from_slice(&d[1..]);
+        Ok(Self {
+            factors: Factors::LowRank { down, up },
+            alpha,
+            shape,
+            dora: None,
+        })
     }
 
-    /// The down projection (applied first).
+    /// LyCORIS factors (LoHa or LoKr; [`Factors::LowRank`] goes through [`LoraWeights::new`])
+    /// adapting a weight of `shape` (`[out, in]` or `[out, in, kh, kw]`), checked against it.
+    pub fn lycoris(factors: Factors, alpha: f64, shape: &[usize]) -> candle_core::Result<Self> {
+        if !(shape.len() == 2 || shape.len() == 4) || shape.contains(&0) {
+            candle_core::bail!("a LyCORIS layer adapts a [out, in(, k, k)] weight, got {shape:?}");
+        }
+        let what = factors.kind().name();
+        match &factors {
+            Factors::LowRank { down, up } => {
+                let w = Self::new(down.clone(), up.clone(), alpha)?;
+                if w.shape.iter().product::<usize>() != shape.iter().product::<usize>() {
+                    candle_core::bail!("LoRA ΔW {:?} does not fit the weight {shape:?}", w.shape);
+                }
+                return Ok(w);
+            }
+            Factors::LoHa(h) => h.check(shape)?,
+            Factors::LoKr(k) => k.check(shape)?,
+        }
+        check_float_same(&factors.all(), what)?;
+        Ok(Self {
+            factors,
+            alpha,
+            shape: shape.to_vec(),
+            dora: None,
+        })
+    }
+
+    /// The same weights with a DoRA magnitude (checked against the weight's shape).
+    pub fn with_dora(mut self, dora: Dora) -> candle_core::Result<Self> {
+        dora.check(&self.shape)?;
+        if !dora.magnitude.dtype().is_float() {
+            candle_core::bail!(
+                "DoRA magnitude must be floating point, got {:?}",
+                dora.magnitude.dtype()
+            );
+        }
+        self.dora = Some(dora);
+        Ok(self)
+    }
+
+    /// The factors.
+    pub fn factors(&self) -> &Factors {
+        &self.factors
+    }
+
+    /// The DoRA magnitude, if any.
+    pub fn dora(&self) -> Option<&Dora> {
+        self.dora.as_ref()
+    }
+
+    /// The factor kind.
+    pub fn kind(&self) -> LoraKind {
+        self.factors.kind()
+    }
+
+    /// The kind as listed: `LoRA`, `LoHa`, `LoKr`, with `+DoRA` when a magnitude is present
+    /// (plain LoRA with a magnitude is `DoRA`).
+    pub fn kind_label(&self) -> String {
+        match (self.kind(), self.dora.is_some()) {
+            (LoraKind::Lora, true) => "DoRA".into(),
+            (k, true) => format!("{}+DoRA", k.name()),
+            (k, false) => k.name().into(),
+        }
+    }
+
+    /// Whether this is a plain LoRA without DoRA (what every LoRA format can hold).
+    pub fn is_plain(&self) -> bool {
+        self.kind() == LoraKind::Lora && self.dora.is_none()
+    }
+
+    /// `(down, up)` of a plain LoRA (with or without DoRA); `None` for LoHa / LoKr.
+    pub fn low_rank_pair(&self) -> Option<(&Tensor, &Tensor)> {
+        match &self.factors {
+            Factors::LowRank { down, up } => Some((down, up)),
+            _ => None,
+        }
+    }
+
+    /// The down projection (applied first) of a plain LoRA. LoHa / LoKr have no down/up pair:
+    /// this is then their first tensor (`hada_w1_a`, `lokr_w1` / `lokr_w1_a`), which answers
+    /// dtype and device questions; use [`LoraWeights::factors`] for their factors.
     pub fn down(&self) -> &Tensor {
-        &self.down
+        match &self.factors {
+            Factors::LowRank { down, .. } => down,
+            f => f.all()[0],
+        }
     }
 
-    /// The up projection.
+    /// The up projection of a plain LoRA (for LoHa / LoKr see [`LoraWeights::down`]: their
+    /// second tensor).
     pub fn up(&self) -> &Tensor {
-        &self.up
+        match &self.factors {
+            Factors::LowRank { up, .. } => up,
+            f => f.all()[1],
+        }
+    }
+
+    /// The dtype of the factors.
+    pub fn dtype(&self) -> DType {
+        self.down().dtype()
     }
 
     /// alpha; the scale is alpha / rank.
@@ -101,41 +228,75 @@ impl LoraWeights {
         Self { alpha, ..self }
     }
 
-    /// `(down, up, alpha)`.
-    pub fn into_parts(self) -> (Tensor, Tensor, f64) {
-        (self.down, self.up, self.alpha)
+    /// `(down, up, alpha)` of a plain LoRA; an error naming the kind otherwise.
+    pub fn into_parts(self) -> candle_core::Result<(Tensor, Tensor, f64)> {
+        let label = self.kind_label();
+        match self.factors {
+            Factors::LowRank { down, up } if self.dora.is_none() => Ok((down, up, self.alpha)),
+            _ => candle_core::bail!("a {label} layer has no plain down/up factors"),
+        }
     }
 
-    /// Both factors mapped by `f` (a dtype or device change, a reshape that keeps the
-    /// rules); the result is checked again.
+    /// Every tensor (factors, then the DoRA magnitude) mapped by `f` (a dtype or device
+    /// change, a reshape that keeps the rules); the result is checked again.
     pub fn map(
         &self,
         mut f: impl FnMut(&Tensor) -> candle_core::Result<Tensor>,
     ) -> candle_core::Result<Self> {
-        Self::new(f(&self.down)?, f(&self.up)?, self.alpha)
+        let w = match &self.factors {
+            Factors::LowRank { down, up } => Self::new(f(down)?, f(up)?, self.alpha)?,
+            other => Self::lycoris(other.map(&mut f)?, self.alpha, &self.shape)?,
+        };
+        match &self.dora {
+            Some(d) => w.with_dora(Dora {
+                magnitude: f(&d.magnitude)?,
+                style: d.style,
+            }),
+            None => Ok(w),
+        }
     }
 
-    /// The rank r (rows of `down`).
+    /// The rank r: rows of `down` (LoRA), of `hada_w1_b` (LoHa), of the low-rank side's
+    /// second factor (LoKr); a LoKr with both sides full reports 1 (LyCORIS' `lora_dim`).
     pub fn rank(&self) -> usize {
-        self.down.dims()[0]
+        self.low_rank().unwrap_or(1)
     }
 
-    /// alpha / rank.
+    /// The rank, `None` for a LoKr with both sides full.
+    pub fn low_rank(&self) -> Option<usize> {
+        match &self.factors {
+            Factors::LowRank { down, .. } => Some(down.dims()[0]),
+            Factors::LoHa(h) => Some(h.rank()),
+            Factors::LoKr(k) => k.rank(),
+        }
+    }
+
+    /// alpha / rank; 1 for a LoKr with both sides full (LyCORIS ignores alpha there).
     pub fn scale(&self) -> f64 {
-        self.alpha / self.rank() as f64
+        match self.low_rank() {
+            Some(r) => self.alpha / r as f64,
+            None => 1.0,
+        }
     }
 
-    /// True for a convolution adapter (4-d factors).
+    /// True for a convolution adapter (a 4-d weight).
     pub fn is_conv(&self) -> bool {
-        self.down.rank() == 4
+        self.shape.len() == 4
     }
 
-    /// The shape of the weight ΔW adapts: `up`'s rows, then `down`'s input dims
-    /// (`[out, in]` or `[out, in, kh, kw]`).
+    /// The shape of the weight ΔW adapts (`[out, in]` or `[out, in, kh, kw]`).
     pub fn delta_shape(&self) -> Vec<usize> {
-        let mut s = vec![self.up.dims()[0]];
-        s.extend_from_slice(&self.down.dims()[1..]);
-        s
+        self.shape.clone()
+    }
+
+    /// The number of stored values (factors and DoRA magnitude).
+    pub fn parameters(&self) -> usize {
+        self.factors
+            .all()
+            .iter()
+            .map(|t| t.elem_count())
+            .sum::<usize>()
+            + self.dora.as_ref().map_or(0, |d| d.magnitude.elem_count())
     }
 }
 

@@ -389,17 +389,32 @@ fn write_model(
         for (key, l) in &p.layers {
             let entry = &file.entries[key];
             let mut w = file.to_f64(key)?;
-            let d =
-                delta_mat(l).with_context(|| format!("ΔW of LoRA layer for {}/{key}", p.rel))?;
-            if d.data.len() != w.len() {
+            if l.delta_shape().iter().product::<usize>() != w.len() {
                 bail!(
-                    "{}: ΔW has {} elements, {key} has {}",
+                    "{}: the {} layer's ΔW {:?} has {} elements, {key} has {}",
                     p.rel,
-                    d.data.len(),
+                    l.kind_label(),
+                    l.delta_shape(),
+                    l.delta_shape().iter().product::<usize>(),
                     w.len()
                 );
             }
-            w.iter_mut().zip(&d.data).for_each(|(w, d)| *w += alpha * d);
+            if l.dora().is_some() {
+                // DoRA rescales W + ΔW: the merge needs the weight itself (in f64).
+                let wt = candle_core::Tensor::from_vec(
+                    std::mem::take(&mut w),
+                    l.delta_shape(),
+                    &candle_core::Device::Cpu,
+                )?;
+                w = super::merged_weight(&wt, l, alpha)
+                    .with_context(|| format!("DoRA merge of LoRA layer for {}/{key}", p.rel))?
+                    .flatten_all()?
+                    .to_vec1::<f64>()?;
+            } else {
+                let d = delta_mat(l)
+                    .with_context(|| format!("ΔW of LoRA layer for {}/{key}", p.rel))?;
+                w.iter_mut().zip(&d.data).for_each(|(w, d)| *w += alpha * d);
+            }
             let limit = match entry.dtype {
                 safetensors::Dtype::F16 => 65504.0,
                 _ => f64::MAX,

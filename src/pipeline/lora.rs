@@ -4,7 +4,7 @@
 use super::StableDiffusion;
 use crate::formats::{self, Architecture};
 use crate::hub::ModelSource;
-use crate::lora::{apply_lora_set, delta_weight, Component, LoraHandle, LoraSet};
+use crate::lora::{apply_lora_set, merged_weight, Component, LoraHandle, LoraSet};
 use crate::models::weights::ModelWeights;
 use anyhow::{bail, Context};
 use candle_core::{DType, Tensor};
@@ -89,7 +89,8 @@ impl StableDiffusion {
     }
 }
 
-/// `weights` of `component` with every LoRA of `loras` fused in: W' = W + scale·ΔW per layer,
+/// `weights` of `component` with every LoRA of `loras` fused in: W' = W + scale·ΔW per layer
+/// (DoRA layers rescaled, [`merged_weight`]),
 /// computed in f32 and stored in the weight's dtype. Unknown layers and shape mismatches are
 /// reported together.
 pub fn fuse_into_weights(
@@ -119,17 +120,13 @@ pub fn fuse_into_weights(
                 ));
                 continue;
             };
-            let delta = delta_weight(l)?;
-            let delta = if delta.elem_count() == shape.iter().product::<usize>() {
-                delta.reshape(shape.as_slice())?
-            } else {
+            let ds = l.delta_shape();
+            if ds.iter().product::<usize>() != shape.iter().product::<usize>() {
                 problems.push(format!(
-                    "{key}: LoRA ΔW has shape {:?}, the model's weight {:?}",
-                    delta.dims(),
-                    shape
+                    "{key}: LoRA ΔW has shape {ds:?}, the model's weight {shape:?}"
                 ));
                 continue;
-            };
+            }
             let (base, stored) = match fused.remove(&wkey) {
                 Some(entry) => entry,
                 None => {
@@ -138,7 +135,9 @@ pub fn fuse_into_weights(
                     (w.to_dtype(DType::F32)?, stored)
                 }
             };
-            fused.insert(wkey, ((base + (delta * *scale)?)?, stored));
+            let merged =
+                merged_weight(&base, l, *scale).with_context(|| format!("LoRA layer {key}"))?;
+            fused.insert(wkey, (merged, stored));
         }
     }
     if !problems.is_empty() {
