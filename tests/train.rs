@@ -528,8 +528,8 @@ fn use_ema_saves_the_warmup_average_and_resumes_exactly() {
         train(c, quiet()).unwrap();
         out.join("unet/diffusion_pytorch_model.safetensors")
     };
-    let w1 = common::load_tensors(&run("one", 1, false, None, false));
-    let w2 = common::load_tensors(&run("two", 2, false, None, false));
+    let w1 = common::load_tensors(run("one", 1, false, None, false));
+    let w2 = common::load_tensors(run("two", 2, false, None, false));
     let ema_path = run("ema", 2, true, None, false);
     let ema = common::load_tensors(&ema_path);
     // diffusers' EMAModel: the first update copies, the second uses d = min(0.9, 2/11).

@@ -107,7 +107,7 @@ impl DemoReport {
                 self.steps, self.train_seconds, self.loss_first_last.0, self.loss_first_last.1
             ),
             format!(
-                "concept score (share of the sks toy's pixels reproduced, 0..1): base model {:.2}, {m} {:.2}",
+                "concept score (closeness to the sks toy's pixels at the best shift, 0..1): base model {:.2}, {m} {:.2}",
                 self.base_concept, self.trained_concept
             ),
         ];

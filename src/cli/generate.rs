@@ -4,7 +4,7 @@ use super::common::{parse_device, parse_dtype, progress_bar};
 use crate::atomic::check_writable;
 use crate::formats::embeddings::EmbeddingSpec;
 use crate::hub::{bundled_model_dir, ModelSource};
-use crate::pipeline::embeddings::collect_tokens;
+use crate::pipeline::embeddings::{collect_tokens, SourcedToken};
 use crate::pipeline::image_io::{numbered_paths, save_png, to_rgb8};
 use crate::pipeline::lora::{read_loras, LoraSpec};
 use crate::pipeline::{read_init_latents, GenerateParams, StableDiffusion};
@@ -111,6 +111,34 @@ pub struct GenerateArgs {
     force: bool,
 }
 
+/// Adds learned tokens to `sd`, lists them, and warns when the prompts use none of them.
+pub fn add_tokens(
+    sd: &mut StableDiffusion,
+    tokens: &[SourcedToken],
+    params: &GenerateParams,
+) -> anyhow::Result<()> {
+    sd.add_learned_tokens(tokens)?;
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = tokens
+        .iter()
+        .map(|t| match t.token.count() {
+            1 => t.token.token.clone(),
+            n => format!("{} ({n} vectors)", t.token.token),
+        })
+        .collect();
+    eprintln!("learned tokens: {}", names.join(", "));
+    let absent = sd.absent_tokens(tokens, &[&params.prompt, &params.negative_prompt])?;
+    if !absent.is_empty() {
+        eprintln!(
+            "warning: the prompt uses none of the learned tokens {} (their trigger words)",
+            absent.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// The model of `--model`, or the bundled model when absent.
 pub fn model_source(model: Option<&str>) -> anyhow::Result<ModelSource> {
     match model {
@@ -169,24 +197,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         }
         sd
     };
-    sd.add_learned_tokens(&tokens)?;
-    if !tokens.is_empty() {
-        let names: Vec<String> = tokens
-            .iter()
-            .map(|t| match t.token.count() {
-                1 => t.token.token.clone(),
-                n => format!("{} ({n} vectors)", t.token.token),
-            })
-            .collect();
-        eprintln!("learned tokens: {}", names.join(", "));
-        let absent = sd.absent_tokens(&tokens, &[&params.prompt, &params.negative_prompt])?;
-        if !absent.is_empty() {
-            eprintln!(
-                "warning: the prompt uses none of the learned tokens {} (their trigger words)",
-                absent.join(", ")
-            );
-        }
-    }
+    add_tokens(&mut sd, &tokens, &params)?;
     // One prompt pair: encode it now and free what text-to-image does not run again.
     sd.cache_prompts(&[&params.prompt, &params.negative_prompt], params.clip_skip)?;
     sd.release_text_encoder();

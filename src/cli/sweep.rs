@@ -1,6 +1,6 @@
 //! `lora sweep`: the same seed at a series of LoRA scales, as a labelled grid PNG and a GIF.
 
-use super::generate::{generate_images, SampleArgs};
+use super::generate::{add_tokens, generate_images, SampleArgs};
 use crate::atomic::check_writable;
 use crate::pipeline::embeddings::collect_tokens;
 use crate::pipeline::grid::{grid, write_gif};
@@ -51,18 +51,7 @@ pub fn run(a: SweepArgs) -> anyhow::Result<()> {
     let loras = read_loras(&a.sample.source()?, std::slice::from_ref(&spec))?;
     let mut sd = a.sample.load(&[])?;
     let tokens = collect_tokens(&[(a.lora.as_path(), &loras[0].0)], &[])?;
-    sd.add_learned_tokens(&tokens)?;
-    if !tokens.is_empty() {
-        let names: Vec<&str> = tokens.iter().map(|t| t.token.token.as_str()).collect();
-        eprintln!("learned tokens: {}", names.join(", "));
-        let absent = sd.absent_tokens(&tokens, &[&params.prompt, &params.negative_prompt])?;
-        if !absent.is_empty() {
-            eprintln!(
-                "warning: the prompt uses none of the learned tokens {} (their trigger words)",
-                absent.join(", ")
-            );
-        }
-    }
+    add_tokens(&mut sd, &tokens, &params)?;
     let handles = sd
         .add_lora(&loras[0].0, 1.0)
         .with_context(|| format!("cannot apply LoRA {}", a.lora.display()))?;

@@ -62,8 +62,8 @@ fn border_median(img: &RgbImage) -> [u8; 3] {
     let mut ch: [Vec<u8>; 3] = Default::default();
     for (x, y, p) in img.enumerate_pixels() {
         if x < 3 || y < 3 || x + 3 >= w || y + 3 >= h {
-            for c in 0..3 {
-                ch[c].push(p.0[c]);
+            for (v, &c) in ch.iter_mut().zip(&p.0) {
+                v.push(c);
             }
         }
     }
