@@ -66,7 +66,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     if let Some(file) = r.outputs.iter().find(|p| p.ends_with("lora.safetensors")) {
         eprintln!(
             "next: `lora inspect {}`, `lora generate --lora {}:0.8 --prompt \"a sks toy on the \
-             right, black background\" --out x.png`",
+             right, black background\" --guidance 1 --out x.png`",
             file.display(),
             file.display()
         );
