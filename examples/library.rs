@@ -4,7 +4,8 @@
 //!
 //!     cargo run --release --example library [OUT_DIR]   (default target/example-library)
 //!
-//! It runs on the bundled model (random weights), so its images are noise-like patterns.
+//! It runs on the bundled model (a small Stable Diffusion trained on a world of flat shapes, see
+//! assets/tiny-sd/README.md) and the demo's concept images.
 
 use candle_core::{DType, Device, Tensor};
 use lora_diffusion::formats::{self, Architecture, Format, WriteOptions};
