@@ -8,6 +8,8 @@ use super::quality::{
     Following,
 };
 use crate::hub::ModelSource;
+use crate::models::unet::UNet2DConditionModel;
+use crate::models::weights::ModelWeights;
 use crate::pipeline::grid::{grid, write_gif};
 use crate::pipeline::image_io::save_png;
 use crate::pipeline::StableDiffusion;
@@ -143,31 +145,14 @@ fn load(source: &ModelSource) -> anyhow::Result<StableDiffusion> {
     StableDiffusion::load(source, DType::F32, &Device::Cpu)
 }
 
-/// A copy of the model folder `base` in `dst` with its UNet weights replaced by `unet_file`.
-fn model_with_unet(
-    base: &ModelSource,
-    unet_file: &Path,
-    dst: &Path,
-) -> anyhow::Result<ModelSource> {
-    let ModelSource::Local(src) = base else {
-        anyhow::bail!("full fine-tuning in the demo needs a local model folder");
-    };
-    for part in ["scheduler", "text_encoder", "tokenizer", "unet", "vae"] {
-        let (from, to) = (src.join(part), dst.join(part));
-        std::fs::create_dir_all(&to)?;
-        for e in
-            std::fs::read_dir(&from).with_context(|| format!("cannot read {}", from.display()))?
-        {
-            let p = e?.path();
-            std::fs::copy(&p, to.join(p.file_name().unwrap_or_default()))?;
-        }
-    }
-    std::fs::copy(src.join("model_index.json"), dst.join("model_index.json"))?;
-    std::fs::copy(
-        unet_file,
-        dst.join("unet/diffusion_pytorch_model.safetensors"),
-    )?;
-    Ok(ModelSource::Local(dst.to_path_buf()))
+/// The pipeline of `source` with its UNet weights read from `unet_file` (a full fine-tune's).
+fn load_with_unet(source: &ModelSource, unet_file: &Path) -> anyhow::Result<StableDiffusion> {
+    let mut sd = load(source)?;
+    let weights = ModelWeights::from_files("unet", &[unet_file])?;
+    sd.unet = UNet2DConditionModel::new(weights.var_builder(sd.dtype, &sd.device), &sd.unet_config)
+        .with_context(|| format!("{} is not a UNet of this model", unet_file.display()))?;
+    weights.finish()?;
+    Ok(sd)
 }
 
 /// Pairs of (base, trained) images with labels, for a side-by-side grid.
@@ -228,20 +213,36 @@ pub fn run_demo(o: &DemoOptions) -> anyhow::Result<DemoReport> {
         concept_scores(&base, &prompts, IMAGES_PER_PROMPT, MEASURE_SEED, &templates)?;
     let (base_following, base_world) = prompt_following(&base, DRIFT_PROMPTS, MEASURE_SEED)?;
     let (trained, handles) = match o.full {
-        false => {
-            let set = crate::formats::read(&file)?;
-            let h = base.add_lora(&set, 1.0)?;
-            (None, h)
-        }
-        true => {
-            let src = model_with_unet(&source, &file, &o.out_dir.join("full-model"))?;
-            (Some(load(&src)?), vec![])
-        }
+        false => (None, base.add_lora(&crate::formats::read(&file)?, 1.0)?),
+        true => (Some(load_with_unet(&source, &file)?), vec![]),
     };
     let sd = trained.as_ref().unwrap_or(&base);
-    let set_scale = |s: f64| handles.iter().for_each(|h| h.set_scale(s));
-    let (trained_scores, trained_images) =
-        concept_scores(sd, &prompts, IMAGES_PER_PROMPT, MEASURE_SEED, &templates)?;
+
+    // The sweep (LoRA only); its scale-1 images are the trained model's.
+    let mut sweep = vec![];
+    let mut frames = vec![];
+    let mut scale0_equals_base = None;
+    let mut at_one = None;
+    if !o.full {
+        for &s in &SWEEP_SCALES {
+            handles.iter().for_each(|h| h.set_scale(s));
+            let (scores, images) =
+                concept_scores(sd, &prompts, IMAGES_PER_PROMPT, MEASURE_SEED, &templates)?;
+            if s == 0.0 {
+                scale0_equals_base = Some(images == base_images);
+            }
+            sweep.push((s, mean(&scores)));
+            frames.push((images[0].clone(), format!("scale {s}")));
+            if s == 1.0 {
+                at_one = Some((scores, images));
+            }
+        }
+        handles.iter().for_each(|h| h.set_scale(1.0));
+    }
+    let (trained_scores, trained_images) = match at_one {
+        Some(v) => v,
+        None => concept_scores(sd, &prompts, IMAGES_PER_PROMPT, MEASURE_SEED, &templates)?,
+    };
     let (trained_following, trained_world) = prompt_following(sd, DRIFT_PROMPTS, MEASURE_SEED)?;
     let drift_levels = mean(
         &base_world
@@ -252,21 +253,7 @@ pub fn run_demo(o: &DemoOptions) -> anyhow::Result<DemoReport> {
     );
 
     let mut outputs = vec![];
-    let mut sweep = vec![];
-    let mut scale0_equals_base = None;
-    if !o.full {
-        let mut frames = vec![];
-        for &s in &SWEEP_SCALES {
-            set_scale(s);
-            let (scores, images) =
-                concept_scores(sd, &prompts, IMAGES_PER_PROMPT, MEASURE_SEED, &templates)?;
-            if s == 0.0 {
-                scale0_equals_base = Some(images == base_images);
-            }
-            sweep.push((s, mean(&scores)));
-            frames.push((images[0].clone(), format!("scale {s}")));
-        }
-        set_scale(1.0);
+    if !frames.is_empty() {
         let p = o.out_dir.join("sweep.png");
         save_png(&grid(&frames, frames.len()), &p, true)?;
         outputs.push(p);
