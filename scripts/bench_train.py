@@ -153,6 +153,7 @@ def main():
         o.zero_grad(set_to_none=True)
 
     res["lora_step_ms"] = timed(warmup, args.runs, lambda: step(model, opt))
+    res["lora_graph_mb"] = saved_tensor_mb(model, lambda: torch.nn.functional.mse_loss(run(model).float(), target))
     res["lora_peak_rss_mb"] = peak_rss_mb()
     del model, opt, params
     if args.no_full:
@@ -168,6 +169,25 @@ def main():
     res["full_step_ms"] = timed(warmup, args.runs, lambda: step(model, opt))
     res["peak_rss_mb"] = peak_rss_mb()
     finish(res, args)
+
+
+def saved_tensor_mb(model, loss_fn):
+    """MB of the distinct storages autograd saves for the backward of one forward, parameters
+    and buffers left out: the activations the graph keeps."""
+    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in own:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values()) / 1e6
 
 
 def finish(res, args):

@@ -109,3 +109,71 @@ fn proc_status_mb(field: &str) -> f64 {
 pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
+
+/// The system allocator, counting the bytes it holds for the program (live now and the peak
+/// since [`HeapCounter::reset_peak`]): the binaries install it as their global allocator, so
+/// benchmarks can tell the bytes an autograd graph keeps apart from the process's RSS.
+pub struct HeapCounter;
+
+static HEAP_LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static HEAP_PEAK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl HeapCounter {
+    /// Bytes allocated and not yet freed (0 when the counter is not the global allocator).
+    pub fn live() -> usize {
+        HEAP_LIVE.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The most bytes live at once since the last [`HeapCounter::reset_peak`].
+    pub fn peak() -> usize {
+        HEAP_PEAK.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Starts a new peak from the bytes live now.
+    pub fn reset_peak() {
+        HEAP_PEAK.store(Self::live(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn add(n: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = HEAP_LIVE.fetch_add(n, Relaxed) + n;
+        HEAP_PEAK.fetch_max(now, Relaxed);
+    }
+
+    fn sub(n: usize) {
+        HEAP_LIVE.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only counters are kept.
+unsafe impl std::alloc::GlobalAlloc for HeapCounter {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let p = unsafe { std::alloc::System.alloc(layout) };
+        if !p.is_null() {
+            Self::add(layout.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let p = unsafe { std::alloc::System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            Self::add(layout.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        unsafe { std::alloc::System.dealloc(ptr, layout) };
+        Self::sub(layout.size());
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        let p = unsafe { std::alloc::System.realloc(ptr, layout, new) };
+        if !p.is_null() {
+            Self::sub(layout.size());
+            Self::add(new);
+        }
+        p
+    }
+}

@@ -23,6 +23,7 @@ use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::walk::{LayerRef, LayerWalk};
 use crate::models::weights::ModelWeights;
 use crate::rng::Rng;
+use crate::sys::HeapCounter;
 use crate::train::config::MixedPrecision;
 use crate::train::model::lora_file_bytes;
 use crate::train::optim::{AdamW, AdamWParams};
@@ -139,6 +140,12 @@ struct Figures {
     lora_phases_ms: [f64; 3],
     /// Full step phases (median ms).
     full_phases_ms: [f64; 3],
+    /// Heap bytes (MB) the LoRA step's graph holds when the forward ends, beyond the model.
+    #[serde(default)]
+    lora_graph_mb: f64,
+    /// The most heap (MB) the LoRA step's backward held at once, beyond the model.
+    #[serde(default)]
+    lora_backward_peak_mb: f64,
 }
 
 /// Median milliseconds of `v` (NaN when empty).
@@ -161,6 +168,10 @@ struct Phases {
     fwd: Vec<f64>,
     bwd: Vec<f64>,
     opt: Vec<f64>,
+    /// Largest graph size seen (MB of heap beyond the model when the forward ends).
+    graph_mb: f64,
+    /// Largest backward peak seen (MB of heap beyond the model).
+    backward_peak_mb: f64,
 }
 
 impl Phases {
@@ -180,10 +191,17 @@ fn train_step(
     phases: &mut Phases,
 ) -> anyhow::Result<()> {
     let t0 = Instant::now();
+    let base = HeapCounter::live();
     let loss = (fwd()?.to_dtype(DType::F32)? - target)?.sqr()?.mean_all()?;
     let t1 = Instant::now();
+    let graph = HeapCounter::live().saturating_sub(base);
+    HeapCounter::reset_peak();
     let grads = loss.backward()?;
     let t2 = Instant::now();
+    phases.graph_mb = phases.graph_mb.max(graph as f64 / 1e6);
+    phases.backward_peak_mb = phases
+        .backward_peak_mb
+        .max(HeapCounter::peak().saturating_sub(base) as f64 / 1e6);
     let mut g = BTreeMap::new();
     for (name, var) in vars {
         if let Some(t) = grads.get(var.as_tensor()) {
@@ -289,6 +307,7 @@ fn measure<M: LoraHost>(
             f.lora_step_ms = time_runs_ms(warmup, runs, || {
                 train_step(|| fwd(&model), &target, &vars, &mut opt, &mut ph)
             })?;
+            (f.lora_graph_mb, f.lora_backward_peak_mb) = (ph.graph_mb, ph.backward_peak_mb);
             f.lora_phases_ms = ph.medians(warmup);
             f.lora_peak_rss_mb = peak_rss_mb();
         }
@@ -475,6 +494,19 @@ fn print_text(name: &str, f: &Figures, torch: Option<&serde_json::Value>) {
         }
     }
     println!("  LoRA step / forward {:.2}", f.lora_step_ms / f.forward_ms);
+    if f.lora_graph_mb > 0.0 {
+        let graph = match t("lora_graph_mb") {
+            Some(p) => format!(
+                "   PyTorch saved tensors {p:.1} MB   ratio {:.2}x",
+                f.lora_graph_mb / p
+            ),
+            None => String::new(),
+        };
+        println!(
+            "  LoRA graph {:.1} MB kept by the forward{graph}; backward peak {:.1} MB (heap beyond the model)",
+            f.lora_graph_mb, f.lora_backward_peak_mb
+        );
+    }
     for (label, p) in [
         ("LoRA step", f.lora_phases_ms),
         ("full step", f.full_phases_ms),
