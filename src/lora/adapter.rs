@@ -393,6 +393,36 @@ impl LoraAdapter {
         self.up.forward(&h)?.to_dtype(xdt)
     }
 
+    /// The frozen linear layer `(w, b)` and this adapter as one op on `x` (see
+    /// [`crate::ops::lora_linear`]), when the adapter is a plain LoRA on a linear layer whose
+    /// dropout is off and every operand shares `x`'s dtype; `None` otherwise.
+    pub fn fused_linear(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+    ) -> Option<Result<Tensor>> {
+        let dropout_on = self
+            .dropout
+            .as_ref()
+            .is_some_and(|d| d.p > 0.0 && self.is_training());
+        let dt = x.dtype();
+        let same = [w, self.down(), self.up()].iter().all(|t| t.dtype() == dt)
+            && b.is_none_or(|b| b.dtype() == dt);
+        if self.dense.is_some() || self.kind != AdapterKind::Linear || dropout_on || !same {
+            return None;
+        }
+        let scale = self.effective_scale();
+        Some(crate::ops::lora_linear(
+            x,
+            w,
+            b,
+            self.down(),
+            self.up(),
+            scale,
+        ))
+    }
+
     /// Inverted dropout on the hidden activation (training mode and p > 0 only).
     fn dropout(&self, h: Tensor) -> Result<Tensor> {
         let Some(d) = &self.dropout else {
@@ -433,6 +463,10 @@ impl LayerResidual for LoraAdapter {
 
     fn residual(&self, x: &Tensor) -> Result<Tensor> {
         LoraAdapter::residual(self, x)
+    }
+
+    fn fused_linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Option<Result<Tensor>> {
+        LoraAdapter::fused_linear(self, x, w, b)
     }
 
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {

@@ -124,6 +124,12 @@ impl Linear {
             );
         }
         if !self.is_trainable() {
+            if let Some(y) = self
+                .residuals
+                .fused_linear(x, &self.weight, self.bias.as_ref())
+            {
+                return y;
+            }
             let base = frozen_linear(x, &self.weight, self.bias.as_ref())?;
             return self.residuals.apply(x, base);
         }

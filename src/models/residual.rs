@@ -18,6 +18,17 @@ pub trait LayerResidual: Send + Sync + std::fmt::Debug {
     /// The residual for the layer input `x`, shaped and typed like the layer's output.
     fn residual(&self, x: &Tensor) -> Result<Tensor>;
 
+    /// The frozen linear layer `(w, b)` it is attached to plus this residual, as one fused op
+    /// on `x`, if it offers one (equal to the layer's output plus [`LayerResidual::residual`]).
+    fn fused_linear(
+        &self,
+        _x: &Tensor,
+        _w: &Tensor,
+        _b: Option<&Tensor>,
+    ) -> Option<Result<Tensor>> {
+        None
+    }
+
     /// The value as `Any`, so its owner can recover the concrete type.
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
 
@@ -106,6 +117,23 @@ impl ResidualSlot {
     /// Whether two slots are the same shared list.
     pub fn same(&self, other: &ResidualSlot) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// The frozen linear layer `(w, b)` with its residuals as one fused op on `x`, when exactly
+    /// one residual is active and it offers one ([`LayerResidual::fused_linear`]).
+    pub fn fused_linear(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+    ) -> Option<Result<Tensor>> {
+        let v = self.read();
+        let mut active = v.iter().filter(|a| a.is_active());
+        let only = active.next()?;
+        if active.next().is_some() {
+            return None;
+        }
+        only.fused_linear(x, w, b)
     }
 
     /// `base + Σ residual_i(x)` over the active residuals, in attach order; `base` itself

@@ -74,6 +74,65 @@ pub(crate) fn add_bias_owned(y: Tensor, b: &Tensor, dim: usize) -> Result<Tensor
     y.broadcast_add(&b.reshape(bshape)?)
 }
 
+/// `y[i] += u[i]` over two contiguous tensors of one shape.
+struct AddInPlace;
+
+fn add_elems<T: WithDType>(y: &mut [T], u: &[T]) {
+    let chunk = (y.len() / 64).max(1 << 14);
+    super::par::par_chunks(y, chunk, |start, part| {
+        let src = &u[start..start + part.len()];
+        for (a, &b) in part.iter_mut().zip(src) {
+            *a += b;
+        }
+    });
+}
+
+impl InplaceOp2 for AddInPlace {
+    fn name(&self) -> &'static str {
+        "lora-add-in-place"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let (Some((a, e)), Some((ua, ue))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("add in place: contiguous inputs only");
+        };
+        match (s1, s2) {
+            (CpuStorage::F32(y), CpuStorage::F32(u)) => add_elems(&mut y[a..e], &u[ua..ue]),
+            (CpuStorage::F64(y), CpuStorage::F64(u)) => add_elems(&mut y[a..e], &u[ua..ue]),
+            (CpuStorage::F16(y), CpuStorage::F16(u)) => add_elems(&mut y[a..e], &u[ua..ue]),
+            (y, u) => {
+                candle_core::bail!("add in place: dtypes {:?} and {:?}", y.dtype(), u.dtype())
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `y + u` (same shape) for a `y` nothing else shares: in place on the CPU (f32 / f64 / f16,
+/// both contiguous), else a plain add. Same sums, same rounding.
+pub(crate) fn add_owned(y: Tensor, u: &Tensor) -> Result<Tensor> {
+    if y.dims() != u.dims() {
+        candle_core::bail!("add: shapes {:?} and {:?} differ", y.dims(), u.dims());
+    }
+    let fused = y.device().is_cpu()
+        && y.dtype() == u.dtype()
+        && matches!(y.dtype(), DType::F32 | DType::F64 | DType::F16)
+        && y.is_contiguous()
+        && u.is_contiguous()
+        && !y.track_op();
+    if fused {
+        y.inplace_op2(u, &AddInPlace)?;
+        return Ok(y);
+    }
+    y + u
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

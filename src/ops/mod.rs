@@ -12,6 +12,7 @@
 //! | [`silu`], [`gelu_erf`] | fused | one-pass derivative |
 //! | [`upsample_nearest2d`] | fused copy | sum-pool of the gradient |
 //! | [`attention`] | matmul, fused scaled softmax, matmul; tiled over queries above [`ATTENTION_TILE_BYTES`] | keeps only the probabilities, or (tiled) only the row log-sum-exp and recomputes them per tile |
+//! | [`lora_linear`] | frozen linear + one LoRA adapter, sums in place | `x`, `down`, `up` gradients; the rank-r hidden recomputed |
 //! | [`checkpoint`] | the block without a graph | the block run again, then its backward |
 //! | [`frozen_linear`], [`frozen_conv2d`], [`FrozenConv2d`] | candle matmul; conv2d as im2col + one gemm on the CPU, candle's conv2d elsewhere; bias added in place | input gradient only |
 //!
@@ -31,6 +32,7 @@ mod frozen;
 mod group_norm;
 mod im2col;
 mod layer_norm;
+mod lora_linear;
 mod par;
 mod softmax;
 mod upsample;
@@ -45,6 +47,7 @@ pub use frozen::{
     conv2d_input_grad, conv2d_input_grad_flipped, frozen_conv2d, frozen_linear, Conv2dParams,
     FrozenConv2d,
 };
+pub use lora_linear::lora_linear;
 pub use upsample::upsample_nearest2d;
 
 use candle_core::{DType, Result, Tensor, D};
