@@ -427,3 +427,79 @@ fn sd15_transformer_block_at_64x64_keeps_no_full_probability_tensor() {
         }
     }
 }
+
+/// `[B, N, H·d]` → `[B·H, N, d]`.
+fn split_heads(t: &Tensor, heads: usize) -> Tensor {
+    let (b, n, c) = t.dims3().unwrap();
+    t.reshape((b, n, heads, c / heads))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((b * heads, n, c / heads))
+        .unwrap()
+}
+
+/// `[B·H, N, d]` → `[B, N, H·d]`.
+fn merge_heads(t: &Tensor, heads: usize) -> Tensor {
+    let (bh, n, d) = t.dims3().unwrap();
+    t.reshape((bh / heads, heads, n, d))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((bh / heads, n, heads * d))
+        .unwrap()
+}
+
+#[test]
+fn heads_side_by_side_equal_the_split_heads() {
+    // (batch, heads, Nq, Nk, d, dv): self-attention, cross-attention with dv ≠ d, and one
+    // whose tracked probabilities (2 × 1100 × 1100 f32 = 9.7 MB) take the tiled form.
+    for (b, h, nq, nk, d, dv) in [
+        (2, 3, 13, 13, 8, 8),
+        (1, 2, 17, 5, 6, 4),
+        (1, 2, 1100, 1100, 4, 4),
+    ] {
+        for dtype in [DType::F32, DType::F64] {
+            for kernel in [Kernel::Auto, Kernel::Generic] {
+                let mut rng = Rng::new(11);
+                let mut r = |s: &[usize]| common::randn(&mut rng, s, 1.0).to_dtype(dtype).unwrap();
+                let p = Problem {
+                    name: "heads",
+                    q: r(&[b, nq, h * d]),
+                    k: r(&[b, nk, h * d]),
+                    v: r(&[b, nk, h * dv]),
+                    g: r(&[b, nq, h * dv]),
+                    mask: None,
+                    scale: (d as f64).powf(-0.5),
+                };
+                let (y0, g0) = run(&p, &|q, k, v, _| {
+                    let (q, k, v) = (split_heads(q, h), split_heads(k, h), split_heads(v, h));
+                    Ok(merge_heads(
+                        &ops::attention_materialised(&q, &k, &v, p.scale, None, kernel)?,
+                        h,
+                    ))
+                });
+                let (y1, g1) = run(&p, &|q, k, v, _| {
+                    ops::attention_heads(q, k, v, h, p.scale, kernel)
+                });
+                let tol = if dtype == DType::F64 { 1e-12 } else { 2e-5 };
+                assert!(
+                    rel(&y1, &y0) <= tol,
+                    "{b}x{h}x{nq}x{nk} {dtype:?} value {}",
+                    rel(&y1, &y0)
+                );
+                for (i, (a, c)) in g1.iter().zip(&g0).enumerate() {
+                    assert_eq!(a.dims(), c.dims());
+                    assert!(
+                        rel(a, c) <= tol * 10.0,
+                        "{b}x{h}x{nq}x{nk} {dtype:?} grad {i}: {}",
+                        rel(a, c)
+                    );
+                }
+            }
+        }
+    }
+    let t = Tensor::zeros((1, 4, 6), DType::F32, &Device::Cpu).unwrap();
+    let e = ops::attention_heads(&t, &t, &t, 4, 1.0, Kernel::Auto).unwrap_err();
+    assert!(e.to_string().contains("4 heads do not fit"), "{e}");
+}

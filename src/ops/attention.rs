@@ -10,10 +10,10 @@
 //! into tiles of `c` rows such that one tile `[G, c, Nk]` of scores stays under a byte
 //! budget. Per tile the forward computes `S = q_t kᵀ`, `P = softmax(scale · S + mask)`, the
 //! row log-sum-exp `L = log Σ exp(scale · S + mask)` and `O_t = P v`, then drops `S` / `P`.
-//! Only `L` (`G · Nq` values, f32 or f64) and the output `O` (`G · Nq · dv`, shared with the
-//! result) are saved beside the inputs. The backward walks the same tiles: it recomputes
-//! `P = exp(scale · S + mask − L)`, then `dV += Pᵀ dO_t`, `dP = dO_t Vᵀ`,
-//! `dS = scale · P ⊙ (dP − D)` with `D = rowsum(dO ⊙ O)` (written over `dP`),
+//! Only `L` (`G · Nq` values, f32 or f64) is saved beside the inputs. The backward walks the
+//! same tiles: it recomputes `P = exp(scale · S + mask − L)`, then `dV += Pᵀ dO_t`,
+//! `dP = dO_t Vᵀ`, `dS = scale · P ⊙ (dP − D)` with `D = rowsum(P ⊙ dP)` (written over `dP`;
+//! a tile holds whole key rows),
 //! `dQ_t = dS K`, `dK += dSᵀ q_t`. Keys are not tiled: a tile of one query row is `G · Nk`
 //! elements (8 heads × 4096 keys = 128 KiB in f32 at 512 px; even SD 2 at 768 px with CFG,
 //! 10 × 9216 keys, is 360 KiB), far below any useful budget, so an online softmax over key
@@ -23,8 +23,10 @@
 //! one more `q kᵀ` product and one more exp pass per tile in the backward.
 //!
 //! [`attention`] takes the tiled form when the whole `P` would exceed
-//! [`ATTENTION_TILE_BYTES`]; smaller problems (every tiny model, cross-attention to 77
-//! tokens) take the materialised form unchanged. Both use the fused CPU kernels of
+//! [`ATTENTION_TILE_BYTES`], or, when a graph is tracked, [`ATTENTION_MATERIALISE_BYTES`]
+//! (the probabilities would be kept until the backward); smaller problems (every tiny
+//! model) take the materialised form. [`attention_heads`] takes `[B, N, H·d]` projections
+//! as they are and splits the heads inside the op, so the split copies never enter the graph. Both use the fused CPU kernels of
 //! `softmax.rs` for f32 / f64 and candle tensor ops elsewhere, and compute the gradients of
 //! tracked inputs only. [`attention_peak_elems`] reports the largest score / probability
 //! block either form allocated on this thread.
@@ -36,9 +38,12 @@ use super::{compute_dtype, Kernel};
 use candle_core::{Result, Tensor};
 use std::cell::Cell;
 
-/// Byte budget of one score tile `[G, rows, Nk]` of the tiled attention, and the size of the
-/// whole probability tensor above which [`attention`] tiles.
+/// Byte budget of one score tile `[G, rows, Nk]` of the tiled attention.
 pub const ATTENTION_TILE_BYTES: usize = 64 << 20;
+
+/// The size of the whole probability tensor above which [`attention`] takes the tiled form
+/// (when the graph is tracked: a graph-free forward keeps nothing either way).
+pub const ATTENTION_MATERIALISE_BYTES: usize = 4 << 20;
 
 thread_local! {
     static PEAK_ELEMS: Cell<usize> = const { Cell::new(0) };
@@ -120,6 +125,97 @@ impl Dims {
     }
 }
 
+/// Gradients of q, k and v, each only where asked for.
+pub(crate) type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+/// The backward of one attention form: graph-free `[q, k, v]` in the form's layout and
+/// compute dtype, which of them need a gradient, and the output gradient (same layout).
+pub(crate) type CoreBwd =
+    Box<dyn Fn([&Tensor; 3], [bool; 3], &Tensor) -> Result<Grads3> + Send + Sync>;
+
+/// Which form computes one call.
+#[derive(Clone, Copy, Debug)]
+enum Form {
+    /// One score tensor, its probabilities kept for the backward.
+    Materialised,
+    /// Query tiles of at most this many bytes of scores.
+    Tiled(usize),
+}
+
+impl Form {
+    /// The default form: tiled when the whole `P` of `dims` would exceed
+    /// [`ATTENTION_TILE_BYTES`], or [`ATTENTION_MATERIALISE_BYTES`] for a tracked call
+    /// (elements of `elem` bytes).
+    fn auto(dims: &Dims, elem: usize, track: bool) -> Self {
+        let limit = match track {
+            true => ATTENTION_MATERIALISE_BYTES,
+            false => ATTENTION_TILE_BYTES,
+        };
+        match dims.score_elems().saturating_mul(elem) > limit {
+            true => Self::Tiled(ATTENTION_TILE_BYTES),
+            false => Self::Materialised,
+        }
+    }
+}
+
+/// Runs `form` on graph-free `q`, `k`, `v` (compute dtype); the backward is built only when
+/// `track`.
+#[allow(clippy::too_many_arguments)]
+fn core(
+    [q, k, v]: [&Tensor; 3],
+    track: bool,
+    scale: f64,
+    mask: Option<&Tensor>,
+    dims: &Dims,
+    form: Form,
+    kernel: Kernel,
+) -> Result<(Tensor, Option<CoreBwd>)> {
+    match form {
+        Form::Materialised => materialised(q, k, v, track, scale, mask, dims, kernel),
+        Form::Tiled(budget) => tiled::core([q, k, v], track, scale, mask, dims, budget, kernel),
+    }
+}
+
+/// One attention op over `[..., N, d]` inputs in `form`: computed in the compute dtype on
+/// graph-free copies of nothing (views), attached to `q`, `k`, `v` with the form's backward.
+#[allow(clippy::too_many_arguments)]
+fn run(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+    dims: &Dims,
+    form: Form,
+    kernel: Kernel,
+) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let cd = compute_dtype(dtype);
+    let (q, k, v) = (q.to_dtype(cd)?, k.to_dtype(cd)?, v.to_dtype(cd)?);
+    let track = q.track_op() || k.track_op() || v.track_op();
+    let mask = mask
+        .map(|m| m.to_dtype(cd).map(|m| m.detach()))
+        .transpose()?;
+    let inputs = [&q.detach(), &k.detach(), &v.detach()];
+    let (out, bwd) = core(inputs, track, scale, mask.as_ref(), dims, form, kernel)?;
+    let Some(bwd) = bwd else {
+        return out.to_dtype(dtype);
+    };
+    let name = match form {
+        Form::Materialised => "lora-attention",
+        Form::Tiled(_) => "lora-attention-tiled",
+    };
+    let f = move |[q, k, v]: [&Tensor; 3], g: &Tensor| {
+        let track = [q.track_op(), k.track_op(), v.track_op()];
+        bwd(
+            [&q.detach(), &k.detach(), &v.detach()],
+            track,
+            &g.to_dtype(cd)?,
+        )
+    };
+    attach3([&q, &k, &v], out, name, Box::new(f))?.to_dtype(dtype)
+}
+
 /// Attention over `q` `[..., Nq, d]`, `k` `[..., Nk, d]`, `v` `[..., Nk, dv]` (same leading
 /// dims), returning `[..., Nq, dv]`; `mask` is an optional additive bias broadcastable to
 /// `[..., Nq, Nk]` (e.g. a causal mask; it gets no gradient). Computed in f32 (f64 stays
@@ -145,11 +241,85 @@ pub fn attention_with(
     kernel: Kernel,
 ) -> Result<Tensor> {
     let dims = Dims::of(q, k, v, mask)?;
-    let elem = compute_dtype(q.dtype()).size_in_bytes();
-    if dims.score_elems().saturating_mul(elem) > ATTENTION_TILE_BYTES {
-        return tiled::forward(q, k, v, scale, mask, &dims, ATTENTION_TILE_BYTES, kernel);
+    let track = q.track_op() || k.track_op() || v.track_op();
+    let form = Form::auto(&dims, compute_dtype(q.dtype()).size_in_bytes(), track);
+    run(q, k, v, scale, mask, &dims, form, kernel)
+}
+
+/// Multi-head attention over `q` `[B, Nq, H·d]`, `k` `[B, Nk, H·d]`, `v` `[B, Nk, H·dv]`
+/// (heads side by side in the last dim, as projections give them), returning
+/// `[B, Nq, H·dv]`: the same values as [`attention`] on the heads split out to `[B·H, N, d]`.
+/// The split and merged copies are temporaries of the forward and of the backward, so the
+/// graph keeps only `q`, `k`, `v`, the output and what the form saves.
+pub fn attention_heads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    kernel: Kernel,
+) -> Result<Tensor> {
+    let ((b, _, cq), (bk, nk, ck), (bv, nv, cv)) = (q.dims3()?, k.dims3()?, v.dims3()?);
+    let fits = heads > 0
+        && b == bk
+        && b == bv
+        && nk == nv
+        && cq == ck
+        && cq % heads == 0
+        && cv % heads == 0;
+    if !fits {
+        candle_core::bail!(
+            "attention_heads: {heads} heads do not fit q {:?}, k {:?}, v {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
     }
-    materialised(q, k, v, scale, mask, &dims, kernel)
+    let dtype = q.dtype();
+    let cd = compute_dtype(dtype);
+    let (q, k, v) = (q.to_dtype(cd)?, k.to_dtype(cd)?, v.to_dtype(cd)?);
+    let split = move |t: &Tensor| -> Result<Tensor> {
+        let (b, n, c) = t.dims3()?;
+        t.reshape((b, n, heads, c / heads))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b * heads, n, c / heads))
+    };
+    let merge = move |t: &Tensor| -> Result<Tensor> {
+        let (bh, n, d) = t.dims3()?;
+        t.reshape((bh / heads, heads, n, d))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((bh / heads, n, heads * d))
+    };
+    let (qh, kh, vh) = (
+        split(&q.detach())?,
+        split(&k.detach())?,
+        split(&v.detach())?,
+    );
+    let dims = Dims::of(&qh, &kh, &vh, None)?;
+    let track = q.track_op() || k.track_op() || v.track_op();
+    let form = Form::auto(&dims, cd.size_in_bytes(), track);
+    let (out, bwd) = core([&qh, &kh, &vh], track, scale, None, &dims, form, kernel)?;
+    drop((qh, kh, vh));
+    let out = merge(&out)?;
+    let Some(bwd) = bwd else {
+        return out.to_dtype(dtype);
+    };
+    let f = move |[q, k, v]: [&Tensor; 3], g: &Tensor| {
+        let track = [q.track_op(), k.track_op(), v.track_op()];
+        let heads = [
+            split(&q.detach())?,
+            split(&k.detach())?,
+            split(&v.detach())?,
+        ];
+        let g = split(&g.to_dtype(cd)?)?;
+        let (dq, dk, dv) = bwd([&heads[0], &heads[1], &heads[2]], track, &g)?;
+        drop((heads, g));
+        let m = |t: Option<Tensor>| t.map(|t| merge(&t)).transpose();
+        Ok((m(dq)?, m(dk)?, m(dv)?))
+    };
+    attach3([&q, &k, &v], out, "lora-attention-heads", Box::new(f))?.to_dtype(dtype)
 }
 
 /// The tiled (memory-efficient) attention with an explicit tile budget in bytes, whatever
@@ -164,10 +334,11 @@ pub fn attention_tiled(
     kernel: Kernel,
 ) -> Result<Tensor> {
     let dims = Dims::of(q, k, v, mask)?;
-    if dims.nq == 0 || dims.nk == 0 {
-        return materialised(q, k, v, scale, mask, &dims, kernel);
-    }
-    tiled::forward(q, k, v, scale, mask, &dims, tile_bytes, kernel)
+    let form = match dims.nq == 0 || dims.nk == 0 {
+        true => Form::Materialised,
+        false => Form::Tiled(tile_bytes),
+    };
+    run(q, k, v, scale, mask, &dims, form, kernel)
 }
 
 /// The materialised form whatever the problem size: one score tensor, its probabilities
@@ -181,58 +352,56 @@ pub fn attention_materialised(
     kernel: Kernel,
 ) -> Result<Tensor> {
     let dims = Dims::of(q, k, v, mask)?;
-    materialised(q, k, v, scale, mask, &dims, kernel)
+    run(q, k, v, scale, mask, &dims, Form::Materialised, kernel)
 }
 
-/// The materialised form: one score tensor, its probabilities kept for the backward.
+/// The materialised form on graph-free inputs: one score tensor, its probabilities kept
+/// for the backward.
+#[allow(clippy::too_many_arguments)]
 fn materialised(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    track: bool,
     scale: f64,
     mask: Option<&Tensor>,
     dims: &Dims,
     kernel: Kernel,
-) -> Result<Tensor> {
-    let dtype = q.dtype();
-    let cd = compute_dtype(dtype);
-    let (q, k, v) = (q.to_dtype(cd)?, k.to_dtype(cd)?, v.to_dtype(cd)?);
-    let (qc, kc, vc) = (q.detach(), k.detach(), v.detach());
-    let scores = qc.matmul(&kc.t()?)?;
+) -> Result<(Tensor, Option<CoreBwd>)> {
+    let scores = q.matmul(&k.t()?)?;
     note_block(dims.score_elems());
     // With a mask the scale is applied before adding it, so the softmax itself is unscaled.
     let (scores, sm_scale) = match mask {
-        Some(m) => {
-            let s = scores.affine(scale, 0.0)?;
-            (s.broadcast_add(&m.to_dtype(cd)?.detach())?, 1.0)
-        }
+        Some(m) => (scores.affine(scale, 0.0)?.broadcast_add(m)?, 1.0),
         None => (scores, scale),
     };
     // The scores are fresh (nothing else holds them), so the softmax may overwrite them.
     let p = softmax_owned(scores, sm_scale, kernel)?;
-    let out = p.matmul(&vc)?;
+    let out = p.matmul(v)?;
+    if !track {
+        return Ok((out, None));
+    }
     let masked = mask.is_some();
-    let bwd = move |[q, k, v]: [&Tensor; 3], g: &Tensor| {
-        let g = g.to_dtype(p.dtype())?;
-        let dv = match v.track_op() {
-            true => Some(p.t()?.matmul(&g)?),
+    let bwd = move |[q, k, v]: [&Tensor; 3], [tq, tk, tv]: [bool; 3], g: &Tensor| {
+        let dv = match tv {
+            true => Some(p.t()?.matmul(g)?),
             false => None,
         };
-        if !(q.track_op() || k.track_op()) {
+        if !(tq || tk) {
             return Ok((None, None, dv));
         }
-        let dp = g.matmul(&v.detach().t()?)?;
+        let dp = g.matmul(&v.t()?)?;
         let ds = softmax_backward(&p, &dp, sm_scale, kernel)?;
         let ds = if masked { ds.affine(scale, 0.0)? } else { ds };
-        let dq = match q.track_op() {
-            true => Some(ds.matmul(&k.detach())?),
+        let dq = match tq {
+            true => Some(ds.matmul(k)?),
             false => None,
         };
-        let dk = match k.track_op() {
-            true => Some(ds.t()?.matmul(&q.detach())?),
+        let dk = match tk {
+            true => Some(ds.t()?.matmul(q)?),
             false => None,
         };
         Ok((dq, dk, dv))
     };
-    attach3([&q, &k, &v], out, "lora-attention", Box::new(bwd))?.to_dtype(dtype)
+    Ok((out, Some(Box::new(bwd))))
 }

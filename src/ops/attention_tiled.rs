@@ -2,11 +2,10 @@
 //! under a byte budget, the row log-sum-exp saved for the backward, probabilities
 //! recomputed tile by tile there (algorithm and memory in the docs of `attention.rs`).
 
-use super::attention::{note_block, Dims};
-use super::bridge::attach3;
-use super::softmax::{backward_with_sums, exp_lse_owned, softmax_lse_owned, softmax_owned};
-use super::{compute_dtype, Kernel};
-use candle_core::{Result, Tensor, D};
+use super::attention::{note_block, CoreBwd, Dims};
+use super::softmax::{backward_owned, exp_lse_owned, softmax_lse_owned, softmax_owned};
+use super::Kernel;
+use candle_core::{Result, Tensor};
 
 /// Query rows per tile so that one score tile `[groups, rows, nk]` of `elem`-byte values
 /// stays within `budget` bytes (at least one row), balanced so the tiles are equally long.
@@ -82,47 +81,36 @@ fn accumulate(a: Option<Tensor>, b: Tensor) -> Result<Option<Tensor>> {
     }))
 }
 
-/// The tiled attention (shapes checked into `dims`), tiles of at most `budget` bytes.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn forward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+/// The tiled attention on graph-free `q`, `k`, `v` in the compute dtype (shapes checked
+/// into `dims`), tiles of at most `budget` bytes; the backward is built only when `track`.
+pub(crate) fn core(
+    [q, k, v]: [&Tensor; 3],
+    track: bool,
     scale: f64,
     mask: Option<&Tensor>,
     dims: &Dims,
     budget: usize,
     kernel: Kernel,
-) -> Result<Tensor> {
-    let dtype = q.dtype();
-    let cd = compute_dtype(dtype);
-    let (q, k, v) = (q.to_dtype(cd)?, k.to_dtype(cd)?, v.to_dtype(cd)?);
+) -> Result<(Tensor, Option<CoreBwd>)> {
     let g = dims.groups;
-    let rows = tile_rows(g, dims.nq, dims.nk, cd.size_in_bytes(), budget);
+    let rows = tile_rows(g, dims.nq, dims.nk, q.dtype().size_in_bytes(), budget);
     let plan = Plan {
         groups: g,
         nq: dims.nq,
         nk: dims.nk,
         lead: dims.lead.clone(),
         scale,
-        mask: mask
-            .map(|m| m.to_dtype(cd).map(|m| m.detach()))
-            .transpose()?,
+        mask: mask.cloned(),
         kernel,
         tiles: tiles(dims.nq, rows),
     };
-    let tracked = q.track_op() || k.track_op() || v.track_op();
-    let (q3, k3, v3) = (
-        flat(&q.detach(), g)?,
-        flat(&k.detach(), g)?,
-        flat(&v.detach(), g)?,
-    );
+    let (q3, k3, v3) = (flat(q, g)?, flat(k, g)?, flat(v, g)?);
     let kt = k3.t()?;
     let mut outs = Vec::with_capacity(plan.tiles.len());
     let mut lse = Vec::with_capacity(plan.tiles.len());
     for &tile in &plan.tiles {
         let (s, sm_scale) = plan.scores(&q3, &kt, tile)?;
-        let p = if tracked {
+        let p = if track {
             let (p, l) = softmax_lse_owned(s, sm_scale, kernel)?;
             lse.push(l);
             p
@@ -133,22 +121,18 @@ pub(crate) fn forward(
     }
     let mut out_shape = dims.lead.clone();
     out_shape.extend([dims.nq, dims.dv]);
-    let out = Tensor::cat(&outs, 1)?.reshape(out_shape)?;
+    let out = match outs.len() {
+        1 => outs.pop().expect("one tile").reshape(out_shape)?,
+        _ => Tensor::cat(&outs, 1)?.reshape(out_shape)?,
+    };
     drop(outs);
-    if !tracked {
-        return out.to_dtype(dtype);
+    if !track {
+        return Ok((out, None));
     }
-    // O (G · Nq · dv values, shared with the output) gives the row sums D = rowsum(dO ⊙ O).
-    let o3 = flat(&out, g)?;
-    let bwd = move |[q, k, v]: [&Tensor; 3], grad: &Tensor| {
-        let (tq, tk, tv) = (q.track_op(), k.track_op(), v.track_op());
+    let bwd = move |[q, k, v]: [&Tensor; 3], [tq, tk, tv]: [bool; 3], grad: &Tensor| {
         let g = plan.groups;
-        let (q3, k3, v3) = (
-            flat(&q.detach(), g)?,
-            flat(&k.detach(), g)?,
-            flat(&v.detach(), g)?,
-        );
-        let g3 = flat(&grad.to_dtype(q3.dtype())?, g)?;
+        let (q3, k3, v3) = (flat(q, g)?, flat(k, g)?, flat(v, g)?);
+        let g3 = flat(grad, g)?;
         let (kt, vt) = (k3.t()?, v3.t()?);
         let (mut dq, mut dk, mut dv) = (Vec::new(), None, None);
         for (&tile, l) in plan.tiles.iter().zip(&lse) {
@@ -163,10 +147,9 @@ pub(crate) fn forward(
             }
             let dp = gt.matmul(&vt)?;
             note_block(dp.elem_count());
-            // d/dS of softmax(scale · S + mask) = scale · P ⊙ (dP − D), mask or not, with
-            // D = Σ_k P ⊙ dP = rowsum(dO ⊙ O); written over dP.
-            let dsum = (&gt * o3.narrow(1, tile.0, tile.1)?)?.sum_keepdim(D::Minus1)?;
-            let ds = backward_with_sums(&p, dp, &dsum, plan.scale, plan.kernel)?;
+            // d/dS of softmax(scale · S + mask) = scale · P ⊙ (dP − rowsum(P ⊙ dP)), mask or
+            // not: the whole key range of a query row is in its tile.
+            let ds = backward_owned(&p, dp, plan.scale, plan.kernel)?;
             drop(p);
             if tq {
                 dq.push(ds.matmul(&k3)?);
@@ -176,14 +159,17 @@ pub(crate) fn forward(
             }
         }
         let dq = match tq {
-            true => Some(Tensor::cat(&dq, 1)?.reshape(q.shape())?),
+            true => Some(match dq.len() {
+                1 => dq.pop().expect("one tile").reshape(q.shape())?,
+                _ => Tensor::cat(&dq, 1)?.reshape(q.shape())?,
+            }),
             false => None,
         };
         let dk = dk.map(|t| t.reshape(k.shape())).transpose()?;
         let dv = dv.map(|t| t.reshape(v.shape())).transpose()?;
         Ok((dq, dk, dv))
     };
-    attach3([&q, &k, &v], out, "lora-attention-tiled", Box::new(bwd))?.to_dtype(dtype)
+    Ok((out, Some(Box::new(bwd) as CoreBwd)))
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@
 //! | [`layer_norm`], [`group_norm`] | fused, two-pass statistics | dx, dweight, dbias |
 //! | [`silu`], [`gelu_erf`] | fused | one-pass derivative |
 //! | [`upsample_nearest2d`] | fused copy | sum-pool of the gradient |
-//! | [`attention`] | matmul, fused scaled softmax, matmul; tiled over queries above [`ATTENTION_TILE_BYTES`] | keeps only the probabilities, or (tiled) only the row log-sum-exp and recomputes them per tile |
+//! | [`attention`], [`attention_heads`] | matmul, fused scaled softmax, matmul; tiled over queries above [`ATTENTION_TILE_BYTES`] ([`ATTENTION_MATERIALISE_BYTES`] when tracked) | keeps only the probabilities, or (tiled) only the row log-sum-exp and recomputes them per tile |
 //! | [`lora_linear`] | frozen linear + one LoRA adapter, sums in place | `x`, `down`, `up` gradients; the rank-r hidden recomputed |
 //! | [`checkpoint`] | the block without a graph | the block run again, then its backward |
 //! | [`frozen_linear`], [`frozen_conv2d`], [`FrozenConv2d`] | candle matmul; conv2d as im2col + one gemm on the CPU, candle's conv2d elsewhere; bias added in place | input gradient only |
@@ -38,8 +38,8 @@ mod softmax;
 mod upsample;
 
 pub use attention::{
-    attention, attention_materialised, attention_peak_elems, attention_tiled, attention_with,
-    reset_attention_peak, ATTENTION_TILE_BYTES,
+    attention, attention_heads, attention_materialised, attention_peak_elems, attention_tiled,
+    attention_with, reset_attention_peak, ATTENTION_MATERIALISE_BYTES, ATTENTION_TILE_BYTES,
 };
 pub use checkpoint::{checkpoint, BlockFn, Replay};
 pub use dense::{conv2d, matmul};

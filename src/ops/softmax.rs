@@ -11,8 +11,8 @@ use super::Kernel;
 use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, InplaceOp1, InplaceOp2, InplaceOp3,
-    Layout, MetalStorage, Result, Shape, Storage, Tensor, WithDType, D,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, InplaceOp1, InplaceOp2, Layout,
+    MetalStorage, Result, Shape, Storage, Tensor, WithDType, D,
 };
 use std::sync::Mutex;
 
@@ -350,23 +350,27 @@ pub(crate) fn exp_lse_owned(x: Tensor, lse: &Tensor, scale: f64, kernel: Kernel)
     x.affine(scale, 0.0)?.broadcast_sub(lse)?.exp()
 }
 
-/// `g = scale · y ⊙ (g − D_row)` over rows of `n` elements.
-fn grad_rows_kernel<T: Real>(g: &mut [T], y: &[T], dsum: &[T], n: usize, scale: f64) {
+/// `g = scale · y ⊙ (g − Σ_row g ⊙ y)` over rows of `n` elements.
+fn grad_rows_kernel<T: Real>(g: &mut [T], y: &[T], n: usize, scale: f64) {
     let sc = T::from_f64(scale);
     par_rows(g, n, |i, g| {
-        let (y, s) = (&y[i * n..(i + 1) * n], dsum[i]);
+        let y = &y[i * n..(i + 1) * n];
+        let mut s = T::zero();
+        for (&gv, &p) in g.iter().zip(y) {
+            s += gv * p;
+        }
         for (g, &p) in g.iter_mut().zip(y) {
             *g = sc * p * (*g - s);
         }
     });
 }
 
-/// The softmax backward with the row sums `D = Σ g ⊙ y` given, written over `g`.
+/// The softmax backward written over the output gradient.
 struct GradRowsInPlace {
     scale: f64,
 }
 
-impl InplaceOp3 for GradRowsInPlace {
+impl InplaceOp2 for GradRowsInPlace {
     fn name(&self) -> &'static str {
         "lora-softmax-bwd-in-place"
     }
@@ -376,34 +380,27 @@ impl InplaceOp3 for GradRowsInPlace {
         gl: &Layout,
         ys: &CpuStorage,
         yl: &Layout,
-        ds: &CpuStorage,
-        dl: &Layout,
     ) -> Result<()> {
-        let offsets = (
-            gl.contiguous_offsets(),
-            yl.contiguous_offsets(),
-            dl.contiguous_offsets(),
-        );
-        let (Some((ga, gb)), Some((ya, yb)), Some((da, db))) = offsets else {
+        let (Some((ga, gb)), Some((ya, yb))) = (gl.contiguous_offsets(), yl.contiguous_offsets())
+        else {
             candle_core::bail!("softmax backward in place: the inputs must be contiguous");
         };
         let n = gl.dims().last().copied().unwrap_or(1);
-        if gb - ga != yb - ya || gb - ga != (db - da) * n {
+        if gb - ga != yb - ya {
             candle_core::bail!(
-                "softmax backward in place: gradient {:?}, probabilities {:?}, {} row sums",
+                "softmax backward in place: gradient {:?}, probabilities {:?}",
                 gl.dims(),
-                yl.dims(),
-                db - da
+                yl.dims()
             );
         }
-        match (gs, ys, ds) {
-            (CpuStorage::F32(g), CpuStorage::F32(y), CpuStorage::F32(d)) => {
-                grad_rows_kernel(&mut g[ga..gb], &y[ya..yb], &d[da..db], n, self.scale)
+        match (gs, ys) {
+            (CpuStorage::F32(g), CpuStorage::F32(y)) => {
+                grad_rows_kernel(&mut g[ga..gb], &y[ya..yb], n, self.scale)
             }
-            (CpuStorage::F64(g), CpuStorage::F64(y), CpuStorage::F64(d)) => {
-                grad_rows_kernel(&mut g[ga..gb], &y[ya..yb], &d[da..db], n, self.scale)
+            (CpuStorage::F64(g), CpuStorage::F64(y)) => {
+                grad_rows_kernel(&mut g[ga..gb], &y[ya..yb], n, self.scale)
             }
-            (g, _, _) => candle_core::bail!(
+            (g, _) => candle_core::bail!(
                 "softmax backward in place: f32 / f64 only, got {:?}",
                 g.dtype()
             ),
@@ -412,30 +409,19 @@ impl InplaceOp3 for GradRowsInPlace {
     }
 }
 
-/// The gradient w.r.t. `x` of `y = softmax(scale · x)` for the output gradient `g` (nothing
-/// else shares it) when the row sums `D = Σ g ⊙ y` (`[..., 1]`) are known, e.g. as
-/// `rowsum(dO ⊙ O)` in attention: `scale · y ⊙ (g − D)`, written over `g` by the fused CPU
-/// kernel, else with candle tensor ops.
-pub(crate) fn backward_with_sums(
-    y: &Tensor,
-    g: Tensor,
-    dsum: &Tensor,
-    scale: f64,
-    kernel: Kernel,
-) -> Result<Tensor> {
+/// The gradient w.r.t. `x` of `y = softmax(scale · x)` for an output gradient `g` that
+/// nothing else shares (e.g. a fresh `dP` tile in attention): `scale · y ⊙ (g − Σ g ⊙ y)`,
+/// written over `g` by the fused CPU kernel, else [`backward`].
+pub(crate) fn backward_owned(y: &Tensor, g: Tensor, scale: f64, kernel: Kernel) -> Result<Tensor> {
     let fused = kernel.fused_on(&g)
-        && [y, &g, dsum]
+        && [y, &g]
             .iter()
             .all(|t| t.is_contiguous() && t.dtype() == g.dtype())
+        && y.dims() == g.dims()
         && g.dims().last().is_some_and(|&n| n > 0);
     if fused {
-        g.inplace_op3(y, dsum, &GradRowsInPlace { scale })?;
+        g.inplace_op2(y, &GradRowsInPlace { scale })?;
         return Ok(g);
     }
-    let d = g.broadcast_sub(dsum)?.mul(y)?;
-    if scale == 1.0 {
-        Ok(d)
-    } else {
-        d.affine(scale, 0.0)
-    }
+    backward(y, &g, scale, kernel)
 }

@@ -1,7 +1,9 @@
 //! diffusers' `Attention` module (multi-head scaled dot-product attention with `to_q`, `to_k`,
 //! `to_v`, `to_out.0`, optional `group_norm` and residual connection).
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
+
+use crate::ops::Kernel;
 use candle_nn::VarBuilder;
 
 use crate::models::layers::{GroupNorm, Linear};
@@ -22,7 +24,8 @@ pub struct AttentionConfig {
     pub bias: bool,
     /// Whether `to_out.0` has a bias (true in SD).
     pub out_bias: bool,
-    /// Compute `q·kᵀ` and the softmax in f32 (diffusers `upcast_attention`).
+    /// Compute `q·kᵀ` and the softmax in f32 (diffusers `upcast_attention`); the attention op
+    /// always does, so this records the config only.
     pub upcast_attention: bool,
     /// Groups of an input `group_norm` (VAE mid block); `None` for no norm.
     pub norm_num_groups: Option<usize>,
@@ -62,9 +65,7 @@ pub struct Attention {
     to_out: Linear,
     group_norm: Option<GroupNorm>,
     heads: usize,
-    dim_head: usize,
     scale: f64,
-    upcast_attention: bool,
     residual_connection: bool,
     rescale_output_factor: f64,
 }
@@ -90,9 +91,7 @@ impl Attention {
             to_out: Linear::new(vb.pp("to_out").pp(0), inner, cfg.query_dim, cfg.out_bias)?,
             group_norm,
             heads: cfg.heads,
-            dim_head: cfg.dim_head,
             scale: 1.0 / (cfg.dim_head as f64).sqrt(),
-            upcast_attention: cfg.upcast_attention,
             residual_connection: cfg.residual_connection,
             rescale_output_factor: cfg.rescale_output_factor,
         })
@@ -147,16 +146,12 @@ impl Attention {
             x = x.transpose(1, 2)?;
         }
         let ctx = context.unwrap_or(&x);
-        let q = self.split_heads(&self.to_q.forward(&x)?)?;
-        let k = self.split_heads(&self.to_k.forward(ctx)?)?;
-        let v = self.split_heads(&self.to_v.forward(ctx)?)?;
-        let out = self.attend(&q, &k, &v)?;
-        let (bh, n, d) = out.dims3()?;
-        let b = bh / self.heads;
-        let out = out
-            .reshape((b, self.heads, n, d))?
-            .transpose(1, 2)?
-            .reshape((b, n, self.heads * d))?;
+        let q = self.to_q.forward(&x)?;
+        let k = self.to_k.forward(ctx)?;
+        let v = self.to_v.forward(ctx)?;
+        // Heads are split inside the op (scores in f32 whatever the model dtype, so
+        // `upcast_attention` holds by construction); only q, k, v and the output stay in the graph.
+        let out = crate::ops::attention_heads(&q, &k, &v, self.heads, self.scale, Kernel::Auto)?;
         let mut out = self.to_out.forward(&out)?;
         if spatial {
             out = out.transpose(1, 2)?.reshape(hidden_states.dims())?;
@@ -168,33 +163,6 @@ impl Attention {
             out = out.affine(1.0 / self.rescale_output_factor, 0.0)?;
         }
         Ok(out)
-    }
-
-    /// `[B, N, heads*d]` -> `[B*heads, N, d]`, contiguous.
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, _) = x.dims3()?;
-        x.reshape((b, n, self.heads, self.dim_head))?
-            .transpose(1, 2)?
-            .reshape((b * self.heads, n, self.dim_head))
-    }
-
-    /// Softmax attention over `[BH, N, d]` inputs; the op bounds its own score memory (it
-    /// tiles over queries when the probabilities would be large).
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let dtype = v.dtype();
-        let (q, k) = if self.upcast_attention {
-            (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
-        } else {
-            (q.clone(), k.clone())
-        };
-        // Fused scores → softmax → weighted sum with a hand-written backward (see
-        // crate::ops::attention: probabilities kept, or only row statistics when tiled).
-        let v = if self.upcast_attention {
-            v.to_dtype(DType::F32)?
-        } else {
-            v.clone()
-        };
-        crate::ops::attention(&q, &k, &v, self.scale, None)?.to_dtype(dtype)
     }
 }
 
