@@ -2,9 +2,12 @@
 //! detached inputs, the backward returns the input gradient only (no weight or bias
 //! gradient is ever computed, even when the weight is a `Var`).
 //!
-//! The conv input gradient, measured on the CPU (`examples/ops_bench.rs`): for stride 1 a
-//! plain conv2d of the output gradient with the kernel transposed (in ↔ out) and flipped
-//! spatially beats `conv_transpose2d`, which candle implements as a direct loop; for
+//! The conv input gradient: on the CPU (one group) a gemm with the kernel's transpose (a
+//! view) and col2im (`im2col.rs`), so no rearranged copy of the kernel is ever built or
+//! kept (a kept copy per layer doubled the memory of the UNet's conv weights in training).
+//! Elsewhere, measured on the CPU (`examples/ops_bench.rs`): for stride 1 a plain conv2d of
+//! the output gradient with the kernel transposed (in ↔ out) and flipped spatially, built
+//! per call, beats `conv_transpose2d`, which candle implements as a direct loop; for
 //! stride > 1 `conv_transpose2d` wins, since the conv2d would run over the zero-dilated
 //! gradient (s² times larger). Grouped strided convolutions use the dilated conv2d
 //! (candle's `conv_transpose2d` has no groups).
@@ -13,7 +16,6 @@ use super::bias::add_bias_owned;
 use super::bridge::attach;
 use super::dense::{self, cpu_bf16, matmul};
 use candle_core::{DType, Result, Tensor};
-use std::sync::{Arc, OnceLock};
 
 /// Geometry of a 2D convolution (PyTorch's `Conv2d` arguments, same value for H and W).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,15 +95,13 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
     attach(x, y, "lora-frozen-linear", Box::new(bwd))
 }
 
-/// A 2D convolution with a frozen weight `[out, in/groups, kh, kw]` and optional bias; it
-/// keeps the kernel rearranged for the input gradient once it is first needed, so build
-/// it once per layer and reuse it across steps.
+/// A 2D convolution with a frozen weight `[out, in/groups, kh, kw]` and optional bias,
+/// differentiable w.r.t. its input only.
 #[derive(Clone, Debug)]
 pub struct FrozenConv2d {
     weight: Tensor,
     bias: Option<Tensor>,
     params: Conv2dParams,
-    grad_kernel: Arc<OnceLock<Tensor>>,
 }
 
 impl FrozenConv2d {
@@ -120,7 +120,6 @@ impl FrozenConv2d {
             weight: weight.detach(),
             bias: bias.map(|b| b.detach()),
             params,
-            grad_kernel: Arc::new(OnceLock::new()),
         })
     }
 
@@ -142,16 +141,9 @@ impl FrozenConv2d {
             Some(b) => add_bias_owned(y, b, 1)?,
             None => y,
         };
-        let (weight, cache) = (self.weight.clone(), self.grad_kernel.clone());
+        let weight = self.weight.clone();
         let bwd = move |_: &Tensor, g: &Tensor| {
-            let kernel = || match cache.get() {
-                Some(k) => Ok(k.clone()),
-                None => {
-                    let k = grad_kernel(&weight, p.groups)?;
-                    let _ = cache.set(k.clone());
-                    Ok(k)
-                }
-            };
+            let kernel = || grad_kernel(&weight, p.groups);
             Ok(Some(input_grad(g, &weight, kernel, (h, w), &p)?))
         };
         attach(x, y, "lora-frozen-conv2d", Box::new(bwd))
@@ -159,7 +151,7 @@ impl FrozenConv2d {
 }
 
 /// `conv2d(x, w) + b` with a frozen weight: differentiable w.r.t. `x` only (see
-/// [`FrozenConv2d`], which also caches the rearranged kernel across calls).
+/// [`FrozenConv2d`]).
 pub fn frozen_conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -251,6 +243,9 @@ fn input_grad(
 ) -> Result<Tensor> {
     let (_, _, kh, kw) = w.dims4()?;
     let s = p.stride;
+    if g.device().is_cpu() && p.groups == 1 && g.dtype() != DType::F16 {
+        return super::im2col::conv2d_input_grad_cpu(g, w, (h, wd), p.padding, s, p.dilation);
+    }
     if s > 1 && p.groups == 1 {
         // The rows the forward's stride skipped at the end of each spatial dim.
         let r = |inp: usize, kk: usize| (inp + 2 * p.padding - p.dilation * (kk - 1) - 1) % s;

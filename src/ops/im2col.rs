@@ -15,7 +15,9 @@
 
 use super::par::{contiguous_slice, par_rows};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp1, DType, InplaceOp2, Layout, Result, Shape, Tensor, WithDType,
+};
 
 /// Largest patch matrix built at once (bytes); larger outputs are computed in row bands.
 pub(crate) const IM2COL_BYTES: usize = 64 << 20;
@@ -164,6 +166,163 @@ impl CustomOp1 for Im2Col {
     }
 }
 
+/// The gradient of `conv2d(x, k)` (one group) w.r.t. `x` `[N, in, h, w]` for the output
+/// gradient `g` `[N, out, Ho, Wo]`: per image and band of output rows,
+/// `cols = kᵀ[in·kh·kw, out] @ g[out, rows·Wo]` (the kernel's transpose is a view), then
+/// col2im adds each patch entry back to the input position it was read from. No rearranged
+/// kernel is built or kept. Only for inputs where [`supported`] holds (f16 is computed in f32).
+pub(crate) fn conv2d_input_grad_cpu(
+    g: &Tensor,
+    k: &Tensor,
+    (h, w): (usize, usize),
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+) -> Result<Tensor> {
+    let (n, c_out, ho, wo) = g.dims4()?;
+    let (k_out, c_in, kh, kw) = k.dims4()?;
+    if k_out != c_out {
+        candle_core::bail!(
+            "conv2d input grad: gradient {:?} vs kernel {:?}",
+            g.shape(),
+            k.shape()
+        );
+    }
+    let dtype = g.dtype();
+    let cd = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let kdim = c_in * kh * kw;
+    let kt = k.to_dtype(cd)?.contiguous()?.reshape((c_out, kdim))?.t()?;
+    let g = g.to_dtype(cd)?.contiguous()?;
+    let dx = Tensor::zeros((n, c_in, h, w), cd, g.device())?;
+    let row_bytes = kdim * wo * cd.size_in_bytes();
+    let band = (IM2COL_BYTES / row_bytes.max(1)).clamp(1, ho.max(1));
+    for img in 0..n {
+        let gi = g.get(img)?.reshape((c_out, ho * wo))?;
+        for oy0 in (0..ho).step_by(band) {
+            let rows = band.min(ho - oy0);
+            let gb = match rows == ho {
+                true => gi.clone(),
+                false => gi.narrow(1, oy0 * wo, rows * wo)?.contiguous()?,
+            };
+            let cols = kt.matmul(&gb)?;
+            let op = Col2Im {
+                image: img,
+                kh,
+                kw,
+                stride,
+                padding,
+                dilation,
+                rows: oy0..oy0 + rows,
+                wo,
+            };
+            dx.inplace_op2(&cols, &op)?;
+        }
+    }
+    if dtype == cd {
+        return Ok(dx);
+    }
+    let out = dx.to_dtype(dtype);
+    drop(dx);
+    out
+}
+
+/// Adds the patch matrix `[in·kh·kw, rows·Wo]` of output rows `rows` of image `image` into
+/// the input gradient `[N, in, H, W]` (the transpose of [`Im2Col`]).
+struct Col2Im {
+    image: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+    rows: std::ops::Range<usize>,
+    wo: usize,
+}
+
+impl Col2Im {
+    fn run<T: WithDType>(&self, dx: &mut [T], dl: &Layout, cols: &[T]) -> Result<()> {
+        let (_, c, h, w) = dl.shape().dims4()?;
+        let Self {
+            kh,
+            kw,
+            stride: s,
+            padding: p,
+            dilation: d,
+            wo,
+            ..
+        } = *self;
+        let plane = h * w;
+        let width = self.rows.len() * wo;
+        let img = &mut dx[self.image * c * plane..(self.image + 1) * c * plane];
+        par_rows(img, plane, |ch, out| {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let r = (ch * kh + ky) * kw + kx;
+                    let src = &cols[r * width..(r + 1) * width];
+                    let off = kx * d;
+                    let ox_lo = p.saturating_sub(off).div_ceil(s);
+                    let ox_hi = if w + p > off {
+                        ((w + p - off - 1) / s + 1).min(wo)
+                    } else {
+                        0
+                    };
+                    if ox_lo >= ox_hi {
+                        continue;
+                    }
+                    for (j, oy) in self.rows.clone().enumerate() {
+                        let iy = oy * s + ky * d;
+                        if iy < p || iy - p >= h {
+                            continue;
+                        }
+                        let dst = &mut out[(iy - p) * w..(iy - p + 1) * w];
+                        let srow = &src[j * wo..(j + 1) * wo];
+                        let ix0 = ox_lo * s + off - p;
+                        if s == 1 {
+                            let len = ox_hi - ox_lo;
+                            for (o, &v) in dst[ix0..ix0 + len].iter_mut().zip(&srow[ox_lo..ox_hi]) {
+                                *o += v;
+                            }
+                        } else {
+                            for (i, &v) in srow[ox_lo..ox_hi].iter().enumerate() {
+                                dst[ix0 + i * s] += v;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+impl InplaceOp2 for Col2Im {
+    fn name(&self) -> &'static str {
+        "lora-col2im"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let (Some((a, e)), Some((ca, ce))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("col2im: contiguous inputs only");
+        };
+        match (s1, s2) {
+            (CpuStorage::F32(dx), CpuStorage::F32(c)) => self.run(&mut dx[a..e], l1, &c[ca..ce]),
+            (CpuStorage::F64(dx), CpuStorage::F64(c)) => self.run(&mut dx[a..e], l1, &c[ca..ce]),
+            (dx, c) => candle_core::bail!("col2im: dtypes {:?} and {:?}", dx.dtype(), c.dtype()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,5 +394,79 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(diff < 1e-4, "banded conv differs from candle's by {diff}");
+    }
+
+    #[test]
+    fn col2im_input_grad_equals_the_flipped_kernel_convolution() {
+        // (batch, in, out), (h, w), (kernel, stride, padding, dilation)
+        let cases = [
+            ((2, 3, 4), (7, 9), (3, 1, 1, 1)),
+            ((1, 5, 2), (8, 8), (3, 2, 1, 1)),
+            ((1, 2, 3), (9, 7), (3, 2, 0, 1)),
+            ((1, 3, 3), (6, 5), (1, 1, 0, 1)),
+            ((1, 2, 2), (10, 11), (3, 1, 2, 2)),
+            ((1, 4, 2), (7, 8), (1, 2, 0, 1)),
+        ];
+        let dev = Device::Cpu;
+        for ((n, c, o), (h, w), (k, s, p, d)) in cases {
+            let x = Tensor::randn(0f64, 1.0, (n, c, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f64, 1.0, (o, c, k, k), &dev).unwrap();
+            let y = x.conv2d(&wt, p, s, d, 1).unwrap();
+            let g = Tensor::randn(0f64, 1.0, y.dims(), &dev).unwrap();
+            // The zero-dilated, flipped-kernel convolution (PyTorch parity in tests/ops.rs).
+            let params = crate::ops::Conv2dParams {
+                stride: s,
+                padding: p,
+                dilation: d,
+                groups: 1,
+            };
+            let want = &crate::ops::conv2d_input_grad_flipped(&g, &wt, (h, w), &params).unwrap();
+            for dt in [DType::F64, DType::F32] {
+                let got = conv2d_input_grad_cpu(
+                    &g.to_dtype(dt).unwrap(),
+                    &wt.to_dtype(dt).unwrap(),
+                    (h, w),
+                    p,
+                    s,
+                    d,
+                )
+                .unwrap();
+                assert_eq!(got.dims(), want.dims());
+                let diff = (got.to_dtype(DType::F64).unwrap() - want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                let tol = if dt == DType::F64 { 1e-12 } else { 1e-4 };
+                assert!(diff <= tol, "k{k} s{s} p{p} d{d} {dt:?}: diff {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn col2im_row_bands_equal_one_pass() {
+        // 64 channels × 9 × 160 columns × 4 bytes per output row: three bands of 182 rows.
+        let dev = Device::Cpu;
+        let g = Tensor::randn(0f32, 1.0, (1, 4, 400, 160), &dev).unwrap();
+        let k = Tensor::randn(0f32, 0.1, (4, 64, 3, 3), &dev).unwrap();
+        let banded = conv2d_input_grad_cpu(&g, &k, (400, 160), 1, 1, 1).unwrap();
+        let x = candle_core::Var::zeros((1, 64, 400, 160), DType::F32, &dev).unwrap();
+        let y = x.conv2d(&k, 1, 1, 1, 1).unwrap();
+        let grads = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let diff = (banded - grads.get(&x).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            diff < 1e-4,
+            "banded input grad differs from candle's by {diff}"
+        );
     }
 }
