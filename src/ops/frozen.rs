@@ -142,19 +142,28 @@ impl FrozenConv2d {
             Some(b) => add_bias_owned(y, b, 1)?,
             None => y,
         };
-        let (weight, cache) = (self.weight.clone(), self.grad_kernel.clone());
-        let bwd = move |_: &Tensor, g: &Tensor| {
-            let kernel = || match cache.get() {
-                Some(k) => Ok(k.clone()),
-                None => {
-                    let k = grad_kernel(&weight, p.groups)?;
-                    let _ = cache.set(k.clone());
-                    Ok(k)
-                }
-            };
-            Ok(Some(input_grad(g, &weight, kernel, (h, w), &p)?))
-        };
+        let op = self.clone();
+        let bwd = move |_: &Tensor, g: &Tensor| Ok(Some(op.input_grad(g, (h, w))?));
         attach(x, y, "lora-frozen-conv2d", Box::new(bwd))
+    }
+
+    /// The gradient w.r.t. the input (spatial size `input_hw`) for the output gradient `g`,
+    /// with the rearranged kernel built once and kept.
+    pub(crate) fn input_grad(&self, g: &Tensor, input_hw: (usize, usize)) -> Result<Tensor> {
+        let kernel = || match self.grad_kernel.get() {
+            Some(k) => Ok(k.clone()),
+            None => {
+                let k = grad_kernel(&self.weight, self.params.groups)?;
+                let _ = self.grad_kernel.set(k.clone());
+                Ok(k)
+            }
+        };
+        input_grad(g, &self.weight, kernel, input_hw, &self.params)
+    }
+
+    /// The number of output channels.
+    pub(crate) fn out_channels(&self) -> usize {
+        self.weight.dims()[0]
     }
 }
 
