@@ -119,3 +119,105 @@ impl CustomOp2 for GegluBwd {
     }
     fwd_via_kernel!(self, (h, g), T => bwd_kernel::<T>(h, g));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::{finite_difference_error, randn, rel_diff, value_and_grads};
+    use candle_core::DType;
+
+    /// The unfused composition: `hidden · gelu(gate)`, then the frozen linear.
+    fn unfused(h: &Tensor, w: &Tensor, b: Option<&Tensor>, kernel: Kernel) -> Result<Tensor> {
+        let inner = h.dim(D::Minus1)? / 2;
+        let hidden = h.narrow(D::Minus1, 0, inner)?;
+        let gate = h.narrow(D::Minus1, inner, inner)?;
+        frozen_linear(
+            &(hidden * super::super::gelu_erf_with(&gate, kernel)?)?,
+            w,
+            b,
+        )
+    }
+
+    /// `(h dims, out features, bias)`.
+    const CASES: [(&[usize], usize, bool); 4] = [
+        (&[2, 5, 14], 3, true),
+        (&[7, 6], 5, false),
+        (&[1, 1, 2], 1, true),
+        (&[1, 300, 160], 40, true),
+    ];
+
+    fn setup(dims: &[usize], out: usize, dtype: DType) -> (Tensor, Tensor, Tensor, Tensor) {
+        let inner = dims[dims.len() - 1] / 2;
+        let h = randn(1, dims, dtype).affine(1.5, 0.2).unwrap();
+        let w = randn(2, &[out, inner], dtype).affine(0.3, 0.0).unwrap();
+        let b = randn(3, &[out], dtype);
+        let mut gdims = dims.to_vec();
+        *gdims.last_mut().unwrap() = out;
+        (h, w, b, randn(4, &gdims, dtype))
+    }
+
+    #[test]
+    fn matches_the_unfused_composition_f32() {
+        let mut worst = 0f64;
+        for (dims, out, bias) in CASES {
+            for kernel in [Kernel::Auto, Kernel::Generic] {
+                let (h, w, b, g) = setup(dims, out, DType::F32);
+                let b = bias.then_some(&b);
+                let ins = [h];
+                let (yu, gu) = value_and_grads(&ins, &g, &|t| unfused(&t[0], &w, b, kernel));
+                let (yf, gf) =
+                    value_and_grads(&ins, &g, &|t| geglu_linear_with(&t[0], &w, b, kernel));
+                // The forward runs the unfused ops themselves: equal values.
+                assert_eq!(rel_diff(&yf, &yu), 0.0, "{dims:?} {kernel:?}");
+                let (a, b) = (gf[0].as_ref().unwrap(), gu[0].as_ref().unwrap());
+                assert_eq!(a.dims(), dims);
+                let d = rel_diff(a, b);
+                assert!(d <= 1e-5, "{dims:?} {kernel:?}: grad rel {d:e}");
+                worst = worst.max(d);
+            }
+        }
+        eprintln!("fused vs unfused GEGLU: grads rel {worst:.1e}");
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_f64() {
+        for kernel in [Kernel::Auto, Kernel::Generic] {
+            for (dims, out, bias) in &CASES[..3] {
+                let (h, w, b, g) = setup(dims, *out, DType::F64);
+                let b = bias.then_some(&b);
+                let err =
+                    finite_difference_error(&[h], &g, &|t| geglu_linear_with(&t[0], &w, b, kernel));
+                eprintln!("finite differences {kernel:?} {dims:?}: rel {err:.1e}");
+                assert!(err < 1e-6, "{kernel:?} {dims:?}: rel error {err:e}");
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_follows_f32() {
+        let (dims, out) = (CASES[0].0, CASES[0].1);
+        let (h, w, b, g) = setup(dims, out, DType::F32);
+        let (y32, g32) = value_and_grads(&[h], &g, &|t| geglu_linear(&t[0], &w, Some(&b)));
+        let (h, w, b, g) = setup(dims, out, DType::BF16);
+        let (y, gr) = value_and_grads(&[h.clone()], &g, &|t| geglu_linear(&t[0], &w, Some(&b)));
+        let (yu, _) = value_and_grads(&[h], &g, &|t| unfused(&t[0], &w, Some(&b), Kernel::Auto));
+        assert_eq!(
+            rel_diff(&y, &yu),
+            0.0,
+            "bf16 forward equals the unfused ops"
+        );
+        assert!(rel_diff(&y, &y32) < 3e-2);
+        let gr = gr[0].as_ref().unwrap();
+        assert_eq!(gr.dtype(), DType::BF16);
+        let d = rel_diff(gr, g32[0].as_ref().unwrap());
+        assert!(d < 5e-2, "bf16 gradient rel {d:e}");
+    }
+
+    #[test]
+    fn a_weight_of_the_wrong_width_is_an_error() {
+        let (h, _, _, _) = setup(&[2, 8], 3, DType::F32);
+        let w = randn(2, &[3, 5], DType::F32);
+        let err = geglu_linear(&h, &w, None).unwrap_err();
+        assert!(err.to_string().contains("needs input [..., 10]"), "{err}");
+    }
+}
