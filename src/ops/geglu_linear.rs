@@ -199,7 +199,9 @@ mod tests {
         let (h, w, b, g) = setup(dims, out, DType::F32);
         let (y32, g32) = value_and_grads(&[h], &g, &|t| geglu_linear(&t[0], &w, Some(&b)));
         let (h, w, b, g) = setup(dims, out, DType::BF16);
-        let (y, gr) = value_and_grads(&[h.clone()], &g, &|t| geglu_linear(&t[0], &w, Some(&b)));
+        let (y, gr) = value_and_grads(std::slice::from_ref(&h), &g, &|t| {
+            geglu_linear(&t[0], &w, Some(&b))
+        });
         let (yu, _) = value_and_grads(&[h], &g, &|t| unfused(&t[0], &w, Some(&b), Kernel::Auto));
         assert_eq!(
             rel_diff(&y, &yu),
