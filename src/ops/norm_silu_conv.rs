@@ -77,7 +77,6 @@ pub fn group_norm_silu_conv2d_with(
     let mut y = conv.forward(&s)?;
     drop(s);
     let (n, c_out) = (y.dim(0)?, conv.out_channels());
-    let mut args = vec![x];
     if let Some(t) = adds.channels {
         if t.dims() != [n, c_out] {
             candle_core::bail!(
@@ -86,32 +85,34 @@ pub fn group_norm_silu_conv2d_with(
             );
         }
         y = add_channels_owned(y, &t.detach())?;
-        args.push(t);
     }
     if let Some(k) = adds.skip {
         if k.dims() != y.dims() {
             candle_core::bail!("{NAME}: skip {:?}, expected {:?}", k.shape(), y.shape());
         }
         y = add_owned(y, &k.detach())?;
-        args.push(k);
     }
+    // Arguments in the order of the unfused graph (`skip + conv(..)`, `conv(..) + t`), so
+    // the backward visits the nodes, and sums gradients, in the same order.
+    let args: Vec<&Tensor> = adds
+        .skip
+        .into_iter()
+        .chain([x])
+        .chain(adds.channels)
+        .collect();
+    let xi = usize::from(adds.skip.is_some());
     let conv = conv.clone();
-    let has_channels = adds.channels.is_some();
     let bwd = move |args: &[&Tensor], g: &Tensor| {
-        let x = args[0];
-        let dx = match x.track_op() {
-            true => {
-                let dz = conv.input_grad(&g.to_dtype(x.dtype())?, (h, w))?;
-                Some(norm_silu_input_grad(x, &nw, &nb, &dz, groups, eps, kernel)?)
-            }
-            false => None,
-        };
-        let mut grads = vec![dx];
-        for (i, a) in args.iter().enumerate().skip(1) {
-            let grad = match (a.track_op(), i == 1 && has_channels) {
+        let mut grads = Vec::with_capacity(args.len());
+        for (i, a) in args.iter().enumerate() {
+            let grad = match (a.track_op(), i.cmp(&xi)) {
                 (false, _) => None,
-                (true, true) => Some(g.sum((2, 3))?.to_dtype(a.dtype())?),
-                (true, false) => Some(g.to_dtype(a.dtype())?),
+                (true, std::cmp::Ordering::Less) => Some(g.to_dtype(a.dtype())?),
+                (true, std::cmp::Ordering::Equal) => {
+                    let dz = conv.input_grad(&g.to_dtype(a.dtype())?, (h, w))?;
+                    Some(norm_silu_input_grad(a, &nw, &nb, &dz, groups, eps, kernel)?)
+                }
+                (true, std::cmp::Ordering::Greater) => Some(g.sum((2, 3))?.to_dtype(a.dtype())?),
             };
             grads.push(grad);
         }
