@@ -326,9 +326,10 @@ fn elementwise() -> Result<()> {
 /// Fused ops against their unfused composition, timed alternately (15 runs each after 2
 /// warm-ups, medians), so a busy machine slows both alike.
 fn fused() -> Result<()> {
-    let ab = |name: &str, x: &Tensor, g: &Tensor, fs: [&dyn Fn(&Tensor) -> Result<Tensor>; 2]| {
+    type Op<'a> = &'a dyn Fn(&Tensor) -> Result<Tensor>;
+    let ab = |name: &str, x: &Tensor, g: &Tensor, fs: [Op; 2]| {
         let xv = Var::from_tensor(x)?;
-        let run = |f: &dyn Fn(&Tensor) -> Result<Tensor>| -> Result<f64> {
+        let run = |f: Op| -> Result<f64> {
             let t = Instant::now();
             (f(xv.as_tensor())? * g)?.sum_all()?.backward()?;
             Ok(t.elapsed().as_secs_f64() * 1e3)
