@@ -30,8 +30,7 @@ fn inject(unet: &UNet2DConditionModel, targets: &str, rng: &mut Rng, std: f64) -
     )
     .unwrap();
     for (_, v) in lora.named_vars() {
-        v.set(&randn(rng, v.dims(), std).affine(1.0, 0.0).unwrap())
-            .unwrap();
+        v.set(&randn(rng, v.dims(), std)).unwrap();
     }
     lora
 }
