@@ -1,6 +1,6 @@
 //! Timing of the training ops against candle's stock differentiable ops (fp32, CPU).
 //!
-//!     cargo run --release --example ops_bench [softmax|attention|tiled|conv|linear|norms|elementwise]
+//!     cargo run --release --example ops_bench [softmax|attention|tiled|conv|linear|norms|elementwise|fused]
 //!
 //! Each figure is the median of 7 runs after 2 warm-ups; "fwd+bwd" is the forward plus
 //! `backward()` of `sum(y * g)` with the input as a `Var`. Nothing here is asserted.
@@ -323,6 +323,79 @@ fn elementwise() -> Result<()> {
     Ok(())
 }
 
+/// Fused ops against their unfused composition, timed alternately (15 runs each after 2
+/// warm-ups, medians), so a busy machine slows both alike.
+fn fused() -> Result<()> {
+    type Op<'a> = &'a dyn Fn(&Tensor) -> Result<Tensor>;
+    let ab = |name: &str, x: &Tensor, g: &Tensor, fs: [Op; 2]| {
+        let xv = Var::from_tensor(x)?;
+        let run = |f: Op| -> Result<f64> {
+            let t = Instant::now();
+            (f(xv.as_tensor())? * g)?.sum_all()?.backward()?;
+            Ok(t.elapsed().as_secs_f64() * 1e3)
+        };
+        let mut v = [Vec::new(), Vec::new()];
+        for i in 0..17 {
+            for (k, f) in fs.iter().enumerate() {
+                let ms = run(*f)?;
+                if i >= 2 {
+                    v[k].push(ms);
+                }
+            }
+        }
+        for (k, label) in ["unfused", "fused"].iter().enumerate() {
+            v[k].sort_by(|a, b| a.total_cmp(b));
+            row(&format!("{name} {label} fwd+bwd"), v[k][v[k].len() / 2]);
+        }
+        Ok::<(), candle_core::Error>(())
+    };
+    for hw in [32, 64] {
+        println!("-- group norm 32 -> SiLU -> conv 3x3 320 -> 320 + skip, [1, 320, {hw}, {hw}]");
+        let x = randn(&[1, 320, hw, hw], 1.0)?;
+        let skip = randn(&[1, 320, hw, hw], 1.0)?;
+        let (nw, nb) = (randn(&[320], 1.0)?, randn(&[320], 1.0)?);
+        let kw = randn(&[320, 320, 3, 3], 0.02)?;
+        let kb = randn(&[320], 0.1)?;
+        let params = Conv2dParams {
+            padding: 1,
+            ..Default::default()
+        };
+        let conv = FrozenConv2d::new(&kw, Some(&kb), params)?;
+        let norm = ops::GroupNormSpec {
+            weight: &nw,
+            bias: &nb,
+            groups: 32,
+            eps: 1e-5,
+        };
+        let unfused = |x: &Tensor| {
+            let a = ops::silu(&ops::group_norm(x, 32, &nw, &nb, 1e-5)?)?;
+            &skip + conv.forward(&a)?
+        };
+        let fused = |x: &Tensor| {
+            let adds = ops::ConvOutputAdds {
+                channels: None,
+                skip: Some(&skip),
+            };
+            ops::group_norm_silu_conv2d(x, &norm, &conv, adds)
+        };
+        ab("norm-silu-conv", &x, &skip, [&unfused, &fused])?;
+    }
+    for n in [1024, 4096] {
+        println!("-- GEGLU [1, {n}, 2560] -> Linear 1280 -> 320");
+        let h = randn(&[1, n, 2560], 1.0)?;
+        let g = randn(&[1, n, 320], 1.0)?;
+        let (w, b) = (randn(&[320, 1280], 0.02)?, randn(&[320], 0.1)?);
+        let unfused = |h: &Tensor| {
+            let hidden = h.narrow(D::Minus1, 0, 1280)?;
+            let gate = h.narrow(D::Minus1, 1280, 1280)?;
+            ops::frozen_linear(&(hidden * ops::gelu_erf(&gate)?)?, &w, Some(&b))
+        };
+        let fused = |h: &Tensor| ops::geglu_linear(h, &w, Some(&b));
+        ab("geglu-linear", &h, &g, [&unfused, &fused])?;
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     // Optional filter: `ops_bench softmax conv` runs only those sections.
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -333,7 +406,7 @@ fn main() -> Result<()> {
     let x = randn(&[1, 320, 32, 32], 1.0)?;
     fwd_bwd(&x, &x, |x| x.conv2d(&w, 1, 1, 1, 1))?;
     type Section = (&'static str, fn() -> Result<()>);
-    let sections: [Section; 7] = [
+    let sections: [Section; 8] = [
         ("softmax", softmax),
         ("attention", attention),
         ("tiled", tiled),
@@ -341,6 +414,7 @@ fn main() -> Result<()> {
         ("linear", linear),
         ("norms", norms),
         ("elementwise", elementwise),
+        ("fused", fused),
     ];
     for (name, f) in sections {
         if on(name) {

@@ -5,6 +5,8 @@ Workloads (fp32 CPU, random weights, batch 1), the same as the Rust benchmark:
   block: one SD-1.5 down-block slice, diffusers ResnetBlock2D (320 ch, 1280 time embedding,
          eps 1e-5) then Transformer2DModel (8 heads x 40, 1 layer, context 77x768, conv
          proj_in/out) on a 32x32 latent;
+  block2: two such slices in a row (resnet, attention, resnet, attention: SD 1.5 down_blocks.0
+         at 256 px without its downsampler), so the second resnet runs inside the LoRA graph;
   unet:  the SD 1.5 UNet on a (resolution/8)^2 latent (--resolution, default 256), context
          77x768, timestep 500.
 "LoRA step": PEFT LoRA rank 4, alpha 4 on to_q, to_k, to_v, to_out.0 (everything else frozen),
@@ -60,10 +62,25 @@ class Block(nn.Module):
         return self.attn(self.resnet(x, temb), encoder_hidden_states=ctx).sample
 
 
+class Block2(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.slices = nn.ModuleList([Block(), Block()])
+
+    def forward(self, x, temb, ctx):
+        for s in self.slices:
+            x = s(x, temb, ctx)
+        return x
+
+    def enable_gradient_checkpointing(self):
+        for s in self.slices:
+            s.attn.enable_gradient_checkpointing()
+
+
 def build(workload, latent, dtype=torch.float32):
     torch.manual_seed(0)
-    if workload == "block":
-        model = Block()
+    if workload in ("block", "block2"):
+        model = Block() if workload == "block" else Block2()
         inputs = tuple(t.to(dtype) for t in (torch.randn(1, 320, 32, 32), torch.randn(1, 1280), torch.randn(1, 77, 768)))
         run = lambda m: m(*inputs)  # noqa: E731
     else:
@@ -96,7 +113,7 @@ def timed(warmup, runs, fn):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", choices=["block", "unet"], default="block")
+    p.add_argument("--workload", choices=["block", "block2", "unet"], default="block")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=None, help="default: 2 (block), 1 (unet)")
     p.add_argument("--threads", type=int, default=None)
@@ -111,7 +128,7 @@ def main():
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    warmup = args.warmup if args.warmup is not None else (2 if args.workload == "block" else 1)
+    warmup = args.warmup if args.warmup is not None else (1 if args.workload == "unet" else 2)
     from peft import LoraConfig, inject_adapter_in_model
 
     res = {}
@@ -125,7 +142,7 @@ def main():
         res["forward_ms"] = timed(warmup, args.runs, lambda: run(model))
         target = torch.randn_like(run(model).float())
     if args.gradient_checkpointing:
-        (model if args.workload == "unet" else model.attn).enable_gradient_checkpointing()
+        (model.attn if args.workload == "block" else model).enable_gradient_checkpointing()
         model.train()
 
     # LoRA: PEFT adapters on the attention projections, everything else frozen.

@@ -2,6 +2,8 @@
 //! random weights:
 //! - `sd_block`: one SD-1.5 down-block slice (ResnetBlock2D 320 ch with a 1280 time embedding,
 //!   then a Transformer2DModel: 8 heads × 40, context 77×768) on a 32×32 latent, batch 1;
+//! - `sd_block2` (`--workload block2`): two such slices in a row, so the second resnet runs
+//!   inside the LoRA step's graph (SD 1.5 `down_blocks.0` at 256 px without its downsampler);
 //! - `sd15_unet_<resolution>`: the SD 1.5 UNet at `--resolution` (latent = resolution / 8),
 //!   batch 1, context 77×768.
 //!
@@ -44,7 +46,7 @@ pub struct TrainBench {
     /// Timed runs of the UNet workload, after 1 warm-up.
     #[arg(long, default_value_t = 3)]
     unet_runs: usize,
-    /// Which workloads: all, block or unet.
+    /// Which workloads: all, block, block2 or unet (all = block and unet).
     #[arg(long, default_value = "all")]
     workload: String,
     /// Image size of the UNet workload in pixels (256, 512, 768; latent = size / 8).
@@ -115,6 +117,29 @@ impl LayerWalk for BlockSlice {
     fn walk<'a>(&'a self, f: &mut dyn FnMut(LayerRef<'a>)) {
         self.resnet.walk(f);
         self.attn.walk(f);
+    }
+}
+
+/// Two down-block slices in a row (the `block2` workload).
+struct BlockPair([BlockSlice; 2]);
+
+impl BlockPair {
+    fn new(vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self([
+            BlockSlice::new(vb.pp(0))?,
+            BlockSlice::new(vb.pp(1))?,
+        ]))
+    }
+
+    fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &Tensor) -> candle_core::Result<Tensor> {
+        self.0[1].forward(&self.0[0].forward(x, temb, ctx)?, temb, ctx)
+    }
+}
+
+impl LayerWalk for BlockPair {
+    fn walk<'a>(&'a self, f: &mut dyn FnMut(LayerRef<'a>)) {
+        self.0[0].walk(f);
+        self.0[1].walk(f);
     }
 }
 
@@ -337,13 +362,26 @@ struct Switches {
     gradient_checkpointing: bool,
 }
 
-fn block_figures(phase: Phase, s: &Switches, dev: &Device) -> anyhow::Result<Figures> {
+fn block_figures(phase: Phase, s: &Switches, dev: &Device, pair: bool) -> anyhow::Result<Figures> {
     let mut rng = Rng::new(0);
     let x = rng.randn((1, 320, 32, 32), dev)?;
     let temb = rng.randn((1, 1280), dev)?;
     let ctx = rng.randn((1, 77, 768), dev)?;
     let dt = s.mixed_precision.dtype();
     let (x, temb, ctx) = (x.to_dtype(dt)?, temb.to_dtype(dt)?, ctx.to_dtype(dt)?);
+    if pair {
+        return measure(
+            &|vb| BlockPair::new(vb),
+            &|m: &BlockPair| m.forward(&x, &temb, &ctx),
+            &|m: &mut BlockPair| {
+                m.0.iter_mut()
+                    .for_each(|b| b.set_gradient_checkpointing(true))
+            },
+            phase,
+            s,
+            dev,
+        );
+    }
     measure(
         &|vb| BlockSlice::new(vb),
         &|m: &BlockSlice| m.forward(&x, &temb, &ctx),
@@ -392,7 +430,7 @@ fn run_phase(b: &TrainBench, spec: &str) -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let f = match unet {
         true => unet_figures(phase, &s, &dev)?,
-        false => block_figures(phase, &s, &dev)?,
+        false => block_figures(phase, &s, &dev, workload == "block2")?,
     };
     println!("{}", serde_json::to_string(&f)?);
     Ok(())
@@ -534,9 +572,14 @@ pub fn run(b: TrainBench) -> anyhow::Result<()> {
     }
     let (do_block, do_unet) = match b.workload.as_str() {
         "all" => (true, true),
-        "block" => (true, false),
+        "block" | "block2" => (true, false),
         "unet" => (false, true),
-        w => anyhow::bail!("--workload {w}: expected all, block or unet"),
+        w => anyhow::bail!("--workload {w}: expected all, block, block2 or unet"),
+    };
+    let block = if b.workload == "block2" {
+        "block2"
+    } else {
+        "block"
     };
     if b.resolution == 0 || !b.resolution.is_multiple_of(64) {
         anyhow::bail!("--resolution {}: must be a multiple of 64", b.resolution);
@@ -547,11 +590,11 @@ pub fn run(b: TrainBench) -> anyhow::Result<()> {
     let mut results: Vec<(String, Figures, Option<serde_json::Value>)> = vec![];
     if do_block {
         let torch = match &b.torch_python {
-            Some(py) => Some(torch_figures(py, &b, "block", full_block)?),
+            Some(py) => Some(torch_figures(py, &b, block, full_block)?),
             None => None,
         };
-        let f = workload_figures(&b, "block", full_block)?;
-        results.push(("sd_block".into(), f, torch));
+        let f = workload_figures(&b, block, full_block)?;
+        results.push((format!("sd_{block}"), f, torch));
     }
     if do_unet {
         let torch = match &b.torch_python {
@@ -611,6 +654,9 @@ pub fn run(b: TrainBench) -> anyhow::Result<()> {
         for (name, f, torch) in &results {
             let title = if name == "sd_block" {
                 "SD-block (ResnetBlock2D 320 + transformer block, 32x32 latent, context 77x768)"
+                    .to_string()
+            } else if name == "sd_block2" {
+                "SD-block x2 (two resnet + transformer slices, 32x32 latent, context 77x768)"
                     .to_string()
             } else {
                 format!(

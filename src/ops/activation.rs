@@ -60,8 +60,9 @@ impl Act {
         g * d
     }
 
+    /// The activation of one element.
     #[inline(always)]
-    fn f<T: Real>(self, x: T) -> T {
+    pub(crate) fn f<T: Real>(self, x: T) -> T {
         match self {
             Act::Silu => x / (T::ONE + (-x).exp()),
             Act::GeluErf => {
@@ -71,7 +72,8 @@ impl Act {
         }
     }
 
-    fn df<T: Real>(self, x: T) -> T {
+    /// The derivative of the activation at one element.
+    pub(crate) fn df<T: Real>(self, x: T) -> T {
         match self {
             Act::Silu => {
                 let s = T::ONE / (T::ONE + (-x).exp());

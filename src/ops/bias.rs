@@ -74,15 +74,19 @@ pub(crate) fn add_bias_owned(y: Tensor, b: &Tensor, dim: usize) -> Result<Tensor
     y.broadcast_add(&b.reshape(bshape)?)
 }
 
-/// `y[i] += u[i]` over two contiguous tensors of one shape.
+/// `y += o` elementwise for two contiguous CPU tensors of one shape and dtype.
 struct AddInPlace;
 
-fn add_elems<T: WithDType>(y: &mut [T], u: &[T]) {
-    let chunk = (y.len() / 64).max(1 << 14);
-    super::par::par_chunks(y, chunk, |start, part| {
-        let src = &u[start..start + part.len()];
-        for (a, &b) in part.iter_mut().zip(src) {
-            *a += b;
+fn add_all<T: WithDType>(y: &mut [T], o: &[T]) {
+    let ptr = super::par::SharedMut::new(y);
+    let chunk = 1 << 14;
+    super::par::par_for(o.len().div_ceil(chunk), chunk, |i| {
+        let start = i * chunk;
+        let len = chunk.min(o.len() - start);
+        // SAFETY: chunk i covers [start, start + len), disjoint for distinct i, inside y.
+        let d = unsafe { ptr.slice(start, len) };
+        for (v, &w) in d.iter_mut().zip(&o[start..start + len]) {
+            *v += w;
         }
     });
 }
@@ -98,39 +102,58 @@ impl InplaceOp2 for AddInPlace {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
-        let (Some((a, e)), Some((ua, ue))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        let (Some((a, e)), Some((oa, oe))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
         else {
             candle_core::bail!("add in place: contiguous inputs only");
         };
         match (s1, s2) {
-            (CpuStorage::F32(y), CpuStorage::F32(u)) => add_elems(&mut y[a..e], &u[ua..ue]),
-            (CpuStorage::F64(y), CpuStorage::F64(u)) => add_elems(&mut y[a..e], &u[ua..ue]),
-            (CpuStorage::F16(y), CpuStorage::F16(u)) => add_elems(&mut y[a..e], &u[ua..ue]),
-            (y, u) => {
-                candle_core::bail!("add in place: dtypes {:?} and {:?}", y.dtype(), u.dtype())
+            (CpuStorage::F32(y), CpuStorage::F32(o)) => add_all(&mut y[a..e], &o[oa..oe]),
+            (CpuStorage::F64(y), CpuStorage::F64(o)) => add_all(&mut y[a..e], &o[oa..oe]),
+            (CpuStorage::F16(y), CpuStorage::F16(o)) => add_all(&mut y[a..e], &o[oa..oe]),
+            (CpuStorage::BF16(y), CpuStorage::BF16(o)) => add_all(&mut y[a..e], &o[oa..oe]),
+            (y, o) => {
+                candle_core::bail!("add in place: dtypes {:?} and {:?}", y.dtype(), o.dtype())
             }
         }
         Ok(())
     }
 }
 
-/// `y + u` (same shape) for a `y` nothing else shares: in place on the CPU (f32 / f64 / f16,
-/// both contiguous), else a plain add. Same sums, same rounding.
-pub(crate) fn add_owned(y: Tensor, u: &Tensor) -> Result<Tensor> {
-    if y.dims() != u.dims() {
-        candle_core::bail!("add: shapes {:?} and {:?} differ", y.dims(), u.dims());
+/// `y + o` (same shape) for a `y` nothing else shares: in place on the CPU, else `o + y`.
+pub(crate) fn add_owned(y: Tensor, o: &Tensor) -> Result<Tensor> {
+    if y.dims() != o.dims() {
+        candle_core::bail!("add: shapes {:?} and {:?} differ", y.shape(), o.shape());
     }
     let fused = y.device().is_cpu()
-        && y.dtype() == u.dtype()
-        && matches!(y.dtype(), DType::F32 | DType::F64 | DType::F16)
+        && y.dtype() == o.dtype()
+        && matches!(
+            y.dtype(),
+            DType::F32 | DType::F64 | DType::F16 | DType::BF16
+        )
         && y.is_contiguous()
-        && u.is_contiguous()
+        && o.is_contiguous()
         && !y.track_op();
     if fused {
-        y.inplace_op2(u, &AddInPlace)?;
+        y.inplace_op2(o, &AddInPlace)?;
         return Ok(y);
     }
-    y + u
+    o + y
+}
+
+/// `y + t` with `t` `[N, C]` broadcast over the trailing dims of `y` `[N, C, ...]` (a
+/// time embedding over H, W), for a fresh `y`: in place where [`add_bias_owned`] can.
+pub(crate) fn add_channels_owned(y: Tensor, t: &Tensor) -> Result<Tensor> {
+    let dims = y.dims().to_vec();
+    if dims.len() < 2 || t.dims() != &dims[..2] {
+        candle_core::bail!(
+            "add per channel: {:?} does not fit [N, C] of {dims:?}",
+            t.shape()
+        );
+    }
+    let nc = dims[0] * dims[1];
+    let inner = y.elem_count() / nc.max(1);
+    let flat = y.reshape((1, nc, inner))?;
+    add_bias_owned(flat, &t.contiguous()?.reshape(nc)?, 1)?.reshape(dims)
 }
 
 #[cfg(test)]

@@ -12,8 +12,8 @@
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::op::BackpropOp;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, MetalStorage, Result, Shape,
-    Storage, Tensor,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, MetalStorage, Result,
+    Shape, Storage, Tensor,
 };
 use std::sync::Mutex;
 
@@ -176,6 +176,121 @@ pub(crate) fn attach(
     }
     let value = Taken::new(value);
     arg.apply_op1(Attach { name, value, bwd })
+}
+
+/// The gradient closure of [`attach2`]: `(args, grad_of_output) -> grads of the args`.
+pub(crate) type Attach2Bwd =
+    Box<dyn Fn([&Tensor; 2], &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync>;
+
+/// [`Attach`] with two arguments.
+struct Attach2 {
+    name: &'static str,
+    value: Taken,
+    bwd: Attach2Bwd,
+}
+
+impl CustomOp2 for Attach2 {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.value.copy_out()
+    }
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.value.copy_out()
+    }
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        self.value.copy_out()
+    }
+    fn bwd(
+        &self,
+        a1: &Tensor,
+        a2: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        (self.bwd)([a1, a2], grad)
+    }
+}
+
+/// [`attach`] for a value computed from two (detached) arguments.
+pub(crate) fn attach2(
+    args: [&Tensor; 2],
+    value: Tensor,
+    name: &'static str,
+    bwd: Attach2Bwd,
+) -> Result<Tensor> {
+    if !args.iter().any(|a| a.track_op()) {
+        return Ok(value);
+    }
+    let value = Taken::new(value);
+    args[0].apply_op2(args[1], Attach2 { name, value, bwd })
+}
+
+/// The gradient closure of [`attach_n`]: `(args, grad_of_output) -> one gradient per arg`.
+pub(crate) type AttachNBwd =
+    Box<dyn Fn(&[&Tensor], &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync>;
+
+/// [`attach`] for a value computed from one to three (detached) arguments; `bwd` returns
+/// one gradient (or `None`) per argument, in order.
+pub(crate) fn attach_n(
+    args: &[&Tensor],
+    value: Tensor,
+    name: &'static str,
+    bwd: AttachNBwd,
+) -> Result<Tensor> {
+    let take = move |mut v: Vec<Option<Tensor>>, n: usize| -> Result<Vec<Option<Tensor>>> {
+        if v.len() != n {
+            candle_core::bail!("{name}: {} gradients for {n} arguments", v.len());
+        }
+        v.reverse();
+        Ok(v)
+    };
+    match *args {
+        [a] => attach(
+            a,
+            value,
+            name,
+            Box::new(move |a, g| Ok(take(bwd(&[a], g)?, 1)?.pop().flatten())),
+        ),
+        [a, b] => attach2(
+            [a, b],
+            value,
+            name,
+            Box::new(move |[a, b], g| {
+                let mut v = take(bwd(&[a, b], g)?, 2)?;
+                Ok((v.pop().flatten(), v.pop().flatten()))
+            }),
+        ),
+        [a, b, c] => attach3(
+            [a, b, c],
+            value,
+            name,
+            Box::new(move |[a, b, c], g| {
+                let mut v = take(bwd(&[a, b, c], g)?, 3)?;
+                Ok((v.pop().flatten(), v.pop().flatten(), v.pop().flatten()))
+            }),
+        ),
+        _ => candle_core::bail!("{name}: 1 to 3 arguments, got {}", args.len()),
+    }
 }
 
 /// The gradient closure of [`attach3`]: `(args, grad_of_output) -> grads of the args`.

@@ -141,12 +141,21 @@ impl FrozenConv2d {
             Some(b) => add_bias_owned(y, b, 1)?,
             None => y,
         };
-        let weight = self.weight.clone();
-        let bwd = move |_: &Tensor, g: &Tensor| {
-            let kernel = || grad_kernel(&weight, p.groups);
-            Ok(Some(input_grad(g, &weight, kernel, (h, w), &p)?))
-        };
+        let op = self.clone();
+        let bwd = move |_: &Tensor, g: &Tensor| Ok(Some(op.input_grad(g, (h, w))?));
         attach(x, y, "lora-frozen-conv2d", Box::new(bwd))
+    }
+
+    /// The gradient w.r.t. the input (spatial size `input_hw`) for the output gradient `g`
+    /// (no rearranged kernel is kept between calls, see the module docs).
+    pub(crate) fn input_grad(&self, g: &Tensor, input_hw: (usize, usize)) -> Result<Tensor> {
+        let kernel = || grad_kernel(&self.weight, self.params.groups);
+        input_grad(g, &self.weight, kernel, input_hw, &self.params)
+    }
+
+    /// The number of output channels.
+    pub(crate) fn out_channels(&self) -> usize {
+        self.weight.dims()[0]
     }
 }
 

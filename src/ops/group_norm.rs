@@ -103,6 +103,46 @@ fn fwd_kernel<T: Real>(
     Ok((T::to_cpu_storage_owned(dst), xl.shape().clone()))
 }
 
+/// The input gradient `dx` of one (sample, group) block `xr` of `w.len()` channels with
+/// statistics `(mean, rstd)`, for the output gradient `gg` (the channels' weights `w`);
+/// with `partials`, each channel's `Σ g·x̂` and `Σ g` (this sample's dweight and dbias).
+pub(crate) fn group_input_grad<T: Real>(
+    xr: &[T],
+    gg: &[T],
+    w: &[T],
+    (mean, rstd): (f64, f64),
+    dx: &mut [T],
+    mut partials: Option<(&mut [f64], &mut [f64])>,
+) {
+    let cg = w.len();
+    let s = xr.len() / cg.max(1);
+    let (mut sum_gh, mut sum_ghx) = (0f64, 0f64);
+    for (k, &wk) in w.iter().enumerate() {
+        let wc = wk.to_f64();
+        let range = k * s..(k + 1) * s;
+        let (gc, xc) = (&gg[range.clone()], &xr[range]);
+        let s1 = reduce1(gc, |v| v.to_f64());
+        let s2 = reduce2(gc, xc, |a, b| a.to_f64() * b.to_f64());
+        let gx = rstd * (s2 - mean * s1);
+        if let Some((pw, pb)) = partials.as_mut() {
+            pw[k] = gx;
+            pb[k] = s1;
+        }
+        sum_gh += wc * s1;
+        sum_ghx += wc * gx;
+    }
+    let mf = xr.len() as f64;
+    let bcoef = -rstd * rstd * sum_ghx / mf;
+    let ccoef = -bcoef * mean - rstd * sum_gh / mf;
+    for (k, &wk) in w.iter().enumerate() {
+        let a = rstd * wk.to_f64();
+        let r = k * s..(k + 1) * s;
+        for ((d, &gv), &xv) in dx[r.clone()].iter_mut().zip(&gg[r.clone()]).zip(&xr[r]) {
+            *d = T::from_f64(a * gv.to_f64() + bcoef * xv.to_f64() + ccoef);
+        }
+    }
+}
+
 /// Fused backward: one buffer `[dx (x's size) | dw (C) | db (C)]`.
 fn bwd_kernel<T: Real>(
     (xs, xl): (&CpuStorage, &Layout),
@@ -137,30 +177,9 @@ fn bwd_kernel<T: Real>(
             )
         };
         let (xr, gg) = (&x[i * m..(i + 1) * m], &gr[i * m..(i + 1) * m]);
-        let (mean, rstd) = mean_rstd(xr, eps);
-        let (mut sum_gh, mut sum_ghx) = (0f64, 0f64);
-        for k in 0..cg {
-            let wc = w[(i % g) * cg + k].to_f64();
-            let range = k * s..(k + 1) * s;
-            let (gc, xc) = (&gg[range.clone()], &xr[range]);
-            let s1 = reduce1(gc, |v| v.to_f64());
-            let s2 = reduce2(gc, xc, |a, b| a.to_f64() * b.to_f64());
-            let gx = rstd * (s2 - mean * s1);
-            pw[k] = gx;
-            pb[k] = s1;
-            sum_gh += wc * s1;
-            sum_ghx += wc * gx;
-        }
-        let mf = m as f64;
-        let bcoef = -rstd * rstd * sum_ghx / mf;
-        let ccoef = -bcoef * mean - rstd * sum_gh / mf;
-        for k in 0..cg {
-            let a = rstd * w[(i % g) * cg + k].to_f64();
-            let r = k * s..(k + 1) * s;
-            for ((d, &gv), &xv) in dx[r.clone()].iter_mut().zip(&gg[r.clone()]).zip(&xr[r]) {
-                *d = T::from_f64(a * gv.to_f64() + bcoef * xv.to_f64() + ccoef);
-            }
-        }
+        let stats = mean_rstd(xr, eps);
+        let wg = &w[(i % g) * cg..(i % g + 1) * cg];
+        group_input_grad(xr, gg, wg, stats, dx, Some((pw, pb)));
     });
     for ch in 0..c {
         let (mut dw, mut db) = (0f64, 0f64);

@@ -15,6 +15,8 @@
 //! | [`lora_linear`] | frozen linear + one LoRA adapter, sums in place | `x`, `down`, `up` gradients; the rank-r hidden recomputed |
 //! | [`checkpoint`] | the block without a graph | the block run again, then its backward |
 //! | [`frozen_linear`], [`frozen_conv2d`], [`FrozenConv2d`] | candle matmul; conv2d as im2col + one gemm on the CPU, candle's conv2d elsewhere; bias added in place | input gradient only |
+//! | [`group_norm_silu_conv2d`] | the unfused ops; time embedding and skip added in place | keeps only its arguments, recomputes norm and SiLU |
+//! | [`geglu_linear`] | the unfused ops | keeps only `h`, recomputes `gelu(gate)` |
 //!
 //! "Fused" kernels run on the CPU for f32 / f64 ([`Kernel::Auto`]); on CUDA / Metal (and
 //! with [`Kernel::Generic`]) the forward is candle's own kernel and the backward is written
@@ -29,12 +31,16 @@ mod bridge;
 mod checkpoint;
 mod dense;
 mod frozen;
+mod geglu_linear;
 mod group_norm;
 mod im2col;
 mod layer_norm;
 mod lora_linear;
+mod norm_silu_conv;
 mod par;
 mod softmax;
+#[cfg(test)]
+mod testing;
 mod upsample;
 
 pub use attention::{
@@ -47,7 +53,11 @@ pub use frozen::{
     conv2d_input_grad, conv2d_input_grad_flipped, frozen_conv2d, frozen_linear, Conv2dParams,
     FrozenConv2d,
 };
+pub use geglu_linear::{geglu_linear, geglu_linear_with};
 pub use lora_linear::lora_linear;
+pub use norm_silu_conv::{
+    group_norm_silu_conv2d, group_norm_silu_conv2d_with, ConvOutputAdds, GroupNormSpec,
+};
 pub use upsample::upsample_nearest2d;
 
 use candle_core::{DType, Result, Tensor, D};

@@ -1,11 +1,16 @@
 //! `ResnetBlock2D` as diffusers defines it (group norm, SiLU, 3×3 convs, optional time embedding).
 
+use std::sync::{Arc, OnceLock};
+
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::models::checkpointing::run_block;
 use crate::models::layers::{silu, Conv2d, GroupNorm, Linear};
 use crate::models::walk::{LayerRef, LayerWalk};
+use crate::ops::{
+    group_norm_silu_conv2d, Conv2dParams, ConvOutputAdds, FrozenConv2d, GroupNormSpec,
+};
 
 /// Construction parameters of a [`ResnetBlock2D`] (diffusers' `ResnetBlock2D.__init__` arguments).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -51,7 +56,10 @@ pub struct ResnetBlock2D {
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
     output_scale_factor: f64,
+    eps: f64,
     gradient_checkpointing: bool,
+    fused_conv1: Arc<OnceLock<FrozenConv2d>>,
+    fused_conv2: Arc<OnceLock<FrozenConv2d>>,
 }
 
 impl ResnetBlock2D {
@@ -87,7 +95,10 @@ impl ResnetBlock2D {
             conv2,
             conv_shortcut,
             output_scale_factor: cfg.output_scale_factor,
+            eps: cfg.eps,
             gradient_checkpointing: false,
+            fused_conv1: Arc::new(OnceLock::new()),
+            fused_conv2: Arc::new(OnceLock::new()),
         })
     }
 
@@ -127,28 +138,98 @@ impl ResnetBlock2D {
 
     /// [`ResnetBlock2D::forward`] without checkpointing.
     fn forward_plain(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = silu(&self.norm1.forward(x)?)?;
-        let mut h = self.conv1.forward(&h)?;
-        if let Some(proj) = &self.time_emb_proj {
-            let Some(temb) = temb else {
-                candle_core::bail!("ResnetBlock2D {}: time embedding required", proj.path());
-            };
-            let t = proj.forward(&silu(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
-            h = h.broadcast_add(&t)?;
-        }
-        let h = silu(&self.norm2.forward(&h)?)?;
-        let h = self.conv2.forward(&h)?;
-        let skip = match &self.conv_shortcut {
-            Some(c) => c.forward(x)?,
-            None => x.clone(),
+        let h = match fused_op(&self.norm1, &self.conv1, &self.fused_conv1)? {
+            Some(conv) => {
+                let t = self.time_projection(temb)?;
+                let adds = ConvOutputAdds {
+                    channels: t.as_ref(),
+                    skip: None,
+                };
+                group_norm_silu_conv2d(x, &self.norm_spec(&self.norm1), conv, adds)?
+            }
+            None => {
+                // conv1 runs before the projection (the order residuals draw dropout in).
+                let h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
+                match self.time_projection(temb)? {
+                    Some(t) => h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?,
+                    None => h,
+                }
+            }
         };
-        let out = (skip + h)?;
+        let out = match fused_op(&self.norm2, &self.conv2, &self.fused_conv2)? {
+            Some(conv) => {
+                let skip = self.skip(x)?;
+                let adds = ConvOutputAdds {
+                    channels: None,
+                    skip: Some(&skip),
+                };
+                group_norm_silu_conv2d(&h, &self.norm_spec(&self.norm2), conv, adds)?
+            }
+            None => {
+                let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
+                (self.skip(x)? + h)?
+            }
+        };
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {
             out.affine(1.0 / self.output_scale_factor, 0.0)
         }
     }
+
+    /// The residual branch: `conv_shortcut(x)`, or `x` itself.
+    fn skip(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.conv_shortcut {
+            Some(c) => c.forward(x),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// `time_emb_proj(silu(temb))` `[B, out_channels]`, when the block has a projection.
+    fn time_projection(&self, temb: Option<&Tensor>) -> Result<Option<Tensor>> {
+        let Some(proj) = &self.time_emb_proj else {
+            return Ok(None);
+        };
+        let Some(temb) = temb else {
+            candle_core::bail!("ResnetBlock2D {}: time embedding required", proj.path());
+        };
+        Ok(Some(proj.forward(&silu(temb)?)?))
+    }
+
+    /// The frozen group norm `norm` as the fused op takes it.
+    fn norm_spec<'a>(&self, norm: &'a GroupNorm) -> GroupNormSpec<'a> {
+        GroupNormSpec {
+            weight: norm.weight(),
+            bias: norm.bias(),
+            groups: norm.num_groups(),
+            eps: self.eps,
+        }
+    }
+}
+
+/// The frozen convolution op of `conv` (built once into `cache`) when `norm → SiLU → conv`
+/// can run as one fused op: frozen norm weights, a frozen conv, no active residual (LoRA).
+fn fused_op<'a>(
+    norm: &GroupNorm,
+    conv: &Conv2d,
+    cache: &'a OnceLock<FrozenConv2d>,
+) -> Result<Option<&'a FrozenConv2d>> {
+    let frozen_norm = !norm.weight().is_variable() && !norm.bias().is_variable();
+    let plain_conv =
+        !conv.is_trainable() && conv.residuals().attached().iter().all(|r| !r.is_active());
+    if !(frozen_norm && plain_conv) {
+        return Ok(None);
+    }
+    if let Some(op) = cache.get() {
+        return Ok(Some(op));
+    }
+    let params = Conv2dParams {
+        stride: conv.stride(),
+        padding: conv.padding(),
+        ..Default::default()
+    };
+    let _ = cache.set(FrozenConv2d::new(conv.weight(), conv.bias(), params)?);
+    Ok(cache.get())
 }
 
 impl LayerWalk for ResnetBlock2D {

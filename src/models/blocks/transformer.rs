@@ -88,8 +88,17 @@ impl FeedForward {
         &self.out
     }
 
-    /// Applies the feed-forward over the last dimension.
+    /// Applies the feed-forward over the last dimension. With a frozen `net.2` and no active
+    /// residual (LoRA) on it, the gate and `net.2` run as one op that keeps only the
+    /// projection output for the backward ([`crate::ops::geglu_linear`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let out = &self.out;
+        let plain =
+            !out.is_trainable() && out.residuals().attached().iter().all(|r| !r.is_active());
+        if plain {
+            let h = self.geglu.proj.forward(x)?;
+            return crate::ops::geglu_linear(&h, out.weight(), out.bias());
+        }
         self.out.forward(&self.geglu.forward(x)?)
     }
 }
