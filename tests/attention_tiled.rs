@@ -349,21 +349,35 @@ fn attention_tiles_when_the_probabilities_exceed_the_budget() {
     let q = common::randn(&mut rng, &[1, 1, 4100, 8], 1.0);
     let k = common::randn(&mut rng, &[1, 1, 4096, 8], 1.0);
     let v = common::randn(&mut rng, &[1, 1, 4096, 8], 1.0);
+    // One tile holding every row is the materialised computation.
+    let y0 = ops::attention_tiled(&q, &k, &v, 0.35, None, usize::MAX, Kernel::Auto).unwrap();
+    // The generic kernels tile above the budget ...
     ops::reset_attention_peak();
-    let y = ops::attention(&q, &k, &v, 0.35, None).unwrap();
+    let y = ops::attention_with(&q, &k, &v, 0.35, None, Kernel::Generic).unwrap();
     let peak = ops::attention_peak_elems();
     assert!(
         peak * 4 <= ops::ATTENTION_TILE_BYTES,
         "largest tile {peak} elements"
     );
     assert!(peak < 4100 * 4096);
-    // One tile holding every row is the materialised computation.
-    let y0 = ops::attention_tiled(&q, &k, &v, 0.35, None, usize::MAX, Kernel::Auto).unwrap();
     assert!(rel(&y, &y0) <= 1e-6, "{}", rel(&y, &y0));
-    // One query fewer: the whole probabilities fit, the materialised form runs.
+    // ... and, one query fewer, materialise the whole probabilities.
     ops::reset_attention_peak();
-    ops::attention(&q.narrow(2, 0, 4095).unwrap(), &k, &v, 0.35, None).unwrap();
+    ops::attention_with(
+        &q.narrow(2, 0, 4095).unwrap(),
+        &k,
+        &v,
+        0.35,
+        None,
+        Kernel::Generic,
+    )
+    .unwrap();
     assert_eq!(ops::attention_peak_elems(), 4095 * 4096);
+    // On the CPU in f32 the fused kernel takes both: blocks of 64 queries over every key.
+    ops::reset_attention_peak();
+    let y = ops::attention(&q, &k, &v, 0.35, None).unwrap();
+    assert_eq!(ops::attention_peak_elems(), 64 * 4096);
+    assert!(rel(&y, &y0) <= 1e-6, "{}", rel(&y, &y0));
 }
 
 #[test]
@@ -502,4 +516,79 @@ fn heads_side_by_side_equal_the_split_heads() {
     let t = Tensor::zeros((1, 4, 6), DType::F32, &Device::Cpu).unwrap();
     let e = ops::attention_heads(&t, &t, &t, 4, 1.0, Kernel::Auto).unwrap_err();
     assert!(e.to_string().contains("4 heads do not fit"), "{e}");
+}
+
+#[test]
+fn fused_cpu_kernel_equals_materialised_and_finite_differences() {
+    // Scores 6 × 203 × 1800 f32 = 8.8 MB: above the materialise limit, so `ops::attention`
+    // takes the fused CPU kernel; 203 queries leave a short last block of 11; dv ≠ d.
+    for dtype in [DType::F32, DType::F64] {
+        let mut rng = Rng::new(5);
+        let mut r = |s: &[usize]| common::randn(&mut rng, s, 1.0).to_dtype(dtype).unwrap();
+        let p = Problem {
+            name: "fused",
+            q: r(&[2, 3, 203, 8]),
+            k: r(&[2, 3, 1800, 8]),
+            v: r(&[2, 3, 1800, 5]),
+            g: r(&[2, 3, 203, 5]),
+            mask: None,
+            scale: 0.35,
+        };
+        ops::reset_attention_peak();
+        let (y1, g1) = run(&p, &|q, k, v, _| ops::attention(q, k, v, p.scale, None));
+        assert_eq!(
+            ops::attention_peak_elems(),
+            64 * 1800,
+            "the fused kernel ran"
+        );
+        let (y0, g0) = run(&p, &|q, k, v, _| {
+            ops::attention_materialised(q, k, v, p.scale, None, Kernel::Auto)
+        });
+        let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+        assert!(rel(&y1, &y0) <= tol, "{dtype:?} value {}", rel(&y1, &y0));
+        for (i, (a, c)) in g1.iter().zip(&g0).enumerate() {
+            assert!(rel(a, c) <= tol * 10.0, "{dtype:?} grad {i}: {}", rel(a, c));
+        }
+        // Only v tracked: no gradient for q and k, the same one for v.
+        let vv = Var::from_tensor(&p.v).unwrap();
+        let y = ops::attention(&p.q, &p.k, vv.as_tensor(), p.scale, None).unwrap();
+        let grads = (&y * &p.g).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(rel(grads.get(vv.as_tensor()).unwrap(), &g0[2]) <= tol * 10.0);
+        if dtype != DType::F64 {
+            continue;
+        }
+        // Central differences on a few elements of each input.
+        let f = |q: &Tensor, k: &Tensor, v: &Tensor| -> f64 {
+            let y = ops::attention(q, k, v, p.scale, None).unwrap();
+            (y * &p.g)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let eps = 1e-5;
+        for (which, t) in [&p.q, &p.k, &p.v].into_iter().enumerate() {
+            let flat: Vec<f64> = t.flatten_all().unwrap().to_vec1().unwrap();
+            let grad: Vec<f64> = g1[which].flatten_all().unwrap().to_vec1().unwrap();
+            for i in [0, flat.len() / 3, flat.len() - 1] {
+                let bump = |e: f64| {
+                    let mut v = flat.clone();
+                    v[i] += e;
+                    Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap()
+                };
+                let mut args = [p.q.clone(), p.k.clone(), p.v.clone()];
+                args[which] = bump(eps);
+                let hi = f(&args[0], &args[1], &args[2]);
+                args[which] = bump(-eps);
+                let lo = f(&args[0], &args[1], &args[2]);
+                let fd = (hi - lo) / (2.0 * eps);
+                assert!(
+                    (fd - grad[i]).abs() <= 1e-6 * (1.0 + fd.abs()),
+                    "input {which} elem {i}: {fd} vs {}",
+                    grad[i]
+                );
+            }
+        }
+    }
 }

@@ -31,6 +31,7 @@
 //! tracked inputs only. [`attention_peak_elems`] reports the largest score / probability
 //! block either form allocated on this thread.
 
+use super::attention_cpu as cpu;
 use super::attention_tiled as tiled;
 use super::bridge::attach3;
 use super::softmax::{backward as softmax_backward, softmax_owned};
@@ -140,6 +141,8 @@ enum Form {
     Materialised,
     /// Query tiles of at most this many bytes of scores.
     Tiled(usize),
+    /// The fused CPU kernel of `attention_cpu.rs` (blocks per head, only `L` kept).
+    Fused,
 }
 
 impl Form {
@@ -154,6 +157,17 @@ impl Form {
         match dims.score_elems().saturating_mul(elem) > limit {
             true => Self::Tiled(ATTENTION_TILE_BYTES),
             false => Self::Materialised,
+        }
+    }
+
+    /// [`Form::auto`], with the fused CPU kernel in place of the tiled and materialised
+    /// forms above [`ATTENTION_MATERIALISE_BYTES`] where it serves (CPU, f32 / f64, no mask,
+    /// [`Kernel::Auto`]).
+    fn pick(dims: &Dims, elem: usize, track: bool, fused: bool) -> Self {
+        let large = dims.score_elems().saturating_mul(elem) > ATTENTION_MATERIALISE_BYTES;
+        match fused && large && dims.nq > 0 && dims.nk > 0 {
+            true => Self::Fused,
+            false => Self::auto(dims, elem, track),
         }
     }
 }
@@ -173,7 +187,45 @@ fn core(
     match form {
         Form::Materialised => materialised(q, k, v, track, scale, mask, dims, kernel),
         Form::Tiled(budget) => tiled::core([q, k, v], track, scale, mask, dims, budget, kernel),
+        Form::Fused => fused(q, k, v, track, scale, dims),
     }
+}
+
+/// The fused CPU kernel on `[..., N, d]` inputs (leading dims flattened to one).
+fn fused(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    track: bool,
+    scale: f64,
+    dims: &Dims,
+) -> Result<(Tensor, Option<CoreBwd>)> {
+    let g = dims.groups;
+    let flat = move |t: &Tensor| -> Result<Tensor> {
+        let r = t.rank();
+        t.reshape((g, t.dim(r - 2)?, t.dim(r - 1)?))
+    };
+    note_block(cpu::BLOCK_ROWS.min(dims.nq) * dims.nk);
+    let (out, lse) = cpu::forward(&flat(q)?, &flat(k)?, &flat(v)?, scale)?;
+    let mut out_shape = dims.lead.clone();
+    out_shape.extend([dims.nq, dims.dv]);
+    let out = out.reshape(out_shape)?;
+    if !track {
+        return Ok((out, None));
+    }
+    let bwd = move |[q, k, v]: [&Tensor; 3], track: [bool; 3], g: &Tensor| {
+        let (dq, dk, dv) = cpu::backward(
+            [&flat(q)?, &flat(k)?, &flat(v)?],
+            track,
+            &lse,
+            &flat(g)?,
+            scale,
+        )?;
+        let back =
+            |t: Option<Tensor>, like: &Tensor| t.map(|t| t.reshape(like.shape())).transpose();
+        Ok((back(dq, q)?, back(dk, k)?, back(dv, v)?))
+    };
+    Ok((out, Some(Box::new(bwd))))
 }
 
 /// One attention op over `[..., N, d]` inputs in `form`: computed in the compute dtype on
@@ -204,6 +256,7 @@ fn run(
     let name = match form {
         Form::Materialised => "lora-attention",
         Form::Tiled(_) => "lora-attention-tiled",
+        Form::Fused => "lora-attention-fused",
     };
     let f = move |[q, k, v]: [&Tensor; 3], g: &Tensor| {
         let track = [q.track_op(), k.track_op(), v.track_op()];
@@ -242,7 +295,9 @@ pub fn attention_with(
 ) -> Result<Tensor> {
     let dims = Dims::of(q, k, v, mask)?;
     let track = q.track_op() || k.track_op() || v.track_op();
-    let form = Form::auto(&dims, compute_dtype(q.dtype()).size_in_bytes(), track);
+    let cd = compute_dtype(q.dtype());
+    let fused = kernel == Kernel::Auto && mask.is_none() && q.device().is_cpu();
+    let form = Form::pick(&dims, cd.size_in_bytes(), track, fused);
     run(q, k, v, scale, mask, &dims, form, kernel)
 }
 
@@ -299,7 +354,8 @@ pub fn attention_heads(
     );
     let dims = Dims::of(&qh, &kh, &vh, None)?;
     let track = q.track_op() || k.track_op() || v.track_op();
-    let form = Form::auto(&dims, cd.size_in_bytes(), track);
+    let fused = kernel == Kernel::Auto && cpu::serves(&qh, &kh, &vh);
+    let form = Form::pick(&dims, cd.size_in_bytes(), track, fused);
     let (out, bwd) = core([&qh, &kh, &vh], track, scale, None, &dims, form, kernel)?;
     drop((qh, kh, vh));
     let out = merge(&out)?;

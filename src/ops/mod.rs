@@ -25,6 +25,7 @@
 
 mod activation;
 mod attention;
+mod attention_cpu;
 mod attention_tiled;
 mod bias;
 mod bridge;

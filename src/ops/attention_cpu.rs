@@ -1,0 +1,352 @@
+//! The attention forms' work on the CPU as one fused kernel per head (f32 / f64, contiguous
+//! `[G, N, d]` inputs, no mask): FlashAttention's blocking over queries with cache-sized
+//! blocks, products through the `gemm` crate (the kernels candle's own matmul uses).
+//!
+//! A block of [`BLOCK_ROWS`] queries of one head holds its scores `[rows, Nk]` (512 KiB for
+//! 4096 keys in f32, inside the L2 cache), turns them into probabilities in place (row max,
+//! exp, sum; the row log-sum-exp kept), and multiplies them by `V` straight into the output.
+//! The backward walks the same blocks per head: `P = exp(scale · q kᵀ − L)`, `dV += Pᵀ dO`,
+//! `dP = dO Vᵀ`, `dS = scale · P ⊙ (dP − rowsum(P ⊙ dP))`, `dQ = dS K`, `dK += dSᵀ q`. Heads
+//! run in parallel (each owns its `dK`, `dV`), as do the forward's blocks. Only `L` is
+//! saved, as in the tiled form; the values equal the other forms to rounding.
+
+use super::par::{
+    contiguous_slice, map_inplace, max_of, par_for, reduce1, reduce2, Real, SharedMut,
+};
+use candle_core::{DType, Device, Result, Storage, Tensor};
+
+/// Queries per block.
+pub(crate) const BLOCK_ROWS: usize = 64;
+
+/// Whether the fused kernel serves these inputs (CPU, f32 / f64, one dtype).
+pub(crate) fn serves(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    let dt = q.dtype();
+    q.device().is_cpu()
+        && matches!(dt, DType::F32 | DType::F64)
+        && k.dtype() == dt
+        && v.dtype() == dt
+        && q.rank() == 3
+        && k.rank() == 3
+        && v.rank() == 3
+}
+
+/// `dst[m×n] = scale · lhs[m×k] · rhs[k×n]` (`acc`: added to `dst`), every matrix given by
+/// its row and column strides, on this thread.
+#[allow(clippy::too_many_arguments)]
+fn gemm<T: 'static + Copy>(
+    (m, n, k): (usize, usize, usize),
+    dst: (&mut [T], isize, isize),
+    lhs: (&[T], isize, isize),
+    rhs: (&[T], isize, isize),
+    scale: T,
+    acc: bool,
+    one: T,
+) {
+    // SAFETY: the callers pass slices covering every element the strides reach.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.0.as_mut_ptr(),
+            dst.2,
+            dst.1,
+            acc,
+            lhs.0.as_ptr(),
+            lhs.2,
+            lhs.1,
+            rhs.0.as_ptr(),
+            rhs.2,
+            rhs.1,
+            one,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// The geometry of one call.
+#[derive(Clone, Copy)]
+struct Geom {
+    g: usize,
+    nq: usize,
+    nk: usize,
+    d: usize,
+    dv: usize,
+}
+
+impl Geom {
+    fn of(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Self> {
+        let ((g, nq, d), (_, nk, _), (_, _, dv)) = (q.dims3()?, k.dims3()?, v.dims3()?);
+        Ok(Self { g, nq, nk, d, dv })
+    }
+}
+
+/// Runs `f` on the elements of `ts` (made contiguous, no copy when they are) in place.
+fn with_slices<T: Real, R>(ts: &[&Tensor], f: impl FnOnce(&[&[T]]) -> R) -> Result<R> {
+    let cs = ts
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = cs.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (g, l) in &guards {
+        let Storage::Cpu(s) = &**g else {
+            candle_core::bail!("fused attention: CPU tensors only");
+        };
+        slices.push(contiguous_slice::<T>(s, l, "fused attention")?);
+    }
+    Ok(f(&slices))
+}
+
+/// `exp(x − max)` over each row of `s` (`[rows, nk]`, already scaled) in place; returns
+/// each row's `1 / Σ` (to scale the output rows by) and log-sum-exp.
+fn exp_rows<T: Real>(s: &mut [T], nk: usize) -> (Vec<T>, Vec<T>) {
+    s.chunks_exact_mut(nk)
+        .map(|row| {
+            let m = max_of(row);
+            map_inplace(row, |x| (x - m).exp());
+            let sum: f64 = reduce1::<T, f64>(row, |x| x.to_f64());
+            (T::from_f64(1.0 / sum), T::from_f64(m.to_f64() + sum.ln()))
+        })
+        .unzip()
+}
+
+/// Forward: the output `[G, Nq, dv]` and the row log-sum-exp `[G, Nq]`.
+pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+    match q.dtype() {
+        DType::F64 => forward_t::<f64>(q, k, v, scale),
+        _ => forward_t::<f32>(q, k, v, scale),
+    }
+}
+
+fn forward_t<T: Real + 'static>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    let gm = Geom::of(q, k, v)?;
+    with_slices::<T, _>(&[q, k, v], |s| forward_slices(gm, s[0], s[1], s[2], scale))?
+}
+
+fn forward_slices<T: Real + 'static>(
+    gm: Geom,
+    qd: &[T],
+    kd: &[T],
+    vd: &[T],
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    let Geom { g, nq, nk, d, dv } = gm;
+    let mut out = vec![T::ZERO; g * nq * dv];
+    let mut lse = vec![T::ZERO; g * nq];
+    let blocks = nq.div_ceil(BLOCK_ROWS);
+    let (outp, lsep) = (SharedMut::new(&mut out), SharedMut::new(&mut lse));
+    let sc = T::from_f64(scale);
+    par_for(g * blocks, BLOCK_ROWS * nk * d, |task| {
+        let (gi, b) = (task / blocks, task % blocks);
+        let r0 = b * BLOCK_ROWS;
+        let rows = BLOCK_ROWS.min(nq - r0);
+        let qb = &qd[(gi * nq + r0) * d..(gi * nq + r0 + rows) * d];
+        let kg = &kd[gi * nk * d..(gi + 1) * nk * d];
+        let vg = &vd[gi * nk * dv..(gi + 1) * nk * dv];
+        let mut s = vec![T::ZERO; rows * nk];
+        let dims = (rows, nk, d);
+        gemm(
+            dims,
+            (&mut s, nk as isize, 1),
+            (qb, d as isize, 1),
+            (kg, 1, d as isize),
+            sc,
+            false,
+            T::ONE,
+        );
+        let (inv, l) = exp_rows(&mut s, nk);
+        // SAFETY: block (gi, b) owns rows r0..r0 + rows of head gi, in `out` and `lse`.
+        let (o, ls) = unsafe {
+            (
+                outp.slice((gi * nq + r0) * dv, rows * dv),
+                lsep.slice(gi * nq + r0, rows),
+            )
+        };
+        ls.copy_from_slice(&l);
+        // The unnormalised probabilities times V, then each output row scaled by 1 / Σ.
+        gemm(
+            (rows, dv, nk),
+            (o, dv as isize, 1),
+            (&s, nk as isize, 1),
+            (vg, dv as isize, 1),
+            T::ONE,
+            false,
+            T::ONE,
+        );
+        for (orow, &iv) in o.chunks_exact_mut(dv).zip(&inv) {
+            for x in orow {
+                *x *= iv;
+            }
+        }
+    });
+    let dev = Device::Cpu;
+    Ok((
+        Tensor::from_vec(out, (g, nq, dv), &dev)?,
+        Tensor::from_vec(lse, (g, nq), &dev)?,
+    ))
+}
+
+/// Backward: the gradients of the tracked inputs (`track` = q, k, v) for the output
+/// gradient `dout` `[G, Nq, dv]`, from the inputs and the forward's log-sum-exp.
+pub(crate) fn backward(
+    [q, k, v]: [&Tensor; 3],
+    track: [bool; 3],
+    lse: &Tensor,
+    dout: &Tensor,
+    scale: f64,
+) -> Result<super::attention::Grads3> {
+    match q.dtype() {
+        DType::F64 => backward_t::<f64>([q, k, v], track, lse, dout, scale),
+        _ => backward_t::<f32>([q, k, v], track, lse, dout, scale),
+    }
+}
+
+fn backward_t<T: Real + 'static>(
+    [q, k, v]: [&Tensor; 3],
+    [tq, tk, tv]: [bool; 3],
+    lse: &Tensor,
+    dout: &Tensor,
+    scale: f64,
+) -> Result<super::attention::Grads3> {
+    let gm = Geom::of(q, k, v)?;
+    let dout = dout.to_dtype(q.dtype())?;
+    with_slices::<T, _>(&[q, k, v, lse, &dout], |s| {
+        backward_slices(gm, [s[0], s[1], s[2], s[3], s[4]], [tq, tk, tv], scale)
+    })?
+}
+
+fn backward_slices<T: Real + 'static>(
+    gm: Geom,
+    [qd, kd, vd, ld, god]: [&[T]; 5],
+    [tq, tk, tv]: [bool; 3],
+    scale: f64,
+) -> Result<super::attention::Grads3> {
+    let Geom { g, nq, nk, d, dv } = gm;
+    let mut dq = vec![T::ZERO; if tq { g * nq * d } else { 0 }];
+    let mut dk = vec![T::ZERO; if tk { g * nk * d } else { 0 }];
+    let mut dvv = vec![T::ZERO; if tv { g * nk * dv } else { 0 }];
+    let (dqp, dkp, dvp) = (
+        SharedMut::new(&mut dq),
+        SharedMut::new(&mut dk),
+        SharedMut::new(&mut dvv),
+    );
+    let sc = T::from_f64(scale);
+    par_for(g, nq * nk * d, |gi| {
+        let kg = &kd[gi * nk * d..(gi + 1) * nk * d];
+        let vg = &vd[gi * nk * dv..(gi + 1) * nk * dv];
+        // SAFETY: head gi owns its slices of dK, dV and its rows of dQ.
+        let (dkg, dvg) = unsafe {
+            (
+                if tk {
+                    dkp.slice(gi * nk * d, nk * d)
+                } else {
+                    &mut [][..]
+                },
+                if tv {
+                    dvp.slice(gi * nk * dv, nk * dv)
+                } else {
+                    &mut [][..]
+                },
+            )
+        };
+        let mut p = vec![T::ZERO; BLOCK_ROWS * nk];
+        let mut dp = vec![T::ZERO; BLOCK_ROWS * nk];
+        for r0 in (0..nq).step_by(BLOCK_ROWS) {
+            let rows = BLOCK_ROWS.min(nq - r0);
+            let base = gi * nq + r0;
+            let qb = &qd[base * d..(base + rows) * d];
+            let gb = &god[base * dv..(base + rows) * dv];
+            let (p, dp) = (&mut p[..rows * nk], &mut dp[..rows * nk]);
+            gemm(
+                (rows, nk, d),
+                (p, nk as isize, 1),
+                (qb, d as isize, 1),
+                (kg, 1, d as isize),
+                sc,
+                false,
+                T::ONE,
+            );
+            for (row, &l) in p.chunks_exact_mut(nk).zip(&ld[base..base + rows]) {
+                map_inplace(row, |x| (x - l).exp());
+            }
+            if tv {
+                let acc = r0 > 0;
+                gemm(
+                    (nk, dv, rows),
+                    (dvg, dv as isize, 1),
+                    (p, 1, nk as isize),
+                    (gb, dv as isize, 1),
+                    T::ONE,
+                    acc,
+                    T::ONE,
+                );
+            }
+            if !(tq || tk) {
+                continue;
+            }
+            gemm(
+                (rows, nk, dv),
+                (dp, nk as isize, 1),
+                (gb, dv as isize, 1),
+                (vg, 1, dv as isize),
+                T::ONE,
+                false,
+                T::ONE,
+            );
+            for (prow, dprow) in p.chunks_exact(nk).zip(dp.chunks_exact_mut(nk)) {
+                let dsum: f64 = reduce2(prow, dprow, |a, b| (a * b).to_f64());
+                let ds = T::from_f64(dsum);
+                for (o, &pv) in dprow.iter_mut().zip(prow) {
+                    *o = sc * pv * (*o - ds);
+                }
+            }
+            if tq {
+                // SAFETY: rows r0..r0 + rows of head gi, owned by this task.
+                let dqb = unsafe { dqp.slice(base * d, rows * d) };
+                gemm(
+                    (rows, d, nk),
+                    (dqb, d as isize, 1),
+                    (dp, nk as isize, 1),
+                    (kg, d as isize, 1),
+                    T::ONE,
+                    false,
+                    T::ONE,
+                );
+            }
+            if tk {
+                let acc = r0 > 0;
+                gemm(
+                    (nk, d, rows),
+                    (dkg, d as isize, 1),
+                    (dp, 1, nk as isize),
+                    (qb, d as isize, 1),
+                    T::ONE,
+                    acc,
+                    T::ONE,
+                );
+            }
+        }
+    });
+    let dev = Device::Cpu;
+    let mk = |v: Vec<T>, on: bool, shape: (usize, usize, usize)| -> Result<Option<Tensor>> {
+        match on {
+            true => Ok(Some(Tensor::from_vec(v, shape, &dev)?)),
+            false => Ok(None),
+        }
+    };
+    Ok((
+        mk(dq, tq, (g, nq, d))?,
+        mk(dk, tk, (g, nk, d))?,
+        mk(dvv, tv, (g, nk, dv))?,
+    ))
+}
