@@ -395,7 +395,7 @@ impl LoraAdapter {
 
     /// The frozen linear layer `(w, b)` and this adapter as one op on `x` (see
     /// [`crate::ops::lora_linear`]), when the adapter is a plain LoRA on a linear layer whose
-    /// dropout is off and every operand shares `x`'s dtype; `None` otherwise.
+    /// dropout is off, the layer shares `x`'s dtype and the factors one dtype; `None` otherwise.
     pub fn fused_linear(
         &self,
         x: &Tensor,
@@ -407,8 +407,9 @@ impl LoraAdapter {
             .as_ref()
             .is_some_and(|d| d.p > 0.0 && self.is_training());
         let dt = x.dtype();
-        let same = [w, self.down(), self.up()].iter().all(|t| t.dtype() == dt)
-            && b.is_none_or(|b| b.dtype() == dt);
+        let same = w.dtype() == dt
+            && b.is_none_or(|b| b.dtype() == dt)
+            && self.down().dtype() == self.up().dtype();
         if self.dense.is_some() || self.kind != AdapterKind::Linear || dropout_on || !same {
             return None;
         }

@@ -36,7 +36,7 @@ use super::attention_tiled as tiled;
 use super::bridge::attach3;
 use super::softmax::{backward as softmax_backward, softmax_owned};
 use super::{compute_dtype, Kernel};
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use std::cell::Cell;
 
 /// Byte budget of one score tile `[G, rows, Nk]` of the tiled attention.
@@ -332,50 +332,46 @@ pub fn attention_heads(
     }
     let dtype = q.dtype();
     let cd = compute_dtype(dtype);
-    let (q, k, v) = (q.to_dtype(cd)?, k.to_dtype(cd)?, v.to_dtype(cd)?);
+    // Heads split and cast to the compute dtype on graph-free copies: for half inputs the
+    // graph keeps q, k, v as they are (no f32 copies), and gets the output in their dtype.
     let split = move |t: &Tensor| -> Result<Tensor> {
         let (b, n, c) = t.dims3()?;
-        t.reshape((b, n, heads, c / heads))?
+        t.detach()
+            .to_dtype(cd)?
+            .reshape((b, n, heads, c / heads))?
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b * heads, n, c / heads))
     };
-    let merge = move |t: &Tensor| -> Result<Tensor> {
+    let merge = move |t: &Tensor, to: DType| -> Result<Tensor> {
         let (bh, n, d) = t.dims3()?;
         t.reshape((bh / heads, heads, n, d))?
             .transpose(1, 2)?
             .contiguous()?
-            .reshape((bh / heads, n, heads * d))
+            .reshape((bh / heads, n, heads * d))?
+            .to_dtype(to)
     };
-    let (qh, kh, vh) = (
-        split(&q.detach())?,
-        split(&k.detach())?,
-        split(&v.detach())?,
-    );
+    let (qh, kh, vh) = (split(q)?, split(k)?, split(v)?);
     let dims = Dims::of(&qh, &kh, &vh, None)?;
     let track = q.track_op() || k.track_op() || v.track_op();
     let fused = kernel == Kernel::Auto && cpu::serves(&qh, &kh, &vh);
     let form = Form::pick(&dims, cd.size_in_bytes(), track, fused);
     let (out, bwd) = core([&qh, &kh, &vh], track, scale, None, &dims, form, kernel)?;
     drop((qh, kh, vh));
-    let out = merge(&out)?;
+    let out = merge(&out, dtype)?;
     let Some(bwd) = bwd else {
-        return out.to_dtype(dtype);
+        return Ok(out);
     };
     let f = move |[q, k, v]: [&Tensor; 3], g: &Tensor| {
         let track = [q.track_op(), k.track_op(), v.track_op()];
-        let heads = [
-            split(&q.detach())?,
-            split(&k.detach())?,
-            split(&v.detach())?,
-        ];
-        let g = split(&g.to_dtype(cd)?)?;
-        let (dq, dk, dv) = bwd([&heads[0], &heads[1], &heads[2]], track, &g)?;
-        drop((heads, g));
-        let m = |t: Option<Tensor>| t.map(|t| merge(&t)).transpose();
-        Ok((m(dq)?, m(dk)?, m(dv)?))
+        let heads = [split(q)?, split(k)?, split(v)?];
+        let gh = split(g)?;
+        let (dq, dk, dv) = bwd([&heads[0], &heads[1], &heads[2]], track, &gh)?;
+        drop((heads, gh));
+        let m = |t: Option<Tensor>, like: &Tensor| t.map(|t| merge(&t, like.dtype())).transpose();
+        Ok((m(dq, q)?, m(dk, k)?, m(dv, v)?))
     };
-    attach3([&q, &k, &v], out, "lora-attention-heads", Box::new(f))?.to_dtype(dtype)
+    attach3([q, k, v], out, "lora-attention-heads", Box::new(f))
 }
 
 /// The tiled (memory-efficient) attention with an explicit tile budget in bytes, whatever

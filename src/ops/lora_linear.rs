@@ -16,7 +16,9 @@ use super::dense::matmul;
 use candle_core::{Result, Tensor};
 
 /// `x @ wᵀ + b + (scale · x @ downᵀ) @ upᵀ` over the last dim of `x`; differentiable
-/// w.r.t. `x`, `down` and `up` (never `w` / `b`). `x`, `w`, `down`, `up` share one dtype.
+/// w.r.t. `x`, `down` and `up` (never `w` / `b`). `x`, `w`, `b` share one dtype and `down`,
+/// `up` another (mixed precision: a half model with f32 factors); the adapter's product runs
+/// in the factors' dtype and is cast to `x`'s before the sum, as the composed adapter does.
 pub fn lora_linear(
     x: &Tensor,
     w: &Tensor,
@@ -48,36 +50,39 @@ pub fn lora_linear(
     let w = w.detach();
     let x2 = x.detach().reshape((rows, in_f))?;
     let (d, u) = (down.detach(), up.detach());
+    let (xd, fd) = (x.dtype(), d.dtype());
     let y = matmul(&x2, &w.t()?)?;
     let y = match b {
         Some(b) => add_bias_owned(y, &b.detach(), 1)?,
         None => y,
     };
-    let h = matmul(&x2, &d.t()?)?.affine(scale, 0.0)?;
-    let y = add_owned(y, &matmul(&h, &u.t()?)?)?.reshape(out_dims)?;
+    let h = matmul(&x2.to_dtype(fd)?, &d.t()?)?.affine(scale, 0.0)?;
+    let y = add_owned(y, &matmul(&h, &u.t()?)?.to_dtype(xd)?)?.reshape(out_dims)?;
     drop((x2, h));
     let bwd = move |[x, down, up]: [&Tensor; 3], g: &Tensor| {
         let x2 = x.detach().reshape((rows, in_f))?;
+        let xf = x2.to_dtype(fd)?;
         let (d, u) = (down.detach(), up.detach());
         let g2 = g.reshape((rows, out_f))?;
+        let gf = g2.to_dtype(fd)?;
         let gu = match up.track_op() {
             true => {
-                let h = matmul(&x2, &d.t()?)?.affine(scale, 0.0)?;
-                Some(matmul(&g2.t()?, &h)?)
+                let h = matmul(&xf, &d.t()?)?.affine(scale, 0.0)?;
+                Some(matmul(&gf.t()?, &h)?)
             }
             false => None,
         };
         if !(x.track_op() || down.track_op()) {
             return Ok((None, None, gu));
         }
-        let gh = matmul(&g2, &u)?.affine(scale, 0.0)?;
+        let gh = matmul(&gf, &u)?.affine(scale, 0.0)?;
         let gd = match down.track_op() {
-            true => Some(matmul(&gh.t()?, &x2)?),
+            true => Some(matmul(&gh.t()?, &xf)?),
             false => None,
         };
         let gx = match x.track_op() {
             true => {
-                let gx = add_owned(matmul(&g2, &w)?, &matmul(&gh, &d)?)?;
+                let gx = add_owned(matmul(&g2, &w)?, &matmul(&gh, &d)?.to_dtype(xd)?)?;
                 Some(gx.reshape(x.shape())?)
             }
             false => None,
@@ -153,6 +158,37 @@ mod tests {
                 let (a, c) = (gf.get(v).unwrap(), gc.get(v).unwrap());
                 assert!(max_rel(a, c) < 1e-5, "grad {}", max_rel(a, c));
             }
+        }
+    }
+
+    #[test]
+    fn half_model_with_f32_factors_follows_the_composition() {
+        let (h, f) = (DType::BF16, DType::F32);
+        let w = randn(&[4, 6], 31, h);
+        let b = randn(&[4], 32, h);
+        let x = Var::from_tensor(&randn(&[5, 6], 33, h)).unwrap();
+        let d = Var::from_tensor(&randn(&[2, 6], 34, f)).unwrap();
+        let u = Var::from_tensor(&randn(&[4, 2], 35, f)).unwrap();
+        let yf = lora_linear(&x, &w, Some(&b), &d, &u, 0.5).unwrap();
+        assert_eq!(yf.dtype(), h);
+        // The adapter's own composition: the residual in f32, cast, added to the half base.
+        let base = frozen_linear(&x, &w, Some(&b)).unwrap();
+        let xf = x.to_dtype(f).unwrap();
+        let r = xf
+            .matmul(&d.t().unwrap())
+            .unwrap()
+            .affine(0.5, 0.0)
+            .unwrap();
+        let r = r.matmul(&u.t().unwrap()).unwrap().to_dtype(h).unwrap();
+        let yc = (base + r).unwrap();
+        assert_eq!(max_rel(&yf, &yc), 0.0);
+        let gy = randn(&[5, 4], 36, h);
+        let loss = |y: &Tensor| (y * &gy).unwrap().to_dtype(f).unwrap().sum_all().unwrap();
+        let (gf, gc) = (loss(&yf).backward().unwrap(), loss(&yc).backward().unwrap());
+        for v in [&x, &d, &u] {
+            let (a, c) = (gf.get(v).unwrap(), gc.get(v).unwrap());
+            assert_eq!(a.dtype(), v.dtype());
+            assert!(max_rel(a, c) < 1e-2, "grad {}", max_rel(a, c));
         }
     }
 
