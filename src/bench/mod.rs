@@ -1,5 +1,6 @@
 //! `lora bench`: speed and memory, side by side with the PyTorch reference when available.
 
+mod blocks;
 pub mod demo;
 pub mod quality;
 pub mod train;

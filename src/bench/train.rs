@@ -15,14 +15,11 @@
 //! scripts/bench_train.py (PyTorch + diffusers + PEFT, the same workloads and switches) in the
 //! same invocation and prints the ratios.
 
+use super::blocks::{BlockPair, BlockSlice};
 use super::{median, peak_rss_mb, reset_peak_rss, run_torch_script, time_runs};
 use crate::lora::{inject_trainable, Component, LoraHost, LoraTargets};
-use crate::models::blocks::{
-    ResnetBlock2D, ResnetBlock2DConfig, Transformer2DConfig, Transformer2DModel,
-};
 use crate::models::presets::SD15_UNET_CONFIG;
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
-use crate::models::walk::{LayerRef, LayerWalk};
 use crate::models::weights::ModelWeights;
 use crate::rng::Rng;
 use crate::sys::HeapCounter;
@@ -71,76 +68,6 @@ pub struct TrainBench {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
-}
-
-/// The down-block slice of the SD-block workload.
-struct BlockSlice {
-    resnet: ResnetBlock2D,
-    attn: Transformer2DModel,
-}
-
-impl BlockSlice {
-    fn new(vb: VarBuilder) -> candle_core::Result<Self> {
-        let rcfg = ResnetBlock2DConfig {
-            temb_channels: Some(1280),
-            eps: 1e-5,
-            ..ResnetBlock2DConfig::new(320, 320)
-        };
-        let tcfg = Transformer2DConfig {
-            num_attention_heads: 8,
-            attention_head_dim: 40,
-            in_channels: 320,
-            num_layers: 1,
-            cross_attention_dim: 768,
-            norm_num_groups: 32,
-            use_linear_projection: false,
-            only_cross_attention: false,
-            upcast_attention: false,
-        };
-        Ok(Self {
-            resnet: ResnetBlock2D::new(vb.pp("resnet"), &rcfg)?,
-            attn: Transformer2DModel::new(vb.pp("attn"), &tcfg)?,
-        })
-    }
-
-    fn set_gradient_checkpointing(&mut self, on: bool) {
-        self.resnet.set_gradient_checkpointing(on);
-        self.attn.set_gradient_checkpointing(on);
-    }
-
-    fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &Tensor) -> candle_core::Result<Tensor> {
-        self.attn.forward(&self.resnet.forward(x, Some(temb))?, ctx)
-    }
-}
-
-impl LayerWalk for BlockSlice {
-    fn walk<'a>(&'a self, f: &mut dyn FnMut(LayerRef<'a>)) {
-        self.resnet.walk(f);
-        self.attn.walk(f);
-    }
-}
-
-/// Two down-block slices in a row (the `block2` workload).
-struct BlockPair([BlockSlice; 2]);
-
-impl BlockPair {
-    fn new(vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(Self([
-            BlockSlice::new(vb.pp(0))?,
-            BlockSlice::new(vb.pp(1))?,
-        ]))
-    }
-
-    fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &Tensor) -> candle_core::Result<Tensor> {
-        self.0[1].forward(&self.0[0].forward(x, temb, ctx)?, temb, ctx)
-    }
-}
-
-impl LayerWalk for BlockPair {
-    fn walk<'a>(&'a self, f: &mut dyn FnMut(LayerRef<'a>)) {
-        self.0[0].walk(f);
-        self.0[1].walk(f);
-    }
 }
 
 /// The figures of one workload.
@@ -373,10 +300,7 @@ fn block_figures(phase: Phase, s: &Switches, dev: &Device, pair: bool) -> anyhow
         return measure(
             &|vb| BlockPair::new(vb),
             &|m: &BlockPair| m.forward(&x, &temb, &ctx),
-            &|m: &mut BlockPair| {
-                m.0.iter_mut()
-                    .for_each(|b| b.set_gradient_checkpointing(true))
-            },
+            &|m: &mut BlockPair| m.set_gradient_checkpointing(true),
             phase,
             s,
             dev,
