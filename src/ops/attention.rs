@@ -161,11 +161,19 @@ impl Form {
     }
 
     /// [`Form::auto`], with the fused CPU kernel in place of the tiled and materialised
-    /// forms above [`ATTENTION_MATERIALISE_BYTES`] where it serves (CPU, f32 / f64, no mask,
-    /// [`Kernel::Auto`]).
-    fn pick(dims: &Dims, elem: usize, track: bool, fused: bool) -> Self {
+    /// forms above [`ATTENTION_MATERIALISE_BYTES`] where it serves: on the CPU, without a
+    /// mask, with [`Kernel::Auto`] (the forms compute in f32 / f64 whatever the input dtype).
+    fn pick(
+        dims: &Dims,
+        elem: usize,
+        track: bool,
+        cpu: bool,
+        masked: bool,
+        kernel: Kernel,
+    ) -> Self {
         let large = dims.score_elems().saturating_mul(elem) > ATTENTION_MATERIALISE_BYTES;
-        match fused && large && dims.nq > 0 && dims.nk > 0 {
+        let serves = cpu && !masked && kernel == Kernel::Auto;
+        match serves && large && dims.nq > 0 && dims.nk > 0 {
             true => Self::Fused,
             false => Self::auto(dims, elem, track),
         }
@@ -296,8 +304,15 @@ pub fn attention_with(
     let dims = Dims::of(q, k, v, mask)?;
     let track = q.track_op() || k.track_op() || v.track_op();
     let cd = compute_dtype(q.dtype());
-    let fused = kernel == Kernel::Auto && mask.is_none() && q.device().is_cpu();
-    let form = Form::pick(&dims, cd.size_in_bytes(), track, fused);
+    let cpu = q.device().is_cpu();
+    let form = Form::pick(
+        &dims,
+        cd.size_in_bytes(),
+        track,
+        cpu,
+        mask.is_some(),
+        kernel,
+    );
     run(q, k, v, scale, mask, &dims, form, kernel)
 }
 
@@ -354,8 +369,8 @@ pub fn attention_heads(
     let (qh, kh, vh) = (split(q)?, split(k)?, split(v)?);
     let dims = Dims::of(&qh, &kh, &vh, None)?;
     let track = q.track_op() || k.track_op() || v.track_op();
-    let fused = kernel == Kernel::Auto && cpu::serves(&qh, &kh, &vh);
-    let form = Form::pick(&dims, cd.size_in_bytes(), track, fused);
+    let cpu = q.device().is_cpu();
+    let form = Form::pick(&dims, cd.size_in_bytes(), track, cpu, false, kernel);
     let (out, bwd) = core([&qh, &kh, &vh], track, scale, None, &dims, form, kernel)?;
     drop((qh, kh, vh));
     let out = merge(&out, dtype)?;

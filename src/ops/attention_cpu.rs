@@ -18,18 +18,6 @@ use candle_core::{DType, Device, Result, Storage, Tensor};
 /// Queries per block.
 pub(crate) const BLOCK_ROWS: usize = 64;
 
-/// Whether the fused kernel serves these inputs (CPU, f32 / f64, one dtype).
-pub(crate) fn serves(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    let dt = q.dtype();
-    q.device().is_cpu()
-        && matches!(dt, DType::F32 | DType::F64)
-        && k.dtype() == dt
-        && v.dtype() == dt
-        && q.rank() == 3
-        && k.rank() == 3
-        && v.rank() == 3
-}
-
 /// `dst[m×n] = scale · lhs[m×k] · rhs[k×n]` (`acc`: added to `dst`), every matrix given by
 /// its row and column strides, on this thread.
 #[allow(clippy::too_many_arguments)]

@@ -149,8 +149,7 @@ impl FrozenConv2d {
     /// The gradient w.r.t. the input (spatial size `input_hw`) for the output gradient `g`
     /// (no rearranged kernel is kept between calls, see the module docs).
     pub(crate) fn input_grad(&self, g: &Tensor, input_hw: (usize, usize)) -> Result<Tensor> {
-        let kernel = || grad_kernel(&self.weight, self.params.groups);
-        input_grad(g, &self.weight, kernel, input_hw, &self.params)
+        input_grad(g, &self.weight, input_hw, &self.params)
     }
 
     /// The number of output channels.
@@ -219,16 +218,17 @@ fn dilate(g: &Tensor, dim: usize, s: usize, len: usize) -> Result<Tensor> {
 }
 
 /// The gradient of `conv2d(x, w)` w.r.t. `x` (spatial size `input_hw`) for the output
-/// gradient `g`: for stride 1 (or groups > 1) a conv2d with the transposed, flipped kernel
-/// of the zero-dilated gradient; for stride > 1 and one group `conv_transpose2d`, which
-/// skips the zeros (both measured in `examples/ops_bench.rs`).
+/// gradient `g`: on the CPU with one group (not f16) a gemm with the kernel's transpose and
+/// col2im; elsewhere for stride 1 (or groups > 1) a conv2d with the transposed, flipped
+/// kernel of the zero-dilated gradient, for stride > 1 and one group `conv_transpose2d`,
+/// which skips the zeros (both measured in `examples/ops_bench.rs`).
 pub fn conv2d_input_grad(
     g: &Tensor,
     w: &Tensor,
     input_hw: (usize, usize),
     params: &Conv2dParams,
 ) -> Result<Tensor> {
-    input_grad(g, w, || grad_kernel(w, params.groups), input_hw, params)
+    input_grad(g, w, input_hw, params)
 }
 
 /// [`conv2d_input_grad`] always as a conv2d with the transposed, flipped kernel (for
@@ -243,13 +243,7 @@ pub fn conv2d_input_grad_flipped(
     flipped_input_grad(g, w, &k, input_hw, params)
 }
 
-fn input_grad(
-    g: &Tensor,
-    w: &Tensor,
-    kernel: impl FnOnce() -> Result<Tensor>,
-    (h, wd): (usize, usize),
-    p: &Conv2dParams,
-) -> Result<Tensor> {
+fn input_grad(g: &Tensor, w: &Tensor, (h, wd): (usize, usize), p: &Conv2dParams) -> Result<Tensor> {
     let (_, _, kh, kw) = w.dims4()?;
     let s = p.stride;
     if g.device().is_cpu() && p.groups == 1 && g.dtype() != DType::F16 {
@@ -268,7 +262,7 @@ fn input_grad(
         let gx = g32.conv_transpose2d(&w32, p.padding, out_pad, s, p.dilation)?;
         return gx.narrow(2, 0, h)?.narrow(3, 0, wd)?.to_dtype(g.dtype());
     }
-    flipped_input_grad(g, w, &kernel()?, (h, wd), p)
+    flipped_input_grad(g, w, &grad_kernel(w, p.groups)?, (h, wd), p)
 }
 
 fn flipped_input_grad(

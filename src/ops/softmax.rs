@@ -355,10 +355,7 @@ fn grad_rows_kernel<T: Real>(g: &mut [T], y: &[T], n: usize, scale: f64) {
     let sc = T::from_f64(scale);
     par_rows(g, n, |i, g| {
         let y = &y[i * n..(i + 1) * n];
-        let mut s = T::zero();
-        for (&gv, &p) in g.iter().zip(y) {
-            s += gv * p;
-        }
+        let s = reduce2(y, g, |a, b| a * b);
         for (g, &p) in g.iter_mut().zip(y) {
             *g = sc * p * (*g - s);
         }
