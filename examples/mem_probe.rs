@@ -1,7 +1,7 @@
 //! Which allocations an SD 1.5 LoRA step holds: a table of live heap blocks of 1 MiB and
 //! more, by size, when the forward ends and at the backward's peak.
 //!
-//!     cargo run --release --example mem_probe [resolution]
+//!     cargo run --release --example mem_probe [resolution] [f32|bf16]
 //!
 //! A diagnostic for memory work (nothing is asserted); the sizes name the tensors
 //! (e.g. 5.24 MB = 320 × 64 × 64 f32).
@@ -96,10 +96,15 @@ fn print(name: &str, v: &[(usize, isize)], base: &[(usize, isize)]) {
 
 fn main() -> anyhow::Result<()> {
     let res: usize = std::env::args().nth(1).map_or(Ok(512), |s| s.parse())?;
+    let dtype = match std::env::args().nth(2).as_deref() {
+        None | Some("f32") => DType::F32,
+        Some("bf16") => DType::BF16,
+        Some(other) => anyhow::bail!("model dtype {other}: expected f32 or bf16"),
+    };
     let dev = Device::Cpu;
     let cfg: UNet2DConditionConfig = serde_json::from_str(SD15_UNET_CONFIG)?;
     let model = UNet2DConditionModel::new(
-        ModelWeights::random("bench", 0).var_builder(DType::F32, &dev),
+        ModelWeights::random("bench", 0).var_builder(dtype, &dev),
         &cfg,
     )?;
     let _lora = inject_trainable(
@@ -114,12 +119,16 @@ fn main() -> anyhow::Result<()> {
     )?;
     let mut rng = Rng::new(0);
     let l = res / 8;
-    let x = rng.randn((1, 4, l, l), &dev)?;
-    let ctx = rng.randn((1, 77, 768), &dev)?;
+    let x = rng.randn((1, 4, l, l), &dev)?.to_dtype(dtype)?;
+    let ctx = rng.randn((1, 77, 768), &dev)?.to_dtype(dtype)?;
     let ts = Tensor::new(&[500f32], &dev)?;
     let model_table = table(&|i| COUNTS[i].load(Relaxed));
     let base = LIVE.load(Relaxed);
-    let loss = model.forward(&x, &ts, &ctx)?.sqr()?.mean_all()?;
+    let loss = model
+        .forward(&x, &ts, &ctx)?
+        .to_dtype(DType::F32)?
+        .sqr()?
+        .mean_all()?;
     let graph = table(&|i| COUNTS[i].load(Relaxed));
     println!(
         "graph: {:.0} MB beyond the model",

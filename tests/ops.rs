@@ -386,3 +386,54 @@ fn conv_input_grad_both_algorithms_match_pytorch() {
         assert!(da < 1e-5 && df < 1e-5, "{}: {da:e} {df:e}", c.name);
     }
 }
+
+/// The half-precision norms are computed in f32 but keep only their half arguments for the
+/// backward: value and gradients must equal the f32 op on cast copies, cast back (the graph
+/// a plain `to_dtype` would build), bit for bit, for every argument.
+#[test]
+fn half_norms_equal_the_f32_op_on_cast_copies() -> Result<()> {
+    let dev = candle_core::Device::Cpu;
+    for dt in [DType::BF16, DType::F16] {
+        for norm in ["layer", "group"] {
+            let shape: &[usize] = if norm == "layer" {
+                &[2, 7, 24]
+            } else {
+                &[2, 24, 3, 5]
+            };
+            let c = if norm == "layer" { 24 } else { shape[1] };
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1., shape, &dev)?.to_dtype(dt)?)?;
+            let w = Var::from_tensor(&(Tensor::randn(0f32, 1., c, &dev)? + 1.)?.to_dtype(dt)?)?;
+            let b = Var::from_tensor(&Tensor::randn(0f32, 1., c, &dev)?.to_dtype(dt)?)?;
+            let g = Tensor::randn(0f32, 1., shape, &dev)?.to_dtype(dt)?;
+            let run = |x: &Tensor, w: &Tensor, b: &Tensor| match norm {
+                "layer" => ops::layer_norm(x, w, b, 1e-5),
+                _ => ops::group_norm(x, 4, w, b, 1e-5),
+            };
+            let half = run(x.as_tensor(), w.as_tensor(), b.as_tensor())?;
+            let f32 = |t: &Var| t.as_tensor().to_dtype(DType::F32);
+            let reference = run(&f32(&x)?, &f32(&w)?, &f32(&b)?)?.to_dtype(dt)?;
+            assert_eq!(half.dtype(), dt);
+            let diff = |a: &Tensor, b: &Tensor| -> Result<f64> {
+                let d = (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?;
+                d.abs()?.max_all()?.to_scalar::<f64>()
+            };
+            assert_eq!(diff(&half, &reference)?, 0.0, "{norm} norm {dt:?}: value");
+            let gh = (half.to_dtype(DType::F32)? * g.to_dtype(DType::F32)?)?
+                .sum_all()?
+                .backward()?;
+            let gr = (reference.to_dtype(DType::F32)? * g.to_dtype(DType::F32)?)?
+                .sum_all()?
+                .backward()?;
+            for (name, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
+                let (a, r) = (gh.get(v).expect("grad"), gr.get(v).expect("grad"));
+                assert_eq!(a.dtype(), dt, "{norm} norm {dt:?}: {name} grad dtype");
+                assert!(
+                    max_abs_f64(r) > 0.0,
+                    "{norm} norm {dt:?}: {name} grad is zero"
+                );
+                assert_eq!(diff(a, r)?, 0.0, "{norm} norm {dt:?}: {name} grad");
+            }
+        }
+    }
+    Ok(())
+}

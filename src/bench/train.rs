@@ -256,9 +256,11 @@ fn measure<M: LoraHost>(
             let mut opt = adamw();
             opt.add_group(&vars, 1e-4)?;
             let mut ph = Phases::default();
+            crate::ops::profile::take();
             f.lora_step_ms = time_runs_ms(warmup, runs, || {
                 train_step(|| fwd(&model), &target, &vars, &mut opt, &mut ph)
             })?;
+            op_times("LoRA step", warmup + runs);
             (f.lora_graph_mb, f.lora_backward_peak_mb) = (ph.graph_mb, ph.backward_peak_mb);
             f.lora_phases_ms = ph.medians(warmup);
             f.lora_peak_rss_mb = peak_rss_mb();
@@ -278,6 +280,24 @@ fn measure<M: LoraHost>(
     }
     f.peak_rss_mb = peak_rss_mb();
     Ok(f)
+}
+
+/// With `LORA_OP_TIMES` set: the fused ops' wall time per step (inclusive; nested ops, such
+/// as the conv inside the resnet op, are counted in both), on stderr.
+fn op_times(label: &str, steps: usize) {
+    if !crate::ops::profile::enabled() {
+        return;
+    }
+    let rows = crate::ops::profile::take();
+    let per = |s: f64| s * 1e3 / steps.max(1) as f64;
+    eprintln!("  {label}: op wall time per step (ms, inclusive), {steps} steps");
+    for (name, pass, secs, calls) in rows {
+        eprintln!(
+            "    {name:<28} {pass:<9?} {:>9.1} ms  {:>6} calls",
+            per(secs),
+            calls / steps.max(1) as u64
+        );
+    }
 }
 
 /// The switches a phase runs under.

@@ -192,11 +192,16 @@ fn core(
     form: Form,
     kernel: Kernel,
 ) -> Result<(Tensor, Option<CoreBwd>)> {
-    match form {
+    let name = match form {
+        Form::Materialised => "lora-attention",
+        Form::Tiled(_) => "lora-attention-tiled",
+        Form::Fused => "lora-attention-fused",
+    };
+    super::profile::scope(name, super::profile::Pass::Forward, || match form {
         Form::Materialised => materialised(q, k, v, track, scale, mask, dims, kernel),
         Form::Tiled(budget) => tiled::core([q, k, v], track, scale, mask, dims, budget, kernel),
         Form::Fused => fused(q, k, v, track, scale, dims),
-    }
+    })
 }
 
 /// The fused CPU kernel on `[..., N, d]` inputs (leading dims flattened to one).

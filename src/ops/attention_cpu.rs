@@ -11,7 +11,8 @@
 //! saved, as in the tiled form; the values equal the other forms to rounding.
 
 use super::par::{
-    contiguous_slice, map_inplace, max_of, par_for, reduce1, reduce2, Real, SharedMut,
+    contiguous_slice, map_inplace, max_of, par_for, par_for_scratch, reduce1, reduce2, Real,
+    SharedMut,
 };
 use candle_core::{DType, Device, Result, Storage, Tensor};
 
@@ -134,25 +135,26 @@ fn forward_slices<T: Real + 'static>(
     let blocks = nq.div_ceil(BLOCK_ROWS);
     let (outp, lsep) = (SharedMut::new(&mut out), SharedMut::new(&mut lse));
     let sc = T::from_f64(scale);
-    par_for(g * blocks, BLOCK_ROWS * nk * d, |task| {
+    let scratch = || vec![T::ZERO; BLOCK_ROWS * nk];
+    par_for_scratch(g * blocks, BLOCK_ROWS * nk * d, scratch, |s, task| {
         let (gi, b) = (task / blocks, task % blocks);
         let r0 = b * BLOCK_ROWS;
         let rows = BLOCK_ROWS.min(nq - r0);
         let qb = &qd[(gi * nq + r0) * d..(gi * nq + r0 + rows) * d];
         let kg = &kd[gi * nk * d..(gi + 1) * nk * d];
         let vg = &vd[gi * nk * dv..(gi + 1) * nk * dv];
-        let mut s = vec![T::ZERO; rows * nk];
+        let s = &mut s[..rows * nk];
         let dims = (rows, nk, d);
         gemm(
             dims,
-            (&mut s, nk as isize, 1),
+            (s, nk as isize, 1),
             (qb, d as isize, 1),
             (kg, 1, d as isize),
             sc,
             false,
             T::ONE,
         );
-        let (inv, l) = exp_rows(&mut s, nk);
+        let (inv, l) = exp_rows(s, nk);
         // SAFETY: block (gi, b) owns rows r0..r0 + rows of head gi, in `out` and `lse`.
         let (o, ls) = unsafe {
             (
@@ -165,7 +167,7 @@ fn forward_slices<T: Real + 'static>(
         gemm(
             (rows, dv, nk),
             (o, dv as isize, 1),
-            (&s, nk as isize, 1),
+            (s, nk as isize, 1),
             (vg, dv as isize, 1),
             T::ONE,
             false,

@@ -9,6 +9,7 @@
 //!   detached inputs is returned through a custom op whose forward copies it and whose
 //!   backward is a hand-written closure.
 
+use super::profile::Pass::Backward;
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::op::BackpropOp;
 use candle_core::{
@@ -159,7 +160,7 @@ impl CustomOp1 for Attach {
         self.fwd()
     }
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        (self.bwd)(arg, grad)
+        super::profile::scope(self.name, Backward, || (self.bwd)(arg, grad))
     }
 }
 
@@ -227,7 +228,7 @@ impl CustomOp2 for Attach2 {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        (self.bwd)([a1, a2], grad)
+        super::profile::scope(self.name, Backward, || (self.bwd)([a1, a2], grad))
     }
 }
 
@@ -353,7 +354,7 @@ impl CustomOp3 for Attach3 {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        (self.bwd)([a1, a2, a3], grad)
+        super::profile::scope(self.name, Backward, || (self.bwd)([a1, a2, a3], grad))
     }
 }
 
@@ -447,24 +448,58 @@ macro_rules! fwd_via_kernel {
 }
 pub(crate) use fwd_via_kernel;
 
+/// The gradients of a norm op, one per argument `(x, weight, bias)`.
+pub(crate) type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
 /// The backward of a norm op on `(x, weight, bias)` for the output gradient `g`: the
 /// graph-free fused op `fused_bwd` on `(x, weight, grad)` when given, else `generic`
-/// `(x, weight, grad) -> (dx, dw, db)`; each gradient is kept only for a tracked input.
-#[allow(clippy::type_complexity)]
+/// `(x, weight, grad) -> (dx, dw, db)`; each gradient is kept only where `track` says.
 pub(crate) fn norm_grads(
-    [x, w, b]: [&Tensor; 3],
+    [x, w, _]: [&Tensor; 3],
+    track: [bool; 3],
     g: &Tensor,
     fused_bwd: Option<&impl CustomOp3>,
     generic: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor, Tensor)>,
-) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+) -> Result<Grads3> {
     let g = g.to_dtype(x.dtype())?.contiguous()?;
     let (dx, dw, db) = match fused_bwd {
         Some(op) => split_grads(&x.apply_op3_no_bwd(w, &g, op)?, x, w.elem_count())?,
         None => generic(x, w, &g)?,
     };
     Ok((
-        x.track_op().then_some(dx),
-        w.track_op().then_some(dw),
-        b.track_op().then_some(db),
+        track[0].then_some(dx),
+        track[1].then_some(dw),
+        track[2].then_some(db),
     ))
+}
+
+/// The backward of [`keep_half`]: `(args in the compute dtype, which are tracked, grad)`.
+pub(crate) type HalfNormBwd =
+    Box<dyn Fn([&Tensor; 3], [bool; 3], &Tensor) -> Result<Grads3> + Send + Sync>;
+
+/// A norm op computed in `cd` on half-precision `(x, weight, bias)`, so that the graph keeps
+/// the half arguments rather than their `cd` copies (half the bytes): `fwd` runs on
+/// graph-free `cd` copies and its output is cast back; the backward casts the arguments
+/// again, calls `bwd` and casts each gradient to its argument's dtype.
+pub(crate) fn keep_half(
+    args: [&Tensor; 3],
+    cd: DType,
+    name: &'static str,
+    fwd: impl FnOnce([&Tensor; 3]) -> Result<Tensor>,
+    bwd: HalfNormBwd,
+) -> Result<Tensor> {
+    let up = move |t: &Tensor| t.detach().to_dtype(cd)?.contiguous();
+    let y = {
+        let (x, w, b) = (up(args[0])?, up(args[1])?, up(args[2])?);
+        fwd([&x, &w, &b])?.to_dtype(args[0].dtype())?
+    };
+    let f = move |[x, w, b]: [&Tensor; 3], g: &Tensor| {
+        let (xc, wc, bc) = (up(x)?, up(w)?, up(b)?);
+        let track = [x.track_op(), w.track_op(), b.track_op()];
+        let (dx, dw, db) = bwd([&xc, &wc, &bc], track, g)?;
+        let back =
+            |t: Option<Tensor>, like: &Tensor| t.map(|t| t.to_dtype(like.dtype())).transpose();
+        Ok((back(dx, x)?, back(dw, w)?, back(db, b)?))
+    };
+    attach3(args, y, name, Box::new(f))
 }

@@ -49,11 +49,13 @@ fn conv2d(
     stride: usize,
     p: &Conv2dParams,
 ) -> Result<Tensor> {
-    if !cpu_bf16(x) && super::im2col::supported(x, p.groups) {
-        super::im2col::conv2d_cpu(x, k, padding, stride, p.dilation)
-    } else {
-        dense::conv2d(x, k, padding, stride, p.dilation, p.groups)
-    }
+    super::profile::scope("conv2d", super::profile::Pass::Forward, || {
+        if !cpu_bf16(x) && super::im2col::supported(x, p.groups) {
+            super::im2col::conv2d_cpu(x, k, padding, stride, p.dilation)
+        } else {
+            dense::conv2d(x, k, padding, stride, p.dilation, p.groups)
+        }
+    })
 }
 
 /// Checks that an optional bias is `[n]` (errors name `who`).
@@ -82,7 +84,9 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
     let rows = x.elem_count() / in_f.max(1);
     let mut out_dims = dims.clone();
     *out_dims.last_mut().expect("checked non-empty") = out_f;
-    let y = matmul(&x.detach().reshape((rows, in_f))?, &w.t()?)?;
+    let y = super::profile::scope("lora-frozen-linear", super::profile::Pass::Forward, || {
+        matmul(&x.detach().reshape((rows, in_f))?, &w.t()?)
+    })?;
     let y = match b {
         Some(b) => add_bias_owned(y, &b.detach(), 1)?,
         None => y,
@@ -149,7 +153,9 @@ impl FrozenConv2d {
     /// The gradient w.r.t. the input (spatial size `input_hw`) for the output gradient `g`
     /// (no rearranged kernel is kept between calls, see the module docs).
     pub(crate) fn input_grad(&self, g: &Tensor, input_hw: (usize, usize)) -> Result<Tensor> {
-        input_grad(g, &self.weight, input_hw, &self.params)
+        super::profile::scope("conv2d-input-grad", super::profile::Pass::Backward, || {
+            input_grad(g, &self.weight, input_hw, &self.params)
+        })
     }
 
     /// The number of output channels.

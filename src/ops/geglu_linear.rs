@@ -13,7 +13,7 @@
 use super::activation::Act;
 use super::bridge::{attach, bridge2, fwd_via_kernel, Backend};
 use super::dense::matmul;
-use super::par::{contiguous_slice, par_rows, Real};
+use super::par::{contiguous_slice, par_rows, simd, Real};
 use super::{compute_dtype, frozen_linear, Kernel};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
@@ -95,11 +95,14 @@ fn bwd_kernel<T: Real>(
         let (hr, gr) = (&h[r * two..(r + 1) * two], &gp[r * inner..(r + 1) * inner]);
         let (hidden, gate) = hr.split_at(inner);
         let (d_hidden, d_gate) = d.split_at_mut(inner);
-        for j in 0..inner {
-            let (gv, z) = (gr[j], gate[j]);
-            d_hidden[j] = gv * Act::GeluErf.f(z);
-            d_gate[j] = (gv * hidden[j]) * Act::GeluErf.df(z);
-        }
+        simd(|| {
+            for j in 0..inner {
+                let (gv, z) = (gr[j], gate[j]);
+                let (f, df) = Act::GeluErf.f_df(z);
+                d_hidden[j] = gv * f;
+                d_gate[j] = (gv * hidden[j]) * df;
+            }
+        })
     });
     Ok((T::to_cpu_storage_owned(dh), hl.shape().clone()))
 }

@@ -2,7 +2,7 @@
 //! backward (per group of `M = C/G · S` elements, `x̂ = (x - μ) · rstd`, `ĝ = g · w_c`):
 //! `dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ · x̂))`, `dw_c = Σ g · x̂`, `db_c = Σ g`.
 
-use super::bridge::{bridge3, bridge3_grads, fwd_via_kernel, norm_grads, Backend};
+use super::bridge::{bridge3, bridge3_grads, fwd_via_kernel, norm_grads, Backend, Grads3};
 use super::par::{contiguous_slice, mean_rstd, par_for, reduce1, reduce2, Real, SharedMut};
 use super::Kernel;
 use candle_core::backend::BackendStorage;
@@ -229,15 +229,25 @@ impl CustomOp3 for GroupNorm {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let op = GroupNormBwd {
-            groups: self.groups,
-            eps: self.eps,
-        };
-        let fused = self.kernel.fused_on(x).then_some(&op);
-        norm_grads([x, w, b], g, fused, |x, w, g| {
-            generic_bwd(x, w, g, self.groups, self.eps)
-        })
+        let track = [x.track_op(), w.track_op(), b.track_op()];
+        grads((self.groups, self.eps), self.kernel, [x, w, b], track, g)
     }
+}
+
+/// The gradients of [`GroupNorm`] (`(groups, eps)`) on f32 / f64 `(x, weight, bias)`, kept
+/// where `track` says.
+pub(crate) fn grads(
+    (groups, eps): (usize, f64),
+    kernel: Kernel,
+    [x, w, b]: [&Tensor; 3],
+    track: [bool; 3],
+    g: &Tensor,
+) -> Result<Grads3> {
+    let op = GroupNormBwd { groups, eps };
+    let fused = kernel.fused_on(x).then_some(&op);
+    norm_grads([x, w, b], track, g, fused, |x, w, g| {
+        generic_bwd(x, w, g, groups, eps)
+    })
 }
 
 /// The fused backward as a graph-free op on `(x, weight, grad)`.

@@ -3,7 +3,7 @@
 //! `dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ · x̂))`, `dw = Σ g · x̂`, `db = Σ g`
 //! (the sums run over every row).
 
-use super::bridge::{bridge3, bridge3_grads, fwd_via_kernel, norm_grads, Backend};
+use super::bridge::{bridge3, bridge3_grads, fwd_via_kernel, norm_grads, Backend, Grads3};
 use super::par::{
     contiguous_slice, mean_rstd, par_for, par_rows, reduce_idx, row_blocks, Real, SharedMut,
 };
@@ -171,15 +171,27 @@ impl CustomOp3 for LayerNorm {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let op = LayerNormBwd {
-            eps: self.eps,
-            want_wb: w.track_op() || b.track_op(),
-        };
-        let fused = self.kernel.fused_on(x).then_some(&op);
-        norm_grads([x, w, b], g, fused, |x, w, g| {
-            generic_bwd(x, w, g, self.eps)
-        })
+        let track = [x.track_op(), w.track_op(), b.track_op()];
+        grads(self.eps, self.kernel, [x, w, b], track, g)
     }
+}
+
+/// The gradients of [`LayerNorm`] on f32 / f64 `(x, weight, bias)`, kept where `track` says.
+pub(crate) fn grads(
+    eps: f64,
+    kernel: Kernel,
+    [x, w, b]: [&Tensor; 3],
+    track: [bool; 3],
+    g: &Tensor,
+) -> Result<Grads3> {
+    let op = LayerNormBwd {
+        eps,
+        want_wb: track[1] || track[2],
+    };
+    let fused = kernel.fused_on(x).then_some(&op);
+    norm_grads([x, w, b], track, g, fused, |x, w, g| {
+        generic_bwd(x, w, g, eps)
+    })
 }
 
 /// The fused backward as a graph-free op on `(x, weight, grad)`.

@@ -51,7 +51,9 @@ pub fn lora_linear(
     let x2 = x.detach().reshape((rows, in_f))?;
     let (d, u) = (down.detach(), up.detach());
     let (xd, fd) = (x.dtype(), d.dtype());
-    let y = matmul(&x2, &w.t()?)?;
+    let y = super::profile::scope("lora-linear", super::profile::Pass::Forward, || {
+        matmul(&x2, &w.t()?)
+    })?;
     let y = match b {
         Some(b) => add_bias_owned(y, &b.detach(), 1)?,
         None => y,

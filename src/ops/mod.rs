@@ -39,6 +39,7 @@ mod layer_norm;
 mod lora_linear;
 mod norm_silu_conv;
 mod par;
+pub mod profile;
 mod softmax;
 #[cfg(test)]
 mod testing;
@@ -106,6 +107,7 @@ pub fn softmax_last_dim_with(x: &Tensor, kernel: Kernel) -> Result<Tensor> {
 
 /// Layer norm over the last dimension with an affine weight and bias (PyTorch semantics),
 /// computed in f32 (f64 stays f64) and cast back; differentiable w.r.t. all three inputs.
+/// A half-precision graph keeps the half input, not its f32 copy.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     layer_norm_with(x, weight, bias, eps, Kernel::Auto)
 }
@@ -129,15 +131,28 @@ pub fn layer_norm_with(
     }
     let dtype = x.dtype();
     let cd = compute_dtype(dtype);
-    let x32 = x.to_dtype(cd)?.contiguous()?;
+    let op = layer_norm::LayerNorm { eps, kernel };
+    if dtype != cd {
+        let fwd = |[x, w, b]: [&Tensor; 3]| x.apply_op3_no_bwd(w, b, &op);
+        let bwd =
+            move |a: [&Tensor; 3], track, g: &Tensor| layer_norm::grads(eps, kernel, a, track, g);
+        return bridge::keep_half(
+            [x, weight, bias],
+            cd,
+            "lora-layer-norm-half",
+            fwd,
+            Box::new(bwd),
+        );
+    }
+    let xc = x.contiguous()?;
     let w = weight.to_dtype(cd)?.contiguous()?;
     let b = bias.to_dtype(cd)?.contiguous()?;
-    let op = layer_norm::LayerNorm { eps, kernel };
-    x32.apply_op3(&w, &b, op)?.to_dtype(dtype)
+    xc.apply_op3(&w, &b, op)
 }
 
 /// Group norm over [N, C, ...] with per-channel affine weight and bias (PyTorch semantics),
 /// computed in f32 (f64 stays f64) and cast back; differentiable w.r.t. all three inputs.
+/// A half-precision graph keeps the half input, not its f32 copy.
 pub fn group_norm(
     x: &Tensor,
     num_groups: usize,
@@ -175,15 +190,28 @@ pub fn group_norm_with(
     }
     let dtype = x.dtype();
     let cd = compute_dtype(dtype);
-    let xc = x.to_dtype(cd)?.contiguous()?;
-    let w = weight.to_dtype(cd)?.contiguous()?;
-    let b = bias.to_dtype(cd)?.contiguous()?;
     let op = group_norm::GroupNorm {
         groups: num_groups,
         eps,
         kernel,
     };
-    xc.apply_op3(&w, &b, op)?.to_dtype(dtype)
+    if dtype != cd {
+        let fwd = |[x, w, b]: [&Tensor; 3]| x.apply_op3_no_bwd(w, b, &op);
+        let bwd = move |a: [&Tensor; 3], track, g: &Tensor| {
+            group_norm::grads((num_groups, eps), kernel, a, track, g)
+        };
+        return bridge::keep_half(
+            [x, weight, bias],
+            cd,
+            "lora-group-norm-half",
+            fwd,
+            Box::new(bwd),
+        );
+    }
+    let xc = x.contiguous()?;
+    let w = weight.to_dtype(cd)?.contiguous()?;
+    let b = bias.to_dtype(cd)?.contiguous()?;
+    xc.apply_op3(&w, &b, op)
 }
 
 /// SiLU `x · sigmoid(x)`, differentiable with a one-pass backward on the CPU (outside a

@@ -20,7 +20,7 @@ use super::activation::Act;
 use super::bias::{add_channels_owned, add_owned};
 use super::bridge::{attach_n, bridge3, fwd_via_kernel, Backend};
 use super::group_norm::{generic_bwd, generic_fwd, group_input_grad};
-use super::par::{contiguous_slice, mean_rstd, par_rows, Real};
+use super::par::{contiguous_slice, mean_rstd, par_rows, simd, Real};
 use super::{compute_dtype, FrozenConv2d, Kernel};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -187,9 +187,11 @@ fn bwd_kernel<T: Real>(
             let a = rstd * w[c0 + k].to_f64();
             let (a, o) = (T::from_f64(a), T::from_f64(b[c0 + k].to_f64() - mean * a));
             let r = k * s..(k + 1) * s;
-            for ((d, &v), &g) in da[r.clone()].iter_mut().zip(&xr[r.clone()]).zip(&gr[r]) {
-                *d = g * Act::Silu.df(v * a + o);
-            }
+            simd(|| {
+                for ((d, &v), &g) in da[r.clone()].iter_mut().zip(&xr[r.clone()]).zip(&gr[r]) {
+                    *d = g * Act::Silu.df(v * a + o);
+                }
+            })
         }
         group_input_grad(xr, &da, &w[c0..c0 + cg], (mean, rstd), d, None);
     });
