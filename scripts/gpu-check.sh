@@ -42,9 +42,10 @@ die() {
     exit 1
 }
 
-# The repository paths the run reads (a strace of the dry run lists exactly these files):
-# tests/device.rs's fixtures (the sd2-tiny gradients load only its UNet and text encoder), the
-# bundled model and the data of the 200-step training, and the PyTorch side of `lora bench train`.
+# The repository paths the run reads: tests/device.rs's fixtures (the sd2-tiny gradients load only
+# its UNet and text encoder), the bundled model and the data of the 200-step training (a strace of
+# the dry run opens exactly these files), and scripts/bench_train.py, which `lora bench train
+# --torch-python` runs.
 needed=(
     assets/demo-data
     assets/tiny-sd/model_index.json
@@ -221,7 +222,7 @@ bundle_rel() {
 }
 
 stage() {
-    local exclude head dirty rel p lists
+    local exclude head dirty rel p
     exclude=$(exclude_file) || exit 1
     ! is_staged "$exclude" || die "already staged (see $exclude); first: scripts/gpu-check.sh unstage"
     head=$(g rev-parse -q --verify HEAD) || die "no commit to stage from"
@@ -235,9 +236,10 @@ stage() {
     for p in "${needed[@]}" "$entry"; do
         [[ -n $(g ls-files -- "$p") ]] || die "the run reads $p, which is not tracked at HEAD"
     done
-    if g ls-files -z | grep -qz $'\n'; then die "a tracked path holds a newline; cannot exclude it"; fi
+    [[ $(g ls-files -z | tr -cd '\n' | wc -c) -eq 0 ]] ||
+        die "a tracked path holds a newline; cannot exclude it"
     lists=$(mktemp -d) || die "no temporary folder"
-    trap 'rm -rf "$lists"' EXIT
+    trap 'rm -rf "${lists:-}"' EXIT
     g ls-files -z -- "${needed[@]}" >"$lists/needed"
     g ls-files -z | grep -zvxF -- "$entry" >"$lists/removed"
     say "packing $(tr -cd '\0' <"$lists/needed" | wc -c) files the run reads into $rel/tree.tar.xz"
