@@ -222,7 +222,7 @@ bundle_rel() {
 }
 
 stage() {
-    local exclude head dirty rel p
+    local exclude head dirty rel p others
     exclude=$(exclude_file) || exit 1
     ! is_staged "$exclude" || die "already staged (see $exclude); first: scripts/gpu-check.sh unstage"
     head=$(g rev-parse -q --verify HEAD) || die "no commit to stage from"
@@ -262,6 +262,11 @@ stage() {
     if ! travel_size "$rel"; then
         unstage
         die "too much would travel; the tree is unstaged again"
+    fi
+    others=$(g ls-files --others --exclude-standard)
+    if [[ -n $others ]]; then
+        say "untracked files that travel too:"
+        head -n 10 <<<"$others" | sed 's/^/    /' >&2
     fi
     say "staged: $entry is the one tracked file (do not commit until: scripts/gpu-check.sh unstage)"
     say "the device call, then scripts/gpu-check.sh unstage:"
