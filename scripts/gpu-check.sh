@@ -243,7 +243,9 @@ stage() {
     g ls-files -z -- "${needed[@]}" >"$lists/needed"
     g ls-files -z | grep -zvxF -- "$entry" >"$lists/removed"
     say "packing $(tr -cd '\0' <"$lists/needed" | wc -c) files the run reads into $rel/tree.tar.xz"
-    if ! tar --null -T "$lists/needed" --owner=0 --group=0 --numeric-owner -cf - |
+    # The commit's time on every entry: the same commit packs to the same bytes.
+    if ! tar --null -T "$lists/needed" --owner=0 --group=0 --numeric-owner \
+        --mtime="@$(g log -1 --format=%ct)" -cf - |
         xz -9 -T1 >"$rel/tree.tar.xz.tmp" || ! mv "$rel/tree.tar.xz.tmp" "$rel/tree.tar.xz"; then
         die "could not write $rel/tree.tar.xz"
     fi
