@@ -9,13 +9,30 @@
 #       which the GPU image lacks) into DIR/wheels.
 #       Binaries come from target/cuda/release (scripts/cuda-build.sh build), or from target/release
 #       with --device cpu.
+#   scripts/gpu-check.sh stage DIR
+#       After `bundle DIR` (DIR inside the repository), in the checkout the device tool sends: packs
+#       the files the run reads (`needs`) into DIR/tree.tar.xz, then takes every tracked file but
+#       this script out of what travels, leaving the files on disk: out of the index
+#       (git rm --cached) and into .git/info/exclude between marker lines, DIR too. Refuses a tree
+#       with uncommitted changes. Prints the travelling size (tracked + untracked-not-ignored +
+#       DIR, as the device tool counts it) and the `carry` value and command of the one `run`
+#       call; fails, restoring the tree, when that size is over 64 MiB.
+#   scripts/gpu-check.sh unstage
+#       Undoes `stage`: the index back to HEAD (git reset), its block out of .git/info/exclude.
+#       Nothing to do when nothing is staged.
+#   scripts/gpu-check.sh size [DIR]
+#       Prints the travelling size of the checkout as it stands, plus the files of DIR.
+#   scripts/gpu-check.sh needs
+#       Lists the repository paths the run reads (files or folders), one a line.
 #   scripts/gpu-check.sh OUTDIR [--device cuda:0|cpu] [--bundle DIR] [--python PY] [--train-steps N]
 #       On the GPU machine (no Rust, no network): runs the checks and writes OUTDIR/summary.json and
 #       OUTDIR/gpu-check.log. Binaries and wheels come from --bundle DIR (default: the binaries
-#       of the local build, as for `bundle`). `--device cpu` is the dry run on a CPU machine.
+#       of the local build, as for `bundle`); the files the run reads from DIR/tree.tar.xz when
+#       `stage` made one, else from the checkout. `--device cpu` is the dry run on a CPU machine.
 #
 # Environment: LORA_DIFFUSERS (default: the diffusers pin of scripts/requirements.txt),
-# GPU_CHECK_PARITY_S / GPU_CHECK_BENCH_S / GPU_CHECK_TRAIN_S (time limits, default 210 / 150 / 90 s).
+# GPU_CHECK_PARITY_S / GPU_CHECK_BENCH_S / GPU_CHECK_TRAIN_S (time limits, default 210 / 150 / 90 s),
+# GPU_CHECK_TRAVEL_LIMIT (bytes that may travel, default 67108864 = the device tool's 64 MiB).
 set -uo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,6 +41,34 @@ die() {
     say "error: $*"
     exit 1
 }
+
+# The repository paths the run reads: tests/device.rs's fixtures (the sd2-tiny gradients load only
+# its UNet and text encoder), the bundled model and the data of the 200-step training (a strace of
+# the dry run opens exactly these files), and scripts/bench_train.py, which `lora bench train
+# --torch-python` runs.
+needed=(
+    assets/demo-data
+    assets/tiny-sd/model_index.json
+    assets/tiny-sd/scheduler
+    assets/tiny-sd/text_encoder
+    assets/tiny-sd/tokenizer
+    assets/tiny-sd/unet
+    assets/tiny-sd/vae
+    scripts/bench_train.py
+    tests/fixtures/lora_formats/kohya.safetensors
+    tests/fixtures/lora_grads/sd1_all.json
+    tests/fixtures/lora_grads/sd1_all.safetensors
+    tests/fixtures/lora_grads/sd2_attn.json
+    tests/fixtures/lora_grads/sd2_attn.safetensors
+    tests/fixtures/sd1-tiny
+    tests/fixtures/sd1.outputs.safetensors
+    tests/fixtures/sd1.pipeline.json
+    tests/fixtures/sd2-tiny/text_encoder
+    tests/fixtures/sd2-tiny/unet
+    tests/fixtures/train-data
+)
+# The one tracked file that travels as it is: the entry point of the `run` call.
+entry=scripts/gpu-check.sh
 
 device=cuda:0
 bundle=
@@ -84,7 +129,9 @@ make_bundle() {
     [[ -x $src/lora ]] || die "no $src/lora; build first (scripts/cuda-build.sh build, or cargo build --release)"
     t=$(newest_device_test "$src") || die "no parity test binary in $src/deps; build the tests first"
     mkdir -p "$dir/wheels" "$dir/bin" || die "cannot create $dir"
-    cp "$src/lora" "$dir/bin/lora" && cp "$t" "$dir/bin/device-test" || die "cannot copy the binaries"
+    if ! cp "$src/lora" "$dir/bin/lora" || ! cp "$t" "$dir/bin/device-test"; then
+        die "cannot copy the binaries"
+    fi
     strip "$dir/bin/lora" "$dir/bin/device-test" 2>/dev/null || say "strip failed; binaries kept as built"
     # One xz stream with a 64 MiB dictionary stores the code both binaries share once.
     say "packing $dir/binaries.tar.xz"
@@ -93,7 +140,7 @@ with tarfile.open(sys.argv[1], "w:xz", preset=9) as t:
     for name in ("lora", "device-test"):
         t.add(sys.argv[2] + "/" + name, arcname=name)' "$dir/binaries.tar.xz" "$dir/bin" ||
         die "could not pack the binaries"
-    rm -rf "$dir/bin"
+    rm -rf "${dir:?}/bin"
     say "downloading $(diffusers_pin) and importlib_metadata wheels into $dir/wheels"
     "$python" -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: \
         -d "$dir/wheels" "$(diffusers_pin)" importlib_metadata==8.7.0 >&2 ||
@@ -101,11 +148,153 @@ with tarfile.open(sys.argv[1], "w:xz", preset=9) as t:
     du -ab "$dir" | sort -n >&2
 }
 
-# Unpacks the bundle's binaries into $1.
-unpack_bundle() {
+# Unpacks the archive $1 into the folder $2.
+unpack() {
     "$python" -c 'import sys, tarfile
 with tarfile.open(sys.argv[1]) as t:
-    t.extractall(sys.argv[2], filter="data")' "$bundle/binaries.tar.xz" "$1"
+    t.extractall(sys.argv[2], filter="data")' "$1" "$2"
+}
+
+# ---- staging: what travels to the device machine ----
+
+limit=${GPU_CHECK_TRAVEL_LIMIT:-67108864}
+mark_begin='# >>> scripts/gpu-check.sh stage (scripts/gpu-check.sh unstage removes this block)'
+mark_end='# <<< scripts/gpu-check.sh stage'
+
+# Git in the repository, every pathspec taken literally.
+g() { git --literal-pathspecs "$@"; }
+
+# The exclude file of this checkout; refuses one that other worktrees share.
+exclude_file() {
+    local gitdir f
+    gitdir=$(g rev-parse --absolute-git-dir 2>/dev/null) || die "$repo is not a git checkout"
+    f=$(g rev-parse --git-path info/exclude) || die "git rev-parse --git-path failed"
+    [[ $f == /* ]] || f=$repo/$f
+    [[ $f == "$gitdir"/* ]] || die "$repo is a linked worktree: its exclude file $f is shared with" \
+        "the main checkout and the other worktrees; stage the checkout the device tool sends, or a clone"
+    printf '%s\n' "$f"
+}
+
+is_staged() { [[ -f $1 ]] && grep -qxF "$mark_begin" "$1"; }
+
+# Paths as .gitignore patterns that match only themselves.
+glob_escape() { sed -e 's/[][\\*?]/\\&/g' -e 's/ $/\\ /'; }
+
+# "BYTES<TAB>PATH" for each file that travels: tracked, untracked-not-ignored, the files under
+# $1 (the carried folder, when given) and shared/.
+travel_files() {
+    {
+        g ls-files -z --cached
+        g ls-files -z --others --exclude-standard
+        if [[ -n ${1:-} && -d $1 ]]; then find "$1" -type f -print0; fi
+        if [[ -d shared ]]; then find shared -type f -print0; fi
+    } | sort -zu | xargs -0 -r stat -c $'%s\t%n' -- 2>/dev/null
+    return 0
+}
+
+mib() { awk -v b="$1" 'BEGIN { printf "%.2f MiB", b / 1048576 }'; }
+
+# Prints the travelling size; returns 1, naming the biggest files, when it is over the limit.
+travel_size() {
+    local list total tracked
+    list=$(travel_files "${1:-}")
+    total=$(awk -F'\t' '{ s += $1 } END { printf "%d", s }' <<<"$list")
+    tracked=$(g ls-files -z --cached | xargs -0 -r stat -c %s -- 2>/dev/null |
+        awk '{ s += $1 } END { printf "%d", s }')
+    say "tracked files: $tracked bytes ($(mib "$tracked"))"
+    say "travelling${1:+ with $1}: $total bytes ($(mib "$total")) in $(grep -c . <<<"$list") files;" \
+        "limit $limit bytes ($(mib "$limit")), margin $((limit - total)) bytes ($(mib $((limit - total))))"
+    if ((total > limit)); then
+        say "over the limit by $((total - limit)) bytes; the biggest files that travel:"
+        sort -t $'\t' -k1,1nr <<<"$list" | head -n 10 | sed 's/^/    /' >&2
+        return 1
+    fi
+}
+
+# The folder $1 as a path inside the repository, checked to be a bundle.
+bundle_rel() {
+    local abs top
+    [[ -d $1 ]] || die "no bundle folder $1 (make it with: scripts/gpu-check.sh bundle $1)"
+    abs=$(cd "$1" && pwd -P) && top=$(pwd -P)
+    [[ $abs == "$top"/* ]] || die "the bundle folder $abs is not inside the repository $top" \
+        "(the device tool carries only paths inside it)"
+    printf '%s\n' "${abs#"$top"/}"
+}
+
+stage() {
+    local exclude head dirty rel p others
+    exclude=$(exclude_file) || exit 1
+    ! is_staged "$exclude" || die "already staged (see $exclude); first: scripts/gpu-check.sh unstage"
+    head=$(g rev-parse -q --verify HEAD) || die "no commit to stage from"
+    dirty=$(g status --porcelain --untracked-files=no)
+    [[ -z $dirty ]] || die "uncommitted changes to tracked files (commit or stash them, so that" \
+        "unstage can restore the index exactly):"$'\n'"$dirty"
+    rel=$(bundle_rel "$target") || exit 1
+    [[ -f $rel/binaries.tar.xz ]] || die "no $rel/binaries.tar.xz (scripts/gpu-check.sh bundle $rel)"
+    [[ -d $rel/wheels ]] || say "warning: no $rel/wheels: the PyTorch reference will be skipped"
+    [[ -z $(g ls-files -- "$rel") ]] || die "$rel holds tracked files; give the bundle a folder of its own"
+    for p in "${needed[@]}" "$entry"; do
+        [[ -n $(g ls-files -- "$p") ]] || die "the run reads $p, which is not tracked at HEAD"
+    done
+    [[ $(g ls-files -z | tr -cd '\n' | wc -c) -eq 0 ]] ||
+        die "a tracked path holds a newline; cannot exclude it"
+    lists=$(mktemp -d) || die "no temporary folder"
+    trap 'rm -rf "${lists:-}"' EXIT
+    g ls-files -z -- "${needed[@]}" >"$lists/needed"
+    g ls-files -z | grep -zvxF -- "$entry" >"$lists/removed"
+    say "packing $(tr -cd '\0' <"$lists/needed" | wc -c) files the run reads into $rel/tree.tar.xz"
+    # The commit's time on every entry: the same commit packs to the same bytes.
+    if ! tar --null -T "$lists/needed" --owner=0 --group=0 --numeric-owner \
+        --mtime="@$(g log -1 --format=%ct)" -cf - |
+        xz -9 -T1 >"$rel/tree.tar.xz.tmp" || ! mv "$rel/tree.tar.xz.tmp" "$rel/tree.tar.xz"; then
+        die "could not write $rel/tree.tar.xz"
+    fi
+    mkdir -p "$(dirname "$exclude")" || die "cannot create $(dirname "$exclude")"
+    if [[ -s $exclude && $(tail -c 1 "$exclude") != "" ]]; then echo >>"$exclude"; fi
+    {
+        printf '%s\n# staged from %s\n' "$mark_begin" "$head"
+        printf '/%s/\n' "$(glob_escape <<<"$rel")"
+        tr '\0' '\n' <"$lists/removed" | glob_escape | sed 's|^|/|'
+        printf '%s\n' "$mark_end"
+    } >>"$exclude" || die "cannot write $exclude"
+    if ! g rm -r --cached -q --pathspec-from-file="$lists/removed" --pathspec-file-nul; then
+        unstage
+        die "git rm --cached failed; the tree is unstaged again"
+    fi
+    if ! travel_size "$rel"; then
+        unstage
+        die "too much would travel; the tree is unstaged again"
+    fi
+    others=$(g ls-files --others --exclude-standard)
+    if [[ -n $others ]]; then
+        say "untracked files that travel too:"
+        head -n 10 <<<"$others" | sed 's/^/    /' >&2
+    fi
+    say "staged: $entry is the one tracked file (do not commit until: scripts/gpu-check.sh unstage)"
+    say "the device call, then scripts/gpu-check.sh unstage:"
+    printf 'carry: ["%s"]\n' "$rel"
+    # shellcheck disable=SC2016 # $OUT is the device tool's output folder, set over there
+    printf 'command: scripts/gpu-check.sh "$OUT" --bundle %s\n' "$rel"
+}
+
+unstage() {
+    local exclude from head
+    exclude=$(exclude_file) || exit 1
+    if ! is_staged "$exclude"; then
+        say "nothing staged ($exclude has no block of this script)"
+        return 0
+    fi
+    from=$(awk -v b="$mark_begin" 'f && /^# staged from / { print $4; exit } $0 == b { f = 1 }' "$exclude")
+    head=$(g rev-parse -q --verify HEAD)
+    [[ $from == "$head" ]] || die "HEAD is $head, but the tree was staged at $from: a commit made" \
+        "while staged lacks the untracked files; check it (git show --stat HEAD) before restoring"
+    g reset -q || die "git reset failed"
+    if ! awk -v b="$mark_begin" -v e="$mark_end" \
+        '$0 == b { skip = 1 } !skip { print } $0 == e { skip = 0 }' "$exclude" >"$exclude.tmp" ||
+        ! mv "$exclude.tmp" "$exclude"; then
+        die "cannot rewrite $exclude"
+    fi
+    say "unstaged: the index is HEAD's again, $exclude as before"
 }
 
 # ---- the run ----
@@ -150,7 +339,7 @@ EOF
 
 parity() {
     local t0=$SECONDS rc
-    LORA_REPO=$repo LORA_BIN=$bin/lora LORA_TEST_DEVICE=$device LORA_REQUIRE_DEVICE=1 \
+    LORA_REPO=$data LORA_BIN=$bin/lora LORA_TEST_DEVICE=$device LORA_REQUIRE_DEVICE=1 \
         logged "${GPU_CHECK_PARITY_S:-210}" "$bin/device-test" --test-threads=1 --nocapture
     rc=$?
     result[parity_rc]=$rc
@@ -166,7 +355,7 @@ bench() {
         return
     fi
     if [[ -n ${torch_python:-} ]]; then args+=(--torch-python "$torch_python"); fi
-    logged "${GPU_CHECK_BENCH_S:-150}" "$bin/lora" bench train --device "$device" --json "${args[@]}" \
+    LORA_REPO=$data logged "${GPU_CHECK_BENCH_S:-150}" "$bin/lora" bench train --device "$device" --json "${args[@]}" \
         >/dev/null
     result[bench_rc]=$?
     result[bench_s]=$((SECONDS - t0))
@@ -197,8 +386,8 @@ print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "diffusers"
 
 train() {
     local t0=$SECONDS out=$work/train
-    logged "${GPU_CHECK_TRAIN_S:-90}" "$bin/lora" train --model "$repo/assets/tiny-sd" \
-        --instance-data-dir "$repo/assets/demo-data" --instance-prompt "a photo of sks toy" \
+    logged "${GPU_CHECK_TRAIN_S:-90}" "$bin/lora" train --model "$data/assets/tiny-sd" \
+        --instance-data-dir "$data/assets/demo-data" --instance-prompt "a photo of sks toy" \
         --resolution 64 --rank 4 --learning-rate 1e-3 --max-train-steps "$train_steps" --seed 1 \
         --device "$device" --output-dir "$out" --force
     result[train_rc]=$?
@@ -282,7 +471,7 @@ run_checks() {
     if [[ -n $bundle ]]; then
         bundle=$(cd "$bundle" && pwd) || die "no bundle folder $bundle"
         bin=$work/bin
-        unpack_bundle "$bin" || die "cannot unpack $bundle/binaries.tar.xz"
+        unpack "$bundle/binaries.tar.xz" "$bin" || die "cannot unpack $bundle/binaries.tar.xz"
     else
         local src
         src=$(build_dir)
@@ -293,7 +482,15 @@ run_checks() {
     fi
     [[ -x $bin/lora && -x $bin/device-test ]] ||
         die "need lora and device-test in $bin (make them with: scripts/gpu-check.sh bundle DIR)"
-    say "device $device, binaries $bin, log $log"
+    data=$repo
+    if [[ -n $bundle && -f $bundle/tree.tar.xz ]]; then
+        data=$work/tree
+        unpack "$bundle/tree.tar.xz" "$data" || die "cannot unpack $bundle/tree.tar.xz"
+    fi
+    local p missing=()
+    for p in "${needed[@]}"; do [[ -e $data/$p ]] || missing+=("$p"); done
+    [[ ${#missing[@]} -eq 0 ]] || die "not under $data: ${missing[*]} (scripts/gpu-check.sh needs)"
+    say "device $device, binaries $bin, files read from $data, log $log"
     {
         date -u +'started %Y-%m-%dT%H:%M:%SZ'
         uname -a
@@ -320,10 +517,31 @@ run_checks() {
         "$target/summary.json"
 }
 
-if [[ ${1:-} == bundle ]]; then
+case ${1:-} in
+bundle)
     mode=bundle
     shift
-fi
-parse_args "$@"
+    ;;
+stage | unstage | size | needs)
+    mode=$1
+    shift
+    [[ $# -le 1 ]] || die "$mode takes at most one folder (got: $*)"
+    target=${1:-}
+    if [[ -n $target && -d $target ]]; then target=$(cd "$target" && pwd -P); fi
+    ;;
+esac
 cd "$repo" || exit 1
-if [[ $mode == bundle ]]; then make_bundle; else run_checks; fi
+case $mode in
+stage) stage ;;
+unstage) unstage ;;
+size)
+    rel=
+    if [[ -n $target ]]; then rel=$(bundle_rel "$target") || exit 1; fi
+    travel_size "$rel"
+    ;;
+needs) printf '%s\n' "${needed[@]}" ;;
+*)
+    parse_args "$@"
+    if [[ $mode == bundle ]]; then make_bundle; else run_checks; fi
+    ;;
+esac

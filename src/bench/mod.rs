@@ -91,6 +91,14 @@ pub fn time_runs(
     Ok(median(times))
 }
 
+/// The folder holding `scripts/`: `LORA_REPO` when set (a copy of the repository on another
+/// machine), else the source folder this binary was built from.
+fn scripts_root() -> PathBuf {
+    std::env::var_os("LORA_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 /// Runs the Python benchmark `scripts/<script>` with `args`; returns the JSON object on the
 /// last line of its output.
 pub fn run_torch_script(
@@ -98,9 +106,7 @@ pub fn run_torch_script(
     script: &str,
     args: &[&str],
 ) -> anyhow::Result<serde_json::Value> {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("scripts")
-        .join(script);
+    let script = scripts_root().join("scripts").join(script);
     let out = std::process::Command::new(py)
         .arg(&script)
         .args(args)
