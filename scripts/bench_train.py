@@ -77,20 +77,35 @@ class Block2(nn.Module):
             s.attn.enable_gradient_checkpointing()
 
 
-def build(workload, latent, dtype=torch.float32):
+def build(workload, latent, dtype=torch.float32, device="cpu", batch=1):
     torch.manual_seed(0)
     if workload in ("block", "block2"):
         model = Block() if workload == "block" else Block2()
-        inputs = tuple(t.to(dtype) for t in (torch.randn(1, 320, 32, 32), torch.randn(1, 1280), torch.randn(1, 77, 768)))
+        inputs = tuple(t.to(device, dtype) for t in (torch.randn(1, 320, 32, 32), torch.randn(1, 1280), torch.randn(1, 77, 768)))
         run = lambda m: m(*inputs)  # noqa: E731
     else:
         from diffusers import UNet2DConditionModel
         from real_configs import SD15_UNET
 
         model = UNet2DConditionModel.from_config(SD15_UNET)
-        x, ctx, t = torch.randn(1, 4, latent, latent).to(dtype), torch.randn(1, 77, 768).to(dtype), torch.tensor(500)
+        x = torch.randn(batch, 4, latent, latent).to(device, dtype)
+        ctx = torch.randn(batch, 77, 768).to(device, dtype)
+        t = torch.full((batch,), 500, device=device)
         run = lambda m: m(x, t, ctx).sample  # noqa: E731
-    return model, run
+    return model.to(device), run
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def device_mb(device):
+    """Memory in use on the device (total minus free, as ours counts it), MB; 0 on the CPU."""
+    if not device.startswith("cuda"):
+        return 0.0
+    free, total = torch.cuda.mem_get_info(device)
+    return (total - free) / 1e6
 
 
 def set_plain_attention(model):
@@ -101,11 +116,12 @@ def set_plain_attention(model):
             mod.set_processor(AttnProcessor())
 
 
-def timed(warmup, runs, fn):
+def timed(warmup, runs, fn, device="cpu"):
     times = []
     for i in range(warmup + runs):
         start = time.perf_counter()
         fn()
+        sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
@@ -119,9 +135,11 @@ def main():
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--plain-attention", action="store_true")
     p.add_argument("--resolution", type=int, default=256, help="unet workload: image size")
+    p.add_argument("--batch", type=int, default=1, help="unet workload: batch size")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
     p.add_argument("--no-full", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N (timings synchronise the device)")
     args = p.parse_args()
     latent = args.resolution // 8
     half = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
@@ -132,14 +150,15 @@ def main():
     from peft import LoraConfig, inject_adapter_in_model
 
     res = {}
-    model, run = build(args.workload, latent, half or torch.float32)
+    dev = args.device
+    model, run = build(args.workload, latent, half or torch.float32, dev, args.batch)
     if args.plain_attention:
         set_plain_attention(model)
     if half is not None:
         model.to(half)
     model.eval()
     with torch.no_grad():
-        res["forward_ms"] = timed(warmup, args.runs, lambda: run(model))
+        res["forward_ms"] = timed(warmup, args.runs, lambda: run(model), dev)
         target = torch.randn_like(run(model).float())
     if args.gradient_checkpointing:
         (model.attn if args.workload == "block" else model).enable_gradient_checkpointing()
@@ -155,13 +174,18 @@ def main():
     params = [prm for prm in model.parameters() if prm.requires_grad]
     res["lora_params"] = sum(prm.numel() for prm in params)
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
-    scaler = torch.amp.GradScaler("cpu") if args.mixed_precision == "fp16" else None
+    scaler = torch.amp.GradScaler(dev.split(":")[0]) if args.mixed_precision == "fp16" else None
+    mem = [0.0]
 
     def step(m, o):
         out = run(m)
         loss = torch.nn.functional.mse_loss(out.float(), target)
+        sync(dev)
+        mem[0] = max(mem[0], device_mb(dev))
         if scaler is None:
             loss.backward()
+            sync(dev)
+            mem[0] = max(mem[0], device_mb(dev))
             o.step()
         else:
             scaler.scale(loss).backward()
@@ -169,7 +193,8 @@ def main():
             scaler.update()
         o.zero_grad(set_to_none=True)
 
-    res["lora_step_ms"] = timed(warmup, args.runs, lambda: step(model, opt))
+    res["lora_step_ms"] = timed(warmup, args.runs, lambda: step(model, opt), dev)
+    res["lora_device_mb"] = mem[0]
     res["lora_graph_mb"] = saved_tensor_mb(model, lambda: torch.nn.functional.mse_loss(run(model).float(), target))
     res["lora_peak_rss_mb"] = peak_rss_mb()
     del model, opt, params
@@ -177,13 +202,13 @@ def main():
         return finish(res, args)
 
     scaler = None
-    model, run = build(args.workload, latent)
+    model, run = build(args.workload, latent, device=dev, batch=args.batch)
     if args.plain_attention:
         set_plain_attention(model)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=1e-2)
     res["full_params"] = sum(prm.numel() for prm in model.parameters())
-    res["full_step_ms"] = timed(warmup, args.runs, lambda: step(model, opt))
+    res["full_step_ms"] = timed(warmup, args.runs, lambda: step(model, opt), dev)
     res["peak_rss_mb"] = peak_rss_mb()
     finish(res, args)
 
@@ -215,6 +240,8 @@ def finish(res, args):
     res["resolution"] = args.resolution
     res["gradient_checkpointing"] = args.gradient_checkpointing
     res["mixed_precision"] = args.mixed_precision
+    res["device"] = args.device
+    res["batch"] = args.batch
     print(json.dumps(res))
 
 

@@ -105,6 +105,20 @@ fn proc_status_mb(field: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Memory in use on `dev` in MB (the device's total minus its free memory, so it counts
+/// every process and the allocator's cached pool); `None` on the CPU and on Metal.
+pub fn device_memory_in_use_mb(dev: &Device) -> Option<f64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = dev {
+        c.cuda_stream().context().bind_to_thread().ok()?;
+        let (free, total) =
+            candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok()?;
+        return Some(total.saturating_sub(free) as f64 / 1e6);
+    }
+    let _ = dev;
+    None
+}
+
 /// Resets the kernel's peak-RSS counter of this process (Linux; ignored elsewhere).
 pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");

@@ -5,7 +5,7 @@
 //! - `sd_block2` (`--workload block2`): two such slices in a row, so the second resnet runs
 //!   inside the LoRA step's graph (SD 1.5 `down_blocks.0` at 256 px without its downsampler);
 //! - `sd15_unet_<resolution>`: the SD 1.5 UNet at `--resolution` (latent = resolution / 8),
-//!   batch 1, context 77×768.
+//!   batch `--batch` (default 1), context 77×768.
 //!
 //! "LoRA step": rank-4 LoRA on to_q / to_k / to_v / to_out.0 of every attention, MSE loss to a
 //! random target, backward, AdamW on the LoRA parameters. "Full step": every weight trained
@@ -13,7 +13,9 @@
 //! bf16/fp16 with f32 LoRA parameters. Every phase of every workload runs in a fresh child
 //! process, so each peak RSS is that phase's own. `--torch-python` runs
 //! scripts/bench_train.py (PyTorch + diffusers + PEFT, the same workloads and switches) in the
-//! same invocation and prints the ratios.
+//! same invocation and prints the ratios. `--device cuda:N` runs both sides on that GPU: the
+//! timings synchronise the device, and "LoRA dev" is the device memory in use (total − free,
+//! the allocator's cached pool included) after the step's forward and backward, largest.
 
 use super::blocks::{BlockPair, BlockSlice};
 use super::{median, peak_rss_mb, reset_peak_rss, run_torch_script, time_runs};
@@ -49,6 +51,9 @@ pub struct TrainBench {
     /// Image size of the UNet workload in pixels (256, 512, 768; latent = size / 8).
     #[arg(long, default_value_t = 256)]
     resolution: usize,
+    /// Batch size of the UNet workload.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    batch: u16,
     /// Precision of the frozen model: no, bf16 or fp16 (LoRA parameters stay f32).
     #[arg(long, default_value_t = MixedPrecision::No)]
     mixed_precision: MixedPrecision,
@@ -68,6 +73,9 @@ pub struct TrainBench {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Device of both sides: cpu or cuda:N (the PyTorch reference runs on the same device).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 /// The figures of one workload.
@@ -98,6 +106,9 @@ struct Figures {
     /// The most heap (MB) the LoRA step's backward held at once, beyond the model.
     #[serde(default)]
     lora_backward_peak_mb: f64,
+    /// Device memory in use after the LoRA step's forward / backward, largest (MB; 0 on the CPU).
+    #[serde(default)]
+    lora_device_mb: f64,
 }
 
 /// Median milliseconds of `v` (NaN when empty).
@@ -124,9 +135,18 @@ struct Phases {
     graph_mb: f64,
     /// Largest backward peak seen (MB of heap beyond the model).
     backward_peak_mb: f64,
+    /// Largest device memory in use seen after a forward or backward (MB; 0 on the CPU).
+    device_mb: f64,
 }
 
 impl Phases {
+    /// Samples the memory in use on `dev` (accelerators only).
+    fn note_device_memory(&mut self, dev: &Device) {
+        if let Some(mb) = crate::sys::device_memory_in_use_mb(dev) {
+            self.device_mb = self.device_mb.max(mb);
+        }
+    }
+
     /// Median milliseconds of each phase over the timed runs (after `warmup` runs).
     fn medians(self, warmup: usize) -> [f64; 3] {
         let m = |v: Vec<f64>| median_ms(v.into_iter().skip(warmup).collect());
@@ -145,11 +165,16 @@ fn train_step(
     let t0 = Instant::now();
     let base = HeapCounter::live();
     let loss = (fwd()?.to_dtype(DType::F32)? - target)?.sqr()?.mean_all()?;
+    let dev = loss.device().clone();
+    dev.synchronize()?;
     let t1 = Instant::now();
+    phases.note_device_memory(&dev);
     let graph = HeapCounter::live().saturating_sub(base);
     HeapCounter::reset_peak();
     let grads = loss.backward()?;
+    dev.synchronize()?;
     let t2 = Instant::now();
+    phases.note_device_memory(&dev);
     phases.graph_mb = phases.graph_mb.max(graph as f64 / 1e6);
     phases.backward_peak_mb = phases
         .backward_peak_mb
@@ -162,6 +187,7 @@ fn train_step(
     }
     drop(grads);
     opt.step(&g, 1.0)?;
+    dev.synchronize()?;
     phases.fwd.push((t1 - t0).as_secs_f64());
     phases.bwd.push((t2 - t1).as_secs_f64());
     phases.opt.push(t2.elapsed().as_secs_f64());
@@ -231,6 +257,7 @@ fn measure<M: LoraHost>(
             }
             f.forward_ms = time_runs_ms(warmup, runs, || {
                 fwd(&model)?;
+                dev.synchronize()?;
                 Ok(())
             })?;
             let target = Rng::new(1).randn(fwd(&model)?.dims(), dev)?;
@@ -262,6 +289,7 @@ fn measure<M: LoraHost>(
             })?;
             op_times("LoRA step", warmup + runs);
             (f.lora_graph_mb, f.lora_backward_peak_mb) = (ph.graph_mb, ph.backward_peak_mb);
+            f.lora_device_mb = ph.device_mb;
             f.lora_phases_ms = ph.medians(warmup);
             f.lora_peak_rss_mb = peak_rss_mb();
         }
@@ -305,6 +333,7 @@ struct Switches {
     warmup: usize,
     runs: usize,
     resolution: usize,
+    batch: usize,
     mixed_precision: MixedPrecision,
     gradient_checkpointing: bool,
 }
@@ -340,9 +369,10 @@ fn unet_figures(phase: Phase, s: &Switches, dev: &Device) -> anyhow::Result<Figu
     let cfg: UNet2DConditionConfig = serde_json::from_str(SD15_UNET_CONFIG)?;
     let mut rng = Rng::new(0);
     let l = s.resolution / 8;
-    let x = rng.randn((1, 4, l, l), dev)?;
-    let ctx = rng.randn((1, 77, 768), dev)?;
-    let ts = Tensor::new(&[500f32], dev)?;
+    let n = s.batch;
+    let x = rng.randn((n, 4, l, l), dev)?;
+    let ctx = rng.randn((n, 77, 768), dev)?;
+    let ts = Tensor::new(vec![500f32; n], dev)?;
     measure(
         &|vb| UNet2DConditionModel::new(vb, &cfg),
         &|m: &UNet2DConditionModel| m.forward(&x, &ts, &ctx),
@@ -368,10 +398,11 @@ fn run_phase(b: &TrainBench, spec: &str) -> anyhow::Result<()> {
         warmup: if unet { 1 } else { 2 },
         runs: if unet { b.unet_runs } else { b.runs },
         resolution: b.resolution,
+        batch: usize::from(b.batch),
         mixed_precision: b.mixed_precision,
         gradient_checkpointing: b.gradient_checkpointing,
     };
-    let dev = Device::Cpu;
+    let dev = crate::sys::parse_device(&b.device)?;
     let f = match unet {
         true => unet_figures(phase, &s, &dev)?,
         false => block_figures(phase, &s, &dev, workload == "block2")?,
@@ -388,7 +419,9 @@ fn child_figures(b: &TrainBench, workload: &str, phase: &str) -> anyhow::Result<
         .args(["--runs", &b.runs.to_string()])
         .args(["--unet-runs", &b.unet_runs.to_string()])
         .args(["--resolution", &b.resolution.to_string()])
-        .args(["--mixed-precision", &b.mixed_precision.to_string()]);
+        .args(["--batch", &b.batch.to_string()])
+        .args(["--mixed-precision", &b.mixed_precision.to_string()])
+        .args(["--device", &b.device]);
     if b.gradient_checkpointing {
         cmd.arg("--gradient-checkpointing");
     }
@@ -433,6 +466,7 @@ fn torch_figures(
     }
     .to_string();
     let res = b.resolution.to_string();
+    let batch = b.batch.to_string();
     let mp = b.mixed_precision.to_string();
     let mut args = vec![
         "--workload",
@@ -441,8 +475,12 @@ fn torch_figures(
         &runs,
         "--resolution",
         &res,
+        "--batch",
+        &batch,
         "--mixed-precision",
         &mp,
+        "--device",
+        &b.device,
     ];
     if !full {
         args.push("--no-full");
@@ -462,11 +500,16 @@ fn print_text(name: &str, f: &Figures, torch: Option<&serde_json::Value>) {
         ("full step", "full_step_ms", f.full_step_ms),
         ("LoRA RSS", "lora_peak_rss_mb", f.lora_peak_rss_mb),
         ("full RSS", "peak_rss_mb", f.full_peak_rss_mb),
+        ("LoRA dev", "lora_device_mb", f.lora_device_mb),
     ] {
         if ours == 0.0 {
             continue;
         }
-        let unit = if label.ends_with("RSS") { "MB" } else { "ms" };
+        let unit = if label.ends_with("RSS") || label.ends_with("dev") {
+            "MB"
+        } else {
+            "ms"
+        };
         match t(key) {
             Some(p) => println!(
                 "  {label:<10} {ours:>9.1} {unit}   PyTorch {p:>9.1} {unit}   ratio {:.2}x",
@@ -566,6 +609,7 @@ pub fn run(b: TrainBench) -> anyhow::Result<()> {
                     ("full_step_ms", "full_step_ms"),
                     ("lora_peak_rss_mb", "lora_peak_rss_mb"),
                     ("full_peak_rss_mb", "peak_rss_mb"),
+                    ("lora_device_mb", "lora_device_mb"),
                 ] {
                     let ours = v[k].as_f64().unwrap_or(0.0);
                     if let (Some(p), true) = (t[tk].as_f64(), ours > 0.0) {
@@ -581,6 +625,8 @@ pub fn run(b: TrainBench) -> anyhow::Result<()> {
             b.mixed_precision.to_string().into(),
         );
         obj.insert("resolution".into(), b.resolution.into());
+        obj.insert("device".into(), b.device.clone().into());
+        obj.insert("batch".into(), b.batch.into());
         obj.insert(
             "gradient_checkpointing".into(),
             b.gradient_checkpointing.into(),
@@ -592,7 +638,8 @@ pub fn run(b: TrainBench) -> anyhow::Result<()> {
         println!("{}", serde_json::Value::Object(obj));
     } else {
         println!(
-            "{precision}, CPU, random weights, {} threads; each phase in a fresh process",
+            "{precision}, {}, random weights, {} threads; each phase in a fresh process",
+            b.device,
             candle_core::utils::get_num_threads()
         );
         for (name, f, torch) in &results {
@@ -604,9 +651,10 @@ pub fn run(b: TrainBench) -> anyhow::Result<()> {
                     .to_string()
             } else {
                 format!(
-                    "SD 1.5 UNet, {0}x{0} (latent {1}x{1}), batch 1, context 77x768",
+                    "SD 1.5 UNet, {0}x{0} (latent {1}x{1}), batch {2}, context 77x768",
                     b.resolution,
-                    b.resolution / 8
+                    b.resolution / 8,
+                    b.batch
                 )
             };
             print_text(&title, f, torch.as_ref());
