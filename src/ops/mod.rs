@@ -62,7 +62,7 @@ pub use norm_silu_conv::{
 };
 pub use upsample::upsample_nearest2d;
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{CustomOp3, DType, Result, Tensor, D};
 
 /// Which implementation a training op uses.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -129,25 +129,32 @@ pub fn layer_norm_with(
             bias.shape()
         );
     }
-    let dtype = x.dtype();
-    let cd = compute_dtype(dtype);
     let op = layer_norm::LayerNorm { eps, kernel };
-    if dtype != cd {
+    norm_op(
+        [x, weight, bias],
+        op,
+        "lora-layer-norm-half",
+        move |a, track, g| layer_norm::grads(eps, kernel, a, track, g),
+    )
+}
+
+/// The norm `op` on `(x, weight, bias)` in the compute dtype: the op itself for f32 / f64
+/// input; for a half `x` through [`bridge::keep_half`] (the graph keeps the half input), with
+/// `grads` (the op's gradients on compute-dtype arguments) as its backward.
+fn norm_op(
+    [x, weight, bias]: [&Tensor; 3],
+    op: impl CustomOp3 + Send + Sync + 'static,
+    half_name: &'static str,
+    grads: impl Fn([&Tensor; 3], [bool; 3], &Tensor) -> Result<bridge::Grads3> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let cd = compute_dtype(x.dtype());
+    if x.dtype() != cd {
         let fwd = |[x, w, b]: [&Tensor; 3]| x.apply_op3_no_bwd(w, b, &op);
-        let bwd =
-            move |a: [&Tensor; 3], track, g: &Tensor| layer_norm::grads(eps, kernel, a, track, g);
-        return bridge::keep_half(
-            [x, weight, bias],
-            cd,
-            "lora-layer-norm-half",
-            fwd,
-            Box::new(bwd),
-        );
+        return bridge::keep_half([x, weight, bias], cd, half_name, fwd, Box::new(grads));
     }
-    let xc = x.contiguous()?;
     let w = weight.to_dtype(cd)?.contiguous()?;
     let b = bias.to_dtype(cd)?.contiguous()?;
-    xc.apply_op3(&w, &b, op)
+    x.contiguous()?.apply_op3(&w, &b, op)
 }
 
 /// Group norm over [N, C, ...] with per-channel affine weight and bias (PyTorch semantics),
@@ -188,30 +195,17 @@ pub fn group_norm_with(
             bias.shape()
         );
     }
-    let dtype = x.dtype();
-    let cd = compute_dtype(dtype);
     let op = group_norm::GroupNorm {
         groups: num_groups,
         eps,
         kernel,
     };
-    if dtype != cd {
-        let fwd = |[x, w, b]: [&Tensor; 3]| x.apply_op3_no_bwd(w, b, &op);
-        let bwd = move |a: [&Tensor; 3], track, g: &Tensor| {
-            group_norm::grads((num_groups, eps), kernel, a, track, g)
-        };
-        return bridge::keep_half(
-            [x, weight, bias],
-            cd,
-            "lora-group-norm-half",
-            fwd,
-            Box::new(bwd),
-        );
-    }
-    let xc = x.contiguous()?;
-    let w = weight.to_dtype(cd)?.contiguous()?;
-    let b = bias.to_dtype(cd)?.contiguous()?;
-    xc.apply_op3(&w, &b, op)
+    norm_op(
+        [x, weight, bias],
+        op,
+        "lora-group-norm-half",
+        move |a, track, g| group_norm::grads((num_groups, eps), kernel, a, track, g),
+    )
 }
 
 /// SiLU `x · sigmoid(x)`, differentiable with a one-pass backward on the CPU (outside a
