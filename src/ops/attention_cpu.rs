@@ -2,8 +2,8 @@
 //! `[G, N, d]` inputs, no mask): FlashAttention's blocking over queries with cache-sized
 //! blocks, products through the `gemm` crate (the kernels candle's own matmul uses).
 //!
-//! A block of [`BLOCK_ROWS`] queries of one head holds its scores `[rows, Nk]` (512 KiB for
-//! 4096 keys in f32, inside the L2 cache), turns them into probabilities in place (row max,
+//! A block of [`BLOCK_ROWS`] queries of one head holds its scores `[rows, Nk]` (1 MiB for
+//! 4096 keys in f32; 32, 128 and 256 rows measured no faster), turns them into probabilities in place (row max,
 //! exp, sum; the row log-sum-exp kept), and multiplies them by `V` straight into the output.
 //! The backward walks the same blocks per head: `P = exp(scale · q kᵀ − L)`, `dV += Pᵀ dO`,
 //! `dP = dO Vᵀ`, `dS = scale · P ⊙ (dP − rowsum(P ⊙ dP))`, `dQ = dS K`, `dK += dSᵀ q`. Heads
