@@ -126,13 +126,11 @@ impl Dims {
     }
 }
 
-/// Gradients of q, k and v, each only where asked for.
-pub(crate) type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+pub(crate) use super::bridge::Grads3;
 
 /// The backward of one attention form: graph-free `[q, k, v]` in the form's layout and
 /// compute dtype, which of them need a gradient, and the output gradient (same layout).
-pub(crate) type CoreBwd =
-    Box<dyn Fn([&Tensor; 3], [bool; 3], &Tensor) -> Result<Grads3> + Send + Sync>;
+pub(crate) type CoreBwd = super::bridge::TrackedBwd3;
 
 /// Which form computes one call.
 #[derive(Clone, Copy, Debug)]

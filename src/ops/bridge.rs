@@ -295,11 +295,7 @@ pub(crate) fn attach_n(
 }
 
 /// The gradient closure of [`attach3`]: `(args, grad_of_output) -> grads of the args`.
-pub(crate) type Attach3Bwd = Box<
-    dyn Fn([&Tensor; 3], &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>
-        + Send
-        + Sync,
->;
+pub(crate) type Attach3Bwd = Box<dyn Fn([&Tensor; 3], &Tensor) -> Result<Grads3> + Send + Sync>;
 
 /// [`Attach`] with three arguments.
 struct Attach3 {
@@ -448,8 +444,13 @@ macro_rules! fwd_via_kernel {
 }
 pub(crate) use fwd_via_kernel;
 
-/// The gradients of a norm op, one per argument `(x, weight, bias)`.
+/// Gradients of three arguments, each only where asked for.
 pub(crate) type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+/// A backward on three graph-free arguments (in the op's compute dtype): which of them need
+/// a gradient, and the output gradient.
+pub(crate) type TrackedBwd3 =
+    Box<dyn Fn([&Tensor; 3], [bool; 3], &Tensor) -> Result<Grads3> + Send + Sync>;
 
 /// The backward of a norm op on `(x, weight, bias)` for the output gradient `g`: the
 /// graph-free fused op `fused_bwd` on `(x, weight, grad)` when given, else `generic`
@@ -473,12 +474,8 @@ pub(crate) fn norm_grads(
     ))
 }
 
-/// The backward of [`keep_half`]: `(args in the compute dtype, which are tracked, grad)`.
-pub(crate) type HalfNormBwd =
-    Box<dyn Fn([&Tensor; 3], [bool; 3], &Tensor) -> Result<Grads3> + Send + Sync>;
-
-/// A norm op computed in `cd` on half-precision `(x, weight, bias)`, so that the graph keeps
-/// the half arguments rather than their `cd` copies (half the bytes): `fwd` runs on
+/// An op (the norms' `(x, weight, bias)`) computed in `cd` on half-precision arguments, so
+/// that the graph keeps the half arguments rather than their `cd` copies: `fwd` runs on
 /// graph-free `cd` copies and its output is cast back; the backward casts the arguments
 /// again, calls `bwd` and casts each gradient to its argument's dtype.
 pub(crate) fn keep_half(
@@ -486,7 +483,7 @@ pub(crate) fn keep_half(
     cd: DType,
     name: &'static str,
     fwd: impl FnOnce([&Tensor; 3]) -> Result<Tensor>,
-    bwd: HalfNormBwd,
+    bwd: TrackedBwd3,
 ) -> Result<Tensor> {
     let up = move |t: &Tensor| t.detach().to_dtype(cd)?.contiguous();
     let y = {
