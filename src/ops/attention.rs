@@ -33,7 +33,7 @@
 
 use super::attention_cpu as cpu;
 use super::attention_tiled as tiled;
-use super::bridge::attach3;
+use super::bridge::attach3_out;
 use super::softmax::{backward as softmax_backward, softmax_owned};
 use super::{compute_dtype, Kernel};
 use candle_core::{DType, Result, Tensor};
@@ -129,8 +129,10 @@ impl Dims {
 pub(crate) use super::bridge::Grads3;
 
 /// The backward of one attention form: graph-free `[q, k, v]` in the form's layout and
-/// compute dtype, which of them need a gradient, and the output gradient (same layout).
-pub(crate) type CoreBwd = super::bridge::TrackedBwd3;
+/// compute dtype, which of them need a gradient, the output gradient and the forward's
+/// output (both in the same layout; only the fused form reads the output).
+pub(crate) type CoreBwd =
+    Box<dyn Fn([&Tensor; 3], [bool; 3], &Tensor, &Tensor) -> Result<Grads3> + Send + Sync>;
 
 /// Which form computes one call.
 #[derive(Clone, Copy, Debug)]
@@ -224,12 +226,13 @@ fn fused(
     if !track {
         return Ok((out, None));
     }
-    let bwd = move |[q, k, v]: [&Tensor; 3], track: [bool; 3], g: &Tensor| {
+    let bwd = move |[q, k, v]: [&Tensor; 3], track: [bool; 3], g: &Tensor, out: &Tensor| {
         let (dq, dk, dv) = cpu::backward(
             [&flat(q)?, &flat(k)?, &flat(v)?],
             track,
             &lse,
             &flat(g)?,
+            &flat(out)?,
             scale,
         )?;
         let back =
@@ -269,15 +272,16 @@ fn run(
         Form::Tiled(_) => "lora-attention-tiled",
         Form::Fused => "lora-attention-fused",
     };
-    let f = move |[q, k, v]: [&Tensor; 3], g: &Tensor| {
+    let f = move |[q, k, v]: [&Tensor; 3], out: &Tensor, g: &Tensor| {
         let track = [q.track_op(), k.track_op(), v.track_op()];
         bwd(
             [&q.detach(), &k.detach(), &v.detach()],
             track,
             &g.to_dtype(cd)?,
+            &out.detach(),
         )
     };
-    attach3([&q, &k, &v], out, name, Box::new(f))?.to_dtype(dtype)
+    attach3_out([&q, &k, &v], out, name, Box::new(f))?.to_dtype(dtype)
 }
 
 /// Attention over `q` `[..., Nq, d]`, `k` `[..., Nk, d]`, `v` `[..., Nk, dv]` (same leading
@@ -380,16 +384,16 @@ pub fn attention_heads(
     let Some(bwd) = bwd else {
         return Ok(out);
     };
-    let f = move |[q, k, v]: [&Tensor; 3], g: &Tensor| {
+    let f = move |[q, k, v]: [&Tensor; 3], out: &Tensor, g: &Tensor| {
         let track = [q.track_op(), k.track_op(), v.track_op()];
         let heads = [split(q)?, split(k)?, split(v)?];
-        let gh = split(g)?;
-        let (dq, dk, dv) = bwd([&heads[0], &heads[1], &heads[2]], track, &gh)?;
-        drop((heads, gh));
+        let (gh, oh) = (split(g)?, split(out)?);
+        let (dq, dk, dv) = bwd([&heads[0], &heads[1], &heads[2]], track, &gh, &oh)?;
+        drop((heads, gh, oh));
         let m = |t: Option<Tensor>, like: &Tensor| t.map(|t| merge(&t, like.dtype())).transpose();
         Ok((m(dq, q)?, m(dk, k)?, m(dv, v)?))
     };
-    attach3([q, k, v], out, "lora-attention-heads", Box::new(f))
+    attach3_out([q, k, v], out, "lora-attention-heads", Box::new(f))
 }
 
 /// The tiled (memory-efficient) attention with an explicit tile budget in bytes, whatever
@@ -452,7 +456,7 @@ fn materialised(
         return Ok((out, None));
     }
     let masked = mask.is_some();
-    let bwd = move |[q, k, v]: [&Tensor; 3], [tq, tk, tv]: [bool; 3], g: &Tensor| {
+    let bwd = move |[q, k, v]: [&Tensor; 3], [tq, tk, tv]: [bool; 3], g: &Tensor, _: &Tensor| {
         let dv = match tv {
             true => Some(p.t()?.matmul(g)?),
             false => None,

@@ -129,7 +129,7 @@ pub(crate) fn core(
     if !track {
         return Ok((out, None));
     }
-    let bwd = move |[q, k, v]: [&Tensor; 3], [tq, tk, tv]: [bool; 3], grad: &Tensor| {
+    let bwd = move |[q, k, v]: [&Tensor; 3], [tq, tk, tv]: [bool; 3], grad: &Tensor, _: &Tensor| {
         let g = plan.groups;
         let (q3, k3, v3) = (flat(q, g)?, flat(k, g)?, flat(v, g)?);
         let g3 = flat(grad, g)?;

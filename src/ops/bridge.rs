@@ -297,11 +297,15 @@ pub(crate) fn attach_n(
 /// The gradient closure of [`attach3`]: `(args, grad_of_output) -> grads of the args`.
 pub(crate) type Attach3Bwd = Box<dyn Fn([&Tensor; 3], &Tensor) -> Result<Grads3> + Send + Sync>;
 
+/// The gradient closure of [`attach3_out`]: `(args, output, grad_of_output) -> grads`.
+pub(crate) type Attach3OutBwd =
+    Box<dyn Fn([&Tensor; 3], &Tensor, &Tensor) -> Result<Grads3> + Send + Sync>;
+
 /// [`Attach`] with three arguments.
 struct Attach3 {
     name: &'static str,
     value: Taken,
-    bwd: Attach3Bwd,
+    bwd: Attach3OutBwd,
 }
 
 impl CustomOp3 for Attach3 {
@@ -347,10 +351,10 @@ impl CustomOp3 for Attach3 {
         a1: &Tensor,
         a2: &Tensor,
         a3: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        super::profile::scope(self.name, Backward, || (self.bwd)([a1, a2, a3], grad))
+        super::profile::scope(self.name, Backward, || (self.bwd)([a1, a2, a3], res, grad))
     }
 }
 
@@ -360,6 +364,17 @@ pub(crate) fn attach3(
     value: Tensor,
     name: &'static str,
     bwd: Attach3Bwd,
+) -> Result<Tensor> {
+    attach3_out(args, value, name, Box::new(move |a, _, g| bwd(a, g)))
+}
+
+/// [`attach3`] whose backward also reads the op's output (the graph's own result tensor,
+/// so reading it keeps nothing extra alive).
+pub(crate) fn attach3_out(
+    args: [&Tensor; 3],
+    value: Tensor,
+    name: &'static str,
+    bwd: Attach3OutBwd,
 ) -> Result<Tensor> {
     if !args.iter().any(|a| a.track_op()) {
         return Ok(value);
