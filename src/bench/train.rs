@@ -635,12 +635,15 @@ pub fn run(b: TrainBench) -> anyhow::Result<()> {
             "threads".into(),
             candle_core::utils::get_num_threads().into(),
         );
+        obj.insert("blas".into(), crate::ops::blas_name().into());
         println!("{}", serde_json::Value::Object(obj));
     } else {
         println!(
-            "{precision}, {}, random weights, {} threads; each phase in a fresh process",
+            "{precision}, {}, random weights, {} threads, CPU products on {}; each phase in a \
+             fresh process",
             b.device,
-            candle_core::utils::get_num_threads()
+            candle_core::utils::get_num_threads(),
+            crate::ops::blas_name().unwrap_or("the gemm crate (no BLAS found)")
         );
         for (name, f, torch) in &results {
             let title = if name == "sd_block" {

@@ -14,8 +14,7 @@
 //! beyond the output the graph holds anyway; the values equal the other forms to rounding.
 
 use super::par::{
-    contiguous_slice, map_inplace, max_of, par_for, par_for_scratch, reduce1, reduce2, Real,
-    SharedMut,
+    contiguous_slice, gemm, max_of, par_for, par_for_scratch, reduce1, reduce2, Real, SharedMut,
 };
 use candle_core::{DType, Device, Result, Storage, Tensor};
 
@@ -26,44 +25,6 @@ pub(crate) const BLOCK_ROWS: usize = 64;
 /// stay in a core's L2 cache (64 × 4096 tiles spilled to L3: 1.3x the time measured; 128
 /// to 512 rows by 128 to 256 keys measured within 5 % of this).
 const BACKWARD_TILE: (usize, usize) = (256, 160);
-
-/// `dst[m×n] = scale · lhs[m×k] · rhs[k×n]` (`acc`: added to `dst`), every matrix given by
-/// its row and column strides, on this thread.
-#[allow(clippy::too_many_arguments)]
-fn gemm<T: 'static + Copy>(
-    (m, n, k): (usize, usize, usize),
-    dst: (&mut [T], isize, isize),
-    lhs: (&[T], isize, isize),
-    rhs: (&[T], isize, isize),
-    scale: T,
-    acc: bool,
-    one: T,
-) {
-    // SAFETY: the callers pass slices covering every element the strides reach.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.0.as_mut_ptr(),
-            dst.2,
-            dst.1,
-            acc,
-            lhs.0.as_ptr(),
-            lhs.2,
-            lhs.1,
-            rhs.0.as_ptr(),
-            rhs.2,
-            rhs.1,
-            one,
-            scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
 
 /// The geometry of one call.
 #[derive(Clone, Copy)]
@@ -105,7 +66,7 @@ fn exp_rows<T: Real>(s: &mut [T], nk: usize) -> (Vec<T>, Vec<T>) {
     s.chunks_exact_mut(nk)
         .map(|row| {
             let m = max_of(row);
-            map_inplace(row, |x| (x - m).exp());
+            T::exp_sub_inplace(row, m);
             let sum: f64 = reduce1::<T, f64>(row, |x| x.to_f64());
             (T::from_f64(1.0 / sum), T::from_f64(m.to_f64() + sum.ln()))
         })
@@ -303,7 +264,7 @@ fn backward_slices<T: Real + 'static>(
                     T::ONE,
                 );
                 for (row, &l) in p.chunks_exact_mut(cols).zip(lb) {
-                    map_inplace(row, |x| (x - l).exp());
+                    T::exp_sub_inplace(row, l);
                 }
                 if tv {
                     let dvt = &mut dvg[c0 * dv..(c0 + cols) * dv];

@@ -10,10 +10,11 @@ pub(crate) fn cpu_bf16(x: &Tensor) -> bool {
 
 /// Batched matrix product `a @ b`, differentiable in both operands.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if let Some(c) = super::blas::matmul(a, b)? {
+        return Ok(c);
+    }
     if cpu_bf16(a) {
-        a.to_dtype(DType::F32)?
-            .matmul(&b.to_dtype(DType::F32)?)?
-            .to_dtype(DType::BF16)
+        matmul(&a.to_dtype(DType::F32)?, &b.to_dtype(DType::F32)?)?.to_dtype(DType::BF16)
     } else {
         a.matmul(b)
     }

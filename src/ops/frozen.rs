@@ -41,7 +41,8 @@ impl Default for Conv2dParams {
     }
 }
 
-/// The frozen forward conv: im2col + one gemm where it serves, candle's conv2d elsewhere.
+/// The frozen forward conv: our CPU kernels (shifted gemms or im2col + one gemm; bf16 on
+/// f32 copies) where they serve, candle's conv2d elsewhere.
 fn conv2d(
     x: &Tensor,
     k: &Tensor,
@@ -52,6 +53,11 @@ fn conv2d(
     super::profile::scope("conv2d", super::profile::Pass::Forward, || {
         if !cpu_bf16(x) && super::im2col::supported(x, p.groups) {
             super::im2col::conv2d_cpu(x, k, padding, stride, p.dilation)
+        } else if cpu_bf16(x) && p.groups == 1 {
+            // bf16 on the CPU (no bf16 gemm in candle 0.11): our f32 kernels on f32 copies.
+            let (x32, k32) = (x.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?);
+            super::im2col::conv2d_cpu(&x32, &k32, padding, stride, p.dilation)?
+                .to_dtype(DType::BF16)
         } else {
             dense::conv2d(x, k, padding, stride, p.dilation, p.groups)
         }

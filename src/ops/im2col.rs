@@ -50,6 +50,9 @@ pub(crate) fn conv2d_cpu(
             x.shape()
         );
     };
+    if super::conv_shifted::serves(x, k, padding, stride, dilation) {
+        return super::conv_shifted::conv2d(x, k, padding);
+    }
     let (ho, wo) = (ho / stride + 1, wo / stride + 1);
     let kdim = c_in * kh * kw;
     let x = x.contiguous()?;
@@ -58,7 +61,7 @@ pub(crate) fn conv2d_cpu(
         .broadcast_as((n, c_out, kdim))?;
     if kh == 1 && kw == 1 && stride == 1 && padding == 0 {
         let cols = x.reshape((n, c_in, h * w))?;
-        return k2.matmul(&cols)?.reshape((n, c_out, ho, wo));
+        return super::dense::matmul(&k2, &cols)?.reshape((n, c_out, ho, wo));
     }
     // Output rows per band, so that one band's patches stay within the budget.
     let row_bytes = n * kdim * wo * x.dtype().size_in_bytes();
@@ -73,7 +76,7 @@ pub(crate) fn conv2d_cpu(
             dilation,
             rows: oy0..(oy0 + band).min(ho),
         })?;
-        parts.push(k2.matmul(&cols)?);
+        parts.push(super::dense::matmul(&k2, &cols)?);
     }
     let out = match parts.len() {
         1 => parts.remove(0),
@@ -195,8 +198,12 @@ pub(crate) fn conv2d_input_grad_cpu(
         DType::F32
     };
     let kdim = c_in * kh * kw;
-    let kt = k.to_dtype(cd)?.contiguous()?.reshape((c_out, kdim))?.t()?;
     let g = g.to_dtype(cd)?.contiguous()?;
+    let kc = k.to_dtype(cd)?;
+    if (h, w) == (ho, wo) && super::conv_shifted::serves(&g, &kc, padding, stride, dilation) {
+        return super::conv_shifted::conv2d_input_grad(&g, &kc, padding)?.to_dtype(dtype);
+    }
+    let kt = kc.contiguous()?.reshape((c_out, kdim))?.t()?;
     let dx = Tensor::zeros((n, c_in, h, w), cd, g.device())?;
     let row_bytes = kdim * wo * cd.size_in_bytes();
     let band = (IM2COL_BYTES / row_bytes.max(1)).clamp(1, ho.max(1));
@@ -208,7 +215,7 @@ pub(crate) fn conv2d_input_grad_cpu(
                 true => gi.clone(),
                 false => gi.narrow(1, oy0 * wo, rows * wo)?.contiguous()?,
             };
-            let cols = kt.matmul(&gb)?;
+            let cols = super::dense::matmul(&kt, &gb)?;
             let op = Col2Im {
                 image: img,
                 kh,

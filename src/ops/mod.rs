@@ -28,8 +28,10 @@ mod attention;
 mod attention_cpu;
 mod attention_tiled;
 mod bias;
+mod blas;
 mod bridge;
 mod checkpoint;
+mod conv_shifted;
 mod dense;
 mod frozen;
 mod geglu_linear;
@@ -49,7 +51,9 @@ pub use attention::{
     attention, attention_heads, attention_materialised, attention_peak_elems, attention_tiled,
     attention_with, reset_attention_peak, ATTENTION_MATERIALISE_BYTES, ATTENTION_TILE_BYTES,
 };
+pub use blas::blas_name;
 pub use checkpoint::{checkpoint, BlockFn, Replay};
+pub use conv_shifted::serves as shifted_conv_serves;
 pub use dense::{conv2d, matmul};
 pub use frozen::{
     conv2d_input_grad, conv2d_input_grad_flipped, frozen_conv2d, frozen_linear, Conv2dParams,
