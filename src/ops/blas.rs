@@ -11,43 +11,17 @@
 use candle_core::{DType, Device, Layout, Result, Storage, Tensor};
 use std::sync::{Mutex, OnceLock};
 
-type SgemmFn = unsafe extern "C" fn(
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    f32,
-    *const f32,
-    i32,
-    *const f32,
-    i32,
-    f32,
-    *mut f32,
-    i32,
-);
-type DgemmFn = unsafe extern "C" fn(
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    f64,
-    *const f64,
-    i32,
-    *const f64,
-    i32,
-    f64,
-    *mut f64,
-    i32,
+/// `cblas_sgemm` / `cblas_dgemm`: order, transpositions, m, n, k, alpha, a, lda, b, ldb,
+/// beta, c, ldc.
+#[rustfmt::skip]
+type GemmFn<T> = unsafe extern "C" fn(
+    i32, i32, i32, i32, i32, i32, T, *const T, i32, *const T, i32, T, *mut T, i32,
 );
 
 /// The loaded library's entry points.
 pub(crate) struct Lib {
-    sgemm: SgemmFn,
-    dgemm: DgemmFn,
+    sgemm: GemmFn<f32>,
+    dgemm: GemmFn<f64>,
     name: String,
     _lib: libloading::Library,
 }
@@ -72,11 +46,16 @@ fn lib() -> Option<&'static Lib> {
         if matches!(choice.as_str(), "0" | "off" | "no" | "none") {
             return None;
         }
-        let names: Vec<&str> = match choice.is_empty() {
-            true => CANDIDATES.to_vec(),
-            false => vec![choice.as_str()],
-        };
-        names.into_iter().find_map(|n| open(n).ok())
+        if choice.is_empty() {
+            return CANDIDATES.into_iter().find_map(|n| open(n).ok());
+        }
+        // A library the user named that does not load is said, not silently skipped.
+        open(&choice)
+            .map_err(|e| {
+                let why = std::error::Error::source(&e).map_or(e.to_string(), |s| s.to_string());
+                eprintln!("warning: LORA_BLAS={choice}: {why}; products stay on the gemm crate")
+            })
+            .ok()
     })
     .as_ref()
 }
@@ -86,8 +65,8 @@ fn open(name: &str) -> std::result::Result<Lib, libloading::Error> {
     // the CBLAS signatures they are defined with.
     unsafe {
         let lib = libloading::Library::new(name)?;
-        let sgemm = *lib.get::<SgemmFn>(b"cblas_sgemm\0")?;
-        let dgemm = *lib.get::<DgemmFn>(b"cblas_dgemm\0")?;
+        let sgemm = *lib.get::<GemmFn<f32>>(b"cblas_sgemm\0")?;
+        let dgemm = *lib.get::<GemmFn<f64>>(b"cblas_dgemm\0")?;
         type SetThreads = unsafe extern "C" fn(i32);
         if let Ok(set) = lib.get::<SetThreads>(b"openblas_set_num_threads\0") {
             set(candle_core::utils::get_num_threads().max(1) as i32);

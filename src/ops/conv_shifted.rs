@@ -46,13 +46,10 @@ pub fn serves(x: &Tensor, k: &Tensor, padding: usize, stride: usize, dilation: u
         && h * w >= MIN_PIXELS
 }
 
-/// The convolution `[N, in, H, W]` ⊛ `[out, in, k, k]` → `[N, out, H, W]` (see [`serves`]).
+/// The convolution `[N, in, H, W]` ⊛ `[out, in, k, k]` → `[N, out, H, W]` (see [`serves`];
+/// the caller, `im2col::conv2d_cpu`, has checked the shapes).
 pub(crate) fn conv2d(x: &Tensor, k: &Tensor, padding: usize) -> Result<Tensor> {
-    let (_, c_in, _, _) = x.dims4()?;
-    let (c_out, c_k, kh, kw) = k.dims4()?;
-    if c_k != c_in {
-        candle_core::bail!("conv2d: input {:?} vs kernel {:?}", x.shape(), k.shape());
-    }
+    let (c_out, c_in, kh, kw) = k.dims4()?;
     let taps = kh * kw;
     // W[o, c, ky, kx] as `[out, in]` at offset ky·kw + kx.
     let plan = Plan {
@@ -66,17 +63,10 @@ pub(crate) fn conv2d(x: &Tensor, k: &Tensor, padding: usize) -> Result<Tensor> {
     })
 }
 
-/// The gradient w.r.t. the input of [`conv2d`] for the output gradient `g` `[N, out, H, W]`.
+/// The gradient w.r.t. the input of [`conv2d`] for the output gradient `g` `[N, out, H, W]`
+/// (shapes checked by the caller, `im2col::conv2d_input_grad_cpu`).
 pub(crate) fn conv2d_input_grad(g: &Tensor, k: &Tensor, padding: usize) -> Result<Tensor> {
-    let (_, c_out, _, _) = g.dims4()?;
-    let (k_out, c_in, kh, kw) = k.dims4()?;
-    if k_out != c_out {
-        candle_core::bail!(
-            "conv2d input grad: gradient {:?} vs kernel {:?}",
-            g.shape(),
-            k.shape()
-        );
-    }
+    let (_, c_in, kh, kw) = k.dims4()?;
     let taps = kh * kw;
     // W[o, c, ky, kx] as `[in, out]` (the transpose) at offset ky·kw + kx.
     let plan = Plan {
