@@ -136,31 +136,26 @@ fn shifted<T: Real + BlasFloat>(
     // Channel stride of the padded copy: 2p spare zeros keep the last tap's view in bounds.
     let plane = hp * wp + 2 * p;
     let mut padded = vec![T::ZERO; n * c * plane];
-    {
-        let dst = SharedMut::new(&mut padded);
-        super::par::par_for(n * c, plane, |i| {
-            // SAFETY: plane i of the padded copy belongs to item i only.
-            let out = unsafe { dst.slice(i * plane, plane) };
-            let img = &src[i * h * w..(i + 1) * h * w];
-            for (y, row) in img.chunks_exact(w).enumerate() {
-                let at = (y + p) * wp + p;
-                out[at..at + w].copy_from_slice(row);
-            }
-        });
-    }
+    par_rows(&mut padded, plane, |i, out| {
+        let img = &src[i * h * w..(i + 1) * h * w];
+        for (y, row) in img.chunks_exact(w).enumerate() {
+            let at = (y + p) * wp + p;
+            out[at..at + w].copy_from_slice(row);
+        }
+    });
     let cols = h * wp;
     // One band of output columns per thread and image: larger bands measured faster (the
     // gemm crate blocks each product for the caches itself), from 32 to 512 channels.
     let band = cols.div_ceil(candle_core::utils::get_num_threads().max(1));
     let bands = cols.div_ceil(band);
-    let taps: Vec<(usize, usize)> = (0..kk * kk)
+    // Each tap's offset into the padded input (tap t is kernel element t = ky·k + kx).
+    let taps: Vec<usize> = (0..kk * kk)
         .map(|t| {
             let (ky, kx) = (t / kk, t % kk);
-            let at = match mirror {
+            match mirror {
                 false => ky * wp + kx,
                 true => (2 * p - ky) * wp + (2 * p - kx),
-            };
-            (at, t)
+            }
         })
         .collect();
     let mut out = vec![T::ZERO; n * m * h * w];
@@ -176,14 +171,14 @@ fn shifted<T: Real + BlasFloat>(
         let len = band.min(cols - j0);
         let buf = &mut buf[..m * len];
         let src_img = &padded[img * c * plane..(img + 1) * c * plane];
-        for (i, &(at, t)) in taps.iter().enumerate() {
+        for (t, &at) in taps.iter().enumerate() {
             gemm(
                 (m, len, c),
                 (buf, len as isize, 1),
                 (&kernel[t..], krs, kcs),
                 (&src_img[at + j0..], plane as isize, 1),
                 T::ONE,
-                i > 0,
+                t > 0,
                 T::ONE,
             );
         }
@@ -217,7 +212,7 @@ fn blas_products<T: Real + BlasFloat>(
     out: &mut [T],
     padded: &[T],
     kernel: &[T],
-    taps: &[(usize, usize)],
+    taps: &[usize],
     (n, c, h, w): (usize, usize, usize, usize),
     plan: Plan,
 ) -> Result<()> {
@@ -240,13 +235,13 @@ fn blas_products<T: Real + BlasFloat>(
     let mut buf = vec![T::ZERO; m * cols];
     for img in 0..n {
         let src = &padded[img * c * plane..(img + 1) * c * plane];
-        for (i, &(at, t)) in taps.iter().enumerate() {
+        for (t, &at) in taps.iter().enumerate() {
             let done = super::blas::gemm_rows(
                 (m, cols, c),
                 (&kr[t * m * c..(t + 1) * m * c], c),
                 (&src[at..], plane),
                 &mut buf,
-                i > 0,
+                t > 0,
             );
             if !done {
                 candle_core::bail!("shifted conv2d: product {m}x{cols}x{c} too large for CBLAS");
