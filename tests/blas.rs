@@ -1,8 +1,10 @@
 //! The optional BLAS path of the CPU products (`ops::matmul` when a system OpenBLAS loads,
 //! for products of at least 2^24 multiply-adds): equal to candle's matmul on every layout
 //! it takes (transposed operands, broadcast and folded batches, views with offsets), and
-//! the convolutions equal with and without it (the test binary re-runs itself with
-//! `LORA_BLAS=off`).
+//! the convolutions equal with and without it. The test binary re-runs itself with
+//! `LORA_BLAS` naming the library, so that the BLAS path is covered on CPUs where it is not
+//! chosen by default (AVX-512, where the gemm crate's kernels are the faster), and with
+//! `LORA_BLAS=off`.
 
 mod common;
 
@@ -14,8 +16,39 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
     common::max_abs_diff_f64(a, b) / common::max_abs_f64(b)
 }
 
+/// The library the children name (`LORA_BLAS`), whether or not the default choice takes it.
+const LIBRARY: &str = "libopenblas.so.0";
+
+/// Runs test `name` of this binary again with `LORA_BLAS=blas`, `LORA_BLAS_CHILD=out`, and
+/// asserts it passed.
+fn run_child(name: &str, blas: &str, out: &std::path::Path) {
+    let run = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture"])
+        .env("LORA_BLAS", blas)
+        .env("LORA_BLAS_CHILD", out)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "the LORA_BLAS={blas} run failed: {said}"
+    );
+    println!(
+        "LORA_BLAS={blas}: {}",
+        said.lines().find(|l| l.contains("BLAS")).unwrap_or("")
+    );
+}
+
 #[test]
 fn blas_matmul_equals_candle_on_every_layout() {
+    if std::env::var_os("LORA_BLAS_CHILD").is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        run_child(
+            "blas_matmul_equals_candle_on_every_layout",
+            LIBRARY,
+            dir.path(),
+        );
+    }
     match ops::blas_name() {
         Some(name) => println!("BLAS in use: {name}"),
         None => println!(
@@ -100,23 +133,25 @@ fn convolutions_agree_with_and_without_the_blas() {
         ),
     ];
     if let Ok(to) = std::env::var("LORA_BLAS_CHILD") {
+        println!("BLAS in use: {:?}", ops::blas_name());
         candle_core::safetensors::save(&results.into_iter().collect(), to).unwrap();
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("conv.safetensors");
-    let run = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["convolutions_agree_with_and_without_the_blas", "--exact"])
-        .env("LORA_BLAS", "off")
-        .env("LORA_BLAS_CHILD", &out)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&run.stdout);
-    assert!(run.status.success(), "the LORA_BLAS=off run failed: {said}");
-    let other = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let load = |blas: &str| {
+        let out = dir.path().join(format!("conv-{blas}.safetensors"));
+        run_child("convolutions_agree_with_and_without_the_blas", blas, &out);
+        candle_core::safetensors::load(&out, &Device::Cpu).unwrap()
+    };
+    let (with, without) = (load(LIBRARY), load("off"));
     for (name, t) in &results {
-        let e = rel(&other[name], t);
+        let e = rel(&with[name], &without[name]);
         assert!(e <= 2e-6, "{name} with vs without the BLAS: {e:e}");
+        let e = rel(t, &without[name]);
+        assert!(
+            e <= 2e-6,
+            "{name} default choice vs without the BLAS: {e:e}"
+        );
     }
     assert!(rel(&results[0].1, &x.conv2d(&w, 1, 1, 1, 1).unwrap()) <= 2e-6);
     assert!(rel(&results[1].1, &x.conv2d(&w, 1, 2, 1, 1).unwrap()) <= 2e-6);

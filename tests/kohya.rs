@@ -196,7 +196,11 @@ fn trainer_default_output_is_what_diffusers_and_sd_scripts_applied() {
     let now = formats::read(&path).unwrap();
     let err = delta_error(&now, &reference, "train.diffusers.");
     eprintln!("trained now vs diffusers' ΔW of the committed file: relative {err:e}");
-    assert!(err < 1e-5);
+    // Three AdamW steps at lr 0.05 amplify rounding: the gemm crate's AVX-512 kernels (on a
+    // CPU that has them) round otherwise than its AVX2 ones, which wrote the committed file,
+    // and move the factors by up to 1.5e-3 relative; a lost gradient or a wrong scale moves
+    // them by more than 0.1.
+    assert!(err < 1e-2, "{err:e}");
     let (a, b) = (
         read_header(&path).unwrap().metadata,
         read_header(&fx("train/lora.safetensors")).unwrap().metadata,

@@ -60,8 +60,8 @@ pub struct TrainBench {
     /// Skip the full-fine-tuning step.
     #[arg(long)]
     no_full: bool,
-    /// LoRA steps with gradient checkpointing (every resnet / transformer block recomputed in
-    /// the backward); the full step is then skipped.
+    /// LoRA steps with gradient checkpointing (transformer blocks, and resnets with trainable
+    /// layers, recomputed in the backward); the full step is then skipped.
     #[arg(long)]
     gradient_checkpointing: bool,
     /// Internal: measure one phase (`block:lora`, `unet:full`, …) in this process, print JSON.
@@ -643,7 +643,7 @@ pub fn run(b: TrainBench) -> anyhow::Result<()> {
              fresh process",
             b.device,
             candle_core::utils::get_num_threads(),
-            crate::ops::blas_name().unwrap_or("the gemm crate (no BLAS found)")
+            crate::ops::blas_name().unwrap_or("the gemm crate (no BLAS in use)")
         );
         for (name, f, torch) in &results {
             let title = if name == "sd_block" {

@@ -5,7 +5,9 @@
 //!
 //! On the 2-core AMD EPYC (AVX2) measured, Debian's OpenBLAS 0.3.21 (`libopenblas0`) ran the
 //! SD 1.5 UNet's conv products at 137–157 GFLOP/s where the `gemm` crate reached 100–105
-//! (and MKL, in PyTorch, 103–123). `LORA_BLAS=/path/to/libopenblas.so` picks a library.
+//! (and MKL, in PyTorch, 103–123). On CPUs with AVX-512 the gemm crate's own AVX-512 kernels
+//! match OpenBLAS's best, so a library running AVX2 kernels there is passed over
+//! ([`slower_than_gemm`]). `LORA_BLAS=/path/to/libopenblas.so` picks a library.
 //! Calls are serialised by a lock (OpenBLAS runs each on its own threads).
 
 use candle_core::{DType, Device, Layout, Result, Storage, Tensor};
@@ -23,6 +25,7 @@ pub(crate) struct Lib {
     sgemm: GemmFn<f32>,
     dgemm: GemmFn<f64>,
     name: String,
+    core: Option<String>,
     _lib: libloading::Library,
 }
 
@@ -47,7 +50,8 @@ fn lib() -> Option<&'static Lib> {
             return None;
         }
         if choice.is_empty() {
-            return CANDIDATES.into_iter().find_map(|n| open(n).ok());
+            let found = CANDIDATES.into_iter().find_map(|n| open(n).ok())?;
+            return (!slower_than_gemm(found.core.as_deref())).then_some(found);
         }
         // A library the user named that does not load is said, not silently skipped.
         open(&choice)
@@ -58,6 +62,24 @@ fn lib() -> Option<&'static Lib> {
             .ok()
     })
     .as_ref()
+}
+
+/// OpenBLAS kernel families (`openblas_get_corename`, lower case) with AVX-512 products.
+const AVX512_CORES: [&str; 3] = ["skylakex", "cooperlake", "sapphirerapids"];
+
+/// On a CPU with AVX-512 the `gemm` crate runs its AVX-512 kernels (feature `x86-v4`), and a
+/// BLAS running AVX2 kernels there is the slower of the two: OpenBLAS 0.3.21 takes AMD's
+/// Zen 4 / 5 for Haswell (as does `OPENBLAS_CORETYPE=Haswell`), and on a 2-core Zen 5 EPYC
+/// the SD 1.5 512 px LoRA step took 15.3 s with it against 7.8 s without (7.7 s with its
+/// Skylake-X kernels). Such a library is not used unless `LORA_BLAS` names it.
+fn slower_than_gemm(core: Option<&str>) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        let core = core.unwrap_or_default().to_ascii_lowercase();
+        return !AVX512_CORES.iter().any(|c| core.contains(c));
+    }
+    let _ = core;
+    false
 }
 
 fn open(name: &str) -> std::result::Result<Lib, libloading::Error> {
@@ -71,19 +93,35 @@ fn open(name: &str) -> std::result::Result<Lib, libloading::Error> {
         if let Ok(set) = lib.get::<SetThreads>(b"openblas_set_num_threads\0") {
             set(candle_core::utils::get_num_threads().max(1) as i32);
         }
-        let base = std::path::Path::new(name)
+        let mut base = std::path::Path::new(name)
             .file_name()
             .map_or(name.to_string(), |f| f.to_string_lossy().into_owned());
+        type CoreName = unsafe extern "C" fn() -> *const std::ffi::c_char;
+        let core = lib
+            .get::<CoreName>(b"openblas_get_corename\0")
+            .ok()
+            .map(|f| f())
+            .filter(|p| !p.is_null())
+            .map(|p| {
+                std::ffi::CStr::from_ptr(p)
+                    .to_string_lossy()
+                    .trim()
+                    .to_string()
+            });
+        if let Some(c) = &core {
+            base = format!("{base} ({c})");
+        }
         Ok(Lib {
             sgemm,
             dgemm,
             name: base,
+            core,
             _lib: lib,
         })
     }
 }
 
-/// The BLAS in use (its file name), if one was found.
+/// The BLAS in use (its file name, and the kernel family OpenBLAS runs), if one was found.
 pub fn blas_name() -> Option<&'static str> {
     lib().map(|l| l.name.as_str())
 }

@@ -183,9 +183,10 @@ impl UNet2DConditionModel {
         self.dtype
     }
 
-    /// Gradient checkpointing (diffusers' `enable_gradient_checkpointing`): every resnet and
-    /// transformer block keeps only its inputs and is recomputed in the backward. Gradients
-    /// are unchanged; outside training the forward is unchanged.
+    /// Gradient checkpointing (diffusers' `enable_gradient_checkpointing`): every transformer
+    /// block, and every resnet not on the fused path (trainable layers), keeps only its inputs
+    /// and is recomputed in the backward. Gradients are unchanged; outside training the forward
+    /// is unchanged.
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
         self.down_blocks
             .iter_mut()
