@@ -2,7 +2,11 @@
 
 mod common;
 
+use candle_core::{DType, Device};
 use common::{copy_dir, expect_failure, expect_success, fixtures, lora, read_json};
+use lora_diffusion::hub::ModelSource;
+use lora_diffusion::pipeline::image_io::to_rgb8;
+use lora_diffusion::pipeline::{GenerateParams, StableDiffusion};
 use std::path::{Path, PathBuf};
 
 /// A writable copy of the tiny SD1 model.
@@ -65,6 +69,22 @@ fn generate_writes_a_png_and_refuses_to_overwrite() {
     assert!(lora(&forced).status.success());
     // Same seed, same bytes.
     assert_eq!(before, std::fs::read(dir.path().join("img-0.png")).unwrap());
+    // The CLI frees the UNet before decoding; its images are the library's `generate`.
+    let sd =
+        StableDiffusion::load(&ModelSource::Local(m.clone()), DType::F32, &Device::Cpu).unwrap();
+    let params = GenerateParams {
+        prompt: "a red apple".into(),
+        steps: 3,
+        seed: 3,
+        num_images: 2,
+        scheduler: "euler-a".parse().unwrap(),
+        ..Default::default()
+    };
+    let images = to_rgb8(&sd.generate(&params, &mut |_, _| {}).unwrap()).unwrap();
+    for (i, want) in images.iter().enumerate() {
+        let got = image::open(dir.path().join(format!("img-{i}.png"))).unwrap();
+        assert_eq!(got.to_rgb8().as_raw(), want.as_raw(), "image {i}");
+    }
     // No temporary files left behind.
     let names: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()

@@ -7,7 +7,7 @@ use crate::hub::{bundled_model_dir, ModelSource};
 use crate::pipeline::embeddings::{collect_tokens, SourcedToken};
 use crate::pipeline::image_io::{numbered_paths, save_png, to_rgb8};
 use crate::pipeline::lora::{read_loras, LoraSpec};
-use crate::pipeline::{read_init_latents, GenerateParams, StableDiffusion};
+use crate::pipeline::{decode_latents, read_init_latents, GenerateParams, StableDiffusion};
 use crate::schedulers::SchedulerKind;
 use anyhow::Context;
 use clap::Args;
@@ -211,17 +211,20 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             if a.fuse { "fused" } else { "adapter" }
         );
     }
-    generate_to(&sd, &params, &paths, a.force)
+    let latents = denoise(&sd, &params)?;
+    // Decoding needs the VAE only: the UNet and the rest are freed first, so the decoder's
+    // large activations at full resolution do not come on top of the UNet's weights.
+    let dtype = sd.dtype;
+    let vae = sd.into_vae();
+    crate::sys::trim_heap();
+    let t0 = Instant::now();
+    let images = to_rgb8(&decode_latents(&vae, dtype, &latents)?)?;
+    eprintln!("decoded in {:.2}s", t0.elapsed().as_secs_f64());
+    write_images(&images, &paths, a.force)
 }
 
-/// Generates with a progress bar and writes the images to `paths`.
-pub fn generate_to(
-    sd: &StableDiffusion,
-    params: &GenerateParams,
-    paths: &[PathBuf],
-    force: bool,
-) -> anyhow::Result<()> {
-    let images = generate_images(sd, params)?;
+/// Writes `images` to `paths` (PNG), saying each.
+fn write_images(images: &[image::RgbImage], paths: &[PathBuf], force: bool) -> anyhow::Result<()> {
     for (img, path) in images.iter().zip(paths) {
         save_png(img, path, force)?;
         eprintln!(
@@ -234,14 +237,11 @@ pub fn generate_to(
     Ok(())
 }
 
-/// Generates with a progress bar, returning 8-bit images.
-pub fn generate_images(
-    sd: &StableDiffusion,
-    params: &GenerateParams,
-) -> anyhow::Result<Vec<image::RgbImage>> {
+/// Runs the denoising loop with a progress bar: the final latents.
+fn denoise(sd: &StableDiffusion, params: &GenerateParams) -> anyhow::Result<candle_core::Tensor> {
     let pb = progress_bar(params.steps as u64, "denoising");
     let t0 = Instant::now();
-    let images = sd.generate(params, &mut |i, n| {
+    let latents = sd.denoise(params, &mut |i, n| {
         pb.set_length(n as u64);
         pb.set_position(i as u64);
     })?;
@@ -252,5 +252,14 @@ pub fn generate_images(
         params.steps,
         params.steps as f64 / secs.max(1e-9)
     );
-    to_rgb8(&images)
+    Ok(latents)
+}
+
+/// Generates with a progress bar, returning 8-bit images.
+pub fn generate_images(
+    sd: &StableDiffusion,
+    params: &GenerateParams,
+) -> anyhow::Result<Vec<image::RgbImage>> {
+    let latents = denoise(sd, params)?;
+    to_rgb8(&sd.decode(&latents)?)
 }

@@ -256,6 +256,16 @@ impl StableDiffusion {
         p: &GenerateParams,
         progress: &mut dyn FnMut(usize, usize),
     ) -> anyhow::Result<Tensor> {
+        self.decode(&self.denoise(p, progress)?)
+    }
+
+    /// The denoising loop of [`StableDiffusion::generate`]: the final latents
+    /// [num_images, C, H/f, W/f] (f32), not yet decoded.
+    pub fn denoise(
+        &self,
+        p: &GenerateParams,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> anyhow::Result<Tensor> {
         if p.steps == 0 {
             bail!("--steps must be at least 1");
         }
@@ -347,21 +357,19 @@ impl StableDiffusion {
             }
             progress(i + 1, total);
         }
-        self.decode(&latents)
+        Ok(latents)
     }
 
     /// Decodes latents to images in [0, 1]: vae.decode(latents / scaling_factor + shift).
     pub fn decode(&self, latents: &Tensor) -> anyhow::Result<Tensor> {
-        let cfg = self.vae.config();
-        let mut z = (latents / cfg.scaling_factor)?;
-        if let Some(shift) = cfg.shift_factor {
-            z = (z + shift)?;
-        }
-        let img = self
-            .vae
-            .decode(&z.to_dtype(self.dtype)?)?
-            .to_dtype(DType::F32)?;
-        Ok(((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+        decode_latents(&self.vae, self.dtype, latents)
+    }
+
+    /// The autoencoder alone, the rest of the model freed: what decoding the latents of
+    /// [`StableDiffusion::denoise`] needs (the SD 1.5 UNet is 3.4 GB in f32, more than the
+    /// VAE decoder's activations at 512 px).
+    pub fn into_vae(self) -> AutoencoderKL {
+        self.vae
     }
 
     /// Encodes images in [-1, 1] to scaled latents (the latent distribution's mean).
@@ -396,4 +404,20 @@ pub fn read_init_latents(path: &std::path::Path) -> anyhow::Result<Tensor> {
             )
         }
     }
+}
+
+/// Decodes latents with `vae` (weights in `dtype`) to images in [0, 1] (f32):
+/// `vae.decode(latents / scaling_factor + shift)`.
+pub fn decode_latents(
+    vae: &AutoencoderKL,
+    dtype: DType,
+    latents: &Tensor,
+) -> anyhow::Result<Tensor> {
+    let cfg = vae.config();
+    let mut z = (latents / cfg.scaling_factor)?;
+    if let Some(shift) = cfg.shift_factor {
+        z = (z + shift)?;
+    }
+    let img = vae.decode(&z.to_dtype(dtype)?)?.to_dtype(DType::F32)?;
+    Ok(((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
 }
