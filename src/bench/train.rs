@@ -636,14 +636,14 @@ pub fn run(b: TrainBench) -> anyhow::Result<()> {
             candle_core::utils::get_num_threads().into(),
         );
         obj.insert("blas".into(), crate::ops::blas_name().into());
+        obj.insert("gemm_kernels".into(), crate::ops::gemm_kernels().into());
         println!("{}", serde_json::Value::Object(obj));
     } else {
         println!(
-            "{precision}, {}, random weights, {} threads, CPU products on {}; each phase in a \
-             fresh process",
+            "{precision}, {}, random weights, {} threads, {}; each phase in a fresh process",
             b.device,
             candle_core::utils::get_num_threads(),
-            crate::ops::blas_name().unwrap_or("the gemm crate (no BLAS in use)")
+            cpu_products()
         );
         for (name, f, torch) in &results {
             let title = if name == "sd_block" {
@@ -664,4 +664,15 @@ pub fn run(b: TrainBench) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Which kernels run the CPU products, as the bench header says it.
+fn cpu_products() -> String {
+    let gemm = crate::ops::gemm_kernels();
+    match crate::ops::blas_name() {
+        Some(blas) => {
+            format!("large CPU products on {blas}, the others on the gemm crate's {gemm} kernels")
+        }
+        None => format!("CPU products on the gemm crate's {gemm} kernels (no BLAS in use)"),
+    }
 }

@@ -73,13 +73,8 @@ const AVX512_CORES: [&str; 3] = ["skylakex", "cooperlake", "sapphirerapids"];
 /// the SD 1.5 512 px LoRA step took 15.3 s with it against 7.8 s without (7.7 s with its
 /// Skylake-X kernels). Such a library is not used unless `LORA_BLAS` names it.
 fn slower_than_gemm(core: Option<&str>) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
-        let core = core.unwrap_or_default().to_ascii_lowercase();
-        return !AVX512_CORES.iter().any(|c| core.contains(c));
-    }
-    let _ = core;
-    false
+    let core = core.unwrap_or_default().to_ascii_lowercase();
+    gemm_kernels() == "AVX-512" && !AVX512_CORES.iter().any(|c| core.contains(c))
 }
 
 fn open(name: &str) -> std::result::Result<Lib, libloading::Error> {
@@ -119,6 +114,23 @@ fn open(name: &str) -> std::result::Result<Lib, libloading::Error> {
             _lib: lib,
         })
     }
+}
+
+/// The instruction set of the `gemm` crate's f32 kernels on this CPU, as it picks them at run
+/// time: `AVX-512` (feature `x86-v4`), `AVX2+FMA`, `NEON`, or `portable`.
+pub fn gemm_kernels() -> &'static str {
+    #[cfg(target_arch = "aarch64")]
+    return "NEON";
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            return "AVX-512";
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return "AVX2+FMA";
+        }
+    }
+    "portable"
 }
 
 /// The BLAS in use (its file name, and the kernel family OpenBLAS runs), if one was found.
@@ -362,4 +374,19 @@ pub(crate) fn gemm_rows<T: BlasFloat>(
     // SAFETY: checked above that the slices cover every element the call reaches.
     unsafe { T::call(lib, p, beta) };
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn avx2_kernel_libraries_are_passed_over_only_where_gemm_runs_avx512() {
+        let avx512 = gemm_kernels() == "AVX-512";
+        assert_eq!(slower_than_gemm(Some("Haswell")), avx512);
+        assert_eq!(slower_than_gemm(Some("Zen")), avx512);
+        assert_eq!(slower_than_gemm(None), avx512);
+        assert!(!slower_than_gemm(Some("SkylakeX")));
+        assert!(!slower_than_gemm(Some("Cooperlake")));
+    }
 }

@@ -51,7 +51,7 @@ pub use attention::{
     attention, attention_heads, attention_materialised, attention_peak_elems, attention_tiled,
     attention_with, reset_attention_peak, ATTENTION_MATERIALISE_BYTES, ATTENTION_TILE_BYTES,
 };
-pub use blas::blas_name;
+pub use blas::{blas_name, gemm_kernels};
 pub use checkpoint::{checkpoint, BlockFn, Replay};
 pub use conv_shifted::serves as shifted_conv_serves;
 pub use dense::{conv2d, matmul};
