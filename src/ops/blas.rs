@@ -51,7 +51,13 @@ fn lib() -> Option<&'static Lib> {
         }
         if choice.is_empty() {
             let found = CANDIDATES.into_iter().find_map(|n| open(n).ok())?;
-            return (!slower_than_gemm(found.core.as_deref())).then_some(found);
+            if slower_than_gemm(found.core.as_deref()) {
+                // Kept loaded: OpenBLAS has started its threads, and unloading it with them
+                // running is not safe.
+                std::mem::forget(found);
+                return None;
+            }
+            return Some(found);
         }
         // A library the user named that does not load is said, not silently skipped.
         open(&choice)
@@ -71,7 +77,8 @@ const AVX512_CORES: [&str; 3] = ["skylakex", "cooperlake", "sapphirerapids"];
 /// BLAS running AVX2 kernels there is the slower of the two: OpenBLAS 0.3.21 takes AMD's
 /// Zen 4 / 5 for Haswell (as does `OPENBLAS_CORETYPE=Haswell`), and on a 2-core Zen 5 EPYC
 /// the SD 1.5 512 px LoRA step took 15.3 s with it against 7.8 s without (7.7 s with its
-/// Skylake-X kernels). Such a library is not used unless `LORA_BLAS` names it.
+/// Skylake-X kernels). Such a library, or one that does not name its kernels, is not used
+/// unless `LORA_BLAS` names it.
 fn slower_than_gemm(core: Option<&str>) -> bool {
     let core = core.unwrap_or_default().to_ascii_lowercase();
     gemm_kernels() == "AVX-512" && !AVX512_CORES.iter().any(|c| core.contains(c))
@@ -79,7 +86,8 @@ fn slower_than_gemm(core: Option<&str>) -> bool {
 
 fn open(name: &str) -> std::result::Result<Lib, libloading::Error> {
     // SAFETY: loading a BLAS runs its initialisers only; the symbols are looked up with
-    // the CBLAS signatures they are defined with.
+    // the signatures they are defined with (CBLAS, and OpenBLAS's `openblas_set_num_threads`
+    // and `openblas_get_corename`, which returns a static NUL-terminated string or null).
     unsafe {
         let lib = libloading::Library::new(name)?;
         let sgemm = *lib.get::<GemmFn<f32>>(b"cblas_sgemm\0")?;
@@ -119,18 +127,24 @@ fn open(name: &str) -> std::result::Result<Lib, libloading::Error> {
 /// The instruction set of the `gemm` crate's f32 kernels on this CPU, as it picks them at run
 /// time: `AVX-512` (feature `x86-v4`), `AVX2+FMA`, `NEON`, or `portable`.
 pub fn gemm_kernels() -> &'static str {
-    #[cfg(target_arch = "aarch64")]
-    return "NEON";
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") {
-            return "AVX-512";
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return "AVX2+FMA";
+            "AVX-512"
+        } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            "AVX2+FMA"
+        } else {
+            "portable"
         }
     }
-    "portable"
+    #[cfg(target_arch = "aarch64")]
+    {
+        "NEON"
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        "portable"
+    }
 }
 
 /// The BLAS in use (its file name, and the kernel family OpenBLAS runs), if one was found.

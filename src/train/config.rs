@@ -400,8 +400,8 @@ pub struct TrainConfig {
     #[arg(long, default_value_t = d_ema_decay())]
     #[serde(default = "d_ema_decay")]
     pub ema_decay: f64,
-    /// Keep only each UNet transformer block's inputs (and each resnet's that has trainable
-    /// layers, and each text-encoder layer's with --train-text-encoder) and recompute the
+    /// Keep only each UNet transformer block's inputs (and each resnet's whose convs or norms
+    /// train, and each text-encoder layer's with --train-text-encoder) and recompute the
     /// block in the backward: less memory, part of one more forward per step, the same
     /// gradients up to float rounding.
     #[arg(long)]
