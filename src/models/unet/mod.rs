@@ -184,9 +184,9 @@ impl UNet2DConditionModel {
     }
 
     /// Gradient checkpointing (diffusers' `enable_gradient_checkpointing`): every transformer
-    /// block, and every resnet not on the fused path (its convs or norms train), keeps only its inputs
-    /// and is recomputed in the backward. Gradients are unchanged; outside training the forward
-    /// is unchanged.
+    /// block, and every resnet not on the fused path (its convs or norms train), keeps only
+    /// its inputs and is recomputed in the backward. Gradients are unchanged; outside training
+    /// the forward is unchanged.
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
         self.down_blocks
             .iter_mut()
