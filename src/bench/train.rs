@@ -310,22 +310,25 @@ fn measure<M: LoraHost>(
     Ok(f)
 }
 
-/// With `LORA_OP_TIMES` set: the fused ops' wall time per step (inclusive; nested ops, such
-/// as the conv inside the resnet op, are counted in both), on stderr.
+/// With `LORA_OP_TIMES` set: the fused ops' wall time per step, inclusive (nested ops, such
+/// as the conv inside the resnet op, counted in both) and on their own, on stderr.
 fn op_times(label: &str, steps: usize) {
     if !crate::ops::profile::enabled() {
         return;
     }
     let rows = crate::ops::profile::take();
     let per = |s: f64| s * 1e3 / steps.max(1) as f64;
-    eprintln!("  {label}: op wall time per step (ms, inclusive), {steps} steps");
-    for (name, pass, secs, calls) in rows {
+    eprintln!("  {label}: op wall time per step (ms; inclusive, own), {steps} steps");
+    for &(name, pass, secs, own, calls) in &rows {
         eprintln!(
-            "    {name:<28} {pass:<9?} {:>9.1} ms  {:>6} calls",
+            "    {name:<28} {pass:<9?} {:>9.1} ms {:>9.1} ms  {:>6} calls",
             per(secs),
+            per(own),
             calls / steps.max(1) as u64
         );
     }
+    let own: f64 = rows.iter().map(|r| r.3).sum();
+    eprintln!("    {:<38} {:>9.1} ms", "timed ops, own time", per(own));
 }
 
 /// The switches a phase runs under.

@@ -13,7 +13,9 @@
 //! The im2col form writes and reads back a patch matrix `k²` times the input (47 MB for a
 //! 320-channel 64×64 image); here each task accumulates the nine products for a band of
 //! output columns in a cache-sized buffer. Measured faster from 32×32 up; at 16×16 and below
-//! (a larger share of dropped columns, small products) im2col stays (see [`serves`]).
+//! (a larger share of dropped columns, small products) im2col stays (see [`serves`]). The
+//! 3×3 convs that Winograd's form serves (`conv_winograd.rs`, 64 channels and more) go there
+//! first; this form keeps the other kernel sizes and the thin ones (the UNet's `conv_out`).
 
 use super::blas::BlasFloat;
 use super::par::{contiguous_slice, gemm, par_for_scratch, par_rows, Real, SharedMut};
@@ -22,20 +24,26 @@ use candle_core::{DType, Device, Result, Storage, Tensor};
 /// Smallest output (pixels per image) the shifted form serves.
 pub(crate) const MIN_PIXELS: usize = 64 * 64;
 
-/// Fewest multiply-adds per tap and image (`in · out · H · W`) it serves: the BLAS's
-/// threshold, so the tiny models keep their im2col results bit for bit (a 4-channel
-/// `conv_in` is also faster as im2col).
+/// Fewest multiply-adds per tap and image (`in · out · H · W`, output channels counted as
+/// at least [`FEW_CHANNELS`]) it serves: the BLAS's threshold, so the tiny models keep their
+/// im2col results bit for bit (a 4-channel `conv_in` is also faster as im2col).
 pub(crate) const MIN_PRODUCT: usize = super::blas::MIN_PRODUCT;
+
+/// Output channels below which a convolution is served by its input size alone: its product
+/// is too thin to pay for a patch matrix 9× the input (the SD UNet's 320 → 4 `conv_out` at
+/// 64×64: 30 ms as im2col, 1 ms shifted, forward and input gradient alike).
+const FEW_CHANNELS: usize = 64;
 
 /// Whether [`conv2d`] / [`conv2d_input_grad`] serve this convolution: CPU, f32 / f64, one
 /// group, stride 1, no dilation, a square odd kernel with `padding = (k − 1) / 2`, at
-/// least [`MIN_PIXELS`] output pixels and [`MIN_PRODUCT`] multiply-adds per tap.
+/// least [`MIN_PIXELS`] output pixels and [`MIN_PRODUCT`] multiply-adds per tap (with at
+/// least [`FEW_CHANNELS`] output channels counted).
 pub fn serves(x: &Tensor, k: &Tensor, padding: usize, stride: usize, dilation: usize) -> bool {
     let (Ok((_, _, h, w)), Ok((c_out, c_in, kh, kw))) = (x.dims4(), k.dims4()) else {
         return false;
     };
     x.device().is_cpu()
-        && c_in * c_out * h * w >= MIN_PRODUCT
+        && c_in * c_out.max(FEW_CHANNELS) * h * w >= MIN_PRODUCT
         && matches!(x.dtype(), DType::F32 | DType::F64)
         && k.dtype() == x.dtype()
         && stride == 1
@@ -48,7 +56,7 @@ pub fn serves(x: &Tensor, k: &Tensor, padding: usize, stride: usize, dilation: u
 
 /// The convolution `[N, in, H, W]` ⊛ `[out, in, k, k]` → `[N, out, H, W]` (see [`serves`];
 /// the caller, `im2col::conv2d_cpu`, has checked the shapes).
-pub(crate) fn conv2d(x: &Tensor, k: &Tensor, padding: usize) -> Result<Tensor> {
+pub fn conv2d(x: &Tensor, k: &Tensor, padding: usize) -> Result<Tensor> {
     let (c_out, c_in, kh, kw) = k.dims4()?;
     let taps = kh * kw;
     // W[o, c, ky, kx] as `[out, in]` at offset ky·kw + kx.
@@ -65,7 +73,7 @@ pub(crate) fn conv2d(x: &Tensor, k: &Tensor, padding: usize) -> Result<Tensor> {
 
 /// The gradient w.r.t. the input of [`conv2d`] for the output gradient `g` `[N, out, H, W]`
 /// (shapes checked by the caller, `im2col::conv2d_input_grad_cpu`).
-pub(crate) fn conv2d_input_grad(g: &Tensor, k: &Tensor, padding: usize) -> Result<Tensor> {
+pub fn conv2d_input_grad(g: &Tensor, k: &Tensor, padding: usize) -> Result<Tensor> {
     let (_, c_in, kh, kw) = k.dims4()?;
     let taps = kh * kw;
     // W[o, c, ky, kx] as `[in, out]` (the transpose) at offset ky·kw + kx.
@@ -159,7 +167,8 @@ fn shifted<T: Real + BlasFloat>(
         })
         .collect();
     let mut out = vec![T::ZERO; n * m * h * w];
-    if super::blas::available() {
+    // The BLAS takes only products of at least its threshold (not a thin `conv_out`'s).
+    if super::blas::available() && m * cols * c >= super::blas::MIN_PRODUCT {
         blas_products(&mut out, &padded, kernel, &taps, (n, c, h, w), plan)?;
         return Tensor::from_vec(out, (n, m, h, w), &Device::Cpu);
     }

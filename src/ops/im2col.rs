@@ -6,7 +6,9 @@
 //! the patches are laid out as `[N, in·kh·kw, Ho·Wo]` (rows in the kernel's own
 //! `[in, kh, kw]` order, built row-parallel with contiguous copies), so
 //! `out[n] = W[out, in·kh·kw] @ cols[n]` is directly NCHW and the kernel is a free reshape.
-//! A 1×1, stride-1, unpadded convolution skips the im2col: it is `W @ x[n]`. When the patches
+//! A 1×1, stride-1, unpadded convolution skips the im2col: it is `W @ x[n]` (its input
+//! gradient `Wᵀ @ g[n]`). Large 3×3 "same" convs go to Winograd's form (`conv_winograd.rs`),
+//! other large "same" convs to shifted views (`conv_shifted.rs`). When the patches
 //! of the whole output would exceed [`IM2COL_BYTES`] (a VAE's 128-channel 3×3 convolution at
 //! 512×512 needs 1.2 GB), they are built and multiplied for a band of output rows at a time.
 //!
@@ -50,6 +52,9 @@ pub(crate) fn conv2d_cpu(
             x.shape()
         );
     };
+    if super::conv_winograd::serves(x, k, padding, stride, dilation) {
+        return super::conv_winograd::conv2d(x, k);
+    }
     if super::conv_shifted::serves(x, k, padding, stride, dilation) {
         return super::conv_shifted::conv2d(x, k, padding);
     }
@@ -200,10 +205,19 @@ pub(crate) fn conv2d_input_grad_cpu(
     let kdim = c_in * kh * kw;
     let g = g.to_dtype(cd)?.contiguous()?;
     let kc = k.to_dtype(cd)?;
+    if (h, w) == (ho, wo) && super::conv_winograd::serves(&g, &kc, padding, stride, dilation) {
+        return super::conv_winograd::conv2d_input_grad(&g, &kc)?.to_dtype(dtype);
+    }
     if (h, w) == (ho, wo) && super::conv_shifted::serves(&g, &kc, padding, stride, dilation) {
         return super::conv_shifted::conv2d_input_grad(&g, &kc, padding)?.to_dtype(dtype);
     }
     let kt = kc.contiguous()?.reshape((c_out, kdim))?.t()?;
+    if kh == 1 && kw == 1 && stride == 1 && padding == 0 {
+        // A 1×1 convolution's patches are the input itself: `dx[n] = kᵀ @ g[n]`, no col2im.
+        let kt = kt.unsqueeze(0)?.broadcast_as((n, c_in, c_out))?;
+        let dx = super::dense::matmul(&kt, &g.reshape((n, c_out, ho * wo))?)?;
+        return dx.reshape((n, c_in, h, w))?.to_dtype(dtype);
+    }
     let dx = Tensor::zeros((n, c_in, h, w), cd, g.device())?;
     let row_bytes = kdim * wo * cd.size_in_bytes();
     let band = (IM2COL_BYTES / row_bytes.max(1)).clamp(1, ho.max(1));

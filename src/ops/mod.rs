@@ -32,6 +32,7 @@ mod blas;
 mod bridge;
 mod checkpoint;
 mod conv_shifted;
+mod conv_winograd;
 mod dense;
 mod frozen;
 mod geglu_linear;
@@ -53,7 +54,14 @@ pub use attention::{
 };
 pub use blas::{blas_name, gemm_kernels};
 pub use checkpoint::{checkpoint, BlockFn, Replay};
-pub use conv_shifted::serves as shifted_conv_serves;
+pub use conv_shifted::{
+    conv2d as shifted_conv2d, conv2d_input_grad as shifted_conv2d_input_grad,
+    serves as shifted_conv_serves,
+};
+pub use conv_winograd::{
+    conv2d as winograd_conv2d, conv2d_input_grad as winograd_conv2d_input_grad,
+    serves as winograd_conv_serves,
+};
 pub use dense::{conv2d, matmul};
 pub use frozen::{
     conv2d_input_grad, conv2d_input_grad_flipped, frozen_conv2d, frozen_linear, Conv2dParams,
