@@ -68,6 +68,15 @@ fn winograd_conv_equals_the_direct_convolution() {
 }
 
 #[test]
+fn winograd_conv_in_chunks_of_tile_rows_equals_the_direct_convolution() {
+    // 2 × 80 tile rows of 80 tiles at 64 channels: two chunks of at most 32 MB of transformed
+    // input, the second one starting inside the first image.
+    let [f, b, fp, bp] = errors(2, 64, 64, 160, 160, DType::F32);
+    eprintln!("chunked f32: forward {f:.2e} (direct {fp:.2e}), input grad {b:.2e} (direct {bp:.2e})");
+    assert!(f < 1e-6 && b < 1e-6, "chunked winograd: forward {f:e}, input grad {b:e}");
+}
+
+#[test]
 fn frozen_conv_takes_winograd_for_large_3x3_same_convs() {
     let t = |s: &[usize]| Tensor::zeros(s, DType::F32, &Device::Cpu).unwrap();
     let serves = |x: &[usize], k: &[usize], p, s| ops::winograd_conv_serves(&t(x), &t(k), p, s, 1);

@@ -54,9 +54,10 @@ pub fn serves(x: &Tensor, k: &Tensor, padding: usize, stride: usize, dilation: u
         && h * w >= MIN_PIXELS
 }
 
-/// The convolution `[N, in, H, W]` ⊛ `[out, in, k, k]` → `[N, out, H, W]` (see [`serves`];
-/// the caller, `im2col::conv2d_cpu`, has checked the shapes).
+/// The convolution `[N, in, H, W]` ⊛ `[out, in, k, k]` → `[N, out, H, W]` with
+/// `k = 2·padding + 1` (see [`serves`]).
 pub fn conv2d(x: &Tensor, k: &Tensor, padding: usize) -> Result<Tensor> {
+    check(x, k, padding, 0)?;
     let (c_out, c_in, kh, kw) = k.dims4()?;
     let taps = kh * kw;
     // W[o, c, ky, kx] as `[out, in]` at offset ky·kw + kx.
@@ -71,9 +72,9 @@ pub fn conv2d(x: &Tensor, k: &Tensor, padding: usize) -> Result<Tensor> {
     })
 }
 
-/// The gradient w.r.t. the input of [`conv2d`] for the output gradient `g` `[N, out, H, W]`
-/// (shapes checked by the caller, `im2col::conv2d_input_grad_cpu`).
+/// The gradient w.r.t. the input of [`conv2d`] for the output gradient `g` `[N, out, H, W]`.
 pub fn conv2d_input_grad(g: &Tensor, k: &Tensor, padding: usize) -> Result<Tensor> {
+    check(g, k, padding, 1)?;
     let (_, c_in, kh, kw) = k.dims4()?;
     let taps = kh * kw;
     // W[o, c, ky, kx] as `[in, out]` (the transpose) at offset ky·kw + kx.
@@ -86,6 +87,24 @@ pub fn conv2d_input_grad(g: &Tensor, k: &Tensor, padding: usize) -> Result<Tenso
     super::profile::scope("conv2d-shifted", super::profile::Pass::Backward, || {
         run(g, k, plan)
     })
+}
+
+/// An error unless `k` is a square `2·padding + 1` kernel whose dim `side` (0: input
+/// channels of the forward, 1: of the input gradient, its output channels) matches `src`.
+fn check(src: &Tensor, k: &Tensor, padding: usize, side: usize) -> Result<()> {
+    let (_, c, _, _) = src.dims4()?;
+    let (ko, ki, kh, kw) = k.dims4()?;
+    let want = if side == 0 { ki } else { ko };
+    if c != want || kh != kw || kh != 2 * padding + 1 || src.dtype() != k.dtype() {
+        candle_core::bail!(
+            "shifted conv2d: input {:?} {:?} vs kernel {:?} {:?} with padding {padding}",
+            src.shape(),
+            src.dtype(),
+            k.shape(),
+            k.dtype()
+        );
+    }
+    Ok(())
 }
 
 /// One call's products: `m` output channels, the kernel slice's (row, column) strides, and

@@ -143,6 +143,7 @@ fn winograd<T: Real>(src: &[T], kernel: &[T], geo: Geom) -> Result<Tensor> {
     let mut out = vec![T::ZERO; n * m * h * w];
     let mut u = vec![T::ZERO; 16 * plane(block * c)];
     let mut prod = vec![T::ZERO; 16 * plane(block * chunk * tw)];
+    let mut v = vec![T::ZERO; 16 * plane(c * chunk * tw)];
     let single = block == m;
     if single {
         kernel_transform(kernel, geo, 0..m, &mut u);
@@ -150,7 +151,8 @@ fn winograd<T: Real>(src: &[T], kernel: &[T], geo: Geom) -> Result<Tensor> {
     for g0 in (0..n * th).step_by(chunk) {
         let tiles = g0..(g0 + chunk).min(n * th);
         let nt = tiles.len() * tw;
-        let v = input_transform(src, geo, tiles.clone());
+        let v = &mut v[..16 * plane(c * nt)];
+        input_transform(src, geo, tiles.clone(), v);
         for o0 in (0..m).step_by(block) {
             let outs = o0..(o0 + block).min(m);
             let rows = outs.len();
@@ -159,7 +161,7 @@ fn winograd<T: Real>(src: &[T], kernel: &[T], geo: Geom) -> Result<Tensor> {
                 kernel_transform(kernel, geo, outs.clone(), u);
             }
             let prod = &mut prod[..16 * plane(rows * nt)];
-            products(u, &v, prod, (rows, nt, c));
+            products(u, v, prod, (rows, nt, c));
             output_transform(prod, geo, outs, tiles.clone(), &mut out);
         }
     }
@@ -174,17 +176,17 @@ fn plane(len: usize) -> usize {
     len + 16
 }
 
-/// `V[ξ][c][tile]` for the tile rows `rows` (numbered image-major over all images): each
+/// Writes `V[ξ][c][tile]` into `v` for the tile rows `rows` (numbered image-major over all
+/// images; every element but the planes' padding is written): each
 /// 4×4 input patch as `Bᵀ d B`, tiles in row-major order.
-fn input_transform<T: Real>(src: &[T], geo: Geom, rows: std::ops::Range<usize>) -> Vec<T> {
+fn input_transform<T: Real>(src: &[T], geo: Geom, rows: std::ops::Range<usize>, v: &mut [T]) {
     let Geom { c, h, w, .. } = geo;
     let (tw, th) = geo.tiles();
     let nt = rows.len() * tw;
     // A padded row: one zero column on the left, the image row, zeros up to 2·tw + 2.
     let wp = 2 * tw + 2;
     let vs = plane(c * nt);
-    let mut v = vec![T::ZERO; 16 * vs];
-    let vp = SharedMut::new(&mut v);
+    let vp = SharedMut::new(v);
     par_for(c, nt * 16, |ch| {
         let mut d = vec![T::ZERO; 4 * wp];
         let mut col = [T::ZERO; 4];
@@ -224,7 +226,6 @@ fn input_transform<T: Real>(src: &[T], geo: Geom, rows: std::ops::Range<usize>) 
             }
         }
     });
-    v
 }
 
 /// `U[ξ][o − o0][c]` for the output channels `outs`: each 3×3 kernel slice as `G g Gᵀ`.
