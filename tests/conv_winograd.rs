@@ -72,8 +72,13 @@ fn winograd_conv_in_chunks_of_tile_rows_equals_the_direct_convolution() {
     // 2 × 80 tile rows of 80 tiles at 64 channels: two chunks of at most 32 MB of transformed
     // input, the second one starting inside the first image.
     let [f, b, fp, bp] = errors(2, 64, 64, 160, 160, DType::F32);
-    eprintln!("chunked f32: forward {f:.2e} (direct {fp:.2e}), input grad {b:.2e} (direct {bp:.2e})");
-    assert!(f < 1e-6 && b < 1e-6, "chunked winograd: forward {f:e}, input grad {b:e}");
+    eprintln!(
+        "chunked f32: forward {f:.2e} (direct {fp:.2e}), input grad {b:.2e} (direct {bp:.2e})"
+    );
+    assert!(
+        f < 1e-6 && b < 1e-6,
+        "chunked winograd: forward {f:e}, input grad {b:e}"
+    );
 }
 
 #[test]

@@ -6,8 +6,9 @@
 //! On the 2-core AMD EPYC (AVX2) measured, Debian's OpenBLAS 0.3.21 (`libopenblas0`) ran the
 //! SD 1.5 UNet's conv products at 137–157 GFLOP/s where the `gemm` crate reached 100–105
 //! (and MKL, in PyTorch, 103–123). On CPUs with AVX-512 the gemm crate's own AVX-512 kernels
-//! match OpenBLAS's best, so a library running AVX2 kernels there is passed over
-//! ([`slower_than_gemm`]). `LORA_BLAS=/path/to/libopenblas.so` picks a library.
+//! run ahead of OpenBLAS in a whole step, so no library is loaded there unless named
+//! ([`gemm_outruns_blas`]). `LORA_BLAS=/path/to/libopenblas.so` picks a library (any CBLAS
+//! works: `LORA_BLAS=libmkl_rt.so.2` runs Intel's MKL, `MKL_NUM_THREADS` sets its threads).
 //! Calls are serialised by a lock (OpenBLAS runs each on its own threads).
 
 use candle_core::{DType, Device, Layout, Result, Storage, Tensor};
@@ -25,7 +26,6 @@ pub(crate) struct Lib {
     sgemm: GemmFn<f32>,
     dgemm: GemmFn<f64>,
     name: String,
-    core: Option<String>,
     _lib: libloading::Library,
 }
 
@@ -50,14 +50,10 @@ fn lib() -> Option<&'static Lib> {
             return None;
         }
         if choice.is_empty() {
-            let found = CANDIDATES.into_iter().find_map(|n| open(n).ok())?;
-            if slower_than_gemm(found.core.as_deref()) {
-                // Kept loaded: OpenBLAS has started its threads, and unloading it with them
-                // running is not safe.
-                std::mem::forget(found);
+            if gemm_outruns_blas() {
                 return None;
             }
-            return Some(found);
+            return CANDIDATES.into_iter().find_map(|n| open(n).ok());
         }
         // A library the user named that does not load is said, not silently skipped.
         open(&choice)
@@ -70,18 +66,16 @@ fn lib() -> Option<&'static Lib> {
     .as_ref()
 }
 
-/// OpenBLAS kernel families (`openblas_get_corename`, lower case) with AVX-512 products.
-const AVX512_CORES: [&str; 3] = ["skylakex", "cooperlake", "sapphirerapids"];
-
-/// On a CPU with AVX-512 the `gemm` crate runs its AVX-512 kernels (feature `x86-v4`), and a
-/// BLAS running AVX2 kernels there is the slower of the two: OpenBLAS 0.3.21 takes AMD's
-/// Zen 4 / 5 for Haswell (as does `OPENBLAS_CORETYPE=Haswell`), and on a 2-core Zen 5 EPYC
-/// the SD 1.5 512 px LoRA step took 15.3 s with it against 7.8 s without (7.7 s with its
-/// Skylake-X kernels). Such a library, or one that does not name its kernels, is not used
-/// unless `LORA_BLAS` names it.
-fn slower_than_gemm(core: Option<&str>) -> bool {
-    let core = core.unwrap_or_default().to_ascii_lowercase();
-    gemm_kernels() == "AVX-512" && !AVX512_CORES.iter().any(|c| core.contains(c))
+/// On a CPU with AVX-512 the `gemm` crate runs its AVX-512 kernels (feature `x86-v4`), and
+/// OpenBLAS is not loaded unless `LORA_BLAS` names it. Measured with Debian's OpenBLAS 0.3.21
+/// (pthreads), SD 1.5 UNet LoRA step at 512 px on 2 cores: on a Zen 5 EPYC, where it picks
+/// its AVX2 Haswell kernels, 15.3 s with it against 7.8 s without; on a Zen 4 EPYC (its
+/// Cooperlake kernels) 6-8 % slower with it; on an Intel Xeon with AMX (its SkylakeX kernels,
+/// 158-174 GFLOP/s against the gemm crate's 144-160 on single products) 20.0 s against
+/// 16.7 s, its idle threads yielding in a loop (system time 24.9 s against 3.8 s) and
+/// starving the threads of every other op.
+fn gemm_outruns_blas() -> bool {
+    gemm_kernels() == "AVX-512"
 }
 
 fn open(name: &str) -> std::result::Result<Lib, libloading::Error> {
@@ -118,7 +112,6 @@ fn open(name: &str) -> std::result::Result<Lib, libloading::Error> {
             sgemm,
             dgemm,
             name: base,
-            core,
             _lib: lib,
         })
     }
@@ -388,19 +381,4 @@ pub(crate) fn gemm_rows<T: BlasFloat>(
     // SAFETY: checked above that the slices cover every element the call reaches.
     unsafe { T::call(lib, p, beta) };
     true
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn avx2_kernel_libraries_are_passed_over_only_where_gemm_runs_avx512() {
-        let avx512 = gemm_kernels() == "AVX-512";
-        assert_eq!(slower_than_gemm(Some("Haswell")), avx512);
-        assert_eq!(slower_than_gemm(Some("Zen")), avx512);
-        assert_eq!(slower_than_gemm(None), avx512);
-        assert!(!slower_than_gemm(Some("SkylakeX")));
-        assert!(!slower_than_gemm(Some("Cooperlake")));
-    }
 }
