@@ -148,16 +148,28 @@ pub fn blas_name() -> Option<&'static str> {
 /// One operand as CBLAS sees it: transposed or not, its leading dimension, and the
 /// element offset between batch items.
 #[derive(Clone, Copy)]
-struct Operand {
+pub(crate) struct Operand {
     trans: i32,
     ld: usize,
-    batch_stride: usize,
-    start: usize,
+    /// Elements between consecutive batch items (0: one matrix for every item).
+    pub(crate) batch_stride: usize,
+    /// Element offset of the first item in its storage.
+    pub(crate) start: usize,
+}
+
+impl Operand {
+    /// Row and column strides of the matrix, in elements.
+    pub(crate) fn strides(&self) -> (usize, usize) {
+        match self.trans {
+            NO_TRANS => (self.ld, 1),
+            _ => (1, self.ld),
+        }
+    }
 }
 
 /// `[.., r, c]` in `l` as a CBLAS operand: one unit stride in the last two dims, and every
 /// leading dim folding into one batch stride (0 for a broadcast operand).
-fn operand(l: &Layout) -> Option<(Operand, usize)> {
+pub(crate) fn operand(l: &Layout) -> Option<(Operand, usize)> {
     let (dims, strides) = (l.dims(), l.stride());
     let rank = dims.len();
     if rank < 2 {

@@ -22,7 +22,7 @@
 //! [`BLOCK_BYTES`] each; the transformed kernel is built once per call where it fits (none is
 //! kept between calls: frozen weights stay the only copy).
 
-use super::par::{contiguous_slice, gemm, par_for, par_rows, Real, SharedMut};
+use super::par::{contiguous_slice, gemm, output_buffer, par_for, par_rows, Real, SharedMut};
 use candle_core::{DType, Device, Result, Storage, Tensor};
 
 /// Fewest 2×2 output tiles per image served (16×16 outputs and up): smaller images make
@@ -140,10 +140,17 @@ fn winograd<T: Real>(src: &[T], kernel: &[T], geo: Geom) -> Result<Tensor> {
     // Tile rows (of all images, image-major) per chunk, so that the transformed input and
     // the products of one chunk stay within BLOCK_BYTES each.
     let chunk = (BLOCK_BYTES / (16 * c.max(block) * tw * size).max(1)).clamp(1, n * th);
-    let mut out = vec![T::ZERO; n * m * h * w];
-    let mut u = vec![T::ZERO; 16 * plane(block * c)];
-    let mut prod = vec![T::ZERO; 16 * plane(block * chunk * tw)];
-    let mut v = vec![T::ZERO; 16 * plane(c * chunk * tw)];
+    // SAFETY: the output transform writes every output pixel; the kernel and input
+    // transforms write every element of their planes that the products read, and the
+    // products write every element the output transform reads (planes' padding unread).
+    let (mut out, mut u, mut prod, mut v) = unsafe {
+        (
+            output_buffer(n * m * h * w),
+            output_buffer(16 * plane(block * c)),
+            output_buffer(16 * plane(block * chunk * tw)),
+            output_buffer(16 * plane(c * chunk * tw)),
+        )
+    };
     let single = block == m;
     if single {
         kernel_transform(kernel, geo, 0..m, &mut u);

@@ -13,6 +13,9 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if let Some(c) = super::blas::matmul(a, b)? {
         return Ok(c);
     }
+    if let Some(c) = super::pool_matmul::matmul(a, b)? {
+        return Ok(c);
+    }
     if cpu_bf16(a) {
         matmul(&a.to_dtype(DType::F32)?, &b.to_dtype(DType::F32)?)?.to_dtype(DType::BF16)
     } else {

@@ -42,6 +42,7 @@ mod layer_norm;
 mod lora_linear;
 mod norm_silu_conv;
 mod par;
+mod pool_matmul;
 pub mod profile;
 mod softmax;
 #[cfg(test)]

@@ -196,6 +196,23 @@ impl<T> SharedMut<T> {
     }
 }
 
+/// A buffer of `len` elements left unset, for kernel outputs and scratch that the kernel
+/// writes in full before reading (zeroing them first is a whole single-threaded pass over
+/// memory: tens of MB per 3×3 conv at 512 px).
+///
+/// # Safety
+/// Every element must be written before it is read; the buffer's spare padding, if any,
+/// must never be read.
+// Left unset on purpose, as candle's own `alloc_uninit` does for its CPU outputs.
+#[allow(clippy::uninit_vec)]
+pub(crate) unsafe fn output_buffer<T: Real>(len: usize) -> Vec<T> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: `T` is a plain float (Copy, no Drop, every bit pattern a value); the caller
+    // writes each element before any read.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// Runs `f(i)` for every `i < n_items`, in parallel when `n_items * cost` is large.
 ///
 /// `cost` is the number of elements one item touches; it only decides whether the pool
