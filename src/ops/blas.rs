@@ -211,14 +211,7 @@ pub(crate) fn operand(l: &Layout) -> Option<(Operand, usize)> {
 /// an operand that tracks gradients, other layouts, smaller products).
 pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     let Some(lib) = lib() else { return Ok(None) };
-    let serves = a.device().is_cpu()
-        && a.dtype() == b.dtype()
-        && matches!(a.dtype(), DType::F32 | DType::F64)
-        && a.rank() == b.rank()
-        && a.rank() >= 2
-        && !a.track_op()
-        && !b.track_op();
-    if !serves {
+    if !graph_free_pair(a, b) {
         return Ok(None);
     }
     let rank = a.rank();
@@ -263,6 +256,18 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
         _ => return Ok(None),
     };
     Ok(Some(out))
+}
+
+/// Whether `a`, `b` are graph-free f32 / f64 CPU tensors of one dtype and equal rank ≥ 2:
+/// the operands a product outside candle's matmul may take.
+pub(crate) fn graph_free_pair(a: &Tensor, b: &Tensor) -> bool {
+    a.device().is_cpu()
+        && a.dtype() == b.dtype()
+        && matches!(a.dtype(), DType::F32 | DType::F64)
+        && a.rank() == b.rank()
+        && a.rank() >= 2
+        && !a.track_op()
+        && !b.track_op()
 }
 
 /// One CBLAS call: sizes, operands (pointer, transposition, leading dim), destination.

@@ -8,7 +8,7 @@
 //! single-threaded pass. Here one pool serves both. Tiles are cut by the shape alone, never
 //! by the thread count, so results are the same on every machine.
 
-use super::blas::{operand, Operand, MIN_PRODUCT};
+use super::blas::{graph_free_pair, operand, Operand, MIN_PRODUCT};
 use super::par::{output_buffer, par_for, Real, SharedMut};
 use candle_core::{DType, Device, Result, Storage, Tensor};
 
@@ -22,14 +22,7 @@ const TILE: usize = 256;
 /// gradients, other layouts, smaller products: those stay on candle's matmul, so the tiny
 /// models compute bit for bit as before).
 pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
-    let serves = a.device().is_cpu()
-        && a.dtype() == b.dtype()
-        && matches!(a.dtype(), DType::F32 | DType::F64)
-        && a.rank() == b.rank()
-        && a.rank() >= 2
-        && !a.track_op()
-        && !b.track_op();
-    if !serves {
+    if !graph_free_pair(a, b) {
         return Ok(None);
     }
     let rank = a.rank();
