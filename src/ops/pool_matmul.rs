@@ -10,7 +10,7 @@
 
 use super::blas::{graph_free_pair, operand, Operand, MIN_PRODUCT};
 use super::par::{output_buffer, par_for, Real, SharedMut};
-use candle_core::{DType, Device, Result, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
 
 /// Rows (or columns) of the output per tile: large enough that re-packing the other operand
 /// per tile costs under 1 % of the tile's multiply-adds.
@@ -38,28 +38,25 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     let mut shape = a.dims()[..rank - 2].to_vec();
     shape.extend([m, n]);
     let dims = Dims { m, n, k, batch };
-    let out = match (&*ga.0, &*gb.0) {
-        (Storage::Cpu(sa), Storage::Cpu(sb)) => match a.dtype() {
-            DType::F32 => {
-                let c = tiled(
-                    dims,
-                    (sa.as_slice::<f32>()?, oa),
-                    (sb.as_slice::<f32>()?, ob),
-                )?;
-                Tensor::from_vec(c, shape, &Device::Cpu)?
-            }
-            _ => {
-                let c = tiled(
-                    dims,
-                    (sa.as_slice::<f64>()?, oa),
-                    (sb.as_slice::<f64>()?, ob),
-                )?;
-                Tensor::from_vec(c, shape, &Device::Cpu)?
-            }
-        },
-        _ => return Ok(None),
+    let (Storage::Cpu(sa), Storage::Cpu(sb)) = (&*ga.0, &*gb.0) else {
+        return Ok(None);
+    };
+    let out = match a.dtype() {
+        DType::F32 => product::<f32>(dims, (sa, oa), (sb, ob), shape)?,
+        _ => product::<f64>(dims, (sa, oa), (sb, ob), shape)?,
     };
     Ok(Some(out))
+}
+
+/// [`tiled`] on the storages' `T` slices, as a `shape` tensor.
+fn product<T: Real>(
+    dims: Dims,
+    (sa, oa): (&CpuStorage, Operand),
+    (sb, ob): (&CpuStorage, Operand),
+    shape: Vec<usize>,
+) -> Result<Tensor> {
+    let c = tiled(dims, (sa.as_slice::<T>()?, oa), (sb.as_slice::<T>()?, ob))?;
+    Tensor::from_vec(c, shape, &Device::Cpu)
 }
 
 /// Sizes of one batched product: `[batch, m, k] @ [batch, k, n]`.
