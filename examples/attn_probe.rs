@@ -1,7 +1,7 @@
 //! Times the attention op of one SD 1.5 self-attention at 512 px ([8, 4096, 40] f32), forward
 //! and forward + backward, in each form (nothing is asserted).
 //!
-//!     cargo run --release --example attn_probe
+//!     cargo run --release --example attn_probe [-- FORM]   (FORM: a prefix of a form's name)
 use candle_core::{Device, Tensor, Var};
 use lora_diffusion::ops::{self, Kernel};
 
@@ -24,7 +24,8 @@ fn main() -> candle_core::Result<()> {
             ops::attention_tiled(q, k, v, 0.158, None, 16 << 20, Kernel::Auto)
         }),
     ];
-    for (name, f) in forms {
+    let only = std::env::args().nth(1).unwrap_or_default();
+    for (name, f) in forms.into_iter().filter(|(n, _)| n.starts_with(&only)) {
         f(&q, &k, &v)?;
         let t = std::time::Instant::now();
         for _ in 0..3 {

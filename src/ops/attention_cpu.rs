@@ -14,7 +14,7 @@
 //! beyond the output the graph holds anyway; the values equal the other forms to rounding.
 
 use super::par::{
-    contiguous_slice, gemm, max_of, par_for, par_for_scratch, reduce1, reduce2, Real, SharedMut,
+    contiguous_slice, gemm, par_for, par_for_scratch, reduce2, simd, Real, SharedMut,
 };
 use candle_core::{DType, Device, Result, Storage, Tensor};
 
@@ -65,9 +65,8 @@ fn with_slices<T: Real, R>(ts: &[&Tensor], f: impl FnOnce(&[&[T]]) -> R) -> Resu
 fn exp_rows<T: Real>(s: &mut [T], nk: usize) -> (Vec<T>, Vec<T>) {
     s.chunks_exact_mut(nk)
         .map(|row| {
-            let m = max_of(row);
-            T::exp_sub_inplace(row, m);
-            let sum: f64 = reduce1::<T, f64>(row, |x| x.to_f64());
+            let m = T::row_max(row);
+            let sum = T::exp_sub_sum(row, m);
             (T::from_f64(1.0 / sum), T::from_f64(m.to_f64() + sum.ln()))
         })
         .unzip()
@@ -290,15 +289,17 @@ fn backward_slices<T: Real + 'static>(
                     false,
                     T::ONE,
                 );
-                for ((prow, dprow), &ds) in p
-                    .chunks_exact(cols)
-                    .zip(dp.chunks_exact_mut(cols))
-                    .zip(&drow)
-                {
-                    for (o, &pv) in dprow.iter_mut().zip(prow) {
-                        *o = sc * pv * (*o - ds);
+                simd(|| {
+                    for ((prow, dprow), &ds) in p
+                        .chunks_exact(cols)
+                        .zip(dp.chunks_exact_mut(cols))
+                        .zip(&drow)
+                    {
+                        for (o, &pv) in dprow.iter_mut().zip(prow) {
+                            *o = sc * pv * (*o - ds);
+                        }
                     }
-                }
+                });
                 if tq {
                     gemm(
                         (rows, d, cols),

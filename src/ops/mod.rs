@@ -44,6 +44,7 @@ mod norm_silu_conv;
 mod par;
 mod pool_matmul;
 pub mod profile;
+mod simd512;
 mod softmax;
 #[cfg(test)]
 mod testing;

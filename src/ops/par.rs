@@ -32,6 +32,15 @@ pub(crate) trait Real:
     fn exp_sub_inplace(row: &mut [Self], shift: Self) {
         map_inplace(row, |x| (x - shift).exp())
     }
+    /// [`Real::exp_sub_inplace`], returning the row's new sum (in f64).
+    fn exp_sub_sum(row: &mut [Self], shift: Self) -> f64 {
+        Self::exp_sub_inplace(row, shift);
+        reduce1(row, |x| x.to_f64())
+    }
+    /// The largest element of a non-empty row ([`max_of`]; f32 on AVX-512: 16 lanes).
+    fn row_max(row: &[Self]) -> Self {
+        max_of(row)
+    }
 }
 
 impl Real for f32 {
@@ -50,12 +59,35 @@ impl Real for f32 {
     }
     fn exp_sub_inplace(row: &mut [f32], shift: f32) {
         #[cfg(target_arch = "x86_64")]
+        if super::simd512::available() {
+            // SAFETY: the CPU has the features the AVX-512 pass is compiled for.
+            unsafe { super::simd512::exp_sub::<false>(row, shift) };
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the CPU supports the features exp_sub_fma is compiled for.
             return unsafe { exp_sub_fma(row, shift) };
         }
         map_inplace(row, |x| exp_f32(x - shift))
+    }
+    fn exp_sub_sum(row: &mut [f32], shift: f32) -> f64 {
+        #[cfg(target_arch = "x86_64")]
+        if super::simd512::available() {
+            // SAFETY: as in exp_sub_inplace.
+            return unsafe { super::simd512::exp_sub::<true>(row, shift) };
+        }
+        Self::exp_sub_inplace(row, shift);
+        reduce1(row, |x| x.to_f64())
+    }
+    fn row_max(row: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if super::simd512::available() {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { super::simd512::max(row) };
+        }
+        max_of(row)
     }
 }
 
@@ -310,11 +342,16 @@ unsafe fn map_avx2<T: Copy, F: Fn(T) -> T>(dst: &mut [T], src: &[T], f: F) {
     map_plain(dst, src, f)
 }
 
-/// Runs `f` compiled for AVX2 and FMA where the CPU has them (selected at run time, like
-/// [`map_into`]), so the element loops inlined into it vectorise 8 lanes wide; the results
-/// are identical either way.
+/// Runs `f` compiled for AVX-512F, else AVX2, with FMA where the CPU has them (selected at
+/// run time, like [`map_into`]), so the element loops inlined into it vectorise 16 or 8
+/// lanes wide; the results are identical either way.
 #[inline(always)]
 pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd512::available() {
+        // SAFETY: the CPU supports the features simd_avx512 is compiled for.
+        return unsafe { simd_avx512(f) };
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU supports the features simd_avx2 is compiled for.
@@ -326,6 +363,12 @@ pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn simd_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn simd_avx512<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
