@@ -44,6 +44,7 @@ mod norm_silu_conv;
 mod par;
 mod pool_matmul;
 pub mod profile;
+#[cfg(target_arch = "x86_64")]
 mod simd512;
 mod softmax;
 #[cfg(test)]

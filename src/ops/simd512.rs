@@ -3,24 +3,17 @@
 //! [`exp_f32_fused`](super::par::exp_f32_fused) lane for lane, so every path gives the same
 //! values; sums are accumulated in f64. Chosen at run time where the CPU has AVX-512F
 //! ([`available`]); in the fused attention forward these passes took more time than the
-//! product `q kᵀ` before them.
+//! product `q kᵀ` before them. Compiled on x86-64 only.
 
-#[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
 /// Whether this CPU runs the kernels below (AVX-512F with FMA).
 #[inline(always)]
 pub(crate) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
 }
 
 /// `exp` of 16 lanes: the operations of `exp_f32_fused`, in the same order.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 #[inline]
 fn exp16(x: __m512) -> __m512 {
@@ -57,14 +50,12 @@ fn exp16(x: __m512) -> __m512 {
 }
 
 /// The mask of the first `n` (< 16) lanes.
-#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn tail_mask(n: usize) -> __mmask16 {
     ((1u32 << n) - 1) as __mmask16
 }
 
 /// Adds the 16 lanes of `v` to two f64 accumulators of 8 lanes.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
 fn add_f64(acc: &mut [__m512d; 2], v: __m512) {
@@ -78,7 +69,6 @@ fn add_f64(acc: &mut [__m512d; 2], v: __m512) {
 ///
 /// # Safety
 /// The CPU must have AVX-512F and FMA ([`available`]).
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 pub(crate) unsafe fn exp_sub<const SUM: bool>(row: &mut [f32], shift: f32) -> f64 {
     let sh = _mm512_set1_ps(shift);
@@ -114,7 +104,6 @@ pub(crate) unsafe fn exp_sub<const SUM: bool>(row: &mut [f32], shift: f32) -> f6
 ///
 /// # Safety
 /// The CPU must have AVX-512F ([`available`]).
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn max(row: &[f32]) -> f32 {
     let mut m = _mm512_set1_ps(row[0]);
@@ -133,7 +122,7 @@ pub(crate) unsafe fn max(row: &[f32]) -> f32 {
     _mm512_reduce_max_ps(m)
 }
 
-#[cfg(all(test, target_arch = "x86_64"))]
+#[cfg(test)]
 mod tests {
     use super::super::par::exp_f32_fused;
 
