@@ -13,10 +13,8 @@
 //! parallel (each owns its `dQ`, `dK`, `dV`), as do the forward's blocks. Only `L` is saved
 //! beyond the output the graph holds anyway; the values equal the other forms to rounding.
 
-use super::par::{
-    contiguous_slice, gemm, par_for, par_for_scratch, reduce2, simd, Real, SharedMut,
-};
-use candle_core::{DType, Device, Result, Storage, Tensor};
+use super::par::{gemm, par_for, par_for_scratch, reduce2, simd, with_slices, Real, SharedMut};
+use candle_core::{DType, Device, Result, Tensor};
 
 /// Queries per block of the forward.
 pub(crate) const BLOCK_ROWS: usize = 64;
@@ -41,23 +39,6 @@ impl Geom {
         let ((g, nq, d), (_, nk, _), (_, _, dv)) = (q.dims3()?, k.dims3()?, v.dims3()?);
         Ok(Self { g, nq, nk, d, dv })
     }
-}
-
-/// Runs `f` on the elements of `ts` (made contiguous, no copy when they are) in place.
-fn with_slices<T: Real, R>(ts: &[&Tensor], f: impl FnOnce(&[&[T]]) -> R) -> Result<R> {
-    let cs = ts
-        .iter()
-        .map(|t| t.contiguous())
-        .collect::<Result<Vec<_>>>()?;
-    let guards: Vec<_> = cs.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(guards.len());
-    for (g, l) in &guards {
-        let Storage::Cpu(s) = &**g else {
-            candle_core::bail!("fused attention: CPU tensors only");
-        };
-        slices.push(contiguous_slice::<T>(s, l, "fused attention")?);
-    }
-    Ok(f(&slices))
 }
 
 /// `exp(x − max)` over each row of `s` (`[rows, nk]`, already scaled) in place; returns
@@ -87,7 +68,9 @@ fn forward_t<T: Real + 'static>(
     scale: f64,
 ) -> Result<(Tensor, Tensor)> {
     let gm = Geom::of(q, k, v)?;
-    with_slices::<T, _>(&[q, k, v], |s| forward_slices(gm, s[0], s[1], s[2], scale))?
+    with_slices::<T, _>("fused attention", &[q, k, v], |s| {
+        forward_slices(gm, s[0], s[1], s[2], scale)
+    })?
 }
 
 fn forward_slices<T: Real + 'static>(
@@ -182,7 +165,7 @@ fn backward_t<T: Real + 'static>(
     let gm = Geom::of(q, k, v)?;
     let dout = dout.to_dtype(q.dtype())?;
     let out = out.to_dtype(q.dtype())?;
-    with_slices::<T, _>(&[q, k, v, lse, &dout, &out], |s| {
+    with_slices::<T, _>("fused attention", &[q, k, v, lse, &dout, &out], |s| {
         backward_slices(
             gm,
             [s[0], s[1], s[2], s[3], s[4], s[5]],

@@ -11,8 +11,11 @@
 //! `∂D = ∂Hᵀ X`, `∂X = G W + ∂H D`, where `H = X Dᵀ`. Only tracked inputs get a gradient.
 
 use super::bias::{add_bias_owned, add_owned};
+use super::blas::MIN_PRODUCT;
 use super::bridge::attach3;
 use super::dense::matmul;
+use super::low_rank::{self, Grads, Want};
+use super::pool_matmul::{add_matmul_owned, matmul_any};
 use candle_core::{Result, Tensor};
 
 /// `x @ wᵀ + b + (scale · x @ downᵀ) @ upᵀ` over the last dim of `x`; differentiable
@@ -50,7 +53,7 @@ pub fn lora_linear(
     let w = w.detach();
     let x2 = x.detach().reshape((rows, in_f))?;
     let (d, u) = (down.detach(), up.detach());
-    let (xd, fd) = (x.dtype(), d.dtype());
+    let fd = d.dtype();
     let y = super::profile::scope("lora-linear", super::profile::Pass::Forward, || {
         matmul(&x2, &w.t()?)
     })?;
@@ -58,8 +61,15 @@ pub fn lora_linear(
         Some(b) => add_bias_owned(y, &b.detach(), 1)?,
         None => y,
     };
-    let h = matmul(&x2.to_dtype(fd)?, &d.t()?)?.affine(scale, 0.0)?;
-    let y = add_owned(y, &matmul(&h, &u.t()?)?.to_dtype(xd)?)?.reshape(out_dims)?;
+    // Beside a large base product, the rank-r products run on the worker pool (candle would
+    // run them on one thread) and add straight into the fresh output.
+    let thin = rows * in_f * out_f >= MIN_PRODUCT;
+    // `H = (s · D Xᵀ)ᵀ`: formed transposed, the thin product's long side is its rows.
+    let h = match thin {
+        true => scaled(&d, &x2.to_dtype(fd)?.t()?, scale, thin)?.t()?,
+        false => scaled(&x2.to_dtype(fd)?, &d.t()?, scale, thin)?,
+    };
+    let y = add_product(y, &h, &u.t()?, thin)?.reshape(out_dims)?;
     drop((x2, h));
     let bwd = move |[x, down, up]: [&Tensor; 3], g: &Tensor| {
         let x2 = x.detach().reshape((rows, in_f))?;
@@ -67,31 +77,64 @@ pub fn lora_linear(
         let (d, u) = (down.detach(), up.detach());
         let g2 = g.reshape((rows, out_f))?;
         let gf = g2.to_dtype(fd)?;
-        let gu = match up.track_op() {
-            true => {
-                let h = matmul(&xf, &d.t()?)?.affine(scale, 0.0)?;
-                Some(matmul(&gf.t()?, &h)?)
-            }
+        let want = Want {
+            gh: x.track_op(),
+            gd: down.track_op(),
+            gu: up.track_op(),
+        };
+        let fused = match thin {
+            true => low_rank::grads([&xf, &gf, &d, &u], scale, want)?,
             false => None,
         };
-        if !(x.track_op() || down.track_op()) {
-            return Ok((None, None, gu));
-        }
-        let gh = matmul(&gf, &u)?.affine(scale, 0.0)?;
-        let gd = match down.track_op() {
-            true => Some(matmul(&gh.t()?, &xf)?),
-            false => None,
+        let Grads { gh, gd, gu } = match fused {
+            Some(gr) => gr,
+            None => separate([&xf, &gf, &d, &u], scale, want)?,
         };
-        let gx = match x.track_op() {
-            true => {
-                let gx = add_owned(matmul(&g2, &w)?, &matmul(&gh, &d)?.to_dtype(xd)?)?;
-                Some(gx.reshape(x.shape())?)
-            }
-            false => None,
+        let gx = match gh {
+            Some(gh) => Some(add_product(matmul(&g2, &w)?, &gh, &d, thin)?.reshape(x.shape())?),
+            None => None,
         };
         Ok((gx, gd, gu))
     };
     attach3([x, down, up], y, "lora-linear", Box::new(bwd))
+}
+
+/// [`low_rank::grads`] as separate products, on any device and dtype.
+fn separate([x, g, d, u]: [&Tensor; 4], scale: f64, want: Want) -> Result<Grads> {
+    let gu = match want.gu {
+        true => Some(matmul(&g.t()?, &matmul(x, &d.t()?)?.affine(scale, 0.0)?)?),
+        false => None,
+    };
+    let gh = match want.gh || want.gd {
+        true => Some(matmul(g, u)?.affine(scale, 0.0)?),
+        false => None,
+    };
+    let gd = match (&gh, want.gd) {
+        (Some(gh), true) => Some(matmul(&gh.t()?, x)?),
+        _ => None,
+    };
+    let gh = gh.filter(|_| want.gh);
+    Ok(Grads { gh, gd, gu })
+}
+
+/// `scale · (a @ b)`: on the worker pool for a `thin` product it serves, else candle's.
+fn scaled(a: &Tensor, b: &Tensor, scale: f64, thin: bool) -> Result<Tensor> {
+    if thin {
+        if let Some(c) = matmul_any(a, b, scale)? {
+            return Ok(c);
+        }
+    }
+    matmul(a, b)?.affine(scale, 0.0)
+}
+
+/// `y + a @ b` for a fresh `y` of `x`'s dtype and `a`, `b` of the factors' (cast before the
+/// sum): added in place on the worker pool for a `thin` product of one dtype.
+fn add_product(y: Tensor, a: &Tensor, b: &Tensor, thin: bool) -> Result<Tensor> {
+    if thin && y.dtype() == a.dtype() {
+        return add_matmul_owned(y, a, b);
+    }
+    let dt = y.dtype();
+    add_owned(y, &matmul(a, b)?.to_dtype(dt)?)
 }
 
 #[cfg(test)]
@@ -159,6 +202,58 @@ mod tests {
             for v in [&x, &d, &u] {
                 let (a, c) = (gf.get(v).unwrap(), gc.get(v).unwrap());
                 assert!(max_rel(a, c) < 1e-5, "grad {}", max_rel(a, c));
+            }
+        }
+    }
+
+    /// A layer large enough for the pooled thin products (three row chunks, the last one
+    /// partial), in f64 and f32, with every subset of tracked inputs the trainer uses.
+    #[test]
+    fn large_layer_follows_the_composition() {
+        let (rows, i, o) = (600, 192, 160);
+        assert!(
+            rows * i * o >= MIN_PRODUCT,
+            "the test must reach the pooled path"
+        );
+        for (dt, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+            let w = randn(&[o, i], 41, dt);
+            let b = randn(&[o], 42, dt);
+            let x = Var::from_tensor(&randn(&[2, rows / 2, i], 43, dt)).unwrap();
+            let d = Var::from_tensor(&randn(&[4, i], 44, dt)).unwrap();
+            let u = Var::from_tensor(&randn(&[o, 4], 45, dt)).unwrap();
+            let gy = randn(&[2, rows / 2, o], 46, dt);
+            let loss = |y: &Tensor| (y * &gy).unwrap().sum_all().unwrap();
+            for tracked in [
+                [true, true, true],
+                [false, true, true],
+                [false, false, true],
+            ] {
+                let xs = match tracked[0] {
+                    true => x.as_tensor().clone(),
+                    false => x.as_tensor().detach(),
+                };
+                let ds = match tracked[1] {
+                    true => d.as_tensor().clone(),
+                    false => d.as_tensor().detach(),
+                };
+                let yf = lora_linear(&xs, &w, Some(&b), &ds, &u, 0.75).unwrap();
+                let yc = composed(&xs, &w, Some(&b), &ds, &u, 0.75);
+                assert!(
+                    max_rel(&yf, &yc) < tol,
+                    "{dt:?} value {}",
+                    max_rel(&yf, &yc)
+                );
+                let (gf, gc) = (loss(&yf).backward().unwrap(), loss(&yc).backward().unwrap());
+                for (v, on) in [(&x, tracked[0]), (&d, tracked[1]), (&u, tracked[2])] {
+                    match on {
+                        true => {
+                            let (a, c) = (gf.get(v).unwrap(), gc.get(v).unwrap());
+                            assert_eq!(a.dims(), c.dims());
+                            assert!(max_rel(a, c) < tol, "{dt:?} {tracked:?} {}", max_rel(a, c));
+                        }
+                        false => assert!(gf.get(v).is_none(), "{tracked:?}: untracked grad"),
+                    }
+                }
             }
         }
     }

@@ -40,6 +40,7 @@ mod group_norm;
 mod im2col;
 mod layer_norm;
 mod lora_linear;
+mod low_rank;
 mod norm_silu_conv;
 mod par;
 mod pool_matmul;

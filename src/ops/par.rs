@@ -1,7 +1,7 @@
 //! CPU helpers for the fused kernels: a float trait for f32 / f64 and row-parallel loops
 //! on candle's own persistent worker pool (`candle_core::utils::barrier_pool`).
 
-use candle_core::{CpuStorage, Layout, Result, WithDType};
+use candle_core::{CpuStorage, Layout, Result, Storage, Tensor, WithDType};
 use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub};
 
 /// The element types the fused CPU kernels are written for (f32 and f64).
@@ -198,6 +198,28 @@ pub(crate) fn contiguous_slice<'a, T: WithDType>(
         Some((a, b)) => Ok(&data[a..b]),
         None => candle_core::bail!("{op}: the fused CPU kernel needs a contiguous input"),
     }
+}
+
+/// Runs `f` on the elements of the CPU tensors `ts` (made contiguous, no copy when they
+/// are); `op` names the caller in errors.
+pub(crate) fn with_slices<T: WithDType, R>(
+    op: &str,
+    ts: &[&Tensor],
+    f: impl FnOnce(&[&[T]]) -> R,
+) -> Result<R> {
+    let cs = ts
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = cs.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (g, l) in &guards {
+        let Storage::Cpu(s) = &**g else {
+            candle_core::bail!("{op}: CPU tensors only");
+        };
+        slices.push(contiguous_slice::<T>(s, l, op)?);
+    }
+    Ok(f(&slices))
 }
 
 /// Below this many elements the kernels run on the calling thread only.
