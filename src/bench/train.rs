@@ -260,6 +260,7 @@ fn measure<M: LoraHost>(
                 dev.synchronize()?;
                 Ok(())
             })?;
+            op_times("forward", warmup + runs);
             let target = Rng::new(1).randn(fwd(&model)?.dims(), dev)?;
             let targets = LoraTargets::parse("attn")?;
             let lora = inject_trainable(

@@ -1,15 +1,20 @@
-//! An optional system BLAS (OpenBLAS), loaded at run time, for the large f32 / f64 products
-//! on the CPU: the convolutions' patch products and the linear layers. Nothing links against
-//! it; where no library is found (or `LORA_BLAS=off`), every product stays on candle's
-//! kernels (the `gemm` crate), with the same results to f32 rounding.
-//!
-//! On the 2-core AMD EPYC (AVX2) measured, Debian's OpenBLAS 0.3.21 (`libopenblas0`) ran the
-//! SD 1.5 UNet's conv products at 137–157 GFLOP/s where the `gemm` crate reached 100–105
-//! (and MKL, in PyTorch, 103–123). On CPUs with AVX-512 the gemm crate's own AVX-512 kernels
-//! run ahead of OpenBLAS in a whole step, so no library is loaded there unless named
-//! ([`gemm_outruns_blas`]). `LORA_BLAS=/path/to/libopenblas.so` picks a library (any CBLAS
-//! works: `LORA_BLAS=libmkl_rt.so.2` runs Intel's MKL, `MKL_NUM_THREADS` sets its threads).
+//! An optional BLAS, loaded at run time when `LORA_BLAS` names one, for the large f32 / f64
+//! products on the CPU: the convolutions' patch products and the linear layers. Nothing links
+//! against it; without it (the default) every product stays on the `gemm` crate (candle's
+//! kernels and the worker-pool products of `pool_matmul`), with the same results to f32
+//! rounding. `LORA_BLAS=openblas` loads the system OpenBLAS, `LORA_BLAS=/path/to/lib.so` any
+//! CBLAS (`LORA_BLAS=libmkl_rt.so.2` runs Intel's MKL, `MKL_NUM_THREADS` sets its threads).
 //! Calls are serialised by a lock (OpenBLAS runs each on its own threads).
+//!
+//! No library is loaded by default because none made the whole step faster on the CPUs
+//! measured, 2 cores each, SD 1.5 UNet LoRA step at 512 px (Debian's OpenBLAS 0.3.21,
+//! pthreads): on a Zen 3 EPYC (AVX2 only, its Zen kernels) 13.9-18.2 s with it against
+//! 13.2-15.7 s without over five interleaved runs, and the SD block's step 218-232 ms against
+//! 166-184 ms; on a Zen 5 EPYC (its AVX2 Haswell kernels) 15.3 s against 7.8 s; on a Zen 4
+//! 6-8 % slower; on an Intel Xeon with AMX (its SkylakeX kernels) 20.0 s against 16.7 s.
+//! Single products run faster on it on some of them (137-157 GFLOP/s on the Zen 3 against
+//! the gemm crate's 100-105), but its idle threads yield in a loop between calls (system time
+//! 22.7-28.6 s against 8.7-10.2 s per Zen 3 run) and starve the threads of every other op.
 
 use candle_core::{DType, Device, Layout, Result, Storage, Tensor};
 use std::sync::{Mutex, OnceLock};
@@ -39,21 +44,22 @@ const TRANS: i32 = 112;
 /// without a BLAS installed.
 pub(crate) const MIN_PRODUCT: usize = 1 << 24;
 
-/// Library names tried in turn when `LORA_BLAS` names none.
+/// Library names tried in turn for `LORA_BLAS=openblas`.
 const CANDIDATES: [&str; 3] = ["libopenblas.so.0", "libopenblas.so", "libopenblas.dylib"];
 
 fn lib() -> Option<&'static Lib> {
     static LIB: OnceLock<Option<Lib>> = OnceLock::new();
     LIB.get_or_init(|| {
         let choice = std::env::var("LORA_BLAS").unwrap_or_default();
-        if matches!(choice.as_str(), "0" | "off" | "no" | "none") {
+        if matches!(choice.as_str(), "" | "0" | "off" | "no" | "none") {
             return None;
         }
-        if choice.is_empty() {
-            if gemm_outruns_blas() {
-                return None;
+        if choice == "openblas" {
+            let found = CANDIDATES.into_iter().find_map(|n| open(n).ok());
+            if found.is_none() {
+                eprintln!("warning: LORA_BLAS=openblas: no {CANDIDATES:?} found; products stay on the gemm crate");
             }
-            return CANDIDATES.into_iter().find_map(|n| open(n).ok());
+            return found;
         }
         // A library the user named that does not load is said, not silently skipped.
         open(&choice)
@@ -64,18 +70,6 @@ fn lib() -> Option<&'static Lib> {
             .ok()
     })
     .as_ref()
-}
-
-/// On a CPU with AVX-512 the `gemm` crate runs its AVX-512 kernels (feature `x86-v4`), and
-/// OpenBLAS is not loaded unless `LORA_BLAS` names it. Measured with Debian's OpenBLAS 0.3.21
-/// (pthreads), SD 1.5 UNet LoRA step at 512 px on 2 cores: on a Zen 5 EPYC, where it picks
-/// its AVX2 Haswell kernels, 15.3 s with it against 7.8 s without; on a Zen 4 EPYC (its
-/// Cooperlake kernels) 6-8 % slower with it; on an Intel Xeon with AMX (its SkylakeX kernels,
-/// 158-174 GFLOP/s against the gemm crate's 144-160 on single products) 20.0 s against
-/// 16.7 s, its idle threads yielding in a loop (system time 24.9 s against 3.8 s) and
-/// starving the threads of every other op.
-fn gemm_outruns_blas() -> bool {
-    gemm_kernels() == "AVX-512"
 }
 
 fn open(name: &str) -> std::result::Result<Lib, libloading::Error> {
