@@ -4,6 +4,7 @@ mod blocks;
 pub mod demo;
 pub mod quality;
 pub mod train;
+mod train_phase;
 
 use crate::models::presets::SD15_UNET_CONFIG;
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
