@@ -9,7 +9,7 @@ Workloads (fp32 CPU, random weights, batch 1), the same as the Rust benchmark:
          at 256 px without its downsampler), so the second resnet runs inside the LoRA graph;
   unet:  the SD 1.5 UNet on a (resolution/8)^2 latent (--resolution, default 256), context
          77x768, timestep 500.
-"LoRA step": PEFT LoRA rank 4, alpha 4 on to_q, to_k, to_v, to_out.0 (everything else frozen),
+"LoRA step": PEFT LoRA rank 4, alpha 4 on --target-modules (default to_q, to_k, to_v, to_out.0; frozen rest),
 MSE loss to a random target, backward, AdamW on the LoRA parameters. "Full step": every
 weight trained with AdamW. Forward runs under torch.no_grad. Attention uses diffusers' default
 processor (scaled_dot_product_attention); --plain-attention switches to AttnProcessor.
@@ -140,6 +140,8 @@ def main():
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
     p.add_argument("--no-full", action="store_true")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N (timings synchronise the device)")
+    p.add_argument("--target-modules", default="to_q,to_k,to_v,to_out.0",
+                   help="comma list of module names PEFT adapts (lora bench train passes its --targets)")
     args = p.parse_args()
     latent = args.resolution // 8
     half = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
@@ -164,8 +166,9 @@ def main():
         (model.attn if args.workload == "block" else model).enable_gradient_checkpointing()
         model.train()
 
-    # LoRA: PEFT adapters on the attention projections, everything else frozen.
-    cfg = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    # LoRA: PEFT adapters on the target modules (default: the attention projections), everything
+    # else frozen.
+    cfg = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=args.target_modules.split(","))
     model = inject_adapter_in_model(cfg, model)
     for n, prm in model.named_parameters():
         prm.requires_grad_("lora_" in n)

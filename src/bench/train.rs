@@ -7,7 +7,7 @@
 //! - `sd15_unet_<resolution>`: the SD 1.5 UNet at `--resolution` (latent = resolution / 8),
 //!   batch `--batch` (default 1), context 77×768.
 //!
-//! "LoRA step": rank-4 LoRA on to_q / to_k / to_v / to_out.0 of every attention, MSE loss to a
+//! "LoRA step": rank-4 LoRA on `--targets` (default attn: to_q / to_k / to_v / to_out.0), MSE loss to a
 //! random target, backward, AdamW on the LoRA parameters. "Full step": every weight trained
 //! (fp32 only; skipped for the UNet above 256 px). `--mixed-precision` runs the frozen model in
 //! bf16/fp16 with f32 LoRA parameters. Every phase of every workload runs in a fresh child
@@ -58,6 +58,11 @@ pub struct TrainBench {
     /// A Python with torch + diffusers + peft: also runs scripts/bench_train.py and prints ratios.
     #[arg(long)]
     torch_python: Option<PathBuf>,
+    /// LoRA targets of the LoRA step, as `lora train --targets` takes them (UNet presets such
+    /// as attn, resnet, extended, or module names); the PyTorch reference adapts the same
+    /// module names through PEFT.
+    #[arg(long, default_value = "attn")]
+    targets: String,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -84,6 +89,7 @@ fn run_phase(b: &TrainBench, spec: &str) -> anyhow::Result<()> {
         batch: usize::from(b.batch),
         mixed_precision: b.mixed_precision,
         gradient_checkpointing: b.gradient_checkpointing,
+        targets: b.targets.clone(),
     };
     let dev = crate::sys::parse_device(&b.device)?;
     let f = train_phase::figures(workload, phase, &s, &dev)?;
@@ -101,6 +107,7 @@ fn child_figures(b: &TrainBench, workload: &str, phase: &str) -> anyhow::Result<
         .args(["--resolution", &b.resolution.to_string()])
         .args(["--batch", &b.batch.to_string()])
         .args(["--mixed-precision", &b.mixed_precision.to_string()])
+        .args(["--targets", &b.targets])
         .args(["--device", &b.device]);
     if b.gradient_checkpointing {
         cmd.arg("--gradient-checkpointing");
@@ -148,7 +155,12 @@ fn torch_figures(
     let res = b.resolution.to_string();
     let batch = b.batch.to_string();
     let mp = b.mixed_precision.to_string();
+    let modules = crate::lora::LoraTargets::parse(&b.targets)?
+        .module_names(crate::lora::targets::UNET)?
+        .join(",");
     let mut args = vec![
+        "--target-modules",
+        &modules,
         "--workload",
         workload,
         "--runs",
@@ -171,7 +183,7 @@ fn torch_figures(
     run_torch_script(py, "bench_train.py", &args)
 }
 
-fn print_text(name: &str, f: &Figures, torch: Option<&serde_json::Value>) {
+fn print_text(name: &str, targets: &str, f: &Figures, torch: Option<&serde_json::Value>) {
     println!("{name}");
     let t = |k: &str| torch.and_then(|v| v[k].as_f64());
     for (label, key, ours) in [
@@ -223,8 +235,12 @@ fn print_text(name: &str, f: &Figures, torch: Option<&serde_json::Value>) {
             );
         }
     }
+    let reference = match torch.and_then(|v| v["lora_params"].as_u64()) {
+        Some(n) if n as usize != f.lora_params => format!(" (PyTorch + PEFT: {n}, NOT THE SAME)"),
+        _ => String::new(),
+    };
     println!(
-        "  rank-4 attention LoRA: {} params, file {:.2} MB (f32) / {:.2} MB (f16); full: {} params",
+        "  rank-4 {targets} LoRA: {}{reference} params, file {:.2} MB (f32) / {:.2} MB (f16); full: {} params",
         f.lora_params,
         f.lora_file_bytes_f32 as f64 / 1e6,
         f.lora_file_bytes_f16 as f64 / 1e6,
@@ -243,6 +259,7 @@ pub fn run(b: TrainBench) -> anyhow::Result<()> {
         "unet" => (false, true),
         w => anyhow::bail!("--workload {w}: expected all, block, block2 or unet"),
     };
+    crate::lora::LoraTargets::parse(&b.targets).context("--targets")?;
     let block = if b.workload == "block2" {
         "block2"
     } else {
@@ -316,6 +333,7 @@ pub fn run(b: TrainBench) -> anyhow::Result<()> {
             candle_core::utils::get_num_threads().into(),
         );
         obj.insert("blas".into(), crate::ops::blas_name().into());
+        obj.insert("targets".into(), b.targets.clone().into());
         obj.insert("gemm_kernels".into(), crate::ops::gemm_kernels().into());
         println!("{}", serde_json::Value::Object(obj));
     } else {
@@ -340,7 +358,7 @@ pub fn run(b: TrainBench) -> anyhow::Result<()> {
                     b.batch
                 )
             };
-            print_text(&title, f, torch.as_ref());
+            print_text(&title, &b.targets, f, torch.as_ref());
         }
     }
     Ok(())

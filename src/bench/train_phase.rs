@@ -201,7 +201,7 @@ fn measure<M: LoraHost>(
             })?;
             op_times("forward", warmup + runs);
             let target = Rng::new(1).randn(fwd(&model)?.dims(), dev)?;
-            let targets = LoraTargets::parse("attn")?;
+            let targets = LoraTargets::parse(&s.targets)?;
             let lora = inject_trainable(
                 &model,
                 Component::Unet,
@@ -279,6 +279,8 @@ pub(super) struct Switches {
     pub(super) batch: usize,
     pub(super) mixed_precision: MixedPrecision,
     pub(super) gradient_checkpointing: bool,
+    /// The LoRA targets (`lora train --targets` syntax).
+    pub(super) targets: String,
 }
 
 fn block_figures(phase: Phase, s: &Switches, dev: &Device, pair: bool) -> anyhow::Result<Figures> {

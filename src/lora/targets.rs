@@ -228,6 +228,27 @@ impl LoraTargets {
             .collect()
     }
 
+    /// The module names (suffixes of layer paths, as PEFT's `target_modules` matches them)
+    /// that can apply to `component`; an error for a glob pattern, which has no such form.
+    pub fn module_names(&self, component: &str) -> anyhow::Result<Vec<String>> {
+        let mut names: Vec<String> = vec![];
+        for p in &self.patterns {
+            if p.component.as_deref().is_some_and(|c| c != component) {
+                continue;
+            }
+            if p.glob.contains('*') {
+                anyhow::bail!(
+                    "LoRA target {:?} is a glob: only module names can be given to PEFT's target_modules",
+                    p.glob
+                );
+            }
+            if !names.contains(&p.glob) {
+                names.push(p.glob.clone());
+            }
+        }
+        Ok(names)
+    }
+
     /// The normalised comma list this was parsed from (for metadata).
     pub fn spec(&self) -> &str {
         &self.spec

@@ -239,7 +239,7 @@ impl Conv2d {
             let base = self.frozen_op()?.forward(x)?;
             return self.residuals.apply(x, base);
         }
-        let y = crate::ops::conv2d(x, &self.weight, self.padding, self.stride, 1, 1)?;
+        let y = crate::ops::trainable_conv2d(x, &self.weight, self.padding, self.stride)?;
         let base = match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?,
             None => y,

@@ -43,7 +43,7 @@ impl Default for Conv2dParams {
 
 /// The frozen forward conv: our CPU kernels (shifted gemms or im2col + one gemm; bf16 on
 /// f32 copies) where they serve, candle's conv2d elsewhere.
-fn conv2d(
+pub(super) fn conv2d(
     x: &Tensor,
     k: &Tensor,
     padding: usize,
@@ -255,7 +255,12 @@ pub fn conv2d_input_grad_flipped(
     flipped_input_grad(g, w, &k, input_hw, params)
 }
 
-fn input_grad(g: &Tensor, w: &Tensor, (h, wd): (usize, usize), p: &Conv2dParams) -> Result<Tensor> {
+pub(super) fn input_grad(
+    g: &Tensor,
+    w: &Tensor,
+    (h, wd): (usize, usize),
+    p: &Conv2dParams,
+) -> Result<Tensor> {
     let (_, _, kh, kw) = w.dims4()?;
     let s = p.stride;
     if g.device().is_cpu() && p.groups == 1 && g.dtype() != DType::F16 {

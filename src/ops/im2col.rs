@@ -178,6 +178,67 @@ impl CustomOp1 for Im2Col {
     }
 }
 
+/// The gradient of `conv2d(x, k)` (one group) w.r.t. the kernel `k` `[out, in, kh, kw]`, for
+/// the output gradient `g` `[N, out, Ho, Wo]`: `Σ_n g[n][out, rows·Wo] @ cols[n]ᵀ` over bands
+/// of output rows whose patches stay within [`IM2COL_BYTES`] (a 1×1, stride-1, unpadded
+/// convolution multiplies by `x[n]ᵀ` directly). Only for inputs where [`supported`] holds.
+pub(crate) fn conv2d_weight_grad_cpu(
+    x: &Tensor,
+    g: &Tensor,
+    (kh, kw): (usize, usize),
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+) -> Result<Tensor> {
+    let (n, c_in, h, w) = x.dims4()?;
+    let (ng, c_out, ho, wo) = g.dims4()?;
+    if ng != n {
+        candle_core::bail!(
+            "conv2d weight grad: input {:?} vs gradient {:?}",
+            x.shape(),
+            g.shape()
+        );
+    }
+    let kdim = c_in * kh * kw;
+    let (x, g) = (
+        x.contiguous()?,
+        g.contiguous()?.reshape((n, c_out, ho * wo))?,
+    );
+    let sum_images = |t: Tensor| -> Result<Tensor> {
+        match n {
+            1 => t.squeeze(0),
+            _ => t.sum(0),
+        }
+    };
+    if kh == 1 && kw == 1 && stride == 1 && padding == 0 {
+        let cols = x.reshape((n, c_in, h * w))?;
+        let gw = super::dense::matmul(&g, &cols.transpose(1, 2)?)?;
+        return sum_images(gw)?.reshape((c_out, c_in, 1, 1));
+    }
+    let row_bytes = n * kdim * wo * x.dtype().size_in_bytes();
+    let band = (IM2COL_BYTES / row_bytes.max(1)).clamp(1, ho);
+    let mut acc: Option<Tensor> = None;
+    for oy0 in (0..ho).step_by(band) {
+        let rows = oy0..(oy0 + band).min(ho);
+        let cols = x.apply_op1_no_bwd(&Im2Col {
+            kh,
+            kw,
+            stride,
+            padding,
+            dilation,
+            rows: rows.clone(),
+        })?;
+        let gb = g.narrow(2, oy0 * wo, rows.len() * wo)?;
+        let part = sum_images(super::dense::matmul(&gb, &cols.transpose(1, 2)?)?)?;
+        acc = Some(match acc {
+            Some(a) => (a + part)?,
+            None => part,
+        });
+    }
+    acc.expect("at least one band")
+        .reshape((c_out, c_in, kh, kw))
+}
+
 /// The gradient of `conv2d(x, k)` (one group) w.r.t. `x` `[N, in, h, w]` for the output
 /// gradient `g` `[N, out, Ho, Wo]`: per image and band of output rows,
 /// `cols = kᵀ[in·kh·kw, out] @ g[out, rows·Wo]` (the kernel's transpose is a view), then

@@ -15,6 +15,7 @@
 //! | [`lora_linear`] | frozen linear + one LoRA adapter, sums in place | `x`, `down`, `up` gradients; the rank-r hidden recomputed |
 //! | [`checkpoint`] | the block without a graph | the block run again, then its backward |
 //! | [`frozen_linear`], [`frozen_conv2d`], [`FrozenConv2d`] | candle matmul; conv2d as im2col + one gemm on the CPU, candle's conv2d elsewhere; bias added in place | input gradient only |
+//! | [`trainable_conv2d`] | as [`frozen_conv2d`] | input gradient as [`frozen_conv2d`]'s, kernel gradient one gemm per band of input patches (CPU f32 / f64; candle's backward elsewhere) |
 //! | [`group_norm_silu_conv2d`] | the unfused ops; time embedding and skip added in place | keeps only its arguments, recomputes norm and SiLU |
 //! | [`geglu_linear`] | the unfused ops | keeps only `h`, recomputes `gelu(gate)` |
 //!
@@ -50,6 +51,7 @@ mod simd512;
 mod softmax;
 #[cfg(test)]
 mod testing;
+mod trainable_conv;
 mod upsample;
 
 pub use attention::{
@@ -76,6 +78,7 @@ pub use lora_linear::lora_linear;
 pub use norm_silu_conv::{
     group_norm_silu_conv2d, group_norm_silu_conv2d_with, ConvOutputAdds, GroupNormSpec,
 };
+pub use trainable_conv::trainable_conv2d;
 pub use upsample::upsample_nearest2d;
 
 use candle_core::{CustomOp3, DType, Result, Tensor, D};
