@@ -158,6 +158,12 @@ fn torch_figures(
     let modules = crate::lora::LoraTargets::parse(&b.targets)?
         .module_names(crate::lora::targets::UNET)?
         .join(",");
+    if modules.is_empty() {
+        anyhow::bail!(
+            "--targets {}: no UNet module for the PyTorch reference to adapt",
+            b.targets
+        );
+    }
     let mut args = vec![
         "--target-modules",
         &modules,

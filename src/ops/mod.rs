@@ -15,7 +15,7 @@
 //! | [`lora_linear`] | frozen linear + one LoRA adapter, sums in place | `x`, `down`, `up` gradients; the rank-r hidden recomputed |
 //! | [`checkpoint`] | the block without a graph | the block run again, then its backward |
 //! | [`frozen_linear`], [`frozen_conv2d`], [`FrozenConv2d`] | candle matmul; conv2d as im2col + one gemm on the CPU, candle's conv2d elsewhere; bias added in place | input gradient only |
-//! | [`trainable_conv2d`] | as [`frozen_conv2d`] | input gradient as [`frozen_conv2d`]'s, kernel gradient one gemm per band of input patches (CPU f32 / f64; candle's backward elsewhere) |
+//! | [`trainable_conv2d`] | as [`frozen_conv2d`] | input gradient as [`frozen_conv2d`]'s, kernel gradient one gemm per band of output rows' im2col patches (CPU f32 / f64; candle's backward elsewhere) |
 //! | [`group_norm_silu_conv2d`] | the unfused ops; time embedding and skip added in place | keeps only its arguments, recomputes norm and SiLU |
 //! | [`geglu_linear`] | the unfused ops | keeps only `h`, recomputes `gelu(gate)` |
 //!

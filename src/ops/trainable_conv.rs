@@ -38,7 +38,11 @@ pub fn trainable_conv2d(x: &Tensor, k: &Tensor, padding: usize, stride: usize) -
     let y = fast_conv2d(&x.detach(), &k.detach(), padding, stride, &p)?;
     let bwd = move |[x, k]: [&Tensor; 2], g: &Tensor| {
         let gx = match x.track_op() {
-            true => Some(input_grad(g, &k.detach(), (h, w), &p)?),
+            true => Some(super::profile::scope(
+                "conv2d-input-grad",
+                super::profile::Pass::Backward,
+                || input_grad(g, &k.detach(), (h, w), &p),
+            )?),
             false => None,
         };
         let gk = match k.track_op() {
